@@ -1,0 +1,3 @@
+from bgwatch.cli import main
+
+raise SystemExit(main())

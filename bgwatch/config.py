@@ -1,0 +1,420 @@
+"""config.yaml -> frozen dataclasses. Every default and every environment override lives here.
+
+Errors name the file, the key and what is allowed; the CLI prints them as one line and exits 2.
+The JobSpec fragments (`defaults`, each inbox's `rules`) are validated by rules.py's schema, the same one
+that checks folder files and sidecars.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bgwatch.errors import ConfigError, SpecError
+
+DEVICES = ("auto", "cuda", "cpu")
+ON_SUCCESS = ("move", "delete", "keep")
+SCHEDULERS = ("", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "lcm", "unipc")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    generations_per_minute: float = 10.0  # env BG_REQS_PER_MIN; token bucket for sdxl/runway
+    jobs_per_minute: float = 0.0  # 0 = unlimited
+    allow_4k: bool = False  # env ALLOW_4K=1; sdxl refuses inputs over 4096 px on a side otherwise
+    max_pixels: int = 100_000_000  # larger inputs fail before their pixels are decoded
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    settle_seconds: float = 2.0  # unchanged size+mtime this long before a file is taken
+    rescan_seconds: float = 60.0  # safety-net full scan; events are only hints
+    sidecar_seconds: float = 30.0  # how long a require_sidecar image waits for its sidecar
+    orphan_sidecar_seconds: float = 3600.0  # a sidecar with no image is moved to failed/ after this
+    lease_seconds: float = 300.0  # a host's claims/running rows older than this are taken back
+
+
+@dataclass(frozen=True, slots=True)
+class InboxConfig:
+    path: Path
+    outbox: Path
+    poll: bool = False  # polling observer: network drives, where inotify misses other hosts' writes
+    on_success: str = "move"  # move (to the inbox's done/) | delete | keep
+    rules: Mapping[str, Any] = field(default_factory=dict)  # a validated JobSpec fragment
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class SdxlSettings:
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False  # needs an accelerator; ignored (with a warning) on cpu
+    scheduler: str = ""  # "" keeps the checkpoint's own scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class RunwaySettings:
+    base_url: str = "https://api.dev.runwayml.com"
+    api_key: str = field(default="", repr=False)  # env RUNWAY_API_KEY; never logged
+    api_key_file: Path | None = None
+    request_timeout: float = 30.0  # seconds, each HTTP call
+    task_deadline: float = 600.0  # seconds, the whole task from POST to download
+    poll_interval: float = 2.0  # first poll delay; grows with backoff
+
+    def key(self) -> str:
+        if self.api_key:
+            return self.api_key
+        if self.api_key_file is not None:
+            try:
+                return self.api_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(self.api_key_file, "runway.api_key_file", f"cannot read: {exc.strerror}")
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    max_bytes: int = 2 * 1024**3  # generated backgrounds beyond this are evicted, least recently used
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    window_per_worker: int = 4  # files claimed ahead per device worker; the rest stay in the inbox
+    prepare_threads: int = 2
+    finish_threads: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path | None = None  # the file it came from (None: built-in defaults)
+    state_dir: Path = Path("state")
+    device: str = "auto"  # env DEVICE
+    debug: bool = False  # env DEBUG=1
+    host: str = field(default_factory=socket.gethostname)
+    limits: Limits = field(default_factory=Limits)
+    watch: WatchSettings = field(default_factory=WatchSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    sdxl: SdxlSettings = field(default_factory=SdxlSettings)
+    runway: RunwaySettings = field(default_factory=RunwaySettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    allowed_models: tuple[str, ...] = ()  # models sidecars/folder files may name beyond the configured
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # JobSpec fragment for every inbox
+    inboxes: tuple[InboxConfig, ...] = ()
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "bgwatch.db"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def inbox_for(self, path: Path) -> InboxConfig | None:
+        """The inbox that contains `path` (the innermost one if inboxes nest)."""
+        path = path.resolve()
+        best: InboxConfig | None = None
+        for inbox in self.inboxes:
+            root = inbox.path.resolve()
+            if (path == root or root in path.parents) and (
+                best is None or len(root.parts) > len(best.path.resolve().parts)
+            ):
+                best = inbox
+        return best
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+
+class _Reader:
+    """Reads one mapping of config.yaml, remembering where it is, refusing keys it does not know."""
+
+    def __init__(self, source: Path | str, prefix: str, data: Any) -> None:
+        self.source = source
+        self.prefix = prefix
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(source, prefix or "(top level)", f"must be a mapping, got {type(data).__name__}")
+        self.data = dict(data)
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def get(self, name: str, default: Any) -> Any:
+        self.used.add(name)
+        return self.data.get(name, default)
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> Any:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(self.source, self.key(name), f"must be a number, got {value!r}")
+        if integer and not float(value).is_integer():
+            raise ConfigError(self.source, self.key(name), f"must be a whole number, got {value!r}")
+        if value < minimum:
+            raise ConfigError(self.source, self.key(name), f"must be >= {minimum:g}, got {value!r}")
+        return int(value) if integer else float(value)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.source, self.key(name), f"must be true or false, got {value!r}")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.get(name, default)
+        if value not in allowed:
+            raise ConfigError(self.source, self.key(name), f"{value!r} is not allowed", ", ".join(allowed))
+        return str(value)
+
+    def text(self, name: str, default: str) -> str:
+        value = self.get(name, default)
+        if not isinstance(value, str):
+            raise ConfigError(self.source, self.key(name), f"must be a string, got {value!r}")
+        return value
+
+    def path(self, name: str, default: Path | None, base: Path) -> Path | None:
+        value = self.get(name, default)
+        if value is None:
+            return None
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise ConfigError(self.source, self.key(name), f"must be a path, got {value!r}")
+        p = Path(os.path.expanduser(str(value)))
+        return p if p.is_absolute() else base / p
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            import difflib
+
+            name = unknown[0]
+            close = difflib.get_close_matches(str(name), sorted(self.used), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                self.source, self.key(str(name)), f"unknown key{hint}", ", ".join(sorted(self.used))
+            )
+
+
+def _fragment(data: Any, source: Path | str, key: str) -> dict[str, Any]:
+    from bgwatch import rules
+
+    if data is None:
+        return {}
+    try:
+        return rules.validate_fragment(data, f"{source}: {key}", trusted=True)
+    except SpecError as exc:
+        raise ConfigError(exc.source, exc.key, exc.problem, exc.allowed) from None
+
+
+def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from a parsed YAML document; relative paths are relative to the file's folder."""
+    env = os.environ if env is None else env
+    where: Path | str = source if source is not None else "(built-in config)"
+    base = source.parent.resolve() if source is not None else Path.cwd()
+    top = _Reader(where, "", data)
+    defaults = Config()
+
+    lim = _Reader(where, "limits", top.get("limits", None))
+    limits = Limits(
+        generations_per_minute=lim.number("generations_per_minute", Limits.generations_per_minute),
+        jobs_per_minute=lim.number("jobs_per_minute", Limits.jobs_per_minute),
+        allow_4k=lim.flag("allow_4k", Limits.allow_4k),
+        max_pixels=lim.number("max_pixels", Limits.max_pixels, minimum=1, integer=True),
+    )
+    lim.finish()
+
+    w = _Reader(where, "watch", top.get("watch", None))
+    watch = WatchSettings(
+        settle_seconds=w.number("settle_seconds", WatchSettings.settle_seconds),
+        rescan_seconds=w.number("rescan_seconds", WatchSettings.rescan_seconds, minimum=0.1),
+        sidecar_seconds=w.number("sidecar_seconds", WatchSettings.sidecar_seconds),
+        orphan_sidecar_seconds=w.number("orphan_sidecar_seconds", WatchSettings.orphan_sidecar_seconds),
+        lease_seconds=w.number("lease_seconds", WatchSettings.lease_seconds, minimum=1),
+    )
+    w.finish()
+
+    p = _Reader(where, "pipeline", top.get("pipeline", None))
+    pipeline = PipelineSettings(
+        window_per_worker=p.number("window_per_worker", 4, minimum=1, integer=True),
+        prepare_threads=p.number("prepare_threads", 2, minimum=1, integer=True),
+        finish_threads=p.number("finish_threads", 2, minimum=1, integer=True),
+    )
+    p.finish()
+
+    s = _Reader(where, "sdxl", top.get("sdxl", None))
+    sdxl = SdxlSettings(
+        attention_slicing=s.flag("attention_slicing", False),
+        vae_slicing=s.flag("vae_slicing", False),
+        vae_tiling=s.flag("vae_tiling", False),
+        cpu_offload=s.flag("cpu_offload", False),
+        scheduler=s.choice("scheduler", "", SCHEDULERS),
+    )
+    s.finish()
+
+    r = _Reader(where, "runway", top.get("runway", None))
+    runway = RunwaySettings(
+        base_url=r.text("base_url", RunwaySettings.base_url).rstrip("/"),
+        api_key=r.text("api_key", ""),
+        api_key_file=r.path("api_key_file", None, base),
+        request_timeout=r.number("request_timeout", RunwaySettings.request_timeout, minimum=0.1),
+        task_deadline=r.number("task_deadline", RunwaySettings.task_deadline, minimum=0.1),
+        poll_interval=r.number("poll_interval", RunwaySettings.poll_interval, minimum=0.01),
+    )
+    r.finish()
+
+    c = _Reader(where, "cache", top.get("cache", None))
+    cache = CacheSettings(max_bytes=c.number("max_bytes", CacheSettings.max_bytes, integer=True))
+    c.finish()
+
+    allowed_models = top.get("allowed_models", [])
+    if not isinstance(allowed_models, list) or not all(isinstance(m, str) for m in allowed_models):
+        raise ConfigError(where, "allowed_models", "must be a list of model names or folders")
+
+    default_fragment = _fragment(top.get("defaults", None), where, "defaults")
+
+    raw_inboxes = top.get("inboxes", [])
+    if not isinstance(raw_inboxes, list):
+        raise ConfigError(where, "inboxes", "must be a list of inboxes")
+    inboxes = []
+    for i, raw in enumerate(raw_inboxes):
+        ib = _Reader(where, f"inboxes[{i}]", raw)
+        path = ib.path("path", None, base)
+        if path is None:
+            raise ConfigError(where, ib.key("path"), "every inbox needs a path")
+        outbox = ib.path("outbox", None, base)
+        if outbox is None:
+            raise ConfigError(where, ib.key("outbox"), "every inbox needs an outbox")
+        inboxes.append(
+            InboxConfig(
+                path=path,
+                outbox=outbox,
+                poll=ib.flag("poll", False),
+                on_success=ib.choice("on_success", "move", ON_SUCCESS),
+                rules=_fragment(ib.get("rules", None), where, f"inboxes[{i}].rules"),
+            )
+        )
+        ib.finish()
+
+    config = Config(
+        source=source,
+        state_dir=top.path("state_dir", Path("state"), base) or base / "state",
+        device=top.choice("device", "auto", DEVICES),
+        debug=top.flag("debug", False),
+        host=top.text("host", defaults.host) or defaults.host,
+        limits=limits,
+        watch=watch,
+        pipeline=pipeline,
+        sdxl=sdxl,
+        runway=runway,
+        cache=cache,
+        allowed_models=tuple(allowed_models),
+        defaults=default_fragment,
+        inboxes=tuple(inboxes),
+    )
+    top.finish()
+    _check_inboxes(config, where)
+    return apply_env(config, env)
+
+
+def _check_inboxes(config: Config, where: Path | str) -> None:
+    seen: dict[Path, int] = {}
+    for i, inbox in enumerate(config.inboxes):
+        root = inbox.path.resolve()
+        if root in seen:
+            raise ConfigError(where, f"inboxes[{i}].path", f"{inbox.path} is already inboxes[{seen[root]}]")
+        seen[root] = i
+        out = inbox.outbox.resolve()
+        if out == root or root in out.parents:
+            raise ConfigError(
+                where, f"inboxes[{i}].outbox", "must not be inside its inbox (outputs would be taken as inputs)"
+            )
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"environment {name}", name, f"{value!r} is not a flag", "1, 0, true, false")
+
+
+def apply_env(config: Config, env: Mapping[str, str]) -> Config:
+    """The original service's environment variables, applied over the file."""
+    limits = config.limits
+    if env.get("BG_REQS_PER_MIN"):
+        try:
+            rate = float(env["BG_REQS_PER_MIN"])
+        except ValueError:
+            raise ConfigError("environment BG_REQS_PER_MIN", "BG_REQS_PER_MIN",
+                              f"{env['BG_REQS_PER_MIN']!r} is not a number") from None
+        if rate < 0:
+            raise ConfigError("environment BG_REQS_PER_MIN", "BG_REQS_PER_MIN", "must be >= 0")
+        limits = replace(limits, generations_per_minute=rate)
+    allow = _env_flag(env, "ALLOW_4K")
+    if allow is not None:
+        limits = replace(limits, allow_4k=allow)
+
+    device = config.device
+    if env.get("DEVICE"):
+        if env["DEVICE"] not in DEVICES:
+            raise ConfigError("environment DEVICE", "DEVICE", f"{env['DEVICE']!r} is not allowed", ", ".join(DEVICES))
+        device = env["DEVICE"]
+
+    defaults = dict(config.defaults)
+    env_fragment: dict[str, Any] = {}
+    if env.get("BG_ENGINE"):
+        env_fragment["engine"] = env["BG_ENGINE"]
+    if env.get("MODEL_ID"):
+        env_fragment["model"] = env["MODEL_ID"]
+    if env_fragment:
+        defaults.update(_fragment(env_fragment, "environment", "BG_ENGINE/MODEL_ID"))
+
+    inboxes = config.inboxes
+    if env.get("OUTPUT_DIR"):
+        root = Path(env["OUTPUT_DIR"]).expanduser()
+        inboxes = tuple(replace(ib, outbox=root / ib.path.name) for ib in inboxes)
+
+    runway = config.runway
+    if env.get("RUNWAY_API_KEY"):
+        runway = replace(runway, api_key=env["RUNWAY_API_KEY"])
+
+    debug = _env_flag(env, "DEBUG")
+    return replace(
+        config,
+        limits=limits,
+        device=device,
+        defaults=defaults,
+        inboxes=inboxes,
+        runway=runway,
+        debug=config.debug if debug is None else debug,
+    )
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read config.yaml (or the embedded sample when path is None)."""
+    from bgwatch.yamlsafe import load_yaml_file
+
+    if path is None:
+        return parse_config({}, None, env)
+    if not path.exists():
+        raise ConfigError(path, "", "no such file (pass -c CONFIG, or run from the folder holding config.yaml)")
+    try:
+        data = load_yaml_file(path, max_bytes=1024 * 1024)
+    except SpecError as exc:
+        raise ConfigError(exc.source, exc.key, exc.problem, exc.allowed) from None
+    return parse_config(data, path, env)

@@ -1,0 +1,194 @@
+"""The three stages a job passes through, and the engines they share.
+
+prepare (CPU pool): decode, orientation, colour, limits.  infer (one worker per GPU, models loaded):
+mask, background (cache first).  finish (CPU pool): refine, enhance, composite, encode.
+Each stage takes the previous stage's frozen result and returns its own, so the daemon can run them on
+different threads joined by bounded queues, and `bgwatch process` can run them in a row.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bgwatch.errors import SpecError
+from bgwatch.jobs import Job, JobSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bgwatch.config import Config
+    from bgwatch.pipeline.imageio import DecodedImage
+    from bgwatch.ratelimit import TokenBucket
+    from bgwatch.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    job: Job
+    image: DecodedImage
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Inferred:
+    prepared: Prepared
+    alpha: np.ndarray  # float32 HxW in [0, 1], raw from the mask engine
+    backdrop: np.ndarray | None  # HxWx3 uint8 for replace, None for cleanup
+    mask_engine: str
+    bg_engine: str
+    seed: int | None
+    cache_hit: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    job: Job
+    data: bytes
+    extension: str
+    mask_engine: str
+    bg_engine: str
+    seed: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _timed(timings: dict[str, float], name: str, start: float) -> None:
+    timings[name] = round(time.perf_counter() - start, 4)
+
+
+def check_output_choice(spec: JobSpec, source: str = "output.format") -> None:
+    """jpg cannot carry transparency: refuse the combination before any work is done."""
+    if spec.output.format == "jpg" and spec.operation == "cleanup" and spec.mode == "transparent":
+        raise SpecError(
+            source, "output.format",
+            "jpg cannot hold the transparent background that mode 'transparent' makes",
+            "png or webp for mode transparent; jpg with mode soften or color, or with operation replace",
+        )
+
+
+def prepare(job: Job, config: Config) -> Prepared:
+    from bgwatch.pipeline import backgrounds, imageio
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    check_output_choice(job.spec)
+    width, height = imageio.probe_size(job.source)
+    if job.spec.operation == "replace":
+        backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k)
+    image = imageio.decode(job.source, max_pixels=config.limits.max_pixels)
+    _timed(timings, "prepare", start)
+    return Prepared(job=job, image=image, timings=timings)
+
+
+class Engines:
+    """The models a daemon keeps loaded, the background cache and the generation token bucket."""
+
+    def __init__(self, config: Config, store: Store | None,
+                 generation_bucket: TokenBucket | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.generation_bucket = generation_bucket
+        self.stop = stop
+        self._cache: Any = None
+
+    @property
+    def cache(self) -> Any:
+        if self._cache is None and self.store is not None:
+            from bgwatch.pipeline.cache import BackgroundCache
+
+            self._cache = BackgroundCache(self.store, self.config.cache_dir, self.config.cache.max_bytes)
+        return self._cache
+
+    def _acquire_generation(self) -> None:
+        if self.generation_bucket is not None:
+            self.generation_bucket.acquire(self.stop)
+
+    def mask(self, rgb: np.ndarray, spec: JobSpec) -> tuple[np.ndarray, str]:
+        from bgwatch.pipeline import masking
+
+        engine = masking.load_mask_engine(spec.mask, self.config.device)
+        label = f"{engine.name}:{engine.model}" if engine.model else engine.name
+        return engine.predict(rgb), label
+
+    def background(self, spec: JobSpec, width: int, height: int,
+                   seed: int | None) -> tuple[np.ndarray, str, bool]:
+        from bgwatch.pipeline import backgrounds
+
+        request = backgrounds.BackgroundRequest.from_spec(spec, width, height, seed)
+        engine = backgrounds.load_background_engine(spec.engine, self.config)
+        label = f"{spec.engine}:{request.model}" if getattr(request, "model", "") else spec.engine
+
+        def render() -> np.ndarray:
+            return engine.render(request)
+
+        if not request.generative:
+            return render(), label, False
+        cacheable = spec.seed is not None
+        if self.cache is None or not cacheable:
+            self._acquire_generation()
+            return render(), label, False
+        image, hit = self.cache.get_or_render(request, render, before_generate=self._acquire_generation)
+        return image, label, hit
+
+
+def infer(prepared: Prepared, engines: Engines) -> Inferred:
+    spec = prepared.job.spec
+    timings = dict(prepared.timings)
+    start = time.perf_counter()
+    alpha, mask_label = engines.mask(prepared.image.rgb, spec)
+    _timed(timings, "mask", start)
+    backdrop = None
+    bg_label = ""
+    seed = spec.seed
+    hit = False
+    if spec.operation == "replace":
+        from bgwatch.pipeline import backgrounds
+
+        if seed is None and spec.is_generative():
+            seed = backgrounds.draw_seed()
+        start = time.perf_counter()
+        backdrop, bg_label, hit = engines.background(spec, prepared.image.width, prepared.image.height, seed)
+        _timed(timings, "background", start)
+    return Inferred(prepared=prepared, alpha=alpha, backdrop=backdrop, mask_engine=mask_label,
+                    bg_engine=bg_label, seed=seed if spec.is_generative() else None, cache_hit=hit,
+                    timings=timings)
+
+
+def finish(inferred: Inferred) -> Finished:
+    from bgwatch.pipeline import cleanup, composite, imageio, masking
+
+    job = inferred.prepared.job
+    spec = job.spec
+    image = inferred.prepared.image
+    timings = dict(inferred.timings)
+    start = time.perf_counter()
+    alpha = masking.refine_mask(inferred.alpha, post_process=spec.mask.post_process)
+    if image.alpha is not None:
+        # A cut-out dropped in keeps its own transparency: the subject is at most what it already was.
+        alpha = alpha * (image.alpha.astype("float32") / 255.0)
+    if spec.operation == "replace":
+        assert inferred.backdrop is not None
+        result = composite.composite(image.rgb, alpha, inferred.backdrop, spec)
+    else:
+        result = cleanup.cleanup(image.rgb, alpha, spec)
+    _timed(timings, "composite", start)
+    start = time.perf_counter()
+    data = imageio.encode(result, spec.output)
+    _timed(timings, "encode", start)
+    return Finished(job=job, data=data, extension=imageio.output_extension(spec.output),
+                    mask_engine=inferred.mask_engine, bg_engine=inferred.bg_engine, seed=inferred.seed,
+                    timings=timings)
+
+
+def run_all(job: Job, config: Config, engines: Engines,
+            before_device: Callable[[], None] | None = None) -> Finished:
+    """The three stages in a row (for `bgwatch process` and tests)."""
+    prepared = prepare(job, config)
+    if before_device is not None:
+        before_device()
+    return finish(infer(prepared, engines))

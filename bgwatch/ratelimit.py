@@ -1,0 +1,113 @@
+"""A token bucket: at most `per_minute` jobs a minute, with bursts of up to `burst`.
+
+It waits, never drops: a caller that finds the bucket empty queues behind the callers already waiting
+and gets its token in turn (first come, first served), so no waiter starves. The clock and the sleep are
+passed in, so tests drive time instead of waiting for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+
+class TokenBucket:
+    """Hands out tokens at `per_minute` a minute (0 = unlimited), holding at most `burst` in reserve."""
+
+    #: the longest single sleep while waiting, so that a stop event is noticed promptly
+    WAIT_SLICE = 0.1
+
+    def __init__(
+        self,
+        per_minute: float,
+        *,
+        burst: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
+        if per_minute < 0:
+            raise ValueError(f"per_minute must be >= 0 (0 = unlimited), got {per_minute!r}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst!r}")
+        self.per_minute = float(per_minute)
+        self.burst = int(burst)
+        self._rate = self.per_minute / 60.0  # tokens a second
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = float(self.burst)
+        self._updated = clock()
+        # Waiters, oldest first. A waiter may take a token only when there are enough for everyone
+        # ahead of it too, so newcomers (and try_acquire) never jump the queue.
+        self._queue: deque[object] = deque()
+
+    # Float rounding must not leave a waiter sleeping for a billionth of a token.
+    _EPSILON = 1e-9
+
+    @property
+    def unlimited(self) -> bool:
+        return self._rate == 0.0
+
+    def __repr__(self) -> str:
+        rate = "unlimited" if self.unlimited else f"{self.per_minute:g}/min"
+        return f"<TokenBucket {rate} burst={self.burst}>"
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._updated)
+        self._updated = now
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self._rate)
+
+    def _wait_for(self, position: int) -> float:
+        """Seconds until there are tokens for `position` waiters ahead plus this one."""
+        missing = position + 1 - self._tokens
+        return 0.0 if missing <= self._EPSILON else missing / self._rate
+
+    def try_acquire(self) -> bool:
+        """Take a token if one is free now and nobody is waiting for one; never waits."""
+        if self.unlimited:
+            return True
+        with self._lock:
+            self._refill()
+            if self._tokens + self._EPSILON >= len(self._queue) + 1:
+                self._tokens -= 1.0
+                return True
+            return False
+
+    def delay(self) -> float:
+        """Seconds a caller arriving now would wait for its token (0 if one is free now)."""
+        if self.unlimited:
+            return 0.0
+        with self._lock:
+            self._refill()
+            return self._wait_for(len(self._queue))
+
+    def acquire(self, stop: threading.Event | None = None) -> bool:
+        """Wait for a token and take it. Returns False only if `stop` was set while waiting."""
+        if self.unlimited:
+            return True
+        ticket = object()
+        with self._lock:
+            self._queue.append(ticket)
+        try:
+            while True:
+                with self._lock:
+                    self._refill()
+                    position = self._queue.index(ticket)
+                    if self._tokens + self._EPSILON >= position + 1:
+                        self._tokens -= 1.0
+                        self._queue.remove(ticket)
+                        ticket = None
+                        return True
+                    wait = self._wait_for(position)
+                if stop is not None and stop.is_set():
+                    return False
+                self._sleep(min(wait, self.WAIT_SLICE))
+                if stop is not None and stop.is_set():
+                    return False
+        finally:
+            if ticket is not None:
+                with self._lock:
+                    self._queue.remove(ticket)

@@ -1,0 +1,586 @@
+"""The rules cascade: built-in defaults < config defaults < inbox rules < folder files < sidecar -> JobSpec.
+
+FIELDS is the one schema every source is checked against (config.yaml's `defaults` and `rules`, each
+`.bgwatch.yaml`, each sidecar); its defaults are read from the JobSpec dataclasses, so a default lives in
+exactly one place, and the README's key reference is generated from it (`python -m bgwatch.rules
+--reference`). Sources are trusted (config.yaml: the operator's) or untrusted (folder files and sidecars:
+anyone who can write to the share); untrusted paths must stay inside the inbox and untrusted models must
+be ones the config names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Any
+
+from bgwatch.errors import SpecError
+from bgwatch.jobs import (
+    DEFAULT_RUNWAY_MODEL,
+    DEFAULT_SDXL_MODEL,
+    GENERATIVE_ENGINES,
+    JobSpec,
+    MaskSpec,
+    OutputSpec,
+)
+from bgwatch.yamlsafe import load_yaml_mapping
+
+if TYPE_CHECKING:
+    from bgwatch.config import Config, InboxConfig
+
+BUILT_IN = "built-in default"
+FOLDER_FILE = ".bgwatch.yaml"
+SIDECAR_SUFFIXES = (".yaml", ".yml")
+GROUPS = ("mask", "output")
+MASK_ENGINES = ("auto", "rembg", "classical")  # checked lazily against masking's registry for others
+SEED_MAX = 2**32 - 1
+REFERENCE_START = "<!-- spec-reference:start -->"
+REFERENCE_END = "<!-- spec-reference:end -->"
+
+_COLOUR = re.compile(r"#([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
+_ALIASES = {"jpeg": "jpg", "colour": "color"}
+_DEFAULT_SPEC = JobSpec()
+
+
+def _default(name: str) -> Any:
+    value: Any = _DEFAULT_SPEC
+    for part in name.split("."):
+        value = getattr(value, part)
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One key a spec may set: how it is checked, documented and defaulted."""
+
+    name: str  # dotted for the nested groups: "mask.engine"
+    kind: str  # choice | flag | int | float | seed | colour | colours | text | suffix | path | model
+    help: str
+    example: Any
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def default(self) -> Any:
+        return _default(self.name)
+
+
+def _f(name: str, kind: str, help: str, example: Any, **extra: Any) -> Field:
+    return Field(name, kind, help, example, **extra)
+
+
+FIELDS: tuple[Field, ...] = (
+    _f("operation", "choice", "what happens to the background", "replace", choices=("cleanup", "replace")),
+    _f("mode", "choice", "cleanup: what the background becomes", "color",
+       choices=("transparent", "soften", "color")),
+    _f("background_color", "colour", "cleanup mode color and replace engine color: the fill", "#f0f0f0"),
+    _f("enhance_fg", "flag", "lift the subject's contrast (CLAHE on its lightness)", True),
+    _f("denoise", "flag", "reduce sensor noise before compositing", True),
+    _f("engine", "choice", "replace: where the new background comes from", "image",
+       choices=("sdxl", "runway", "image", "color", "gradient")),
+    _f("model", "model", f"sdxl: hub id or local folder; runway: model name; empty: {DEFAULT_SDXL_MODEL} "
+       f"(sdxl), {DEFAULT_RUNWAY_MODEL} (runway)", "stabilityai/sdxl-turbo"),
+    _f("gradient", "colours", "replace engine gradient: from, to", ["#ffffff", "#d0d8e0"]),
+    _f("gradient_direction", "choice", "replace engine gradient: its direction", "radial",
+       choices=("vertical", "horizontal", "radial")),
+    _f("prompt", "text", "sdxl, runway: the scene to generate (required for those engines)",
+       "marble countertop, soft window light"),
+    _f("negative_prompt", "text", "sdxl: what the scene must not contain", "people, text, blur"),
+    _f("steps", "int", "sdxl: denoising steps", 30, minimum=1, maximum=100),
+    _f("guidance_scale", "float", "sdxl: how closely to follow the prompt (0 for turbo/lightning models)",
+       5.0, minimum=0, maximum=20),
+    _f("seed", "seed", "sdxl, runway: generation seed; null draws one per run and records it", 42,
+       minimum=0, maximum=SEED_MAX),
+    _f("background_image", "path", "replace engine image: the backdrop file", "backdrops/oak.jpg"),
+    _f("background_fit", "choice", "replace engine image: fill and crop, or show it whole", "contain",
+       choices=("cover", "contain")),
+    _f("match_colors", "flag", "replace: shift the subject's colours toward the new light", False),
+    _f("feather_edges", "flag", "replace: soften the cut-out's edge", False),
+    _f("shadow", "flag", "replace: a soft contact shadow under the subject", True),
+    _f("mask.engine", "choice", "what cuts the subject out; auto: rembg when its weights are present, "
+       "else classical", "classical", choices=MASK_ENGINES),
+    _f("mask.model", "model", "rembg model name (weights under U2NET_HOME)", "birefnet-general"),
+    _f("mask.post_process", "flag", "remove specks and fill holes in the mask", False),
+    _f("mask.alpha_matting", "flag", "rembg alpha matting for hair and fur (slower)", True),
+    _f("output.format", "choice", "the file written to the outbox", "webp", choices=("png", "jpg", "webp")),
+    _f("output.quality", "int", "jpg and webp quality", 85, minimum=1, maximum=100),
+    _f("output.suffix", "suffix", "added to the output's name: `_cutout` makes photo_cutout.png", "_cutout"),
+    _f("require_sidecar", "flag", "images wait for their sidecar before they are taken", True),
+    _f("reprocess", "flag", "process again even when these bytes and this spec were done before", True),
+)
+FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+_TOP_NAMES = sorted([f.name for f in FIELDS if "." not in f.name] + list(GROUPS))
+_GROUP_NAMES = {g: [f.name.split(".", 1)[1] for f in FIELDS if f.name.startswith(g + ".")] for g in GROUPS}
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedSpec:
+    """A fully resolved JobSpec and, for every dotted key, where its value came from."""
+
+    spec: JobSpec
+    sources: dict[str, str]
+
+    def describe(self) -> list[tuple[str, Any, str]]:
+        """(key, value, source) for every key, in schema order: what `bgwatch explain` can print."""
+        values = _flat_spec(self.spec)
+        return [(f.name, values[f.name], self.sources[f.name]) for f in FIELDS]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_fragment(data: Any, source: str, *, trusted: bool) -> dict[str, Any]:
+    """Check one source's keys against FIELDS; the normalised fragment (nested `mask`/`output` dicts).
+
+    Untrusted sources (folder files, sidecars) may not name absolute or `..` paths; the checks that need
+    the config and the file system (models, symlinks, existence) happen in resolve().
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise SpecError(source, "", f"must be a mapping of keys to values, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in GROUPS:
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise SpecError(source, key, f"must be a mapping like `{key}: {{...}}`, got {value!r}")
+            group: dict[str, Any] = {}
+            for sub, sub_value in value.items():
+                field = FIELDS_BY_NAME.get(f"{key}.{sub}") if isinstance(sub, str) else None
+                if field is None:
+                    raise _unknown(source, sub, key)
+                group[sub] = _check(field, sub_value, source, trusted)
+            out[key] = group
+            continue
+        field = FIELDS_BY_NAME.get(key) if isinstance(key, str) and "." not in key else None
+        if field is None:
+            raise _unknown(source, key, "")
+        out[key] = _check(field, value, source, trusted)
+    return out
+
+
+def _unknown(source: str, key: Any, group: str) -> SpecError:
+    names = _GROUP_NAMES[group] if group else _TOP_NAMES
+    shown = f"{group}.{key}" if group else str(key)
+    hint = ""
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        nested = [f.name for f in FIELDS if not group and f.name.split(".")[-1] == key and "." in f.name]
+        if key in FIELDS_BY_NAME and "." in key:
+            outer, inner = key.split(".", 1)
+            hint = f"; write it nested: `{outer}: {{{inner}: ...}}`"
+        elif nested:
+            outer, inner = nested[0].split(".", 1)
+            hint = f"; did you mean {nested[0]!r}? (write `{outer}: {{{inner}: ...}}`)"
+        elif close:
+            hint = f"; did you mean {close[0]!r}?"
+    return SpecError(source, shown, f"unknown key {key!r}{hint}", ", ".join(names))
+
+
+def _check(field: Field, value: Any, source: str, trusted: bool) -> Any:
+    key, kind = field.name, field.kind
+    if kind == "flag":
+        if not isinstance(value, bool):
+            raise SpecError(source, key, f"must be true or false, got {value!r}", "true, false")
+        return value
+    if kind in ("int", "float", "seed"):
+        if kind == "seed" and value is None:
+            return None
+        return _number(field, value, source)
+    if kind == "choice":
+        return _choice(field, value, source)
+    if kind == "colour":
+        return _colour(key, value, source)
+    if kind == "colours":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise SpecError(source, key, f"must be a list of two colours, got {value!r}",
+                            'like ["#f4f4f4", "#c8c8c8"]')
+        return [_colour(key, item, source) for item in value]
+    # text-like kinds: an empty YAML value means the empty text
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise SpecError(source, key, f"must be text, got {value!r} (put it in quotes)")
+    if kind == "suffix":
+        if len(value) > 64 or any(c in value for c in "/\\") or any(ord(c) < 32 for c in value):
+            raise SpecError(source, key, f"{value!r} cannot be part of a file name",
+                            "up to 64 characters, no slashes or control characters")
+    elif kind in ("path", "model"):
+        if "\x00" in value or len(value) > 1024:
+            raise SpecError(source, key, f"{value[:80]!r} is not a usable name")
+        if key == "mask.model" and not value:
+            raise SpecError(source, key, "must name a rembg model", "u2net, birefnet-general, ...")
+        if kind == "path" and not trusted and value:
+            _check_untrusted_path(value, source, key)
+    return value
+
+
+def _number(field: Field, value: Any, source: str) -> Any:
+    key = field.name
+    whole = field.kind in ("int", "seed")
+    lo, hi = field.minimum, field.maximum
+    allowed = f"{_num(lo)} to {_num(hi)}" + (", or null for a random seed" if field.kind == "seed" else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        noun = "a whole number" if whole else "a number"
+        raise SpecError(source, key, f"must be {noun}, got {value!r}", allowed)
+    if whole:
+        if isinstance(value, float) and not value.is_integer():
+            raise SpecError(source, key, f"must be a whole number, got {value!r}", allowed)
+        value = int(value)
+    else:
+        value = float(value)
+    if lo is not None and hi is not None and not lo <= value <= hi:
+        raise SpecError(source, key, f"{value!r} is out of range", allowed)
+    return value
+
+
+def _choice(field: Field, value: Any, source: str) -> str:
+    key = field.name
+    if isinstance(value, str):
+        text = _ALIASES.get(value.strip().lower(), value.strip().lower())
+        if text in field.choices:
+            return text
+        if key == "mask.engine" and text in _mask_engine_names():
+            return text
+    choices = list(field.choices)
+    if key == "mask.engine":
+        choices = sorted(set(choices) | set(_mask_engine_names()), key=lambda n: (n != "auto", n))
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise SpecError(source, key, f"{value!r} is not allowed{hint}", ", ".join(choices))
+
+
+def _mask_engine_names() -> list[str]:
+    """Registered mask engines, from masking's registry when it is importable (imported lazily)."""
+    try:
+        from bgwatch.pipeline import masking
+    except ImportError:
+        return list(MASK_ENGINES)
+    names = getattr(masking, "mask_engine_names", None)
+    return ["auto", *names()] if callable(names) else list(MASK_ENGINES)
+
+
+def _colour(key: str, value: Any, source: str) -> str:
+    if value is None:
+        raise SpecError(source, key, 'is empty; in YAML a colour needs quotes, like "#ffffff" '
+                        "(an unquoted # starts a comment)", "#rgb, #rrggbb")
+    if not isinstance(value, str) or not _COLOUR.fullmatch(value.strip()):
+        raise SpecError(source, key, f"{value!r} is not a colour", "#rgb, #rrggbb")
+    digits = value.strip()[1:].lower()
+    return "#" + ("".join(c * 2 for c in digits) if len(digits) == 3 else digits)
+
+
+def _check_untrusted_path(value: str, source: str, key: str) -> None:
+    if PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute() or value.startswith("\\"):
+        raise SpecError(source, key, f"{value!r} is an absolute path; sidecars and folder files may only "
+                        "name files inside the inbox", "a path relative to this file")
+    if ".." in re.split(r"[/\\]", value):
+        raise SpecError(source, key, f"{value!r} leads out of its folder with '..'; sidecars and folder "
+                        "files may only name files inside the inbox", "a path relative to this file")
+
+
+# ---------------------------------------------------------------- sidecars
+
+
+def find_sidecar(image: Path) -> Path | None:
+    """photo.yaml, photo.yml, photo.jpg.yaml or photo.jpg.yml beside the image; two of them: SpecError."""
+    image = Path(image)
+    names = dict.fromkeys(base + s for base in (image.stem, image.name) for s in SIDECAR_SUFFIXES)
+    found = [image.with_name(n) for n in names if _is_file_or_link(image.with_name(n))]
+    if len(found) > 1:
+        listed = " and ".join(str(p) for p in found)
+        raise SpecError(image, "", f"has {len(found)} sidecars, {listed}; bgwatch cannot tell which to use, "
+                        "so keep only one")
+    return found[0] if found else None
+
+
+def sidecar_images(sidecar: Path) -> list[Path]:
+    """The existing image(s) a sidecar belongs to: photo.yaml -> photo.<any image suffix>; photo.jpg.yaml
+    -> photo.jpg (and photo.jpg.<image suffix>)."""
+    sidecar = Path(sidecar)
+    stem = sidecar.stem
+    suffixes = _image_suffixes()
+    images = []
+    try:
+        entries = list(os.scandir(sidecar.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        name = Path(entry.name)
+        if name.suffix.lower() not in suffixes or not (name.stem == stem or entry.name == stem):
+            continue
+        if entry.is_file():
+            images.append(sidecar.parent / entry.name)
+    return sorted(images)
+
+
+def _image_suffixes() -> frozenset[str]:
+    try:  # watch.py owns the list; imported lazily so rules stays light and free of cycles
+        from bgwatch.watch import IMAGE_SUFFIXES
+    except ImportError:
+        return frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+    return frozenset(IMAGE_SUFFIXES)
+
+
+def _is_file_or_link(path: Path) -> bool:
+    return path.is_file() or path.is_symlink()
+
+
+# ---------------------------------------------------------------- resolving
+
+
+class _Auto:
+    def __repr__(self) -> str:
+        return "AUTO"
+
+
+AUTO: Any = _Auto()  # resolve(sidecar=AUTO): look the sidecar up beside the image
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    label: str
+    data: Mapping[str, Any]
+    trusted: bool
+    base: Path  # what relative paths in this layer are relative to
+
+
+def resolve(image: Path, inbox: InboxConfig, config: Config, *, sidecar: Path | None = AUTO) -> ResolvedSpec:
+    """The JobSpec for `image` (its path as dropped, inside inbox.path; it may since have been claimed).
+
+    Folder files are read from the inbox tree along the image's original path. `sidecar`: AUTO looks it
+    up beside `image`; None means none; a Path (e.g. the claimed sidecar) is read from there but named
+    in sources and errors as the file beside the image that the user dropped.
+    """
+    image = Path(image)
+    root = Path(os.path.abspath(inbox.path))
+    rel = _relative(image, inbox, root)
+    image_dir = root.joinpath(*rel.parent.parts)
+    layers = _config_layers(inbox, config)
+    parts = rel.parent.parts
+    for depth in range(len(parts) + 1):  # the inbox root first, the image's own folder last
+        folder = root.joinpath(*parts[:depth])
+        if os.path.lexists(folder / FOLDER_FILE):
+            label = str(Path(inbox.path).joinpath(*parts[:depth], FOLDER_FILE))
+            layers.append(_Layer(label, _read_untrusted(folder / FOLDER_FILE, label, root), False, folder))
+    if isinstance(sidecar, _Auto):
+        sidecar = find_sidecar(image)
+    if sidecar is not None:
+        sidecar = Path(sidecar)
+        label = str(Path(inbox.path).joinpath(*rel.parent.parts, sidecar.name))
+        layers.append(_Layer(label, _read_untrusted(sidecar, label, root), False, image_dir))
+
+    values = {f.name: f.default for f in FIELDS}
+    sources = dict.fromkeys(values, BUILT_IN)
+    order = {BUILT_IN: -1}
+    origin: dict[str, _Layer] = {}
+    for index, layer in enumerate(layers):
+        order[layer.label] = index
+        fragment = validate_fragment(layer.data, layer.label, trusted=layer.trusted)
+        for key, value in _flatten(fragment):
+            values[key], sources[key], origin[key] = value, layer.label, layer
+    _check_merged(values, sources, order, origin, root, inbox, config)
+    return ResolvedSpec(_build(values), sources)
+
+
+def _relative(image: Path, inbox: InboxConfig, root: Path) -> PurePosixPath:
+    real = Path(os.path.realpath(image)), Path(os.path.realpath(root))
+    for a, b in ((Path(os.path.abspath(image)), root), real):
+        try:
+            return PurePosixPath(a.relative_to(b).as_posix())
+        except ValueError:
+            continue
+    raise SpecError(image, "", f"is not inside the inbox {inbox.path}")
+
+
+def _config_layers(inbox: InboxConfig, config: Config) -> list[_Layer]:
+    name = str(config.source) if config.source is not None else "(built-in config)"
+    base = config.source.parent.resolve() if config.source is not None else Path.cwd()
+    index = next((i for i, ib in enumerate(config.inboxes) if ib is inbox), None)
+    if index is None:
+        index = next((i for i, ib in enumerate(config.inboxes) if ib.path == inbox.path), None)
+    rules = f"{name}: inboxes[{index}].rules" if index is not None else f"{name}: rules of inbox {inbox.path}"
+    return [_Layer(f"{name}: defaults", config.defaults, True, base), _Layer(rules, inbox.rules, True, base)]
+
+
+def _read_untrusted(path: Path, label: str, root: Path) -> dict[str, Any]:
+    if not _inside(path, root):
+        raise SpecError(label, "", "is a link to a file outside the inbox, which bgwatch refuses to read")
+    try:
+        return load_yaml_mapping(path)
+    except SpecError as exc:
+        raise SpecError(label, exc.key, exc.problem, exc.allowed) from None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return real != real_root and real_root in real.parents
+
+
+def _flatten(fragment: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    for key, value in fragment.items():
+        if key in GROUPS:
+            for sub, sub_value in value.items():
+                yield f"{key}.{sub}", sub_value
+        else:
+            yield key, value
+
+
+def _check_merged(values: dict[str, Any], sources: dict[str, str], order: dict[str, int],
+                  origin: dict[str, _Layer], root: Path, inbox: InboxConfig, config: Config) -> None:
+    def setter(*keys: str) -> str:  # the innermost file that set any of these keys
+        return max((sources[k] for k in keys), key=lambda s: order.get(s, -1))
+
+    replace, engine = values["operation"] == "replace", values["engine"]
+    if replace and engine in GENERATIVE_ENGINES and not values["prompt"].strip():
+        raise SpecError(setter("operation", "engine"), "prompt",
+                        f"engine {engine} needs a prompt describing the scene to generate; add `prompt: ...` "
+                        "here, in a folder file or in a sidecar")
+    if replace and engine == "image" and not values["background_image"]:
+        raise SpecError(setter("operation", "engine"), "background_image",
+                        "engine image needs a background_image (the backdrop file)")
+    if values["background_image"]:
+        values["background_image"] = _backdrop(values["background_image"], origin["background_image"], root,
+                                               must_exist=replace and engine == "image")
+    for key in ("model", "mask.model"):
+        layer = origin.get(key)
+        if layer is None or layer.trusted:
+            continue
+        allowed = _allowed_models(key, inbox, config)
+        if values[key] not in allowed:
+            raise SpecError(layer.label, key,
+                            f"{values[key]!r} is not a model this inbox allows; sidecars and folder files "
+                            "may only name configured models (an operator can add more under allowed_models "
+                            "in config.yaml)", ", ".join(sorted(m for m in allowed if m)))
+
+
+def _backdrop(value: str, layer: _Layer, root: Path, *, must_exist: bool) -> str:
+    key = "background_image"
+    if layer.trusted:
+        path = Path(os.path.expanduser(value))
+        path = Path(os.path.abspath(path if path.is_absolute() else layer.base / path))
+        if must_exist and not path.is_file():
+            raise SpecError(layer.label, key, f"{value!r}: no such file ({path})")
+        return str(path)
+    path = layer.base / value
+    if not _inside(path, root):
+        raise SpecError(layer.label, key, f"{value!r} leads outside the inbox through a symbolic link; "
+                        "sidecars and folder files may only name files inside the inbox")
+    if not path.is_file():
+        raise SpecError(layer.label, key, f"{value!r}: no such file next to this file ({path})")
+    return os.path.realpath(path)
+
+
+def _allowed_models(key: str, inbox: InboxConfig, config: Config) -> set[str]:
+    allowed = set(config.allowed_models)
+    allowed |= {"", DEFAULT_SDXL_MODEL, DEFAULT_RUNWAY_MODEL} if key == "model" else {MaskSpec().model}
+    for fragment in (config.defaults, inbox.rules):
+        for k, value in _flatten(fragment):
+            if k == key:
+                allowed.add(value)
+    return allowed
+
+
+def _build(values: Mapping[str, Any]) -> JobSpec:
+    top = {k: v for k, v in values.items() if "." not in k}
+    top["gradient"] = tuple(top["gradient"])
+    mask = MaskSpec(**{k[5:]: v for k, v in values.items() if k.startswith("mask.")})
+    output = OutputSpec(**{k[7:]: v for k, v in values.items() if k.startswith("output.")})
+    return JobSpec(**top, mask=mask, output=output)
+
+
+def _flat_spec(spec: JobSpec) -> dict[str, Any]:
+    data = spec.to_dict()
+    flat = {k: v for k, v in data.items() if k not in GROUPS}
+    for group in GROUPS:
+        flat.update({f"{group}.{k}": v for k, v in data[group].items()})
+    return flat
+
+
+# ---------------------------------------------------------------- the README reference
+
+_TYPES = {"choice": "one of", "flag": "true/false", "int": "whole number", "float": "number",
+          "seed": "whole number or null", "colour": "colour", "colours": "list of 2 colours", "text": "text",
+          "suffix": "text", "path": "path", "model": "model"}
+
+
+def _num(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"' if value == "" or value.startswith("#") else value
+    return str(value)
+
+
+def _allowed_text(field: Field) -> str:
+    kind = field.kind
+    if kind == "choice":
+        return ", ".join(f"`{c}`" for c in field.choices)
+    if kind in ("int", "float", "seed"):
+        text = f"{_num(field.minimum)}–{_num(field.maximum)}"
+        return text + ", or `null` (random)" if kind == "seed" else text
+    return {
+        "colour": "`#rgb` or `#rrggbb`",
+        "colours": "two colours: from, to",
+        "path": "relative to the file naming it; sidecars and folder files: inside the inbox",
+        "model": "sidecars and folder files: the configured models and `allowed_models`",
+        "suffix": "up to 64 characters, no slashes",
+        "text": "any text",
+        "flag": "`true`, `false`",
+    }[kind]
+
+
+def reference_markdown() -> str:
+    """The key reference table for the README, generated from FIELDS (so the two cannot drift)."""
+    lines = ["| key | type | allowed | default | example | what it does |", "|---|---|---|---|---|---|"]
+    for field in FIELDS:
+        cells = [f"`{field.name}`", _TYPES[field.kind], _allowed_text(field),
+                 f"`{_yaml_value(field.default)}`", f"`{_yaml_value(field.example)}`", field.help]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reference_block() -> str:
+    """reference_markdown() between the README markers, ready to paste."""
+    return f"{REFERENCE_START}\n{reference_markdown()}{REFERENCE_END}\n"
+
+
+def check_readme(readme_text: str) -> bool:
+    """True when the README carries exactly the generated reference between the markers."""
+    start, end = readme_text.find(REFERENCE_START), readme_text.find(REFERENCE_END)
+    if start < 0 or end < start:
+        return False
+    return readme_text[start + len(REFERENCE_START):end].strip() == reference_markdown().strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bgwatch.rules", description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", action="store_true", help="print the README key reference block")
+    args = parser.parse_args(argv)
+    if not args.reference:
+        parser.print_help()
+        return 2
+    sys.stdout.write(reference_block())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

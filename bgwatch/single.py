@@ -1,0 +1,172 @@
+"""The one-shot commands behind the CLI: process one file, retry, validate, explain, cache, models."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from bgwatch import outbox
+from bgwatch.config import Config, InboxConfig, load_config
+from bgwatch.errors import BgwatchError, InputError
+from bgwatch.jobs import Job, JobState, RunResult, job_key
+
+
+def process_one(image: Path, config: Config, out_dir: Path, overrides: Mapping[str, Any]) -> RunResult:
+    """Run the three stages on one file, write the result into out_dir, and record the run."""
+    from bgwatch import rules
+    from bgwatch.daemon import sha256_file
+    from bgwatch.pipeline import stages
+    from bgwatch.ratelimit import TokenBucket
+    from bgwatch.store import Store
+
+    if not image.is_file():
+        raise InputError(image, "no such file")
+    image = image.resolve()
+    inbox = config.inbox_for(image) or InboxConfig(path=image.parent, outbox=out_dir, rules={})
+    resolved = rules.resolve(image, inbox, config, overrides=overrides or None)
+    spec = resolved.spec
+    store = Store(config.db_path)
+    sha = sha256_file(image)
+    rel = PurePosixPath(*image.relative_to(inbox.path).parts).as_posix()
+    run_id = store.add_run(key=job_key(sha, spec), inbox="(process)", rel_path=rel, source_path=str(image),
+                           input_sha256=sha, spec_json=json.dumps(spec.to_dict(), sort_keys=True),
+                           host=config.host)
+    store.start_run(run_id, config.host, config.watch.lease_seconds)
+    job = Job(run_id=run_id, inbox="(process)", rel_path=rel, source=image, spec=spec, input_sha256=sha,
+              key=job_key(sha, spec))
+    engines = stages.Engines(config, store, TokenBucket(config.limits.generations_per_minute))
+    try:
+        finished = stages.run_all(job, config, engines)
+        target = out_dir / f"{image.stem}{spec.output.suffix}{finished.extension}"
+        if target.resolve() == image:
+            target = outbox.free_name(out_dir, f"{image.stem}-bgwatch{finished.extension}")
+        outbox.atomic_write(target, finished.data)
+    except BgwatchError as exc:
+        store.finish_run(run_id, JobState.FAILED, error=str(exc))
+        store.close()
+        return RunResult(run_id, JobState.FAILED, error=str(exc))
+    store.finish_run(run_id, JobState.DONE, output_path=str(target), mask_engine=finished.mask_engine,
+                     bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings)
+    store.close()
+    return RunResult(run_id, JobState.DONE, target, mask_engine=finished.mask_engine,
+                     bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings)
+
+
+def retry_runs(config: Config, run_ids: Sequence[int], *, all_failed: bool) -> tuple[list[str], list[str]]:
+    """Move failed originals (and their sidecars) from failed/ back to where they were dropped."""
+    from bgwatch.store import Store
+
+    store = Store(config.db_path)
+    rows = [store.get_run(i) for i in run_ids]
+    if all_failed:
+        rows += [r for r in store.runs_in((JobState.FAILED,)) if r["id"] not in run_ids]
+    moved: list[str] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for run_id, row in zip([*run_ids, *[r["id"] for r in rows[len(run_ids):] if r]], rows, strict=False):
+        if row is None:
+            problems.append(f"run {run_id}: no such run")
+            continue
+        if row["status"] != "failed":
+            problems.append(f"run {run_id}: it is {row['status']}, not failed")
+            continue
+        source = Path(row["source_path"] or "")
+        inbox = next((ib for ib in config.inboxes if ib.name == row["inbox"]), None)
+        if inbox is None or not source.is_file() or outbox.FAILED_DIR not in source.parts:
+            if not all_failed:
+                problems.append(f"run {run_id}: its original is no longer in failed/ ({source})")
+            continue
+        if str(source) in seen:
+            continue
+        seen.add(str(source))
+        target = outbox.free_name((inbox.path / row["rel_path"]).parent, Path(row["rel_path"]).name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        note = source.with_name(source.name + ".error.txt")
+        for sidecar in _sidecars_beside(source):
+            os.replace(sidecar, target.parent / sidecar.name)
+        os.replace(source, target)
+        note.unlink(missing_ok=True)
+        store.finish_run(row["id"], JobState.FAILED, error=(row["error"] or "") + " [retried]",
+                         source_path=str(target))
+        moved.append(f"run {row['id']}: {target}")
+    store.close()
+    return moved, problems
+
+
+def _sidecars_beside(image: Path) -> list[Path]:
+    names = [f"{image.stem}.yaml", f"{image.stem}.yml", f"{image.name}.yaml", f"{image.name}.yml"]
+    return [image.with_name(n) for n in names if image.with_name(n).is_file()]
+
+
+def validate_paths(paths: Sequence[Path], config_path: Path | None) -> dict[Path, list[str]]:
+    """Every problem in each file; a config.yaml is recognised by its top-level keys."""
+    from bgwatch import rules
+    from bgwatch.yamlsafe import load_yaml_mapping
+
+    problems: dict[Path, list[str]] = {}
+    for path in paths:
+        errors: list[str] = []
+        try:
+            data = load_yaml_mapping(path, max_bytes=1024 * 1024)
+            if "inboxes" in data or "state_dir" in data:
+                load_config(path)
+            else:
+                errors = [str(e) for e in rules.validate_fragment_all(data, str(path), trusted=False)]
+        except BgwatchError as exc:
+            errors = [str(exc)]
+        problems[path] = errors
+    return problems
+
+
+def explain(image: Path, config: Config) -> str:
+    from bgwatch import rules
+
+    inbox = config.inbox_for(image)
+    if inbox is None:
+        raise InputError(image, "is not inside any configured inbox: "
+                         + ", ".join(str(ib.path) for ib in config.inboxes))
+    resolved = rules.resolve(image, inbox, config)
+    return rules.format_explanation(resolved)
+
+
+def cache_command(config: Config, action: str) -> str:
+    from bgwatch.pipeline.cache import BackgroundCache
+    from bgwatch.store import Store
+
+    store = Store(config.db_path)
+    cache = BackgroundCache(store, config.cache_dir, config.cache.max_bytes)
+    try:
+        if action == "ls":
+            rows = cache.ls()
+            if not rows:
+                return "cache is empty"
+            lines = [f"{'key':12}  {'engine':8}  {'size':>9}  {'hits':>4}  {'last used':19}  prompt"]
+            for r in rows:
+                used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_used_at"]))
+                lines.append(f"{r['key'][:12]:12}  {r['engine']:8}  {r['width']}x{r['height']:<4}  "
+                             f"{r['hits']:>4}  {used:19}  {r['prompt'][:50]}")
+            total = sum(r["bytes"] for r in rows)
+            lines.append(f"{len(rows)} background(s), {total / 1e6:.1f} MB of {config.cache.max_bytes / 1e6:.0f} MB")
+            return "\n".join(lines)
+        if action == "prune":
+            removed = cache.prune()
+            return f"pruned {removed} background(s)"
+        removed = cache.clear()
+        return f"cleared {removed} background(s)"
+    finally:
+        store.close()
+
+
+def models_command(config: Config, action: str) -> tuple[str, bool]:
+    from bgwatch import models
+
+    if action == "ls":
+        return models.format_models(models.list_models(config)), True
+    try:
+        return models.format_pull(models.pull_models(config)), True
+    except BgwatchError as exc:
+        return f"bgwatch: {exc}", False

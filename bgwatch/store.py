@@ -1,0 +1,250 @@
+"""SQLite through sqlite-utils: every claimed job's state, and the generated-background cache index.
+
+One file per workstation, on local disk (WAL does not work over a network filesystem). One connection
+shared by the daemon's threads behind a lock; every write is a short transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bgwatch.jobs import JobState
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+
+RUN_COLUMNS: dict[str, type] = {
+    "id": int,
+    "key": str,
+    "inbox": str,
+    "rel_path": str,
+    "source_path": str,  # where the bytes are while the run is open (the claimed copy)
+    "input_sha256": str,
+    "spec_json": str,
+    "status": str,
+    "attempts": int,
+    "host": str,
+    "lease_until": float,
+    "mask_engine": str,
+    "bg_engine": str,
+    "seed": int,
+    "output_path": str,
+    "error": str,
+    "created_at": float,
+    "started_at": float,
+    "finished_at": float,
+    "timings_json": str,
+}
+
+BACKGROUND_COLUMNS: dict[str, type] = {
+    "key": str,
+    "engine": str,
+    "model": str,
+    "prompt": str,
+    "negative_prompt": str,
+    "seed": int,
+    "width": int,
+    "height": int,
+    "steps": int,
+    "guidance_scale": float,
+    "path": str,
+    "bytes": int,
+    "created_at": float,
+    "last_used_at": float,
+    "hits": int,
+}
+
+
+class Store:
+    """The runs and backgrounds tables; the clock is injected so leases can be tested."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        import sqlite_utils
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.clock = clock
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+                               isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.db = sqlite_utils.Database(conn)
+        self.db.enable_wal()
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            if "runs" not in self.db.table_names():
+                self.db["runs"].create(RUN_COLUMNS, pk="id", not_null={"key", "status"})
+                self.db["runs"].create_index(["key", "status"])
+                self.db["runs"].create_index(["status"])
+            if "backgrounds" not in self.db.table_names():
+                self.db["backgrounds"].create(BACKGROUND_COLUMNS, pk="key")
+                self.db["backgrounds"].create_index(["last_used_at"])
+            if "meta" not in self.db.table_names():
+                self.db["meta"].insert({"name": "schema_version", "value": str(SCHEMA_VERSION)}, pk="name")
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self.db["meta"].get("schema_version")["value"])
+
+    # ------------------------------------------------------------------ runs
+
+    def add_run(self, *, key: str, inbox: str, rel_path: str, source_path: str, input_sha256: str,
+                spec_json: str, host: str, status: JobState = JobState.QUEUED) -> int:
+        now = self.clock()
+        with self._tx() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (key, inbox, rel_path, source_path, input_sha256, spec_json, status, "
+                "attempts, host, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (key, inbox, rel_path, source_path, input_sha256, spec_json, str(status), host, now),
+            )
+            return int(cur.lastrowid or 0)
+
+    def get_run(self, run_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        return rows[0] if rows else None
+
+    def start_run(self, run_id: int, host: str, lease_seconds: float) -> bool:
+        """queued -> running with a lease; False when the row is not queued any more."""
+        now = self.clock()
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE runs SET status = 'running', attempts = attempts + 1, host = ?, started_at = ?, "
+                "lease_until = ? WHERE id = ? AND status = 'queued'",
+                (host, now, now + lease_seconds, run_id),
+            )
+            return cur.rowcount == 1
+
+    def renew_lease(self, run_id: int, lease_seconds: float) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE runs SET lease_until = ? WHERE id = ? AND status = 'running'",
+                         (self.clock() + lease_seconds, run_id))
+
+    def update_source(self, run_id: int, source_path: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE runs SET source_path = ? WHERE id = ?", (source_path, run_id))
+
+    def finish_run(self, run_id: int, state: JobState, *, output_path: str = "", error: str = "",
+                   mask_engine: str = "", bg_engine: str = "", seed: int | None = None,
+                   timings: dict[str, float] | None = None, source_path: str | None = None) -> None:
+        assert state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED)
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE runs SET status = ?, output_path = ?, error = ?, mask_engine = ?, bg_engine = ?, "
+                "seed = ?, timings_json = ?, finished_at = ?, lease_until = NULL, "
+                "source_path = COALESCE(?, source_path) WHERE id = ?",
+                (str(state), output_path, error, mask_engine, bg_engine, seed,
+                 json.dumps(timings or {}, sort_keys=True), self.clock(), source_path, run_id),
+            )
+
+    def requeue(self, run_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE runs SET status = 'queued', lease_until = NULL, error = '' WHERE id = ?",
+                         (run_id,))
+
+    def find_done(self, key: str) -> dict[str, Any] | None:
+        """The newest finished run with this key whose output still exists."""
+        with self._lock:
+            rows = list(self.db.query(
+                "SELECT * FROM runs WHERE key = ? AND status = 'done' ORDER BY id DESC", [key]))
+        for row in rows:
+            if row["output_path"] and Path(row["output_path"]).exists():
+                return row
+        return None
+
+    def runs_in(self, states: tuple[JobState, ...], host: str | None = None) -> list[dict[str, Any]]:
+        marks = ",".join("?" for _ in states)
+        sql = f"SELECT * FROM runs WHERE status IN ({marks})"
+        args: list[Any] = [str(s) for s in states]
+        if host is not None:
+            sql += " AND host = ?"
+            args.append(host)
+        with self._lock:
+            return list(self.db.query(sql + " ORDER BY id", args))
+
+    def expired_running(self, host: str) -> list[dict[str, Any]]:
+        """This host's 'running' rows whose lease has run out (the daemon died mid-run)."""
+        with self._lock:
+            return list(self.db.query(
+                "SELECT * FROM runs WHERE status = 'running' AND host = ? AND "
+                "(lease_until IS NULL OR lease_until < ?) ORDER BY id", [host, self.clock()]))
+
+    def history(self, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM runs"
+        args: list[Any] = []
+        if status:
+            sql += " WHERE status = ?"
+            args.append(status)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            return list(self.db.query(sql, args))
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self.db.query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+            return {r["status"]: r["n"] for r in rows}
+
+    # ------------------------------------------------------------------ backgrounds
+
+    def get_background(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            rows = list(self.db.query("SELECT * FROM backgrounds WHERE key = ?", [key]))
+        return rows[0] if rows else None
+
+    def put_background(self, row: dict[str, Any]) -> None:
+        now = self.clock()
+        data = {"created_at": now, "last_used_at": now, "hits": 0, **row}
+        unknown = set(data) - set(BACKGROUND_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown background columns: {sorted(unknown)}")
+        with self._tx():
+            self.db["backgrounds"].upsert(data, pk="key")
+
+    def touch_background(self, key: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE backgrounds SET last_used_at = ?, hits = hits + 1 WHERE key = ?",
+                         (self.clock(), key))
+
+    def delete_background(self, key: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM backgrounds WHERE key = ?", (key,))
+
+    def list_backgrounds(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query("SELECT * FROM backgrounds ORDER BY last_used_at DESC"))
+
+    def lru_backgrounds(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query("SELECT * FROM backgrounds ORDER BY last_used_at ASC, created_at ASC"))
+
+    def backgrounds_total_bytes(self) -> int:
+        with self._lock:
+            rows = list(self.db.query("SELECT COALESCE(SUM(bytes), 0) AS total FROM backgrounds"))
+        return int(rows[0]["total"])

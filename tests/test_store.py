@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from bgwatch.jobs import JobState
+from bgwatch.store import SCHEMA_VERSION, Store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def add(store: Store, key: str = "k", **extra: str) -> int:
+    fields = {"key": key, "inbox": "in", "rel_path": "a.jpg", "source_path": "/x/a.jpg", "input_sha256": "s",
+              "spec_json": "{}", "host": "h", **extra}
+    return store.add_run(**fields)
+
+
+def test_wal_busy_timeout_and_schema(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    assert store.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+    assert store.schema_version() == SCHEMA_VERSION
+    store.close()
+    # a second connection sees WAL persisted
+    assert sqlite3.connect(tmp_path / "db.sqlite").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_run_lifecycle_and_lease_expiry(tmp_path: Path) -> None:
+    clock = Clock()
+    store = Store(tmp_path / "db.sqlite", clock=clock)
+    run_id = add(store)
+    assert store.get_run(run_id)["status"] == "queued"
+    assert store.start_run(run_id, "h", lease_seconds=60)
+    assert not store.start_run(run_id, "h", lease_seconds=60), "a running row cannot be started twice"
+    assert store.get_run(run_id)["attempts"] == 1
+    assert store.expired_running("h") == []
+    clock.now += 61
+    assert [r["id"] for r in store.expired_running("h")] == [run_id]
+    store.renew_lease(run_id, 60)
+    assert store.expired_running("h") == []
+    store.finish_run(run_id, JobState.FAILED, error="broken", timings={"mask": 0.5})
+    row = store.get_run(run_id)
+    assert (row["status"], row["error"], row["lease_until"]) == ("failed", "broken", None)
+    assert store.counts() == {"failed": 1}
+
+
+def test_find_done_needs_the_output_to_exist(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    out = tmp_path / "out.png"
+    run_id = add(store, key="same")
+    store.finish_run(run_id, JobState.DONE, output_path=str(out))
+    assert store.find_done("same") is None, "an output deleted by a user must be made again"
+    out.write_bytes(b"png")
+    assert store.find_done("same")["id"] == run_id
+    assert store.find_done("other") is None
+
+
+def test_backgrounds_lru_order_and_total(tmp_path: Path) -> None:
+    clock = Clock()
+    store = Store(tmp_path / "db.sqlite", clock=clock)
+    for i, key in enumerate(["a", "b", "c"]):
+        clock.now += 1
+        store.put_background({"key": key, "engine": "sdxl", "path": f"{key}.png", "bytes": 10 * (i + 1)})
+    clock.now += 1
+    store.touch_background("a")
+    assert [r["key"] for r in store.lru_backgrounds()] == ["b", "c", "a"]
+    assert store.backgrounds_total_bytes() == 60
+    assert store.get_background("a")["hits"] == 1
+    store.delete_background("b")
+    assert store.get_background("b") is None
