@@ -228,20 +228,20 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
 
     lim = _Reader(where, "limits", top.get("limits", None))
     limits = Limits(
-        generations_per_minute=lim.number("generations_per_minute", Limits.generations_per_minute),
-        jobs_per_minute=lim.number("jobs_per_minute", Limits.jobs_per_minute),
-        allow_4k=lim.flag("allow_4k", Limits.allow_4k),
-        max_pixels=lim.number("max_pixels", Limits.max_pixels, minimum=1, integer=True),
+        generations_per_minute=lim.number("generations_per_minute", Limits().generations_per_minute),
+        jobs_per_minute=lim.number("jobs_per_minute", Limits().jobs_per_minute),
+        allow_4k=lim.flag("allow_4k", Limits().allow_4k),
+        max_pixels=lim.number("max_pixels", Limits().max_pixels, minimum=1, integer=True),
     )
     lim.finish()
 
     w = _Reader(where, "watch", top.get("watch", None))
     watch = WatchSettings(
-        settle_seconds=w.number("settle_seconds", WatchSettings.settle_seconds),
-        rescan_seconds=w.number("rescan_seconds", WatchSettings.rescan_seconds, minimum=0.1),
-        sidecar_seconds=w.number("sidecar_seconds", WatchSettings.sidecar_seconds),
-        orphan_sidecar_seconds=w.number("orphan_sidecar_seconds", WatchSettings.orphan_sidecar_seconds),
-        lease_seconds=w.number("lease_seconds", WatchSettings.lease_seconds, minimum=1),
+        settle_seconds=w.number("settle_seconds", WatchSettings().settle_seconds),
+        rescan_seconds=w.number("rescan_seconds", WatchSettings().rescan_seconds, minimum=0.1),
+        sidecar_seconds=w.number("sidecar_seconds", WatchSettings().sidecar_seconds),
+        orphan_sidecar_seconds=w.number("orphan_sidecar_seconds", WatchSettings().orphan_sidecar_seconds),
+        lease_seconds=w.number("lease_seconds", WatchSettings().lease_seconds, minimum=1),
     )
     w.finish()
 
@@ -265,17 +265,17 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
 
     r = _Reader(where, "runway", top.get("runway", None))
     runway = RunwaySettings(
-        base_url=r.text("base_url", RunwaySettings.base_url).rstrip("/"),
+        base_url=r.text("base_url", RunwaySettings().base_url).rstrip("/"),
         api_key=r.text("api_key", ""),
         api_key_file=r.path("api_key_file", None, base),
-        request_timeout=r.number("request_timeout", RunwaySettings.request_timeout, minimum=0.1),
-        task_deadline=r.number("task_deadline", RunwaySettings.task_deadline, minimum=0.1),
-        poll_interval=r.number("poll_interval", RunwaySettings.poll_interval, minimum=0.01),
+        request_timeout=r.number("request_timeout", RunwaySettings().request_timeout, minimum=0.1),
+        task_deadline=r.number("task_deadline", RunwaySettings().task_deadline, minimum=0.1),
+        poll_interval=r.number("poll_interval", RunwaySettings().poll_interval, minimum=0.01),
     )
     r.finish()
 
     c = _Reader(where, "cache", top.get("cache", None))
-    cache = CacheSettings(max_bytes=c.number("max_bytes", CacheSettings.max_bytes, integer=True))
+    cache = CacheSettings(max_bytes=c.number("max_bytes", CacheSettings().max_bytes, integer=True))
     c.finish()
 
     allowed_models = top.get("allowed_models", [])

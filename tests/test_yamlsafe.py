@@ -94,9 +94,9 @@ def test_a_one_megabyte_file_is_refused_before_it_is_read(tmp_path: Path) -> Non
 
 
 def test_max_bytes_is_honoured(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.yaml", "".join(f"k{i:02}: {i}\n" for i in range(50)))  # 350 bytes
+    path = write(tmp_path, "c.yaml", "".join(f"k{i:02}: {i}\n" for i in range(50)))  # 390 bytes
     assert "at most 100" in refused(path, max_bytes=100).problem
-    assert len(load_yaml_mapping(path, max_bytes=350)) == 50
+    assert len(load_yaml_mapping(path, max_bytes=390)) == 50  # exactly the cap is fine
 
 
 def test_python_object_tag_is_refused_and_never_run(tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_deep_nesting_is_refused(tmp_path: Path) -> None:
     started = time.perf_counter()
     error = refused(write(tmp_path, "deep.yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n"))
     assert time.perf_counter() - started < 1.0
-    assert "nested" in error.problem or "not valid YAML" in error.problem
+    assert "nested more than" in error.problem
 
 
 def test_missing_file_directory_and_fifo_are_refused(tmp_path: Path) -> None:

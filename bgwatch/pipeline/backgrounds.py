@@ -1,0 +1,317 @@
+"""Backdrops for `operation: replace`: the BackgroundEngine protocol, its registry and the plain engines.
+
+Engines register by name (BACKGROUND_ENGINES); `load_background_engine(name, config)` loads one once per
+daemon so models stay loaded. Every engine turns a `BackgroundRequest` into an HxWx3 uint8 image at
+exactly request.width x request.height. The generative engines live in their own modules, imported only
+when they are used: `sdxl` (diffusers, bgwatch/pipeline/sdxl.py) and `runway` (Runway's HTTP API,
+bgwatch/pipeline/runway.py). `image`, `color` and `gradient` need no weights and no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import secrets
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from bgwatch.errors import EngineError, InputError
+from bgwatch.jobs import DEFAULT_RUNWAY_MODEL, DEFAULT_SDXL_MODEL, GENERATIVE_ENGINES, JobSpec
+
+if TYPE_CHECKING:
+    from bgwatch.config import Config
+
+MAX_SIDE_WITHOUT_4K = 4096
+SEED_RANGE = 2**32  # Runway takes 0..4294967295; SDXL any 64-bit seed: draw within both
+
+
+class BackgroundEngine(Protocol):
+    """Turns a request into a backdrop: HxWx3 uint8, exactly request.width x request.height."""
+
+    name: str
+
+    def render(self, request: BackgroundRequest) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BackgroundRequest:
+    """Everything that decides a backdrop's pixels (and, for generative engines, its cache key)."""
+
+    engine: str
+    width: int
+    height: int
+    model: str = ""  # the engine's default already filled in
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int | None = None  # generative engines always get one (drawn if the spec had none)
+    steps: int = 20
+    guidance_scale: float = 7.5
+    scheduler: str = ""  # sdxl: config.sdxl.scheduler ("" keeps the checkpoint's)
+    color: str = "#ffffff"
+    gradient: tuple[str, str] = ("#f4f4f4", "#c8c8c8")
+    gradient_direction: str = "vertical"
+    image: str = ""  # backdrop file (absolute path)
+    image_fit: str = "cover"  # cover | contain
+    seed_drawn: bool = False  # the seed was drawn for this run: never served from or stored in the cache
+
+    @classmethod
+    def from_spec(
+        cls, spec: JobSpec, width: int, height: int, seed: int | None = None, *, config: Config | None = None
+    ) -> BackgroundRequest:
+        """The request for one image of width x height.
+
+        seed: the seed to use when the spec has none (the caller draws it with draw_seed() and records
+        it); None with no spec seed draws one here. Pass `config` so sdxl requests carry the configured
+        scheduler (it changes the pixels, so it belongs in the cache key).
+        """
+        engine = spec.engine
+        generative = engine in GENERATIVE_ENGINES
+        model = spec.model or {"sdxl": DEFAULT_SDXL_MODEL, "runway": DEFAULT_RUNWAY_MODEL}.get(engine, "")
+        if generative:
+            chosen = seed if seed is not None else spec.seed if spec.seed is not None else draw_seed()
+        else:
+            chosen = None
+        return cls(
+            engine=engine,
+            width=int(width),
+            height=int(height),
+            model=model if generative else "",
+            prompt=spec.prompt if generative else "",
+            negative_prompt=spec.negative_prompt if generative else "",
+            seed=chosen,
+            steps=spec.steps if generative else 0,
+            guidance_scale=float(spec.guidance_scale) if generative else 0.0,
+            scheduler=config.sdxl.scheduler if (config is not None and engine == "sdxl") else "",
+            color=spec.background_color,
+            gradient=tuple(spec.gradient),  # type: ignore[arg-type]
+            gradient_direction=spec.gradient_direction,
+            image=spec.background_image if engine == "image" else "",
+            image_fit=spec.background_fit,
+            seed_drawn=generative and spec.seed is None,
+        )
+
+    @property
+    def generative(self) -> bool:
+        return self.engine in GENERATIVE_ENGINES
+
+    @property
+    def cacheable(self) -> bool:
+        """Generated with a seed someone chose: the same request later may be served from the cache."""
+        return self.generative and self.seed is not None and not self.seed_drawn
+
+    def cache_key(self) -> str:
+        """sha256 over every field that changes the pixels (seed_drawn does not)."""
+        data = asdict(self)
+        data.pop("seed_drawn")
+        data["gradient"] = list(self.gradient)
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def draw_seed() -> int:
+    """A fresh random seed, valid for every engine (0 .. 2**32-1)."""
+    return secrets.randbelow(SEED_RANGE)
+
+
+def check_input_size(
+    spec: JobSpec, width: int, height: int, allow_4k: bool, *, source: str | Path = "input image"
+) -> None:
+    """The 4K rule: sdxl generates about one megapixel, so an input over 4096 px on a side is refused."""
+    if spec.operation != "replace" or spec.engine != "sdxl" or allow_4k:
+        return
+    if max(width, height) > MAX_SIDE_WITHOUT_4K:
+        raise InputError(
+            source,
+            f"{width}x{height} is over {MAX_SIDE_WITHOUT_4K} px on a side; the sdxl engine generates about "
+            "one megapixel and would be upscaled that far. Allow it with limits.allow_4k: true in "
+            "config.yaml (or ALLOW_4K=1), or use a smaller image",
+        )
+
+
+# ---------------------------------------------------------------- registry
+
+BACKGROUND_ENGINES: dict[str, str] = {
+    "sdxl": "bgwatch.pipeline.sdxl:SdxlEngine",
+    "runway": "bgwatch.pipeline.runway:RunwayEngine",
+    "image": "bgwatch.pipeline.backgrounds:ImageEngine",
+    "color": "bgwatch.pipeline.backgrounds:ColorEngine",
+    "gradient": "bgwatch.pipeline.backgrounds:GradientEngine",
+}
+
+_loaded: dict[tuple[object, ...], BackgroundEngine] = {}
+_loaded_lock = threading.Lock()
+
+
+def background_engine_names() -> list[str]:
+    return list(BACKGROUND_ENGINES)
+
+
+def _engine_class(name: str) -> type:
+    if name not in BACKGROUND_ENGINES:
+        raise EngineError(name, f"unknown background engine (known: {', '.join(BACKGROUND_ENGINES)})")
+    module_name, _, attr = BACKGROUND_ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def load_background_engine(name: str, config: Config) -> BackgroundEngine:
+    """The engine `name`, created once per (name, settings) and kept: models stay loaded between jobs."""
+    key = (name, config.device, config.sdxl, config.runway, config.limits.max_pixels)
+    with _loaded_lock:
+        engine = _loaded.get(key)
+        if engine is None:
+            engine = _engine_class(name)(config)
+            _loaded[key] = engine
+        return engine
+
+
+def unload_background_engines() -> None:
+    """Forget every loaded engine (config reload, tests); their models are freed with them."""
+    with _loaded_lock:
+        _loaded.clear()
+
+
+# ---------------------------------------------------------------- fitting
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    import cv2
+
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    shrinking = width * height < image.shape[0] * image.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def fit_cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale to cover width x height, then crop the centre (no bars, no distortion)."""
+    h, w = image.shape[:2]
+    scale = max(width / w, height / h)
+    sw, sh = max(width, round(w * scale)), max(height, round(h * scale))
+    scaled = _resize(image, sw, sh)
+    x, y = (sw - width) // 2, (sh - height) // 2
+    return np.ascontiguousarray(scaled[y : y + height, x : x + width])
+
+
+def fit_contain(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale to fit inside width x height; the margins continue the image, blurred (never black bars)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = min(width / w, height / h)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = fit_cover(image, width, height)
+    sigma = max(width, height) / 30
+    canvas = cv2.GaussianBlur(canvas, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    x, y = (width - sw) // 2, (height - sh) // 2
+    canvas[y : y + sh, x : x + sw] = _resize(image, sw, sh)
+    return canvas
+
+
+# ---------------------------------------------------------------- plain engines
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """'#rgb' / '#rrggbb' (and names, where cleanup.parse_color knows them) -> (r, g, b)."""
+    try:
+        from bgwatch.pipeline.cleanup import parse_color as cleanup_parse_color
+    except ImportError:
+        cleanup_parse_color = None
+    if cleanup_parse_color is not None:
+        return tuple(int(c) for c in cleanup_parse_color(text))  # type: ignore[return-value]
+    value = text.strip().lstrip("#")
+    if len(value) == 3:
+        value = "".join(c * 2 for c in value)
+    try:
+        if len(value) != 6:
+            raise ValueError
+        return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
+    except ValueError:
+        raise EngineError("color", f"{text!r} is not a colour (use #rgb or #rrggbb)") from None
+
+
+class ColorEngine:
+    """A flat backdrop in background_color."""
+
+    name = "color"
+
+    def __init__(self, config: Config | None = None) -> None:
+        pass
+
+    def render(self, request: BackgroundRequest) -> np.ndarray:
+        out = np.empty((request.height, request.width, 3), np.uint8)
+        out[:] = parse_color(request.color)
+        return out
+
+
+class GradientEngine:
+    """Two colours, vertical / horizontal / radial; dithered so 8-bit output shows no bands."""
+
+    name = "gradient"
+
+    def __init__(self, config: Config | None = None) -> None:
+        pass
+
+    def render(self, request: BackgroundRequest) -> np.ndarray:
+        w, h = request.width, request.height
+        start = np.array(parse_color(request.gradient[0]), np.float32)
+        end = np.array(parse_color(request.gradient[1]), np.float32)
+        direction = request.gradient_direction
+        if direction == "vertical":
+            t = np.broadcast_to(np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None], (h, w))
+        elif direction == "horizontal":
+            t = np.broadcast_to(np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :], (h, w))
+        elif direction == "radial":
+            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+            cx, cy = (w - 1) / 2, (h - 1) / 2
+            t = np.hypot(xx - cx, yy - cy) / max(np.hypot(cx, cy), 1.0)
+        else:
+            raise EngineError("gradient", f"gradient_direction {direction!r} (allowed: vertical, horizontal, radial)")
+        # A triangular dither of +-1 level (seeded: a request always gives the same pixels) breaks up the
+        # 8-bit steps of a long, shallow ramp, which otherwise show as bands.
+        rng = np.random.default_rng(0)
+        dither = (rng.random((h, w, 1), np.float32) - rng.random((h, w, 1), np.float32))
+        out = start + (end - start) * t[..., None] + dither
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+class ImageEngine:
+    """A supplied backdrop image, fitted by cover (centred crop) or contain (blurred continuation)."""
+
+    name = "image"
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.max_pixels = config.limits.max_pixels if config is not None else 100_000_000
+
+    def render(self, request: BackgroundRequest) -> np.ndarray:
+        if not request.image:
+            raise EngineError("image", "no background_image given for engine image")
+        rgb = load_backdrop(Path(request.image), self.max_pixels)
+        if request.image_fit == "contain":
+            return fit_contain(rgb, request.width, request.height)
+        return fit_cover(rgb, request.width, request.height)
+
+
+def load_backdrop(path: Path, max_pixels: int) -> np.ndarray:
+    """Decode a backdrop file to HxWx3 uint8 sRGB (through imageio when it is there)."""
+    try:
+        from bgwatch.pipeline import imageio
+    except ImportError:
+        imageio = None  # type: ignore[assignment]
+    if imageio is not None and hasattr(imageio, "decode"):
+        return imageio.decode(path, max_pixels=max_pixels).rgb
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise InputError(path, f"backdrop has {im.width * im.height} pixels (limit {max_pixels})")
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise InputError(path, "background_image does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(path, f"background_image cannot be read: {exc}") from None

@@ -1,0 +1,615 @@
+"""Watching the inboxes: which files are there, and which of them are complete.
+
+Events are hints. One real watchdog observer per inbox (inotify, or polling for network drives, where
+inotify does not see other hosts' writes) feeds paths to a StabilityTracker; an initial scan at start
+and a full rescan every `rescan_seconds` are the truth, so a missed event delays a file, never loses it.
+A file is ready once its size and mtime have stayed the same for `settle_seconds`.
+
+The watcher supervises its observers: a dead observer thread, or a watch that ended because the inbox
+folder was deleted, moved or replaced, is restarted by the next `poll_ready()`. A missing inbox folder is
+retried there too and reported by `healthy()`; it never raises.
+
+What `poll_ready()` reports: images (IMAGE_SUFFIXES), sidecars (SIDECAR_SUFFIXES) and folder rule files
+(`.bgwatch.yaml`, `.bgwatch.yml`; these are dot files, but `is_ignored` lets them through), each once
+when it has become stable. `file_kind()` tells the caller which is which. Any other file is left in the
+inbox with one warning. Symlinks are never reported: a link could point anywhere on the machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Literal
+
+from loguru import logger
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+
+from bgwatch.config import InboxConfig, WatchSettings
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+SIDECAR_SUFFIXES = frozenset({".yaml", ".yml"})
+RULES_FILE_NAMES = frozenset({".bgwatch.yaml", ".bgwatch.yml"})
+WORK_FOLDERS = frozenset({"done", "failed", ".bgwatch"})  # bgwatch's own, at the inbox root only
+
+FileKind = Literal["image", "sidecar", "rules"]
+
+# Names no one means as input: OS litter, NAS metadata, and copy tools' names for unfinished files.
+# Dot names cover .DS_Store, ._* (macOS), .syncthing.*.tmp, rsync's `.photo.jpg.Ab12Cd`, .nfs*.
+_LITTER = frozenset(
+    {"thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin", "system volume information", "@eadir",
+     "#recycle", "#snapshot", "lost+found"}
+)  # compared in lower case
+_TEMP_SUFFIXES = (".part", ".crdownload", ".partial", ".download", ".tmp", ".temp", ".!qb", "~")
+
+
+def is_rules_file(rel: PurePath) -> bool:
+    """A folder rule file (`.bgwatch.yaml`): a dot file that the daemon must still hear about."""
+    return rel.name in RULES_FILE_NAMES
+
+
+def is_ignored(rel: PurePath) -> bool:
+    """Whether a path relative to its inbox root is never input: hidden and dot files (not rule files),
+    copy tools' temp names, OS litter, and bgwatch's own done/, failed/ and .bgwatch/ at the root."""
+    parts = rel.parts
+    if not parts or parts[0] in WORK_FOLDERS or ".." in parts:
+        return True
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        low = part.lower()
+        if last and part in RULES_FILE_NAMES:
+            return False
+        if part.startswith((".", "~$")) or low in _LITTER:
+            return True  # hidden and dot files, Office's ~$lock files, OS and NAS litter
+        if last and low.endswith(_TEMP_SUFFIXES):
+            return True
+    return False
+
+
+def file_kind(rel: PurePath) -> FileKind | None:
+    """"rules" for `.bgwatch.yaml`, "image" or "sidecar" by suffix (any case), None for anything else."""
+    if is_rules_file(rel):
+        return "rules"
+    suffix = rel.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in SIDECAR_SUFFIXES:
+        return "sidecar"
+    return None
+
+
+# ------------------------------------------------------------------ stability
+
+
+_Signature = tuple[int, int, int]  # size, mtime_ns, ctime_ns (a rename back into the inbox changes ctime)
+
+
+@dataclass(slots=True)
+class _Entry:
+    since: float  # when the signature was last seen to change (or the file first seen)
+    sig: _Signature | None = None
+    reported: _Signature | None = None  # the signature last returned by ready()
+    active: bool = True  # stat it at the next ready(); reported files rest until hinted again
+    closed_at: float | None = None  # a close-after-write / moved-in hint, not yet contradicted
+    closed_sig: _Signature | None = None  # the signature first seen after that hint
+    closes: int = 0  # more than one close: a writer that closes between chunks; no short cut
+
+
+class StabilityTracker:
+    """Which tracked files have kept the same size and mtime for `settle_seconds` (pure logic, clock in).
+
+    A close-after-write or moved-in hint (`closed=True`) shortens the wait to `quick_seconds`, but only
+    while the file keeps the size+mtime first seen after that hint, and only for the first close: a writer
+    that closes between chunks gets the full settle time. Thread-safe: observer threads hint while the
+    caller calls ready().
+    """
+
+    def __init__(
+        self,
+        settle_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        quick_seconds: float | None = None,
+    ) -> None:
+        self.settle_seconds = float(settle_seconds)
+        self.quick_seconds = min(self.settle_seconds, 0.5) if quick_seconds is None else float(quick_seconds)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[Path, _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def hint(self, path: Path, *, closed: bool = False) -> None:
+        """Something happened to `path` (an event or a scan found it); check it at the next ready()."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is None:
+                entry = self._entries[path] = _Entry(since=now)
+            entry.active = True
+            if closed:
+                entry.closes += 1
+                entry.closed_at = now
+                entry.closed_sig = None
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._entries.pop(path, None)
+
+    def forget_under(self, folder: Path) -> None:
+        """Forget every tracked file below `folder` (it was deleted or moved away)."""
+        with self._lock:
+            for path in [p for p in self._entries if folder in p.parents]:
+                del self._entries[path]
+
+    def recheck_all(self) -> None:
+        """Stat every tracked file at the next ready(), reported ones too (they may have gone)."""
+        with self._lock:
+            for entry in self._entries.values():
+                entry.active = True
+
+    def ready(self) -> list[Path]:
+        """Files newly stable since the last call (sorted); vanished files are dropped."""
+        now = self._clock()
+        with self._lock:
+            todo = [(path, entry) for path, entry in self._entries.items() if entry.active]
+        seen: list[tuple[Path, _Entry, _Signature | None]] = []
+        for path, entry in todo:  # stat outside the lock: a share can be slow
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                seen.append((path, entry, None))
+                continue
+            except OSError as exc:  # e.g. a network share briefly away: keep it, look again later
+                logger.debug("cannot stat {}: {}", path, exc)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                seen.append((path, entry, None))
+                continue
+            seen.append((path, entry, (st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+        out: list[Path] = []
+        with self._lock:
+            for path, entry, sig in seen:
+                if self._entries.get(path) is not entry:
+                    continue  # forgotten (or forgotten and hinted anew) while we looked
+                if sig is None:
+                    del self._entries[path]
+                elif self._settled(entry, sig, now):
+                    entry.active = False
+                    if sig != entry.reported:
+                        entry.reported = sig
+                        entry.closed_at = entry.closed_sig = None
+                        entry.closes = 0
+                        out.append(path)
+        return sorted(out)
+
+    def _settled(self, entry: _Entry, sig: _Signature, now: float) -> bool:
+        if sig != entry.sig:
+            entry.sig = sig
+            entry.since = now
+        if entry.closed_at is not None:
+            if entry.closed_sig is None:
+                entry.closed_sig = sig
+            elif entry.closed_sig != sig:  # written again after its close: no short cut
+                entry.closed_at = entry.closed_sig = None
+        quiet = now - entry.since
+        if quiet >= self.settle_seconds:
+            return True
+        return (
+            entry.closed_at is not None
+            and entry.closes == 1
+            and now - max(entry.since, entry.closed_at) >= self.quick_seconds
+        )
+
+
+# ------------------------------------------------------------------ the watcher
+
+
+@dataclass(frozen=True, slots=True)
+class InboxStatus:
+    inbox: InboxConfig
+    healthy: bool
+    observer: str  # "inotify" | "polling" | "" (none running)
+    problem: str  # why it is unhealthy ("" when healthy)
+    restarts: int  # observers restarted after a failure
+    tracked: int  # files being watched for stability
+
+
+@dataclass(eq=False)
+class _Watch:
+    inbox: InboxConfig
+    root: Path
+    tracker: StabilityTracker
+    nested: tuple[Path, ...]  # roots of other inboxes inside this one: theirs, not ours
+    observer: BaseObserver | None = None
+    kind: str = ""
+    force_polling: bool = False  # inotify refused (watch or instance limits): polling instead
+    root_id: tuple[int, int] | None = None
+    root_gone: threading.Event = field(default_factory=threading.Event)
+    started_once: bool = False
+    restarts: int = 0
+    problem: str = "not started"
+    retry_at: float = 0.0
+    next_rescan: float = 0.0
+
+    def rel(self, path: Path) -> PurePath | None:
+        """Path relative to the root, or None if it is not ours to report."""
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return None
+        if is_ignored(rel) or any(n == path or n in path.parents for n in self.nested):
+            return None
+        return rel
+
+
+class _InboxEvents(FileSystemEventHandler):
+    """Turns one inbox's watchdog events into hints. Never raises: that would kill the observer thread."""
+
+    def __init__(self, watch: _Watch, rescan_dir: Callable[[_Watch, Path], None]) -> None:
+        self.watch = watch
+        self.rescan_dir = rescan_dir
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self._handle(event)
+        except Exception:  # the observer thread must survive anything; the rescan catches up
+            logger.exception("error handling {} in inbox {}; carrying on", event, self.watch.root)
+
+    def _handle(self, event: FileSystemEvent) -> None:
+        w = self.watch
+        src = Path(os.fsdecode(event.src_path)) if event.src_path else None
+        if isinstance(event, FileMovedEvent):
+            dest = Path(os.fsdecode(event.dest_path)) if event.dest_path else None
+            if src is not None:
+                w.tracker.forget(src)
+            if dest is not None and w.rel(dest) is not None:
+                w.tracker.hint(dest, closed=True)  # a rename delivers a whole file
+        elif isinstance(event, FileClosedEvent):
+            if src is not None and w.rel(src) is not None:
+                w.tracker.hint(src, closed=True)
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileAttribEvent)):
+            if src is not None and w.rel(src) is not None:
+                w.tracker.hint(src)
+        elif isinstance(event, FileDeletedEvent):
+            if src is not None:
+                w.tracker.forget(src)
+        elif isinstance(event, DirDeletedEvent):
+            if src is not None:
+                if src == w.root:
+                    w.root_gone.set()
+                w.tracker.forget_under(src)
+        elif isinstance(event, DirMovedEvent):
+            dest = Path(os.fsdecode(event.dest_path)) if event.dest_path else None
+            if src is not None:
+                if src == w.root:
+                    w.root_gone.set()
+                w.tracker.forget_under(src)
+            if dest is not None and w.rel(dest) is not None:
+                self.rescan_dir(w, dest)
+        elif isinstance(event, DirCreatedEvent) and src is not None and w.rel(src) is not None:
+            self.rescan_dir(w, src)  # files may land in it before its watch exists
+
+
+def _polling_interval(settle_seconds: float) -> float:
+    """How often a polling observer looks: discovery latency only; stability is the tracker's job."""
+    return min(max(settle_seconds / 2, 0.25), 2.0)
+
+
+def _native_observer() -> tuple[BaseObserver, str]:
+    if sys.platform.startswith("linux"):
+        from watchdog.observers.inotify import InotifyObserver
+
+        # Full events: a file moved in from outside arrives as a move (a whole file), not a create.
+        return InotifyObserver(generate_full_events=True), "inotify"
+    from watchdog.observers import Observer
+
+    return Observer(), "native"
+
+
+_INOTIFY_LIMITS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}  # watch / instance / descriptor limits
+
+
+class InboxWatcher:
+    """Watches all inboxes and reports each complete file once (see the module docstring).
+
+    `poll_ready()` and `forget()` may be called from any thread; observers run in their own threads.
+    """
+
+    RETRY_SECONDS = 1.0  # how often a missing inbox folder or a failed observer is tried again
+
+    def __init__(
+        self,
+        inboxes: Sequence[InboxConfig],
+        settings: WatchSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._pending_lock = threading.Lock()
+        self._pending_dirs: list[tuple[_Watch, Path]] = []
+        self._started = False
+        roots = [Path(os.path.abspath(inbox.path)) for inbox in inboxes]
+        self._watches = [
+            _Watch(
+                inbox=inbox,
+                root=root,
+                tracker=StabilityTracker(settings.settle_seconds, clock),
+                nested=tuple(other for other in roots if root in other.parents),
+            )
+            for inbox, root in zip(inboxes, roots, strict=True)
+        ]
+
+    # -------------------------------------------------------------- public
+
+    def start(self) -> None:
+        """Start an observer per inbox and scan each; a missing inbox is retried later, not an error."""
+        with self._lock:
+            self._started = True
+            now = self._clock()
+            for w in self._watches:
+                self._supervise(w, now)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._started = False
+            for w in self._watches:
+                self._stop_observer(w)
+                w.problem = "stopped"
+                w.retry_at = 0.0
+
+    def __enter__(self) -> InboxWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def poll_ready(self) -> list[tuple[InboxConfig, Path]]:
+        """Files that have become stable since the last call (images, sidecars, rule files), each once.
+
+        Also the supervision step: restarts dead observers, retries missing inboxes, runs due rescans.
+        """
+        with self._lock:
+            if not self._started:
+                return []
+            now = self._clock()
+            for w in self._watches:
+                self._supervise(w, now)
+                if w.observer is not None and now >= w.next_rescan:
+                    self._scan(w, w.root)
+                    w.tracker.recheck_all()
+                    w.next_rescan = now + self.settings.rescan_seconds
+            with self._pending_lock:
+                pending, self._pending_dirs = self._pending_dirs, []
+            for w, folder in pending:
+                self._scan(w, folder)
+            out: list[tuple[InboxConfig, Path]] = []
+            for w in self._watches:
+                for path in w.tracker.ready():
+                    rel = w.rel(path)
+                    if rel is None:
+                        continue
+                    if file_kind(rel) is None:
+                        logger.warning(
+                            "{}: not an image ({}) or a sidecar; left where it is",
+                            path, ", ".join(sorted(IMAGE_SUFFIXES)),
+                        )
+                        continue
+                    out.append((w.inbox, path))
+            return out
+
+    def forget(self, path: Path) -> None:
+        """The caller took `path` (claimed it) or set it aside: stop tracking it until it shows up again."""
+        path = Path(os.path.abspath(path))
+        for w in self._watches:
+            w.tracker.forget(path)
+
+    def healthy(self) -> bool:
+        """True when every inbox folder exists and has a live observer."""
+        with self._lock:
+            return self._started and all(w.observer is not None and not w.problem for w in self._watches)
+
+    def status(self) -> list[InboxStatus]:
+        with self._lock:
+            return [
+                InboxStatus(
+                    inbox=w.inbox,
+                    healthy=w.observer is not None and not w.problem,
+                    observer=w.kind if w.observer is not None else "",
+                    problem=w.problem,
+                    restarts=w.restarts,
+                    tracked=len(w.tracker),
+                )
+                for w in self._watches
+            ]
+
+    # -------------------------------------------------------------- supervision
+
+    def _observer_problem(self, w: _Watch) -> str:
+        """Why this inbox's observer needs (re)starting; "" when it is fine."""
+        obs = w.observer
+        if obs is None:
+            return w.problem or "not started"
+        if not obs.is_alive() or not obs.should_keep_running():
+            return "observer thread stopped"
+        try:
+            emitters = list(obs.emitters)
+        except RuntimeError:  # changed while we looked: look again next time
+            return ""
+        if w.root_gone.is_set() or not emitters or not all(e.is_alive() for e in emitters):
+            return "the watch on the inbox folder ended (folder deleted or moved?)"
+        try:
+            ident = _dir_identity(w.root)
+        except OSError as exc:
+            return f"inbox folder unavailable: {exc.strerror or exc}"
+        if ident != w.root_id:
+            return "inbox folder was replaced"
+        return ""
+
+    def _supervise(self, w: _Watch, now: float) -> None:
+        problem = self._observer_problem(w)
+        if not problem:
+            return
+        if w.observer is not None:
+            logger.warning("inbox {}: {}; restarting its watch", w.root, problem)
+            self._stop_observer(w)
+            w.problem = problem
+            w.retry_at = 0.0
+        if now < w.retry_at:
+            return
+        w.retry_at = now + self.RETRY_SECONDS
+        try:
+            ident = _dir_identity(w.root)
+        except OSError as exc:
+            self._set_problem(w, f"inbox folder missing or unreadable ({exc.strerror or exc}); retrying")
+            return
+        try:
+            w.observer, w.kind = self._start_observer(w)
+        except OSError as exc:
+            self._set_problem(w, f"cannot watch the inbox folder: {exc.strerror or exc}; retrying")
+            return
+        except Exception as exc:  # supervision must outlive any observer failure; it retries
+            logger.exception("inbox {}: cannot start an observer", w.root)
+            self._set_problem(w, f"cannot watch the inbox folder: {exc}; retrying")
+            return
+        w.root_id = ident
+        w.root_gone.clear()
+        if w.started_once:
+            w.restarts += 1
+            logger.info("inbox {}: watching again ({})", w.root, w.kind)
+        else:
+            logger.info("inbox {}: watching ({})", w.root, w.kind)
+        w.started_once = True
+        w.problem = ""
+        # Whatever happened while nobody watched is found by a full scan, now.
+        self._scan(w, w.root)
+        w.tracker.recheck_all()
+        w.next_rescan = now + self.settings.rescan_seconds
+
+    def _set_problem(self, w: _Watch, problem: str) -> None:
+        if problem != w.problem:
+            logger.warning("inbox {}: {}", w.root, problem)
+        w.problem = problem
+
+    def _start_observer(self, w: _Watch) -> tuple[BaseObserver, str]:
+        handler = _InboxEvents(w, self._queue_dir_scan)
+        while True:
+            if w.inbox.poll or w.force_polling:
+                from watchdog.observers.polling import PollingObserver
+
+                observer: BaseObserver = PollingObserver(
+                    timeout=_polling_interval(self.settings.settle_seconds)
+                )
+                kind = "polling"
+            else:
+                try:
+                    observer, kind = _native_observer()
+                except OSError as exc:
+                    if exc.errno not in _INOTIFY_LIMITS:
+                        raise
+                    self._fall_back_to_polling(w, exc)
+                    continue
+            try:
+                observer.schedule(handler, str(w.root), recursive=True)
+                observer.start()
+            except OSError as exc:
+                _halt(observer)
+                if kind == "polling" or exc.errno not in _INOTIFY_LIMITS:
+                    raise
+                self._fall_back_to_polling(w, exc)
+                continue
+            return observer, kind
+
+    @staticmethod
+    def _fall_back_to_polling(w: _Watch, exc: OSError) -> None:
+        logger.error(
+            "inbox {}: inotify refused ({}); polling instead. Raise fs.inotify.max_user_watches "
+            "/ max_user_instances to use inotify.", w.root, exc.strerror or exc,
+        )
+        w.force_polling = True
+
+    def _stop_observer(self, w: _Watch) -> None:
+        observer, w.observer = w.observer, None
+        if observer is not None:
+            _halt(observer)
+
+    # -------------------------------------------------------------- scanning
+
+    def _queue_dir_scan(self, w: _Watch, folder: Path) -> None:
+        with self._pending_lock:
+            self._pending_dirs.append((w, folder))
+
+    def _scan(self, w: _Watch, folder: Path) -> None:
+        """Hint every file below `folder` that is ours; unreadable subfolders are skipped with a warning."""
+        for path in _walk_files(folder, w.root, w.nested):
+            w.tracker.hint(path)
+
+
+def _halt(observer: BaseObserver) -> None:
+    """Stop an observer and wait for it briefly; it may be half-started, stopped, or dead."""
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=5)
+    except Exception:  # a broken observer must not stop the watcher from replacing it
+        logger.exception("error stopping an observer; dropping it")
+
+
+def _dir_identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path))
+    return st.st_dev, st.st_ino
+
+
+def _walk_files(folder: Path, root: Path, nested: Iterable[Path]) -> list[Path]:
+    nested = tuple(nested)
+    found: list[Path] = []
+    stack = [folder]
+    while stack:
+        here = stack.pop()
+        try:
+            entries = list(os.scandir(here))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            logger.warning("cannot list {}: {}", here, exc.strerror or exc)
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                rel = path.relative_to(root)
+            except ValueError:
+                continue
+            if is_ignored(rel) or path in nested:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                elif entry.is_file(follow_symlinks=False):
+                    found.append(path)
+            except OSError:
+                continue
+    return found
