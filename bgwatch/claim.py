@@ -226,6 +226,8 @@ class Heartbeat:
         now = self.clock()
         tmp = self.path.with_name(f".{self.host}.{os.getpid()}.tmp")
         try:
+            if not self.inbox_root.is_dir():  # an unmounted share: do not beat into its mount point
+                raise FileNotFoundError(errno.ENOENT, "inbox folder missing", str(self.inbox_root))
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(f"{now!r}\n", encoding="utf-8")
             os.utime(tmp, (now, now))

@@ -54,6 +54,19 @@ class TokenBucket:
         rate = "unlimited" if self.unlimited else f"{self.per_minute:g}/min"
         return f"<TokenBucket {rate} burst={self.burst}>"
 
+    def set_rate(self, per_minute: float) -> None:
+        """Change the rate (a config reload); waiters carry on at the new rate, or go at once if 0."""
+        if per_minute < 0:
+            raise ValueError(f"per_minute must be >= 0 (0 = unlimited), got {per_minute!r}")
+        with self._lock:
+            if self.unlimited:  # no tokens were counted while unlimited: start full
+                self._tokens = float(self.burst)
+                self._updated = self._clock()
+            else:
+                self._refill()
+            self.per_minute = float(per_minute)
+            self._rate = self.per_minute / 60.0
+
     def _refill(self) -> None:
         now = self._clock()
         elapsed = max(0.0, now - self._updated)
@@ -94,6 +107,10 @@ class TokenBucket:
         try:
             while True:
                 with self._lock:
+                    if self.unlimited:  # set_rate(0) while we waited
+                        self._queue.remove(ticket)
+                        ticket = None
+                        return True
                     self._refill()
                     position = self._queue.index(ticket)
                     if self._tokens + self._EPSILON >= position + 1:

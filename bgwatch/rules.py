@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from bgwatch.config import Config, InboxConfig
 
 BUILT_IN = "built-in default"
+OVERRIDES = "command line (--set)"
 FOLDER_FILE = ".bgwatch.yaml"
 SIDECAR_SUFFIXES = (".yaml", ".yml")
 GROUPS = ("mask", "output")
@@ -71,48 +72,46 @@ class Field:
         return _default(self.name)
 
 
-def _f(name: str, kind: str, help: str, example: Any, **extra: Any) -> Field:
-    return Field(name, kind, help, example, **extra)
-
-
 FIELDS: tuple[Field, ...] = (
-    _f("operation", "choice", "what happens to the background", "replace", choices=("cleanup", "replace")),
-    _f("mode", "choice", "cleanup: what the background becomes", "color",
-       choices=("transparent", "soften", "color")),
-    _f("background_color", "colour", "cleanup mode color and replace engine color: the fill", "#f0f0f0"),
-    _f("enhance_fg", "flag", "lift the subject's contrast (CLAHE on its lightness)", True),
-    _f("denoise", "flag", "reduce sensor noise before compositing", True),
-    _f("engine", "choice", "replace: where the new background comes from", "image",
-       choices=("sdxl", "runway", "image", "color", "gradient")),
-    _f("model", "model", f"sdxl: hub id or local folder; runway: model name; empty: {DEFAULT_SDXL_MODEL} "
-       f"(sdxl), {DEFAULT_RUNWAY_MODEL} (runway)", "stabilityai/sdxl-turbo"),
-    _f("gradient", "colours", "replace engine gradient: from, to", ["#ffffff", "#d0d8e0"]),
-    _f("gradient_direction", "choice", "replace engine gradient: its direction", "radial",
-       choices=("vertical", "horizontal", "radial")),
-    _f("prompt", "text", "sdxl, runway: the scene to generate (required for those engines)",
-       "marble countertop, soft window light"),
-    _f("negative_prompt", "text", "sdxl: what the scene must not contain", "people, text, blur"),
-    _f("steps", "int", "sdxl: denoising steps", 30, minimum=1, maximum=100),
-    _f("guidance_scale", "float", "sdxl: how closely to follow the prompt (0 for turbo/lightning models)",
-       5.0, minimum=0, maximum=20),
-    _f("seed", "seed", "sdxl, runway: generation seed; null draws one per run and records it", 42,
-       minimum=0, maximum=SEED_MAX),
-    _f("background_image", "path", "replace engine image: the backdrop file", "backdrops/oak.jpg"),
-    _f("background_fit", "choice", "replace engine image: fill and crop, or show it whole", "contain",
-       choices=("cover", "contain")),
-    _f("match_colors", "flag", "replace: shift the subject's colours toward the new light", False),
-    _f("feather_edges", "flag", "replace: soften the cut-out's edge", False),
-    _f("shadow", "flag", "replace: a soft contact shadow under the subject", True),
-    _f("mask.engine", "choice", "what cuts the subject out; auto: rembg when its weights are present, "
-       "else classical", "classical", choices=MASK_ENGINES),
-    _f("mask.model", "model", "rembg model name (weights under U2NET_HOME)", "birefnet-general"),
-    _f("mask.post_process", "flag", "remove specks and fill holes in the mask", False),
-    _f("mask.alpha_matting", "flag", "rembg alpha matting for hair and fur (slower)", True),
-    _f("output.format", "choice", "the file written to the outbox", "webp", choices=("png", "jpg", "webp")),
-    _f("output.quality", "int", "jpg and webp quality", 85, minimum=1, maximum=100),
-    _f("output.suffix", "suffix", "added to the output's name: `_cutout` makes photo_cutout.png", "_cutout"),
-    _f("require_sidecar", "flag", "images wait for their sidecar before they are taken", True),
-    _f("reprocess", "flag", "process again even when these bytes and this spec were done before", True),
+    Field("operation", "choice", "what happens to the background", "replace", choices=("cleanup", "replace")),
+    Field("mode", "choice", "cleanup: what the background becomes", "color",
+          choices=("transparent", "soften", "color")),
+    Field("background_color", "colour", "cleanup mode color and replace engine color: the fill", "#f0f0f0"),
+    Field("enhance_fg", "flag", "lift the subject's contrast (CLAHE on its lightness)", True),
+    Field("denoise", "flag", "reduce sensor noise before compositing", True),
+    Field("engine", "choice", "replace: where the new background comes from", "image",
+          choices=("sdxl", "runway", "image", "color", "gradient")),
+    Field("model", "model", f"sdxl: hub id or local folder; runway: model name; empty: {DEFAULT_SDXL_MODEL} "
+          f"(sdxl), {DEFAULT_RUNWAY_MODEL} (runway)", "stabilityai/sdxl-turbo"),
+    Field("gradient", "colours", "replace engine gradient: from, to", ["#ffffff", "#d0d8e0"]),
+    Field("gradient_direction", "choice", "replace engine gradient: its direction", "radial",
+          choices=("vertical", "horizontal", "radial")),
+    Field("prompt", "text", "sdxl, runway: the scene to generate (required for those engines)",
+          "marble countertop, soft window light"),
+    Field("negative_prompt", "text", "sdxl: what the scene must not contain", "people, text, blur"),
+    Field("steps", "int", "sdxl: denoising steps", 30, minimum=1, maximum=100),
+    Field("guidance_scale", "float", "sdxl: how closely to follow the prompt (0 for turbo/lightning models)",
+          5.0, minimum=0, maximum=20),
+    Field("seed", "seed", "sdxl, runway: generation seed; null draws one per run and records it", 42,
+          minimum=0, maximum=SEED_MAX),
+    Field("background_image", "path", "replace engine image: the backdrop file", "backdrops/oak.jpg"),
+    Field("background_fit", "choice", "replace engine image: fill and crop, or show it whole", "contain",
+          choices=("cover", "contain")),
+    Field("match_colors", "flag", "replace: shift the subject's colours toward the new light", False),
+    Field("feather_edges", "flag", "replace: soften the cut-out's edge", False),
+    Field("shadow", "flag", "replace: a soft contact shadow under the subject", True),
+    Field("mask.engine", "choice", "what cuts the subject out; auto: rembg when its weights are present, "
+          "else classical", "classical", choices=MASK_ENGINES),
+    Field("mask.model", "model", "rembg model name (weights under U2NET_HOME)", "birefnet-general"),
+    Field("mask.post_process", "flag", "remove specks and fill holes in the mask", False),
+    Field("mask.alpha_matting", "flag", "rembg alpha matting for hair and fur (slower)", True),
+    Field("output.format", "choice", "the file written to the outbox", "webp",
+          choices=("png", "jpg", "webp")),
+    Field("output.quality", "int", "jpg and webp quality", 85, minimum=1, maximum=100),
+    Field("output.suffix", "suffix", "added to the output's name: `_cutout` makes photo_cutout.png",
+          "_cutout"),
+    Field("require_sidecar", "flag", "images wait for their sidecar before they are taken", True),
+    Field("reprocess", "flag", "process again even when these bytes and this spec were done before", True),
 )
 FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 _TOP_NAMES = sorted([f.name for f in FIELDS if "." not in f.name] + list(GROUPS))
@@ -165,6 +164,26 @@ def validate_fragment(data: Any, source: str, *, trusted: bool) -> dict[str, Any
             raise _unknown(source, key, "")
         out[key] = _check(field, value, source, trusted)
     return out
+
+
+def validate_fragment_all(data: Any, source: str, *, trusted: bool) -> list[SpecError]:
+    """Every problem in a fragment, not just the first (for `bgwatch validate`); [] when it is valid."""
+    try:
+        validate_fragment(data, source, trusted=trusted)
+    except SpecError as first:
+        if not isinstance(data, Mapping):
+            return [first]
+    else:
+        return []
+    errors = []
+    for key, value in data.items():
+        nested = key in GROUPS and isinstance(value, Mapping)
+        for part in [{key: {sub: v}} for sub, v in value.items()] if nested else [{key: value}]:
+            try:
+                validate_fragment(part, source, trusted=trusted)
+            except SpecError as exc:
+                errors.append(exc)
+    return errors
 
 
 def _unknown(source: str, key: Any, group: str) -> SpecError:
@@ -231,15 +250,11 @@ def _number(field: Field, value: Any, source: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         noun = "a whole number" if whole else "a number"
         raise SpecError(source, key, f"must be {noun}, got {value!r}", allowed)
-    if whole:
-        if isinstance(value, float) and not value.is_integer():
-            raise SpecError(source, key, f"must be a whole number, got {value!r}", allowed)
-        value = int(value)
-    else:
-        value = float(value)
+    if whole and isinstance(value, float) and not value.is_integer():
+        raise SpecError(source, key, f"must be a whole number, got {value!r}", allowed)
     if lo is not None and hi is not None and not lo <= value <= hi:
         raise SpecError(source, key, f"{value!r} is out of range", allowed)
-    return value
+    return int(value) if whole else float(value)
 
 
 def _choice(field: Field, value: Any, source: str) -> str:
@@ -337,12 +352,7 @@ def _is_file_or_link(path: Path) -> bool:
 # ---------------------------------------------------------------- resolving
 
 
-class _Auto:
-    def __repr__(self) -> str:
-        return "AUTO"
-
-
-AUTO: Any = _Auto()  # resolve(sidecar=AUTO): look the sidecar up beside the image
+AUTO: Any = object()  # resolve(sidecar=AUTO): look the sidecar up beside the image
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,12 +363,14 @@ class _Layer:
     base: Path  # what relative paths in this layer are relative to
 
 
-def resolve(image: Path, inbox: InboxConfig, config: Config, *, sidecar: Path | None = AUTO) -> ResolvedSpec:
+def resolve(image: Path, inbox: InboxConfig, config: Config, *, sidecar: Path | None = AUTO,
+            overrides: Mapping[str, Any] | None = None) -> ResolvedSpec:
     """The JobSpec for `image` (its path as dropped, inside inbox.path; it may since have been claimed).
 
     Folder files are read from the inbox tree along the image's original path. `sidecar`: AUTO looks it
     up beside `image`; None means none; a Path (e.g. the claimed sidecar) is read from there but named
-    in sources and errors as the file beside the image that the user dropped.
+    in sources and errors as the file beside the image that the user dropped. `overrides` (`bgwatch
+    process --set`, the operator's: trusted, paths relative to the working folder) go over everything.
     """
     image = Path(image)
     root = Path(os.path.abspath(inbox.path))
@@ -371,12 +383,14 @@ def resolve(image: Path, inbox: InboxConfig, config: Config, *, sidecar: Path | 
         if os.path.lexists(folder / FOLDER_FILE):
             label = str(Path(inbox.path).joinpath(*parts[:depth], FOLDER_FILE))
             layers.append(_Layer(label, _read_untrusted(folder / FOLDER_FILE, label, root), False, folder))
-    if isinstance(sidecar, _Auto):
+    if sidecar is AUTO:
         sidecar = find_sidecar(image)
     if sidecar is not None:
         sidecar = Path(sidecar)
         label = str(Path(inbox.path).joinpath(*rel.parent.parts, sidecar.name))
         layers.append(_Layer(label, _read_untrusted(sidecar, label, root), False, image_dir))
+    if overrides:
+        layers.append(_Layer(OVERRIDES, overrides, True, Path.cwd()))
 
     values = {f.name: f.default for f in FIELDS}
     sources = dict.fromkeys(values, BUILT_IN)
@@ -450,6 +464,17 @@ def _check_merged(values: dict[str, Any], sources: dict[str, str], order: dict[s
     if values["background_image"]:
         values["background_image"] = _backdrop(values["background_image"], origin["background_image"], root,
                                                must_exist=replace and engine == "image")
+    untrusted = [origin[k] for k in ("operation", "engine") if k in origin and not origin[k].trusted]
+    if replace and engine in GENERATIVE_ENGINES and untrusted:
+        engine_layer = untrusted[-1]
+        # Generation costs GPU time or cloud credit: only the operator may turn it on for an inbox.
+        configured = {v for fragment in (config.defaults, inbox.rules) for k, v in _flatten(fragment)
+                      if k == "engine"}
+        if engine not in configured:
+            raise SpecError(engine_layer.label, "engine",
+                            f"{engine!r} is not an engine this inbox allows; sidecars and folder files may "
+                            "name image, color, gradient, or a generative engine the inbox's rules already use",
+                            ", ".join(sorted({"image", "color", "gradient"} | configured)))
     for key in ("model", "mask.model"):
         layer = origin.get(key)
         if layer is None or layer.trusted:
@@ -514,6 +539,15 @@ _TYPES = {"choice": "one of", "flag": "true/false", "int": "whole number", "floa
 
 def _num(value: float | None) -> str:
     return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
+def format_explanation(resolved: ResolvedSpec) -> str:
+    """`bgwatch explain`: every key, its resolved value and where that value came from."""
+    rows = [(key, _yaml_value(value), source) for key, value, source in resolved.describe()]
+    width = max(len(value) for _, value, _ in rows if len(value) <= 40)
+    lines = [f"{'key':20} {'value':{width}}  from"]
+    lines += [f"{key:20} {value:{width}}  {source}" for key, value, source in rows]
+    return "\n".join(lines)
 
 
 def _yaml_value(value: Any) -> str:

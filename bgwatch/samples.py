@@ -16,6 +16,7 @@ import numpy as np
 
 BACKDROPS = ("white_sweep", "grey_paper", "gradient", "vignette")
 PRODUCTS = ("bottle", "box", "mug", "sphere", "shoe")
+_TALLNESS = {"bottle": 2.6, "box": 1.6, "mug": 1.1, "sphere": 1.2, "shoe": 0.8}  # height / unit, at most
 
 # Product paints (sRGB). A grey in the middle of the tonal range is left out on purpose: on a neutral
 # backdrop it reads exactly like a shadow, which no colour-based cut (nor a retoucher's eye) can tell apart.
@@ -47,7 +48,7 @@ def studio_shot(seed: int, size: tuple[int, int] = (1024, 1024), backdrop: str |
 
     bg = _backdrop(kind, width, height, rng)
     bg_mean = bg.reshape(-1, 3).mean(axis=0)
-    scene = _Scene(height, width, rng)
+    scene = _Scene(height, width, rng, bg_mean)
     floor = height * rng.uniform(0.74, 0.9)
     count = int(rng.choice([1, 1, 1, 2, 2, 3]))
     # Spread the products across the frame; neighbours may overlap a little.
@@ -60,7 +61,9 @@ def studio_shot(seed: int, size: tuple[int, int] = (1024, 1024), backdrop: str |
         product = PRODUCTS[int(rng.integers(len(PRODUCTS)))]
         paint = _paint_for(bg_mean, rng)
         base_y = floor + rng.uniform(-0.02, 0.02) * height + i * 0.01 * height
-        getattr(scene, product)(cx * width, base_y, unit * rng.uniform(0.8, 1.1), paint)
+        # A product shot never crops the product: tall ones are scaled to leave headroom.
+        size_unit = min(unit * rng.uniform(0.8, 1.1), (base_y - 0.08 * height) / _TALLNESS[product])
+        getattr(scene, product)(cx * width, base_y, size_unit, paint)
 
     shadow = scene.shadow_map()
     image = bg * (1.0 - shadow[..., None])
@@ -163,8 +166,9 @@ _LIGHT /= np.linalg.norm(_LIGHT)
 class _Scene:
     """Products composited back to front; remembers coverage (alpha) and where the shadows fall."""
 
-    def __init__(self, height: int, width: int, rng: np.random.Generator) -> None:
+    def __init__(self, height: int, width: int, rng: np.random.Generator, backdrop_mean: np.ndarray) -> None:
         self.h, self.w, self.rng = height, width, rng
+        self.backdrop_mean = backdrop_mean
         self.alpha = np.zeros((height, width), np.float32)
         self.colour = np.zeros((height, width, 3), np.float32)  # premultiplied
         self.contacts: list[tuple[float, float, float]] = []  # (x, y, half-width) where products touch down
@@ -219,6 +223,17 @@ class _Scene:
         t = np.linspace(t0, t1, n)
         return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
 
+    def _accent(self, paint: np.ndarray) -> np.ndarray:
+        """A label or print colour. A white label running to the product's edge on a white backdrop has no
+        edge a colour-based cut could find (rembg models do better there), so it only appears where the
+        backdrop is darker."""
+        cream = np.array((238, 234, 222), np.float32)
+        if float(self.backdrop_mean.mean()) < 195 and paint.mean() < 150:
+            return cream
+        if paint.mean() > 120:
+            return paint * 0.35
+        return _paint_for(self.backdrop_mean, self.rng)
+
     def _touch_down(self, x: float, y: float, half: float, cover: np.ndarray) -> None:
         self.contacts.append((x, y, half))
         np.maximum(self.silhouettes, cover.astype(np.float32) / 255.0, out=self.silhouettes)
@@ -258,7 +273,7 @@ class _Scene:
         if rng.random() < 0.7:
             ly0, ly1 = base - body_h * 0.75, base - body_h * 0.3
             label = np.array([[x - half, ly0], [x + half, ly0], [x + half, ly1], [x - half, ly1]])
-            label_paint = np.array((238, 234, 222), np.float32) if paint.mean() < 140 else paint * 0.35
+            label_paint = self._accent(paint)
             self._paint(self._coverage([label]), shade, label_paint, gloss * 0.2)
         self._touch_down(x, base, half, np.maximum(cover, cap_cover))
 
@@ -279,7 +294,7 @@ class _Scene:
         if rng.random() < 0.6:  # a printed band across the front
             by = base - h * rng.uniform(0.35, 0.6)
             band = np.array([[x0, by], [x1, by], [x1, by + h * 0.12], [x0, by + h * 0.12]])
-            band_paint = np.array((240, 238, 230), np.float32) if paint.mean() < 150 else paint * 0.3
+            band_paint = self._accent(paint)
             self._paint(self._coverage([band]), grad, band_paint)
         self._touch_down(x - dx / 2 + dx / 2, base - dy / 3, w / 2 + dx / 2,
                          self._coverage([front, side, top]))

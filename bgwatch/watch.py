@@ -10,7 +10,7 @@ folder was deleted, moved or replaced, is restarted by the next `poll_ready()`. 
 retried there too and reported by `healthy()`; it never raises.
 
 What `poll_ready()` reports: images (IMAGE_SUFFIXES), sidecars (SIDECAR_SUFFIXES) and folder rule files
-(`.bgwatch.yaml`, `.bgwatch.yml`; these are dot files, but `is_ignored` lets them through), each once
+(`.bgwatch.yaml`: a dot file, but `is_ignored` lets them through), each once
 when it has become stable. `file_kind()` tells the caller which is which. Any other file is left in the
 inbox with one warning. Symlinks are never reported: a link could point anywhere on the machine.
 """
@@ -42,13 +42,13 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from bgwatch.config import InboxConfig, WatchSettings
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
 SIDECAR_SUFFIXES = frozenset({".yaml", ".yml"})
-RULES_FILE_NAMES = frozenset({".bgwatch.yaml", ".bgwatch.yml"})
+RULES_FILE_NAMES = frozenset({".bgwatch.yaml"})  # rules.FOLDER_FILE
 WORK_FOLDERS = frozenset({"done", "failed", ".bgwatch"})  # bgwatch's own, at the inbox root only
 
 FileKind = Literal["image", "sidecar", "rules"]
@@ -138,6 +138,11 @@ class StabilityTracker:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def pending(self) -> int:
+        """Tracked files whose current state ready() has not settled yet."""
+        with self._lock:
+            return sum(1 for entry in self._entries.values() if entry.active)
 
     def hint(self, path: Path, *, closed: bool = False) -> None:
         """Something happened to `path` (an event or a scan found it); check it at the next ready()."""
@@ -242,6 +247,8 @@ class _Watch:
     tracker: StabilityTracker
     nested: tuple[Path, ...]  # roots of other inboxes inside this one: theirs, not ours
     observer: BaseObserver | None = None
+    handler: FileSystemEventHandler | None = None
+    observed: ObservedWatch | None = None
     kind: str = ""
     force_polling: bool = False  # inotify refused (watch or instance limits): polling instead
     root_id: tuple[int, int] | None = None
@@ -426,6 +433,14 @@ class InboxWatcher:
         for w in self._watches:
             w.tracker.forget(path)
 
+    def settled(self) -> bool:
+        """Nothing is waiting to become stable: all that the scans and events found has been reported.
+
+        (A missing inbox holds nothing to wait for.) `run --once` stops when this and the rest are idle.
+        """
+        with self._lock:
+            return self._started and all(w.tracker.pending() == 0 for w in self._watches)
+
     def healthy(self) -> bool:
         """True when every inbox folder exists and has a live observer."""
         with self._lock:
@@ -532,7 +547,8 @@ class InboxWatcher:
                     self._fall_back_to_polling(w, exc)
                     continue
             try:
-                observer.schedule(handler, str(w.root), recursive=True)
+                w.handler = handler
+                w.observed = observer.schedule(handler, str(w.root), recursive=True)
                 observer.start()
             except OSError as exc:
                 _halt(observer)

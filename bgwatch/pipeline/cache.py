@@ -1,0 +1,223 @@
+"""The generated-background cache: PNG files in state_dir/cache, one row each in the backgrounds table.
+
+A generated backdrop costs GPU seconds or cloud credits, so the same request (same engine, model,
+prompt, seed, size, steps, guidance, scheduler — BackgroundRequest.cache_key) is generated once and then
+read back. A hit costs no generation and no rate-limit token: `before_generate` (the caller's token-bucket
+acquire) runs only on a miss. Concurrent callers with the same key wait for the one that generates
+(single flight). The folder is bounded by a size cap, evicting the least recently used. A request whose
+seed was drawn for the run is neither served from nor stored in the cache: nobody will ask for it again.
+
+Files are written first (temp name, fsync, rename) and rows second, so a crash leaves at most an orphan
+file, which prune() removes; a row whose file vanished is a miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from loguru import logger
+
+if TYPE_CHECKING:
+    from bgwatch.pipeline.backgrounds import BackgroundRequest
+    from bgwatch.store import Store
+
+PNG_LEVEL = 1  # OFFLINE.md: level 6 costs 4x the time for ~10% less disk
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBackground:
+    """One row of `bgwatch cache ls`."""
+
+    key: str
+    engine: str
+    model: str
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    bytes: int
+    hits: int
+    created_at: float
+    last_used_at: float
+    path: Path
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> CachedBackground:
+        return cls(
+            key=row["key"], engine=row["engine"] or "", model=row["model"] or "", prompt=row["prompt"] or "",
+            seed=int(row["seed"] or 0), width=int(row["width"] or 0), height=int(row["height"] or 0),
+            bytes=int(row["bytes"] or 0), hits=int(row["hits"] or 0), created_at=float(row["created_at"] or 0),
+            last_used_at=float(row["last_used_at"] or 0), path=Path(row["path"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    removed: int  # backgrounds (rows) removed
+    freed_bytes: int
+    orphans: int = 0  # files with no row (an interrupted write), removed
+
+
+class BackgroundCache:
+    """Generated backdrops by request key, bounded to max_bytes (least recently used go first)."""
+
+    def __init__(self, store: Store, cache_dir: Path, max_bytes: int) -> None:
+        self.store = store
+        self.cache_dir = Path(cache_dir)
+        self.max_bytes = int(max_bytes)
+        self._guard = threading.Lock()
+        self._inflight: dict[str, list[Any]] = {}  # key -> [lock, number of callers holding/awaiting it]
+        self._evict_lock = threading.Lock()
+
+    # ------------------------------------------------------------ the one entry point
+
+    def get_or_render(
+        self,
+        request: BackgroundRequest,
+        render: Callable[[], np.ndarray],
+        before_generate: Callable[[], object] | None = None,
+    ) -> tuple[np.ndarray, bool]:
+        """(backdrop, hit). render() runs only on a miss, after before_generate() (which may raise to
+        abort, e.g. when the daemon is stopping)."""
+        if not request.cacheable:
+            if before_generate is not None:
+                before_generate()
+            return render(), False
+        key = request.cache_key()
+        with self._single_flight(key):
+            cached = self._read(key, request)
+            if cached is not None:
+                self.store.touch_background(key)
+                return cached, True
+            if before_generate is not None:
+                before_generate()
+            image = render()
+            self._write(key, request, image)
+        self._evict(self.max_bytes)
+        return image, False
+
+    @contextlib.contextmanager
+    def _single_flight(self, key: str) -> Iterator[None]:
+        with self._guard:
+            entry = self._inflight.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._inflight[key]
+
+    # ------------------------------------------------------------ files and rows
+
+    def _read(self, key: str, request: BackgroundRequest) -> np.ndarray | None:
+        import cv2
+
+        row = self.store.get_background(key)
+        if row is None:
+            return None
+        path = Path(row["path"])
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+        if bgr is None or bgr.shape[:2] != (request.height, request.width):
+            logger.warning("cache: background {} is missing or unreadable; generating it again", key[:12])
+            self.store.delete_background(key)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        return np.ascontiguousarray(bgr[:, :, ::-1])
+
+    def _write(self, key: str, request: BackgroundRequest, image: np.ndarray) -> None:
+        import cv2
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        path = self.cache_dir / f"{key}.png"
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]),
+                                   [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+        if not ok:
+            logger.warning("cache: cannot encode background {}; not cached", key[:12])
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=self.cache_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(encoded.tobytes())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            logger.warning("cache: cannot write {}: {}; not cached", path, exc.strerror)
+            return
+        self.store.put_background({
+            "key": key, "engine": request.engine, "model": request.model, "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt, "seed": request.seed, "width": request.width,
+            "height": request.height, "steps": request.steps, "guidance_scale": request.guidance_scale,
+            "path": str(path), "bytes": len(encoded), "hits": 0,
+        })
+
+    def _remove(self, row: dict[str, Any]) -> int:
+        self.store.delete_background(row["key"])
+        with contextlib.suppress(OSError):
+            Path(row["path"]).unlink()
+        return int(row["bytes"] or 0)
+
+    def _evict(self, max_bytes: int) -> PruneResult:
+        removed = freed = 0
+        with self._evict_lock:
+            total = self.store.backgrounds_total_bytes()
+            if total <= max_bytes:
+                return PruneResult(0, 0)
+            for row in self.store.lru_backgrounds():
+                if total <= max_bytes:
+                    break
+                size = self._remove(row)
+                total -= size
+                freed += size
+                removed += 1
+        if removed:
+            logger.info("cache: evicted {} background(s), {} bytes (cap {} bytes)", removed, freed, max_bytes)
+        return PruneResult(removed, freed)
+
+    # ------------------------------------------------------------ bgwatch cache ls | prune | clear
+
+    def ls(self) -> list[CachedBackground]:
+        """Most recently used first."""
+        return [CachedBackground.from_row(row) for row in self.store.list_backgrounds()]
+
+    def total_bytes(self) -> int:
+        return self.store.backgrounds_total_bytes()
+
+    def prune(self, max_bytes: int | None = None) -> PruneResult:
+        """Drop rows whose file vanished and files with no row, then evict down to max_bytes
+        (the configured cap when None)."""
+        removed = freed = 0
+        known: set[str] = set()
+        for row in self.store.lru_backgrounds():
+            if Path(row["path"]).is_file():
+                known.add(Path(row["path"]).name)
+            else:
+                self.store.delete_background(row["key"])
+                removed += 1
+        orphans = 0
+        if self.cache_dir.is_dir():
+            for path in self.cache_dir.iterdir():
+                if path.is_file() and path.suffix == ".png" and path.name not in known:
+                    freed += path.stat().st_size
+                    path.unlink(missing_ok=True)
+                    orphans += 1
+        evicted = self._evict(self.max_bytes if max_bytes is None else int(max_bytes))
+        return PruneResult(removed + evicted.removed, freed + evicted.freed_bytes, orphans)
+
+    def clear(self) -> PruneResult:
+        """Remove every cached background."""
+        return self.prune(max_bytes=0)
