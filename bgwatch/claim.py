@@ -117,6 +117,8 @@ def _move_to_free_name(src: Path, target: Path, *, own_destination: bool = False
     for n in range(1, _MAX_NAME_TRIES + 1):
         candidate = numbered_name(target, n)
         for _ in range(3):  # a parent folder removed under us by a concurrent clean-up: make it again
+            if not os.path.lexists(src):
+                return None  # gone already: make no folders (the share may have gone with it)
             candidate.parent.mkdir(parents=True, exist_ok=True)
             try:
                 rename_noreplace(src, candidate)

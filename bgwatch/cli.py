@@ -60,13 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         progress = tqdm(desc="bgwatch", unit="img", file=sys.stderr, disable=args.no_progress)
-    daemon = Daemon(config, once=args.once, on_result=(lambda _r: progress.update(1)) if progress else None)
+    daemon = Daemon(config, once=args.once, on_result=(lambda _r: progress.update(1)) if progress is not None else None)
     daemon.install_signal_handlers()
     code = daemon.run()
     if progress is not None:
         progress.close()
         from bgwatch.report import print_results
-
         from bgwatch.store import Store
 
         store = Store(config.db_path)

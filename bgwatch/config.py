@@ -76,7 +76,7 @@ class RunwaySettings:
             try:
                 return self.api_key_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(self.api_key_file, "runway.api_key_file", f"cannot read: {exc.strerror}")
+                raise ConfigError(self.api_key_file, "runway.api_key_file", f"cannot read: {exc.strerror}") from None
         return ""
 
 
@@ -324,6 +324,9 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         inboxes=tuple(inboxes),
     )
     top.finish()
+    if not config.host or config.host.startswith(".") or any(c in config.host for c in "/\\\0"):
+        raise ConfigError(where, "host", f"{config.host!r} cannot name a claim folder",
+                          "a name without '/', '\\' or a leading '.'")
     _check_inboxes(config, where)
     return apply_env(config, env)
 

@@ -15,6 +15,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,10 +25,10 @@ from typing import Any
 
 from loguru import logger
 
-from bgwatch import claim, outbox
+from bgwatch import outbox
 from bgwatch.config import Config, InboxConfig, load_config
 from bgwatch.errors import BgwatchError
-from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
+from bgwatch.jobs import Job, JobSpec, JobState, RunResult
 from bgwatch.pipeline import stages
 from bgwatch.ratelimit import TokenBucket
 from bgwatch.store import Store
@@ -249,6 +250,9 @@ class Daemon:
             logger.warning("state_dir changes need a restart; keeping {}", self.config.state_dir)
             new = replace(new, state_dir=self.config.state_dir)
         old_inboxes = [(ib.path, ib.poll) for ib in self.config.inboxes]
+        if (new.sdxl, new.device, new.runway) != (self.config.sdxl, self.config.device, self.config.runway) and (
+                "bgwatch.pipeline.backgrounds" in sys.modules):
+            sys.modules["bgwatch.pipeline.backgrounds"].unload_background_engines()  # frees the GPU
         self.config = new
         self.engines.config = new
         self.job_bucket.set_rate(new.limits.jobs_per_minute)
@@ -298,6 +302,11 @@ class Daemon:
         try:
             work()
         except BgwatchError as exc:
+            if self.abort_event.is_set():  # stopping: the row stays open and the next start takes it again
+                logger.warning("run {}: interrupted by shutdown; it will be taken again at the next start",
+                               job.run_id)
+                self._done_with(job.run_id)
+                return
             self.intake.fail(job, str(exc))
         except MemoryError:
             self.intake.fail(job, "out of memory while processing this image; try a smaller image")

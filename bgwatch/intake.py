@@ -18,7 +18,7 @@ from loguru import logger
 from bgwatch import claim, outbox, rules
 from bgwatch.config import InboxConfig
 from bgwatch.errors import BgwatchError, SpecError
-from bgwatch.jobs import Job, JobState, RunResult, job_key
+from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
 from bgwatch.watch import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, InboxWatcher
 
 if TYPE_CHECKING:
@@ -234,19 +234,29 @@ class Intake:
         if claimed_sidecar is not None:
             self.sidecar_of[run_id] = claimed_sidecar
         if earlier is not None:
-            store.finish_run(run_id, JobState.SKIPPED, output_path=earlier["output_path"],
+            output = self._deliver_earlier(inbox, rel, spec, Path(earlier["output_path"]))
+            store.finish_run(run_id, JobState.SKIPPED, output_path=str(output),
                              error=f"same image and spec as run {earlier['id']}")
-            logger.info("{}: unchanged since run {}, skipped (output {})", rel, earlier["id"],
-                        earlier["output_path"])
+            logger.info("{}: same image and spec as run {}, skipped (output {})", rel, earlier["id"], output)
             self._dispose_original(inbox, claimed, rel, run_id)
-            self.d.results.append(RunResult(run_id, JobState.SKIPPED, Path(earlier["output_path"])))
-            if self.d.on_result is not None:
-                self.d.on_result(self.d.results[-1])
+            self.d.record(RunResult(run_id, JobState.SKIPPED, output))
             return run_id
         logger.info("{}: queued as run {} ({} {})", rel, run_id, spec.operation,
                     spec.mode if spec.operation == "cleanup" else spec.engine)
         self.d.enqueue(run_id)
         return run_id
+
+    def _deliver_earlier(self, inbox: InboxConfig, rel: str, spec: JobSpec, earlier: Path) -> Path:
+        """No second inference; but an input dropped under another name still finds its output there."""
+        from bgwatch.pipeline.imageio import output_extension
+
+        target = self.d.outbox.reserve(inbox.outbox, rel, spec.output.suffix, output_extension(spec.output))
+        try:
+            if target != earlier:
+                outbox.atomic_write(target, earlier.read_bytes())
+        finally:
+            self.d.outbox.release(target)
+        return target
 
     # ------------------------------------------------------------------ endings
 

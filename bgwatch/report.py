@@ -39,5 +39,6 @@ def print_history(rows: Sequence[dict[str, Any]]) -> None:
     for row in rows:
         engines = (row.get("mask_engine") or "") + (f" + {row['bg_engine']}" if row.get("bg_engine") else "")
         result = row.get("output_path") if row["status"] in ("done", "skipped") else row.get("error")
-        print(f"{row['id']:>5}  {row['status']:7}  {_short(row['inbox'].rsplit('/', 1)[-1] + '/' + row['rel_path'], 36):36}"
+        where = row["inbox"].rsplit("/", 1)[-1] + "/" + row["rel_path"]
+        print(f"{row['id']:>5}  {row['status']:7}  {_short(where, 36):36}"
               f"  {_short(engines, 28):28}  {(result or '').splitlines()[0] if result else ''}")

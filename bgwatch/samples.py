@@ -17,6 +17,7 @@ import numpy as np
 BACKDROPS = ("white_sweep", "grey_paper", "gradient", "vignette")
 PRODUCTS = ("bottle", "box", "mug", "sphere", "shoe")
 _TALLNESS = {"bottle": 2.6, "box": 1.6, "mug": 1.1, "sphere": 1.2, "shoe": 0.8}  # height / unit, at most
+_WIDTH = {"bottle": 0.8, "box": 1.5, "mug": 1.25, "sphere": 1.2, "shoe": 1.8}
 
 # Product paints (sRGB). A grey in the middle of the tonal range is left out on purpose: on a neutral
 # backdrop it reads exactly like a shadow, which no colour-based cut (nor a retoucher's eye) can tell apart.
@@ -32,6 +33,7 @@ class StudioShot:
     rgb: np.ndarray  # HxWx3 uint8
     mask: np.ndarray  # HxW float32 in [0, 1]: the products only, never their shadows
     backdrop: str  # one of BACKDROPS
+    shadow: np.ndarray | None = None  # HxW float32: share of the backdrop's light the shadows take away
 
 
 def studio_shot(seed: int, size: tuple[int, int] = (1024, 1024), backdrop: str | None = None) -> StudioShot:
@@ -62,7 +64,9 @@ def studio_shot(seed: int, size: tuple[int, int] = (1024, 1024), backdrop: str |
         paint = _paint_for(bg_mean, rng)
         base_y = floor + rng.uniform(-0.02, 0.02) * height + i * 0.01 * height
         # A product shot never crops the product: tall ones are scaled to leave headroom.
-        size_unit = min(unit * rng.uniform(0.8, 1.1), (base_y - 0.08 * height) / _TALLNESS[product])
+        room = min(cx, 1 - cx) * width * 2 * 0.92
+        size_unit = min(unit * rng.uniform(0.8, 1.1), (base_y - 0.08 * height) / _TALLNESS[product],
+                        room / _WIDTH[product])
         getattr(scene, product)(cx * width, base_y, size_unit, paint)
 
     shadow = scene.shadow_map()
@@ -75,7 +79,9 @@ def studio_shot(seed: int, size: tuple[int, int] = (1024, 1024), backdrop: str |
     noise += rng.standard_normal((height, width, 1), dtype=np.float32) * noise_sigma
     image += noise * np.sqrt(np.clip(image, 16, 255) / 128.0)
     rgb = np.clip(image + 0.5, 0, 255).astype(np.uint8)
-    return StudioShot(rgb=rgb, mask=np.clip(scene.alpha, 0, 1).astype(np.float32), backdrop=kind)
+    visible_shadow = (shadow * (1.0 - scene.alpha)).astype(np.float32)
+    return StudioShot(rgb=rgb, mask=np.clip(scene.alpha, 0, 1).astype(np.float32), backdrop=kind,
+                      shadow=visible_shadow)
 
 
 def write_samples(
@@ -262,9 +268,9 @@ class _Scene:
         shade, gloss = self._cylinder_shade(x, half, 0.55)
         self._paint(cover, shade, paint, gloss)
         cap_h = neck_h * 0.55
-        cap = np.array([[x - neck * 1.18, top - shoulder - neck_h - cap_h], [x + neck * 1.18, top - shoulder - neck_h - cap_h],
-                        [x + neck * 1.18, top - shoulder - neck_h + cap_h * 0.4],
-                        [x - neck * 1.18, top - shoulder - neck_h + cap_h * 0.4]])
+        lip = top - shoulder - neck_h
+        cap = np.array([[x - neck * 1.18, lip - cap_h], [x + neck * 1.18, lip - cap_h],
+                        [x + neck * 1.18, lip + cap_h * 0.4], [x - neck * 1.18, lip + cap_h * 0.4]])
         cap_cover = self._coverage([cap])
         cap_paint = np.array(_PAINTS[int(rng.integers(len(_PAINTS)))], np.float32) * 0.6 + 20
         cshade, cgloss = self._cylinder_shade(x, neck * 1.18, 0.3)
@@ -286,7 +292,7 @@ class _Scene:
         front = np.array([[x0, base - h], [x1, base - h], [x1, base], [x0, base]])
         side = np.array([[x1, base - h], [x1 + dx, base - h - dy], [x1 + dx, base - dy], [x1, base]])
         top = np.array([[x0, base - h], [x0 + dx, base - h - dy], [x1 + dx, base - h - dy], [x1, base - h]])
-        yy, xx = self._grid()
+        yy, _ = self._grid()
         grad = 0.86 + 0.1 * np.clip((base - yy) / max(h, 1), 0, 1)
         self._paint(self._coverage([front]), grad, paint)
         self._paint(self._coverage([side]), grad * 0.62, paint)
@@ -317,7 +323,7 @@ class _Scene:
         handle = self._coverage([outer], [inner])
         body_cover = self._coverage([body])
         handle[body_cover > 0] = 0  # the handle sits behind the body's edge
-        yy, xx = self._grid()
+        yy, _ = self._grid()
         hshade = 0.45 + 0.5 * np.clip(1 - np.abs(yy - hy) / (h * 0.35), 0, 1)
         self._paint(handle, hshade, paint)
         shade, gloss = self._cylinder_shade(x, half, 0.45)
@@ -354,8 +360,8 @@ class _Scene:
         profile *= np.sqrt(np.clip(t / 0.06, 0, 1)) * np.sqrt(np.clip((1 - t) / 0.1, 0, 1)) * 0.3 + 0.7
         top_y = base - sole - height * profile
         xs = x + flip * (t - 0.5) * length
-        upper = np.concatenate([np.stack([xs, top_y], 1),
-                                [[x + flip * 0.5 * length, base - sole], [x - flip * 0.5 * length, base - sole]]])
+        toe, heel = x + flip * 0.5 * length, x - flip * 0.5 * length
+        upper = np.concatenate([np.stack([xs, top_y], 1), [[toe, base - sole], [heel, base - sole]]])
         sole_poly = np.array([[x - length * 0.52, base - sole * 1.4], [x + length * 0.52, base - sole * 1.4],
                               [x + length * 0.5, base], [x - length * 0.5, base]])
         cover = self._coverage([upper])

@@ -100,7 +100,9 @@ def file_kind(rel: PurePath) -> FileKind | None:
 # ------------------------------------------------------------------ stability
 
 
-_Signature = tuple[int, int, int]  # size, mtime_ns, ctime_ns (a rename back into the inbox changes ctime)
+# size and mtime_ns, plus: ctime_ns (a claim renamed back into the inbox is new again) and st_blocks (a
+# Samba share may show a file at full size with a frozen mtime while its blocks are still being filled).
+_Signature = tuple[int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -112,10 +114,13 @@ class _Entry:
     closed_at: float | None = None  # a close-after-write / moved-in hint, not yet contradicted
     closed_sig: _Signature | None = None  # the signature first seen after that hint
     closes: int = 0  # more than one close: a writer that closes between chunks; no short cut
+    checked: float = float("-inf")  # when it was last stat'ed (-inf: at the next ready(), whatever the time)
 
 
 class StabilityTracker:
-    """Which tracked files have kept the same size and mtime for `settle_seconds` (pure logic, clock in).
+    """Which tracked files have kept the same size and mtime (and ctime, blocks) for `settle_seconds`.
+
+    Pure logic with the clock passed in; it only stats the files it is told about.
 
     A close-after-write or moved-in hint (`closed=True`) shortens the wait to `quick_seconds`, but only
     while the file keeps the size+mtime first seen after that hint, and only for the first close: a writer
@@ -129,9 +134,16 @@ class StabilityTracker:
         clock: Callable[[], float] = time.monotonic,
         *,
         quick_seconds: float | None = None,
+        check_seconds: float | None = None,
     ) -> None:
         self.settle_seconds = float(settle_seconds)
         self.quick_seconds = min(self.settle_seconds, 0.5) if quick_seconds is None else float(quick_seconds)
+        # Between events, a settling file is stat'ed at most this often: a thousand files dropped on a share
+        # at once must not cost ten thousand stats a second. Checking less often is never less safe: a write
+        # between two looks still shows in the next one, and the settle time counts from that look.
+        self.check_seconds = (
+            min(self.settle_seconds / 4, self.quick_seconds) if check_seconds is None else check_seconds
+        )
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[Path, _Entry] = {}
@@ -152,6 +164,7 @@ class StabilityTracker:
             if entry is None:
                 entry = self._entries[path] = _Entry(since=now)
             entry.active = True
+            entry.checked = float("-inf")
             if closed:
                 entry.closes += 1
                 entry.closed_at = now
@@ -172,12 +185,16 @@ class StabilityTracker:
         with self._lock:
             for entry in self._entries.values():
                 entry.active = True
+                entry.checked = float("-inf")
 
     def ready(self) -> list[Path]:
         """Files newly stable since the last call (sorted); vanished files are dropped."""
         now = self._clock()
         with self._lock:
-            todo = [(path, entry) for path, entry in self._entries.items() if entry.active]
+            todo = [
+                (path, entry) for path, entry in self._entries.items()
+                if entry.active and now - entry.checked >= self.check_seconds
+            ]
         seen: list[tuple[Path, _Entry, _Signature | None]] = []
         for path, entry in todo:  # stat outside the lock: a share can be slow
             try:
@@ -187,16 +204,18 @@ class StabilityTracker:
                 continue
             except OSError as exc:  # e.g. a network share briefly away: keep it, look again later
                 logger.debug("cannot stat {}: {}", path, exc)
+                entry.checked = now
                 continue
             if not stat.S_ISREG(st.st_mode):
                 seen.append((path, entry, None))
                 continue
-            seen.append((path, entry, (st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+            seen.append((path, entry, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks)))
         out: list[Path] = []
         with self._lock:
             for path, entry, sig in seen:
                 if self._entries.get(path) is not entry:
                     continue  # forgotten (or forgotten and hinted anew) while we looked
+                entry.checked = now
                 if sig is None:
                     del self._entries[path]
                 elif self._settled(entry, sig, now):

@@ -117,8 +117,9 @@ class FakeRunway:
         with self._lock:
             self.requests.append(rec)
 
-    def _answer(self, method: str, path: str, body: bytes, headers: dict[str, str]
-                ) -> tuple[int, dict[str, str], bytes]:
+    def _answer(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
             if method == "POST" and path == "/v1/text_to_image":
                 return self._create(body, headers)
@@ -146,7 +147,11 @@ class FakeRunway:
         request = json.loads(body)
         task_id = str(uuid.uuid4())
         w, h = (int(v) for v in str(request.get("ratio", "1024:1024")).split(":"))
-        self.tasks[task_id] = {"request": request, "polls": 0, "png": _result_png(w, h, request.get("seed", 0))}
+        self.tasks[task_id] = {
+            "request": request,
+            "polls": 0,
+            "png": _result_png(w, h, request.get("seed", 0)),
+        }
         return _json(200, {"id": task_id})
 
     def _poll(self, task_id: str) -> tuple[int, dict[str, str], bytes]:

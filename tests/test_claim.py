@@ -114,7 +114,8 @@ def test_two_processes_race_for_the_same_files_exactly_one_wins_each(tmp_path: P
         drop(tmp_path / n)
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(str(tmp_path), h, names, start, out)) for h in ("ws1", "ws2")]
+    procs = [ctx.Process(target=_claim_all, args=(str(tmp_path), host, names, start, out))
+             for host in ("ws1", "ws2")]
     for p in procs:
         p.start()
     won = dict(out.get(timeout=60) for _ in procs)

@@ -82,7 +82,7 @@ def test_live_folder_rules_and_a_broken_folder_file_fails_only_its_images(tmp_pa
     (inbox / "broken").mkdir()
     with DaemonThread(config) as daemon:
         (inbox / "red" / ".bgwatch.yaml").write_text("mode: color\nbackground_color: '#ff0000'\n")
-        (inbox / "broken" / ".bgwatch.yaml").write_text("mode: colour\n")
+        (inbox / "broken" / ".bgwatch.yaml").write_text("mode: blurry\n")
         time.sleep(0.5)
         write_samples(inbox / "red", 1, size=(160, 120), seed=13)
         write_samples(inbox / "broken", 1, size=(160, 120), seed=14)
@@ -95,4 +95,4 @@ def test_live_folder_rules_and_a_broken_folder_file_fails_only_its_images(tmp_pa
     assert corner(outbox / "red" / later.with_suffix(".png").name) == (255, 255, 0, 255)
     [note] = (inbox / "failed" / "broken").glob("*.error.txt")
     text = note.read_text()
-    assert "mode" in text and "colour" in text and "transparent, soften, color" in text
+    assert "mode" in text and "blurry" in text and "transparent, soften, color" in text

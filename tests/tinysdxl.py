@@ -28,8 +28,10 @@ EOS_ID = 513
 
 def _byte_characters() -> list[str]:
     """GPT-2/CLIP's reversible byte -> printable-character table, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = printable[:]
     extra = 0
@@ -61,7 +63,12 @@ def write_tiny_tokenizer(folder: Path) -> None:
 def build_tiny_sdxl(folder: Path) -> Path:
     """Write a tiny SDXL pipeline folder (~7 MB, well under a second) and return its path."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
@@ -134,7 +141,7 @@ def build_tiny_sdxl(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="session", name="tiny_sdxl")
+def tiny_sdxl_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL pipeline folder shared by the whole session (import this fixture into a test module)."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "tiny-sdxl")

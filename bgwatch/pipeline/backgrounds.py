@@ -14,7 +14,7 @@ import importlib
 import json
 import secrets
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,8 +49,8 @@ class BackgroundRequest:
     prompt: str = ""
     negative_prompt: str = ""
     seed: int | None = None  # generative engines always get one (drawn if the spec had none)
-    steps: int = 20
-    guidance_scale: float = 7.5
+    steps: int = 0  # sdxl only, like negative_prompt, guidance_scale and scheduler
+    guidance_scale: float = 0.0
     scheduler: str = ""  # sdxl: config.sdxl.scheduler ("" keeps the checkpoint's)
     color: str = "#ffffff"
     gradient: tuple[str, str] = ("#f4f4f4", "#c8c8c8")
@@ -70,30 +70,30 @@ class BackgroundRequest:
         scheduler (it changes the pixels, so it belongs in the cache key).
         """
         engine = spec.engine
-        generative = engine in GENERATIVE_ENGINES
-        model = spec.model or {"sdxl": DEFAULT_SDXL_MODEL, "runway": DEFAULT_RUNWAY_MODEL}.get(engine, "")
-        if generative:
+        base = cls(engine=engine, width=int(width), height=int(height))
+        # Only the fields the engine reads are set; the rest keep their defaults, so a change to a field
+        # an engine ignores (a colour for sdxl, steps for runway) never misses the cache.
+        if engine in GENERATIVE_ENGINES:
             chosen = seed if seed is not None else spec.seed if spec.seed is not None else draw_seed()
-        else:
-            chosen = None
-        return cls(
-            engine=engine,
-            width=int(width),
-            height=int(height),
-            model=model if generative else "",
-            prompt=spec.prompt if generative else "",
-            negative_prompt=spec.negative_prompt if generative else "",
-            seed=chosen,
-            steps=spec.steps if generative else 0,
-            guidance_scale=float(spec.guidance_scale) if generative else 0.0,
-            scheduler=config.sdxl.scheduler if (config is not None and engine == "sdxl") else "",
-            color=spec.background_color,
-            gradient=tuple(spec.gradient),  # type: ignore[arg-type]
-            gradient_direction=spec.gradient_direction,
-            image=spec.background_image if engine == "image" else "",
-            image_fit=spec.background_fit,
-            seed_drawn=generative and spec.seed is None,
-        )
+            common = dict(prompt=spec.prompt, seed=chosen, seed_drawn=spec.seed is None)
+            if engine == "runway":  # Runway takes a prompt, a ratio and a seed
+                return replace(base, model=spec.model or DEFAULT_RUNWAY_MODEL, **common)
+            return replace(
+                base,
+                model=spec.model or DEFAULT_SDXL_MODEL,
+                negative_prompt=spec.negative_prompt,
+                steps=spec.steps,
+                guidance_scale=float(spec.guidance_scale),
+                scheduler=config.sdxl.scheduler if config is not None else "",
+                **common,
+            )
+        if engine == "color":
+            return replace(base, color=spec.background_color)
+        if engine == "gradient":
+            return replace(base, gradient=tuple(spec.gradient), gradient_direction=spec.gradient_direction)  # type: ignore[arg-type]
+        if engine == "image":
+            return replace(base, image=spec.background_image, image_fit=spec.background_fit)
+        return base
 
     @property
     def generative(self) -> bool:
@@ -177,6 +177,7 @@ def unload_background_engines() -> None:
 
 # ---------------------------------------------------------------- fitting
 
+
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     import cv2
 
@@ -208,29 +209,25 @@ def fit_contain(image: np.ndarray, width: int, height: int) -> np.ndarray:
     sigma = max(width, height) / 30
     canvas = cv2.GaussianBlur(canvas, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
     x, y = (width - sw) // 2, (height - sh) // 2
-    canvas[y : y + sh, x : x + sw] = _resize(image, sw, sh)
-    return canvas
+    sharp = canvas.copy()
+    sharp[y : y + sh, x : x + sw] = _resize(image, sw, sh)
+    # Fade the image's own border into the blurred margin over a few pixels: no hard seam.
+    seam = max(1.0, max(width, height) / 300)
+    inset = int(2 * seam)
+    weight = np.zeros((height, width), np.float32)
+    weight[y + inset : y + sh - inset, x + inset : x + sw - inset] = 1.0
+    weight = cv2.GaussianBlur(weight, (0, 0), seam)[..., None]
+    return np.clip(np.rint(sharp * weight + canvas * (1.0 - weight)), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- plain engines
 
-def parse_color(text: str) -> tuple[int, int, int]:
-    """'#rgb' / '#rrggbb' (and names, where cleanup.parse_color knows them) -> (r, g, b)."""
-    try:
-        from bgwatch.pipeline.cleanup import parse_color as cleanup_parse_color
-    except ImportError:
-        cleanup_parse_color = None
-    if cleanup_parse_color is not None:
-        return tuple(int(c) for c in cleanup_parse_color(text))  # type: ignore[return-value]
-    value = text.strip().lstrip("#")
-    if len(value) == 3:
-        value = "".join(c * 2 for c in value)
-    try:
-        if len(value) != 6:
-            raise ValueError
-        return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
-    except ValueError:
-        raise EngineError("color", f"{text!r} is not a colour (use #rgb or #rrggbb)") from None
+
+def parse_color(text: str, key: str = "background_color") -> tuple[int, int, int]:
+    """'#rgb' / '#rrggbb' / a CSS name -> (r, g, b); the same parser cleanup uses, so the two agree."""
+    from bgwatch.pipeline.cleanup import parse_color as cleanup_parse_color
+
+    return cleanup_parse_color(text, source="spec", key=key)
 
 
 class ColorEngine:
@@ -257,8 +254,8 @@ class GradientEngine:
 
     def render(self, request: BackgroundRequest) -> np.ndarray:
         w, h = request.width, request.height
-        start = np.array(parse_color(request.gradient[0]), np.float32)
-        end = np.array(parse_color(request.gradient[1]), np.float32)
+        start = np.array(parse_color(request.gradient[0], "gradient"), np.float32)
+        end = np.array(parse_color(request.gradient[1], "gradient"), np.float32)
         direction = request.gradient_direction
         if direction == "vertical":
             t = np.broadcast_to(np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None], (h, w))
@@ -269,11 +266,13 @@ class GradientEngine:
             cx, cy = (w - 1) / 2, (h - 1) / 2
             t = np.hypot(xx - cx, yy - cy) / max(np.hypot(cx, cy), 1.0)
         else:
-            raise EngineError("gradient", f"gradient_direction {direction!r} (allowed: vertical, horizontal, radial)")
+            raise EngineError(
+                "gradient", f"gradient_direction {direction!r} (allowed: vertical, horizontal, radial)"
+            )
         # A triangular dither of +-1 level (seeded: a request always gives the same pixels) breaks up the
         # 8-bit steps of a long, shallow ramp, which otherwise show as bands.
         rng = np.random.default_rng(0)
-        dither = (rng.random((h, w, 1), np.float32) - rng.random((h, w, 1), np.float32))
+        dither = rng.random((h, w, 1), np.float32) - rng.random((h, w, 1), np.float32)
         out = start + (end - start) * t[..., None] + dither
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 

@@ -18,7 +18,6 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,40 +29,6 @@ if TYPE_CHECKING:
     from bgwatch.store import Store
 
 PNG_LEVEL = 1  # OFFLINE.md: level 6 costs 4x the time for ~10% less disk
-
-
-@dataclass(frozen=True, slots=True)
-class CachedBackground:
-    """One row of `bgwatch cache ls`."""
-
-    key: str
-    engine: str
-    model: str
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    bytes: int
-    hits: int
-    created_at: float
-    last_used_at: float
-    path: Path
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> CachedBackground:
-        return cls(
-            key=row["key"], engine=row["engine"] or "", model=row["model"] or "", prompt=row["prompt"] or "",
-            seed=int(row["seed"] or 0), width=int(row["width"] or 0), height=int(row["height"] or 0),
-            bytes=int(row["bytes"] or 0), hits=int(row["hits"] or 0), created_at=float(row["created_at"] or 0),
-            last_used_at=float(row["last_used_at"] or 0), path=Path(row["path"]),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class PruneResult:
-    removed: int  # backgrounds (rows) removed
-    freed_bytes: int
-    orphans: int = 0  # files with no row (an interrupted write), removed
 
 
 class BackgroundCache:
@@ -141,8 +106,9 @@ class BackgroundCache:
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         path = self.cache_dir / f"{key}.png"
-        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]),
-                                   [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+        ok, encoded = cv2.imencode(
+            ".png", np.ascontiguousarray(image[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL]
+        )
         if not ok:
             logger.warning("cache: cannot encode background {}; not cached", key[:12])
             return
@@ -158,12 +124,23 @@ class BackgroundCache:
                 os.unlink(tmp)
             logger.warning("cache: cannot write {}: {}; not cached", path, exc.strerror)
             return
-        self.store.put_background({
-            "key": key, "engine": request.engine, "model": request.model, "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt, "seed": request.seed, "width": request.width,
-            "height": request.height, "steps": request.steps, "guidance_scale": request.guidance_scale,
-            "path": str(path), "bytes": len(encoded), "hits": 0,
-        })
+        self.store.put_background(
+            {
+                "key": key,
+                "engine": request.engine,
+                "model": request.model,
+                "prompt": request.prompt,
+                "negative_prompt": request.negative_prompt,
+                "seed": request.seed,
+                "width": request.width,
+                "height": request.height,
+                "steps": request.steps,
+                "guidance_scale": request.guidance_scale,
+                "path": str(path),
+                "bytes": len(encoded),
+                "hits": 0,
+            }
+        )
 
     def _remove(self, row: dict[str, Any]) -> int:
         self.store.delete_background(row["key"])
@@ -171,12 +148,12 @@ class BackgroundCache:
             Path(row["path"]).unlink()
         return int(row["bytes"] or 0)
 
-    def _evict(self, max_bytes: int) -> PruneResult:
+    def _evict(self, max_bytes: int) -> int:
         removed = freed = 0
         with self._evict_lock:
             total = self.store.backgrounds_total_bytes()
             if total <= max_bytes:
-                return PruneResult(0, 0)
+                return 0
             for row in self.store.lru_backgrounds():
                 if total <= max_bytes:
                     break
@@ -186,21 +163,22 @@ class BackgroundCache:
                 removed += 1
         if removed:
             logger.info("cache: evicted {} background(s), {} bytes (cap {} bytes)", removed, freed, max_bytes)
-        return PruneResult(removed, freed)
+        return removed
 
     # ------------------------------------------------------------ bgwatch cache ls | prune | clear
 
-    def ls(self) -> list[CachedBackground]:
-        """Most recently used first."""
-        return [CachedBackground.from_row(row) for row in self.store.list_backgrounds()]
+    def ls(self) -> list[dict[str, Any]]:
+        """The backgrounds table's rows (key, engine, model, prompt, seed, width, height, bytes, hits,
+        created_at, last_used_at, path, ...), most recently used first."""
+        return self.store.list_backgrounds()
 
     def total_bytes(self) -> int:
         return self.store.backgrounds_total_bytes()
 
-    def prune(self, max_bytes: int | None = None) -> PruneResult:
-        """Drop rows whose file vanished and files with no row, then evict down to max_bytes
-        (the configured cap when None)."""
-        removed = freed = 0
+    def prune(self, max_bytes: int | None = None) -> int:
+        """Drop rows whose file vanished and files with no row (an interrupted write), then evict down
+        to max_bytes (the configured cap when None). Returns the number of backgrounds removed."""
+        removed = 0
         known: set[str] = set()
         for row in self.store.lru_backgrounds():
             if Path(row["path"]).is_file():
@@ -208,16 +186,12 @@ class BackgroundCache:
             else:
                 self.store.delete_background(row["key"])
                 removed += 1
-        orphans = 0
         if self.cache_dir.is_dir():
             for path in self.cache_dir.iterdir():
                 if path.is_file() and path.suffix == ".png" and path.name not in known:
-                    freed += path.stat().st_size
                     path.unlink(missing_ok=True)
-                    orphans += 1
-        evicted = self._evict(self.max_bytes if max_bytes is None else int(max_bytes))
-        return PruneResult(removed + evicted.removed, freed + evicted.freed_bytes, orphans)
+        return removed + self._evict(self.max_bytes if max_bytes is None else int(max_bytes))
 
-    def clear(self) -> PruneResult:
-        """Remove every cached background."""
+    def clear(self) -> int:
+        """Remove every cached background; returns how many there were."""
         return self.prune(max_bytes=0)

@@ -13,6 +13,7 @@ and never appears in a log line, an error, a repr or the database.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import numpy as np
 from loguru import logger
 
@@ -28,15 +30,29 @@ from bgwatch.errors import BgwatchError, EngineError
 from bgwatch.pipeline.backgrounds import BackgroundRequest, fit_cover
 
 if TYPE_CHECKING:
-    import httpx
+    from collections.abc import Generator
 
     from bgwatch.config import Config
 
 API_VERSION = "2024-11-06"
 
 GEN4_RATIOS = (
-    "1920:1080", "1080:1920", "1024:1024", "1360:768", "1080:1080", "1168:880", "1440:1080", "1080:1440",
-    "1808:768", "2112:912", "1280:720", "720:1280", "720:720", "960:720", "720:960", "1680:720",
+    "1920:1080",
+    "1080:1920",
+    "1024:1024",
+    "1360:768",
+    "1080:1080",
+    "1168:880",
+    "1440:1080",
+    "1080:1440",
+    "1808:768",
+    "2112:912",
+    "1280:720",
+    "720:1280",
+    "720:720",
+    "960:720",
+    "720:960",
+    "1680:720",
 )
 MODEL_RATIOS: dict[str, tuple[str, ...]] = {"gen4_image": GEN4_RATIOS, "gen4_image_turbo": GEN4_RATIOS}
 
@@ -44,6 +60,29 @@ WAITING = {"PENDING", "THROTTLED", "RUNNING"}
 MAX_ATTEMPTS = 6  # per HTTP call, for 429 / 5xx / dropped connections (the deadline bounds it too)
 MAX_POLL_DELAY = 10.0
 MAX_BACKOFF = 30.0
+
+
+class _Secret(str):
+    """The API key: a str whose repr never shows it, should a traceback print its frame's locals."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+class _BearerAuth(httpx.Auth):
+    """Adds the key to each API request as it is sent: no dict of headers ever holds it."""
+
+    def __init__(self, key: _Secret) -> None:
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(***)"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._key}"
+        yield request
 
 
 class _TaskEnded(EngineError):
@@ -96,9 +135,9 @@ class RunwayEngine:
     def __repr__(self) -> str:
         return f"RunwayEngine(base_url={self.settings.base_url!r})"
 
-    def _key(self) -> str:
+    def _key(self) -> _Secret:
         try:
-            key = self.settings.key()
+            key = _Secret(self.settings.key())
         except BgwatchError as exc:
             raise EngineError("runway", str(exc)) from None
         if not key:
@@ -108,8 +147,6 @@ class RunwayEngine:
         return key
 
     def render(self, request: BackgroundRequest) -> np.ndarray:
-        import httpx
-
         key = self._key()
         s = self.settings
         deadline = self.clock() + s.task_deadline
@@ -117,10 +154,14 @@ class RunwayEngine:
         body: dict[str, Any] = {"model": request.model, "promptText": request.prompt, "ratio": ratio}
         if request.seed is not None:
             body["seed"] = int(request.seed)
-        headers = {"Authorization": f"Bearer {key}", "X-Runway-Version": API_VERSION}
+        headers = {"X-Runway-Version": API_VERSION}
         try:
-            with httpx.Client(base_url=s.base_url, headers=headers, timeout=s.request_timeout) as api:
-                answer = self._call(api, "POST", "/v1/text_to_image", deadline, "creating the task", json=body)
+            with httpx.Client(
+                base_url=s.base_url, headers=headers, auth=_BearerAuth(key), timeout=s.request_timeout
+            ) as api:
+                answer = self._call(
+                    api, "POST", "/v1/text_to_image", deadline, "creating the task", json=body
+                )
                 task_id = str(self._json(answer, "creating the task").get("id") or "")
                 if not task_id:
                     raise EngineError("runway", "creating the task: the answer has no task id")
@@ -139,6 +180,10 @@ class RunwayEngine:
             if key in str(exc):
                 raise EngineError("runway", exc.reason.replace(key, "***")) from None
             raise
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a malformed base_url or output URL
+            raise EngineError(
+                "runway", f"{type(exc).__name__}: {str(exc).replace(key, '***')[:200]}"
+            ) from None
         image = _decode(data)
         self.calls += 1
         return fit_cover(image, request.width, request.height)
@@ -167,38 +212,36 @@ class RunwayEngine:
 
     def _cancel(self, api: httpx.Client, task_id: str) -> None:
         """Best effort: a task we gave up on should not go on costing credits."""
-        import httpx
-
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             api.delete(f"/v1/tasks/{task_id}", timeout=min(self.settings.request_timeout, 5.0))
-        except httpx.HTTPError:
-            pass
 
     def _pause(self, seconds: float, deadline: float, why: str, *, partial: bool = True) -> None:
         """Sleep `seconds`, or (partial) what is left before the deadline; past it, fail."""
         remaining = deadline - self.clock()
         if remaining <= 0 or (not partial and seconds > remaining):
             raise EngineError(
-                "runway", f"{why} (task deadline of {self.settings.task_deadline:g}s reached, runway.task_deadline)"
+                "runway",
+                f"{why} (task deadline of {self.settings.task_deadline:g}s reached, runway.task_deadline)",
             )
         self.sleep(min(seconds, remaining))
 
-    def _call(self, client: httpx.Client, method: str, url: str, deadline: float, what: str,
-              **kwargs: Any) -> httpx.Response:
+    def _call(
+        self, client: httpx.Client, method: str, url: str, deadline: float, what: str, **kwargs: Any
+    ) -> httpx.Response:
         """One HTTP call with retries for 429 / 5xx / dropped connections, inside the deadline."""
-        import httpx
-
         for attempt in range(1, MAX_ATTEMPTS + 1):
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise EngineError(
-                    "runway", f"{what} (task deadline of {self.settings.task_deadline:g}s reached, "
-                    "runway.task_deadline)"
+                    "runway",
+                    f"{what} (task deadline of {self.settings.task_deadline:g}s reached, "
+                    "runway.task_deadline)",
                 )
             wait: float | None = None
             try:
-                answer = client.request(method, url, timeout=min(self.settings.request_timeout, remaining),
-                                        **kwargs)
+                answer = client.request(
+                    method, url, timeout=min(self.settings.request_timeout, remaining), **kwargs
+                )
             except httpx.TimeoutException:
                 problem = f"no answer within {min(self.settings.request_timeout, remaining):.3g}s"
             except httpx.TransportError as exc:

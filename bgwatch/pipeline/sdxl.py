@@ -88,7 +88,9 @@ def _torch_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise EngineError("sdxl", f"device is cuda but torch {torch.__version__} sees no GPU (set device: cpu)")
+        raise EngineError(
+            "sdxl", f"device is cuda but torch {torch.__version__} sees no GPU (set device: cpu)"
+        )
     return requested
 
 
@@ -155,11 +157,17 @@ class SdxlEngine:
         # Each UNet level halves the latent; the pipeline itself wants multiples of 8 pixels.
         align = max(8, vae_scale * 2 ** (levels - 1))
         scale = self.bucket_scale if self.bucket_scale is not None else native / NATIVE_SIDE
-        loaded = _Loaded(pipe=pipe, device=device, original_scheduler=pipe.scheduler, scale=scale, align=align)
+        loaded = _Loaded(
+            pipe=pipe, device=device, original_scheduler=pipe.scheduler, scale=scale, align=align
+        )
         self._pipes[model] = loaded
         logger.info(
-            "sdxl: loaded {} on {} ({}) in {:.1f}s; native {}px", model, device,
-            str(dtype).removeprefix("torch."), time.monotonic() - started, native,
+            "sdxl: loaded {} on {} ({}) in {:.1f}s; native {}px",
+            model,
+            device,
+            str(dtype).removeprefix("torch."),
+            time.monotonic() - started,
+            native,
         )
         return loaded
 
@@ -202,6 +210,7 @@ class SdxlEngine:
             gw, gh = generation_size(request.width, request.height, scale=loaded.scale, align=loaded.align)
             generator = torch.Generator(device=loaded.device).manual_seed(int(request.seed))
             started = time.monotonic()
+            out_of_memory = False
             try:
                 with torch.inference_mode():
                     result = loaded.pipe(
@@ -215,13 +224,16 @@ class SdxlEngine:
                         output_type="np",
                     )
             except Exception as exc:
-                if _is_out_of_memory(exc):
-                    del exc
-                    _free_memory()
-                    raise EngineError(
-                        "sdxl", f"out of GPU memory generating {gw}x{gh} with {request.model}; {OOM_ADVICE}"
-                    ) from None
-                raise
+                if not _is_out_of_memory(exc):
+                    raise
+                out_of_memory = True
+            if out_of_memory:
+                # Outside the except block: the exception's traceback (and the tensors its frames hold)
+                # is gone, so the memory can really be freed before the daemon takes the next job.
+                _free_memory()
+                raise EngineError(
+                    "sdxl", f"out of GPU memory generating {gw}x{gh} with {request.model}; {OOM_ADVICE}"
+                )
             self.calls += 1
         images = result.images
         if not np.isfinite(images).all():
@@ -231,7 +243,9 @@ class SdxlEngine:
                 "or run on cpu",
             )
         image = np.clip(np.rint(images[0] * 255.0), 0, 255).astype(np.uint8)
-        logger.debug("sdxl: {}x{} in {} steps took {:.2f}s", gw, gh, request.steps, time.monotonic() - started)
+        logger.debug(
+            "sdxl: {}x{} in {} steps took {:.2f}s", gw, gh, request.steps, time.monotonic() - started
+        )
         return fit_cover(image, request.width, request.height)
 
 
@@ -272,7 +286,9 @@ def _from_pretrained(model: str, dtype: Any, *, fp16_variant: bool) -> Any:
     if _looks_like_path(model):
         folder = Path(model).expanduser()
         if not (folder / "model_index.json").is_file():
-            raise EngineError("sdxl", f"model folder {folder} has no model_index.json (save_pretrained output)")
+            raise EngineError(
+                "sdxl", f"model folder {folder} has no model_index.json (save_pretrained output)"
+            )
         variant = "fp16" if fp16_variant and _has_fp16_variant(folder) else None
         try:
             return StableDiffusionXLPipeline.from_pretrained(
@@ -287,7 +303,9 @@ def _from_pretrained(model: str, dtype: Any, *, fp16_variant: bool) -> Any:
     last: BaseException | None = None
     for extra in attempts:
         try:
-            return StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, local_files_only=False, **extra)
+            return StableDiffusionXLPipeline.from_pretrained(
+                model, dtype=dtype, local_files_only=False, **extra
+            )
         except (OSError, ValueError) as exc:  # huggingface_hub's errors are OSError/ValueError subclasses
             last = exc
     raise EngineError(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bgwatch.errors import SpecError
+from bgwatch.errors import EngineError, SpecError
 from bgwatch.jobs import Job, JobSpec
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def prepare(job: Job, config: Config) -> Prepared:
     check_output_choice(job.spec)
     width, height = imageio.probe_size(job.source)
     if job.spec.operation == "replace":
-        backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k)
+        backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
     image = imageio.decode(job.source, max_pixels=config.limits.max_pixels)
     _timed(timings, "prepare", start)
     return Prepared(job=job, image=image, timings=timings)
@@ -105,8 +105,8 @@ class Engines:
         return self._cache
 
     def _acquire_generation(self) -> None:
-        if self.generation_bucket is not None:
-            self.generation_bucket.acquire(self.stop)
+        if self.generation_bucket is not None and not self.generation_bucket.acquire(self.stop):
+            raise EngineError("rate limit", "bgwatch is stopping; the job will be taken again at the next start")
 
     def mask(self, rgb: np.ndarray, spec: JobSpec) -> tuple[np.ndarray, str]:
         from bgwatch.pipeline import masking
@@ -119,7 +119,7 @@ class Engines:
                    seed: int | None) -> tuple[np.ndarray, str, bool]:
         from bgwatch.pipeline import backgrounds
 
-        request = backgrounds.BackgroundRequest.from_spec(spec, width, height, seed)
+        request = backgrounds.BackgroundRequest.from_spec(spec, width, height, seed, config=self.config)
         engine = backgrounds.load_background_engine(spec.engine, self.config)
         label = f"{spec.engine}:{request.model}" if getattr(request, "model", "") else spec.engine
 
@@ -128,8 +128,7 @@ class Engines:
 
         if not request.generative:
             return render(), label, False
-        cacheable = spec.seed is not None
-        if self.cache is None or not cacheable:
+        if self.cache is None or not request.cacheable:
             self._acquire_generation()
             return render(), label, False
         image, hit = self.cache.get_or_render(request, render, before_generate=self._acquire_generation)

@@ -1,0 +1,262 @@
+"""`bgwatch models ls | pull`: which model weights the configuration needs, whether they are here, and
+fetching them into their usual caches (rembg's model home, the Hugging Face cache) where there is
+network. The daemon itself never downloads a mask model; it fails a job with a message pointing here.
+
+Lookups are file-system only (no rembg, no torch import); pulling imports rembg / huggingface_hub lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from bgwatch.errors import BgwatchError
+from bgwatch.jobs import DEFAULT_SDXL_MODEL, JobSpec, MaskSpec
+
+if TYPE_CHECKING:
+    from bgwatch.config import Config
+
+# Files an SDXL pipeline needs, without the extras hub repos carry (single-file checkpoints, ONNX,
+# OpenVINO, flax). fp16 weights for a GPU, full-precision ones otherwise.
+_SDXL_COMMON = ["model_index.json", "*/*.json", "*/*.txt"]
+_SDXL_FP16 = [*_SDXL_COMMON, "*/*.fp16.safetensors"]
+_SDXL_FP32 = [*_SDXL_COMMON, "*/*.safetensors"]
+
+
+_SPEC, _MASK = JobSpec(), MaskSpec()  # the built-in defaults (slots classes hold no class-level values)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    kind: str  # "rembg" | "sdxl"
+    name: str  # rembg model name, hub id or folder
+    present: bool
+    path: str  # where the weights are, or where they would go
+    detail: str = ""  # where the name comes from, or what went wrong
+
+
+# ---------------------------------------------------------------- what the configuration needs
+
+
+def configured_models(config: Config) -> list[tuple[str, str, str]]:
+    """(kind, name, used by) for every rembg and SDXL model the defaults and the inboxes' rules name."""
+    # Every job belongs to an inbox, so the defaults alone count only when there is none.
+    layers: list[tuple[str, dict[str, Any]]] = [] if config.inboxes else [("defaults", dict(config.defaults))]
+    for i, inbox in enumerate(config.inboxes):
+        merged = {**config.defaults, **inbox.rules}
+        merged["mask"] = {**dict(config.defaults.get("mask", {})), **dict(inbox.rules.get("mask", {}))}
+        layers.append((f"inboxes[{i}]", merged))
+    found: dict[tuple[str, str], list[str]] = {}
+    for label, values in layers:
+        mask = {"engine": _MASK.engine, "model": _MASK.model, **dict(values.get("mask", {}))}
+        if mask["engine"] in ("auto", "rembg"):
+            found.setdefault(("rembg", str(mask["model"])), []).append(label)
+        operation = values.get("operation", _SPEC.operation)
+        engine = values.get("engine", _SPEC.engine)
+        if operation == "replace" and engine == "sdxl":
+            found.setdefault(("sdxl", str(values.get("model") or DEFAULT_SDXL_MODEL)), []).append(label)
+    return [(kind, name, ", ".join(users)) for (kind, name), users in found.items()]
+
+
+def _kind_of(name: str) -> str:
+    """An explicit name on the command line: a hub id (owner/name) or a folder is SDXL, else rembg."""
+    return "sdxl" if "/" in name or name.startswith(("~", ".")) else "rembg"
+
+
+def _wanted(config: Config, names: Iterable[str]) -> list[tuple[str, str, str]]:
+    names = list(names)
+    if names:
+        return [(_kind_of(n), n, "command line") for n in names]
+    return configured_models(config)
+
+
+# ---------------------------------------------------------------- rembg
+
+
+def rembg_weights(name: str) -> tuple[Path | None, Path]:
+    """(the weights file if present, where they belong) — the mask engine's own lookup, so `models ls`
+    and the daemon never disagree."""
+    from bgwatch.pipeline.masking import rembg_weights_path, rembg_weights_target
+
+    return rembg_weights_path(name), rembg_weights_target(name)
+
+
+def _rembg_status(name: str, used_by: str) -> ModelStatus:
+    found, target = rembg_weights(name)
+    return ModelStatus("rembg", name, found is not None, str(found or target), used_by)
+
+
+def _pull_rembg(name: str, used_by: str) -> ModelStatus:
+    status = _rembg_status(name, used_by)
+    if status.present:
+        return status
+    if name.lower().endswith(".onnx"):
+        raise BgwatchError(f"{name} is a custom model: bgwatch cannot download it; copy it to {status.path}")
+    try:
+        from rembg.sessions import sessions
+    except ImportError as exc:
+        raise BgwatchError(f"rembg is not installed ({exc}); pip install 'rembg[gpu]'") from None
+    if name not in sessions:
+        raise BgwatchError(f"unknown rembg model {name!r} (known: {', '.join(sorted(sessions))})")
+    _, target = rembg_weights(name)
+    logger.info("models: downloading rembg model {} into {}", name, target.parent)
+    try:
+        sessions[name].download_models()
+    except Exception as exc:  # pooch/requests raise many kinds; all mean the same here
+        _remove_if_empty(target.parent)
+        _remove_if_empty(target.parent.parent)
+        raise BgwatchError(
+            f"cannot download rembg model {name!r} ({_short(exc)}); no network? copy {name}.onnx into "
+            f"{target.parent} by hand"
+        ) from None
+    return _rembg_status(name, used_by)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:100]}" if text else type(exc).__name__
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty, or not there: leave it
+        folder.rmdir()
+
+
+# ---------------------------------------------------------------- SDXL
+
+
+def _is_folder_name(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub repo if it holds a complete-looking pipeline, else None."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached: LocalEntryNotFoundError, or a malformed id
+        return None
+    if (folder / "model_index.json").is_file() and any(folder.glob("unet/*.safetensors")):
+        return folder
+    return None
+
+
+def _sdxl_status(name: str, used_by: str) -> ModelStatus:
+    if _is_folder_name(name):
+        folder = Path(name).expanduser().resolve()
+        ok = (folder / "model_index.json").is_file()
+        return ModelStatus(
+            "sdxl", name, ok, str(folder), used_by if ok else f"{used_by}; no model_index.json"
+        )
+    snapshot = _hub_snapshot(name)
+    if snapshot is not None:
+        return ModelStatus("sdxl", name, True, str(snapshot), used_by)
+    return ModelStatus("sdxl", name, False, _hub_cache_dir(), used_by)
+
+
+def _hub_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        return os.path.expanduser("~/.cache/huggingface/hub")
+
+
+def _wants_fp16(config: Config) -> bool:
+    if config.device == "cpu":
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return config.device == "cuda"
+
+
+def _pull_sdxl(name: str, used_by: str, fp16: bool) -> ModelStatus:
+    status = _sdxl_status(name, used_by)
+    if status.present or _is_folder_name(name):
+        return status  # a local folder is the operator's to fill
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise BgwatchError("huggingface_hub is not installed; pip install 'bgwatch[sdxl]'") from None
+    logger.info("models: downloading {} ({}) into {}", name, "fp16" if fp16 else "fp32", _hub_cache_dir())
+    try:
+        if fp16:
+            folder = Path(snapshot_download(name, allow_patterns=_SDXL_FP16))
+            if any(folder.glob("unet/*.safetensors")):
+                return _sdxl_status(name, used_by)
+            # No fp16 variant in this repo: the full-precision weights then.
+        snapshot_download(name, allow_patterns=_SDXL_FP32, ignore_patterns=["*.fp16.safetensors"])
+    except Exception as exc:  # connection, not found, gated, disk full: one message for the CLI
+        raise BgwatchError(
+            f"cannot download {name!r} from the Hugging Face hub ({_short(exc)}); no network? download it "
+            "elsewhere and set model to the folder, or copy the hub cache"
+        ) from None
+    return _sdxl_status(name, used_by)
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def list_models(config: Config, names: Sequence[str] = ()) -> list[ModelStatus]:
+    """The configured models (or `names`) and whether their weights are here."""
+    out = []
+    for kind, name, used_by in _wanted(config, names):
+        out.append(_rembg_status(name, used_by) if kind == "rembg" else _sdxl_status(name, used_by))
+    return out
+
+
+def pull_models(config: Config, names: Sequence[str] = ()) -> list[ModelStatus]:
+    """Download what is missing into rembg's model home and the Hugging Face cache.
+
+    Every model is tried; if any could not be fetched, one BgwatchError (one line, for the CLI) says
+    which and why, after the others were pulled.
+    """
+    fp16 = _wants_fp16(config)
+    out = []
+    failures: list[str] = []
+    for kind, name, used_by in _wanted(config, names):
+        try:
+            out.append(_pull_rembg(name, used_by) if kind == "rembg" else _pull_sdxl(name, used_by, fp16))
+        except BgwatchError as exc:
+            failures.append(str(exc))
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        pulled = f"; pulled or present: {', '.join(s.name for s in out)}" if out else ""
+        raise BgwatchError(f"{failures[0]}{more}{pulled}")
+    return out
+
+
+def format_models(statuses: Sequence[ModelStatus]) -> str:
+    if not statuses:
+        return "no models needed: the configuration uses only weight-free engines"
+    lines = [f"{'kind':6}  {'state':8}  {'model':40}  path"]
+    for s in statuses:
+        state = "present" if s.present else "missing"
+        lines.append(
+            f"{s.kind:6}  {state:8}  {s.name:40}  {s.path}" + (f"  ({s.detail})" if s.detail else "")
+        )
+    missing = [s for s in statuses if not s.present]
+    if missing:
+        lines.append(f"{len(missing)} missing: run `bgwatch models pull` where the internet is reachable")
+    return "\n".join(lines)
+
+
+def format_pull(statuses: Sequence[ModelStatus]) -> str:
+    if not statuses:
+        return "nothing to pull: the configuration uses only weight-free engines"
+    return "\n".join(
+        f"{'ok' if s.present else 'missing':7}  {s.kind:6}  {s.name}  {s.path}" for s in statuses
+    )

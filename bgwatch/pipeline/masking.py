@@ -1,0 +1,363 @@
+"""Mask engines: which pixels are the subject. One protocol, a registry by name, models kept loaded.
+
+- `rembg`: any rembg model (u2net, isnet-general-use, birefnet-general, ...) or a custom `.onnx` under
+  rembg's model home, run by ONNX Runtime with explicitly chosen providers.
+- `classical`: OpenCV, no weights; built for product shots on plain and studio backdrops (studio_mask).
+- `auto`: rembg when the model's weights are on disk, else classical (said once in the log).
+
+Engines return the raw alpha (float32 HxW in [0, 1]); `refine_mask` cleans it up in the finish stage.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from loguru import logger
+
+from bgwatch.errors import EngineError
+from bgwatch.jobs import MaskSpec
+
+# rembg session names that are not a model one can name (they need a path, or prompts).
+_REMBG_NON_MODELS = frozenset({"u2net_custom", "dis_custom", "ben_custom", "sam"})
+
+
+class MaskEngine(Protocol):
+    name: str  # registered name: "rembg" | "classical"
+    model: str  # the model used ("" for classical)
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 sRGB -> HxW float32 alpha in [0, 1]."""
+        ...
+
+
+# ---------------------------------------------------------------- rembg model files
+
+
+# The model homes are resolved exactly as rembg 2.0.86 does (sessions/base.py), so that `auto` can look
+# for weights without importing rembg and onnxruntime; a test holds the two together.
+
+
+def rembg_home() -> Path:
+    """rembg's model home: U2NET_HOME if set, else REMBG_HOME, else $XDG_DATA_HOME/rembg or ~/.rembg."""
+    if os.environ.get("U2NET_HOME"):
+        return Path(os.path.expanduser(os.environ["U2NET_HOME"]))
+    xdg = os.environ.get("XDG_DATA_HOME")
+    default = os.path.join(xdg, "rembg") if xdg else os.path.join("~", ".rembg")
+    return Path(os.path.expanduser(os.environ.get("REMBG_HOME", default)))
+
+
+def _legacy_home() -> Path:
+    default = os.path.join(os.environ.get("XDG_DATA_HOME", "~"), ".u2net")
+    return Path(os.path.expanduser(os.environ.get("U2NET_HOME", default)))
+
+
+def is_custom_model(model: str) -> bool:
+    """A model given as an .onnx file (relative to the model home, or an absolute path inside it)."""
+    return model.lower().endswith(".onnx")
+
+
+def rembg_weights_target(model: str) -> Path:
+    """Where `bgwatch models pull` (or a person copying files) puts a model's weights."""
+    if is_custom_model(model):
+        path = Path(os.path.expanduser(model))
+        return path if path.is_absolute() else rembg_home() / path
+    return rembg_home() / "models" / model / f"{model}.onnx"
+
+
+def rembg_weights_path(model: str) -> Path | None:
+    """The weights file rembg would load for `model`, or None when it is not on disk."""
+    if is_custom_model(model):
+        target = rembg_weights_target(model)
+        return target if target.is_file() else None
+    for candidate in (rembg_weights_target(model), _legacy_home() / f"{model}.onnx"):
+        if candidate.is_file() and candidate.stat().st_size > 0:
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------- device
+
+
+def onnx_providers(device: str) -> list[str]:
+    """ONNX Runtime providers for a configured device (auto | cuda | cpu), chosen explicitly."""
+    resolved = resolve_onnx_device(device)
+    if resolved == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def resolve_onnx_device(device: str) -> str:
+    """auto -> cuda when ONNX Runtime has the CUDA provider and a GPU is present, else cpu."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise EngineError("rembg", f"unknown device {device!r} (allowed: auto, cuda, cpu)")
+    if device == "cpu":
+        return "cpu"
+    has_provider = "CUDAExecutionProvider" in _available_providers()
+    if device == "cuda":
+        if not has_provider:
+            raise EngineError(
+                "rembg", "device is cuda but ONNX Runtime has no CUDA provider; install rembg[gpu] "
+                "(onnxruntime-gpu) with a matching CUDA, or set device: cpu"
+            )
+        return "cuda"
+    return "cuda" if has_provider and _gpu_present() else "cpu"
+
+
+def _available_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+def _gpu_present() -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # only ask torch if something already paid for importing it
+    if torch is not None:
+        try:
+            return bool(torch.cuda.is_available())
+        except Exception:
+            return False
+    if os.path.exists("/proc/driver/nvidia/version"):
+        return True
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        done = subprocess.run([smi, "-L"], capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and b"GPU" in done.stdout
+
+
+# ---------------------------------------------------------------- engines
+
+
+class RembgMaskEngine:
+    """A rembg session; the ONNX model stays loaded for the life of the engine."""
+
+    name = "rembg"
+
+    def __init__(self, model: str, device: str, *, alpha_matting: bool = False, session: Any = None) -> None:
+        self.model = model
+        self.device = resolve_onnx_device(device)
+        self.alpha_matting = alpha_matting
+        self._session = session if session is not None else _new_rembg_session(model, self.device)
+
+    def with_alpha_matting(self, alpha_matting: bool) -> RembgMaskEngine:
+        """The same loaded session with another matting setting (no second copy of the model)."""
+        return RembgMaskEngine(self.model, self.device, alpha_matting=alpha_matting, session=self._session)
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        from PIL import Image
+        from rembg import remove
+
+        image = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
+        try:
+            if self.alpha_matting:
+                cutout = remove(image, session=self._session, alpha_matting=True)
+                alpha = np.asarray(cutout)[..., 3]
+            else:
+                alpha = np.asarray(remove(image, session=self._session, only_mask=True))
+        except Exception as exc:
+            raise EngineError("rembg", f"model {self.model} failed on this image: {exc}") from exc
+        if alpha.shape != rgb.shape[:2]:
+            raise EngineError("rembg", f"model {self.model} returned a {alpha.shape} mask for an image of "
+                              f"{rgb.shape[:2]}")
+        return alpha.astype(np.float32) / 255.0
+
+
+def _rembg_model_names() -> list[str]:
+    from rembg.sessions import sessions_class
+
+    names = []
+    for cls in sessions_class:
+        name = cls.name()
+        if name in _REMBG_NON_MODELS or not cls.is_local() or cls.requires_credentials():
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def _import_rembg() -> None:
+    try:
+        import rembg  # noqa: F401
+    except (ImportError, SystemExit) as exc:  # plain `rembg` without a runtime calls sys.exit on import
+        raise EngineError("rembg", f"rembg cannot be imported ({exc}); install rembg[gpu]") from None
+
+
+def _new_rembg_session(model: str, device: str) -> Any:
+    _import_rembg()
+    from rembg import new_session
+
+    providers = onnx_providers(device)
+    weights = rembg_weights_path(model)
+    pull = f"run `bgwatch models pull {model}`"
+    if is_custom_model(model):
+        target = rembg_weights_target(model)
+        home = rembg_home().resolve()
+        if home not in target.resolve().parents:
+            raise EngineError("rembg", f"custom model {target} must be inside rembg's model home {home} "
+                              "(set U2NET_HOME to the folder that holds it)")
+        if weights is None:
+            raise EngineError("rembg", f"custom model file {target} does not exist")
+        kwargs: dict[str, Any] = {"model_path": str(weights)}
+        session_name = "u2net_custom"
+    else:
+        known = _rembg_model_names()
+        if model not in known:
+            raise EngineError("rembg", f"unknown model {model!r} (known: {', '.join(known)}, "
+                              "or a custom .onnx file in the model home)")
+        if weights is None:
+            # Never let rembg download here: without network it fails after leaving an empty folder
+            # behind, and a daemon must not stall a job on a multi-hundred-MB download.
+            raise EngineError("rembg", f"weights for {model} are not on this machine; {pull}, or copy "
+                              f"{model}.onnx to {rembg_weights_target(model)} (model home: {rembg_home()}; "
+                              "set U2NET_HOME to use another folder)")
+        kwargs = {}
+        session_name = model
+    try:
+        session = new_session(session_name, providers=providers, **kwargs)
+    except Exception as exc:
+        raise EngineError("rembg", f"cannot load {weights}: {exc}") from exc
+    logger.info("mask engine rembg: loaded {} on {} ({})", model, device, providers[0])
+    return session
+
+
+class ClassicalMaskEngine:
+    """OpenCV backdrop subtraction for studio product shots (see studio_mask); no weights."""
+
+    name = "classical"
+
+    def __init__(self, model: str = "", device: str = "cpu") -> None:
+        self.model = ""
+        self.device = "cpu"
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        alpha = studio_mask(rgb)
+        if float(alpha.mean()) < 2e-4:
+            raise EngineError(
+                "classical", "found no subject that stands out from the backdrop (it is built for products "
+                "on plain or studio backdrops); use mask engine rembg for busy scenes"
+            )
+        return alpha
+
+
+MASK_ENGINES: dict[str, type] = {"rembg": RembgMaskEngine, "classical": ClassicalMaskEngine}
+
+
+def mask_engine_names() -> list[str]:
+    """The names a spec may use for mask.engine: 'auto' and every registered engine."""
+    return ["auto", *sorted(MASK_ENGINES)]
+
+
+_announced: set[tuple[str, str]] = set()
+_announce_lock = threading.Lock()
+
+
+def resolve_mask_engine_name(spec: MaskSpec) -> str:
+    """auto -> "rembg" when the model's weights are on disk (rembg's model home), else "classical"."""
+    if spec.engine != "auto":
+        if spec.engine not in MASK_ENGINES:
+            raise EngineError(spec.engine, f"unknown mask engine (known: {', '.join(mask_engine_names())})")
+        return spec.engine
+    weights = rembg_weights_path(spec.model)
+    chosen = "rembg" if weights is not None else "classical"
+    with _announce_lock:
+        if (spec.model, chosen) not in _announced:
+            _announced.add((spec.model, chosen))
+            if weights is not None:
+                logger.info("mask engine auto: rembg with {} ({})", spec.model, weights)
+            else:
+                logger.info("mask engine auto: classical (no weights for {} at {}; `bgwatch models pull {}` "
+                            "enables rembg)", spec.model, rembg_weights_target(spec.model), spec.model)
+    return chosen
+
+
+_engines: dict[tuple[str, str, str, str], Any] = {}
+_engines_lock = threading.Lock()
+
+
+def load_mask_engine(spec: MaskSpec, device: str) -> MaskEngine:
+    """The engine for a spec, loaded once per (engine, model, device) and kept loaded. EngineError when
+    the engine is unknown or its model cannot be loaded (the message says how to fix it)."""
+    name = resolve_mask_engine_name(spec)
+    model = spec.model if name == "rembg" else ""
+    # The weights' location is part of the key: another model home (U2NET_HOME) is another model.
+    key = (name, model, device, str(rembg_weights_path(model)) if name == "rembg" else "")
+    with _engines_lock:  # one load at a time: two workers asking together must not load a model twice
+        engine = _engines.get(key)
+        if engine is None:
+            engine = MASK_ENGINES[name](model, device)
+            _engines[key] = engine
+    if isinstance(engine, RembgMaskEngine) and engine.alpha_matting != spec.alpha_matting:
+        return engine.with_alpha_matting(spec.alpha_matting)
+    return engine
+
+
+def unload_mask_engines() -> None:
+    """Forget every loaded engine (config reload, tests)."""
+    with _engines_lock:
+        _engines.clear()
+    with _announce_lock:
+        _announced.clear()
+
+
+# ---------------------------------------------------------------- refinement
+
+
+def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
+    """Clean a raw alpha: specks removed, small holes filled, edges kept soft (never grown: no halo)."""
+    import cv2
+
+    alpha = np.clip(np.nan_to_num(alpha.astype(np.float32, copy=False)), 0.0, 1.0)
+    if not post_process or alpha.size == 0:
+        return alpha
+    h, w = alpha.shape
+    solid = (alpha > 0.5).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(solid, connectivity=8)
+    if n <= 1:
+        return np.zeros_like(alpha) if alpha.max() <= 0.5 else alpha
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.zeros(n, bool)
+    # A speck is small both for the frame and next to the subject; a second product is not a speck.
+    keep[1:] = (areas >= 0.002 * h * w) | (areas >= 0.05 * areas.max())
+    kept = keep[labels]
+    holes = _small_holes(kept, max_area=0.0002 * h * w)
+    kept |= holes
+    radius = max(2, round(min(h, w) / 400))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    k8 = kept.astype(np.uint8)
+    band = (cv2.dilate(k8, kernel) > 0) & ~(cv2.erode(k8, kernel) > 0)
+    out = kept.astype(np.float32)
+    # Near the outline keep the engine's own soft values, lightly smoothed so stair steps don't show.
+    soft = cv2.GaussianBlur(alpha, (0, 0), max(0.6, min(h, w) / 1600))
+    out[band] = soft[band]
+    return out
+
+
+def _small_holes(solid: np.ndarray, max_area: float) -> np.ndarray:
+    import cv2
+
+    h, w = solid.shape
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((~solid).astype(np.uint8), connectivity=4)
+    x, y, ww, hh, area = (stats[:, i] for i in range(5))
+    inner = (x > 0) & (y > 0) & (x + ww < w) & (y + hh < h) & (area <= max_area)
+    inner[0] = False
+    return inner[labels]
+
+
+def studio_mask(rgb: np.ndarray) -> np.ndarray:
+    """The classical engine's cut (see pipeline/classical.py)."""
+    from bgwatch.pipeline.classical import studio_mask as cut
+
+    return cut(rgb)

@@ -1,0 +1,104 @@
+"""`bgwatch models ls | pull`: which weights the config needs and whether they are here (files only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bgwatch.config import Config, InboxConfig
+from bgwatch.errors import BgwatchError
+from bgwatch.jobs import DEFAULT_SDXL_MODEL
+from bgwatch.models import configured_models, format_models, list_models, pull_models, rembg_weights
+
+
+@pytest.fixture
+def u2net_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "u2net"
+    home.mkdir()
+    monkeypatch.setenv("U2NET_HOME", str(home))
+    return home
+
+
+def config_with(
+    tmp_path: Path, *rules: dict[str, object], defaults: dict[str, object] | None = None
+) -> Config:
+    inboxes = tuple(
+        InboxConfig(path=tmp_path / f"in{i}", outbox=tmp_path / f"out{i}", rules=r)
+        for i, r in enumerate(rules)
+    )
+    return Config(device="cpu", inboxes=inboxes, defaults=defaults or {})
+
+
+def test_configured_models_follow_defaults_and_inbox_rules(tmp_path: Path, tiny_sdxl: Path) -> None:
+    config = config_with(
+        tmp_path,
+        {"operation": "cleanup"},
+        {"operation": "replace", "engine": "sdxl", "prompt": "p", "mask": {"model": "isnet-general-use"}},
+        {"operation": "replace", "engine": "sdxl", "prompt": "p", "model": str(tiny_sdxl)},
+        {"operation": "replace", "engine": "runway", "prompt": "p", "mask": {"engine": "classical"}},
+    )
+    found = {(kind, name) for kind, name, _ in configured_models(config)}
+    assert found == {
+        ("rembg", "u2net"),
+        ("rembg", "isnet-general-use"),
+        ("sdxl", DEFAULT_SDXL_MODEL),
+        ("sdxl", str(tiny_sdxl)),
+    }
+
+
+def test_list_models_reports_present_and_missing(tmp_path: Path, u2net_home: Path, tiny_sdxl: Path) -> None:
+    (u2net_home / "u2net.onnx").write_bytes(b"onnx")
+    config = config_with(
+        tmp_path,
+        {"operation": "replace", "engine": "sdxl", "prompt": "p", "model": str(tiny_sdxl)},
+        {
+            "operation": "replace",
+            "engine": "sdxl",
+            "prompt": "p",
+            "model": "bgwatch-tests/not-cached",
+            "mask": {"model": "birefnet-general"},
+        },
+    )
+    status = {(s.kind, s.name): s for s in list_models(config)}
+    assert status[("rembg", "u2net")].present and status[("rembg", "u2net")].path == str(
+        u2net_home / "u2net.onnx"
+    )
+    assert not status[("rembg", "birefnet-general")].present
+    assert status[("sdxl", str(tiny_sdxl))].present
+    assert not status[("sdxl", "bgwatch-tests/not-cached")].present
+    text = format_models(list(status.values()))
+    assert "missing" in text and "bgwatch models pull" in text
+
+
+def test_rembg_weights_in_the_per_model_folder(u2net_home: Path) -> None:
+    target = u2net_home / "models" / "isnet-general-use" / "isnet-general-use.onnx"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"onnx")
+    assert rembg_weights("isnet-general-use")[0] == target
+
+
+def test_pull_skips_what_is_present(tmp_path: Path, u2net_home: Path, tiny_sdxl: Path) -> None:
+    (u2net_home / "u2net.onnx").write_bytes(b"onnx")
+    config = config_with(
+        tmp_path, {"operation": "replace", "engine": "sdxl", "prompt": "p", "model": str(tiny_sdxl)}
+    )
+    assert all(s.present for s in pull_models(config))
+
+
+def test_pull_of_an_unknown_rembg_model_names_the_known_ones(tmp_path: Path, u2net_home: Path) -> None:
+    with pytest.raises(BgwatchError) as err:
+        pull_models(Config(device="cpu"), ["no-such-mask-model"])
+    assert "no-such-mask-model" in str(err.value) and "u2net" in str(err.value)
+
+
+def test_pull_of_an_unreachable_hub_model_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BgwatchError) as err:
+        pull_models(Config(device="cpu"), ["bgwatch-tests/not-a-repo"])
+    assert "bgwatch-tests/not-a-repo" in str(err.value) and "Hugging Face" in str(err.value)
+
+
+def test_an_inbox_with_the_classical_mask_needs_no_rembg_weights(tmp_path: Path) -> None:
+    config = config_with(tmp_path, {"operation": "cleanup", "mask": {"engine": "classical"}})
+    assert configured_models(config) == []
+    assert "no models needed" in format_models(list_models(config))
