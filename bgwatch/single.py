@@ -123,14 +123,14 @@ def validate_paths(paths: Sequence[Path], config_path: Path | None) -> dict[Path
 
 
 def explain(image: Path, config: Config) -> str:
-    from bgwatch import rules
+    from bgwatch import reference, rules
 
     inbox = config.inbox_for(image)
     if inbox is None:
         raise InputError(image, "is not inside any configured inbox: "
                          + ", ".join(str(ib.path) for ib in config.inboxes))
     resolved = rules.resolve(image, inbox, config)
-    return rules.format_explanation(resolved)
+    return reference.format_explanation(resolved)
 
 
 def cache_command(config: Config, action: str) -> str:

@@ -37,3 +37,10 @@ def test_help_answers() -> None:
     proc = subprocess.run([sys.executable, "-m", "bgwatch", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "run" in proc.stdout and "process" in proc.stdout
+
+
+def test_readme_carries_the_generated_jobspec_reference() -> None:
+    from bgwatch import reference
+
+    assert reference.check_readme((ROOT / "README.md").read_text()), (
+        "README's JobSpec reference differs from the schema: paste `python -m bgwatch.reference --reference`")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bgwatch import rules
+from bgwatch import reference, rules
 from bgwatch.config import Config, InboxConfig, parse_config
 from bgwatch.errors import ConfigError, SpecError
 from bgwatch.jobs import DEFAULT_SDXL_MODEL, JobSpec, MaskSpec, OutputSpec
@@ -327,7 +327,7 @@ def test_overrides_go_over_the_sidecar_and_are_trusted(tmp_path: Path) -> None:
 def test_format_explanation_lists_every_key_value_and_source(tmp_path: Path) -> None:
     config, inbox = setup(tmp_path, rules_={"output": {"format": "webp"}})
     sidecar = put(tmp_path / "inbox" / "a" / "b" / "photo.yaml", "background_color: '#abc'\n")
-    text = rules.format_explanation(resolve(image(tmp_path), inbox, config))
+    text = reference.format_explanation(resolve(image(tmp_path), inbox, config))
     lines = text.splitlines()
     assert len(lines) == len(FIELDS) + 1
     row = next(line for line in lines if line.startswith("background_color "))
@@ -514,7 +514,7 @@ def test_sidecar_images(tmp_path: Path) -> None:
 
 
 def test_reference_lists_every_key_with_default_and_example() -> None:
-    table = rules.reference_markdown()
+    table = reference.reference_markdown()
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == [f.name for f in FIELDS]
     steps = next(row for row in rows if row.startswith("| `steps`"))
@@ -523,16 +523,16 @@ def test_reference_lists_every_key_with_default_and_example() -> None:
 
 
 def test_check_readme_needs_the_exact_block() -> None:
-    readme = f"# bgwatch\n\nintro\n\n{rules.reference_block()}\nmore text\n"
-    assert rules.check_readme(readme)
-    assert not rules.check_readme(readme.replace("1–100", "1–99"))
-    assert not rules.check_readme("# bgwatch\nno reference here\n")
+    readme = f"# bgwatch\n\nintro\n\n{reference.reference_block()}\nmore text\n"
+    assert reference.check_readme(readme)
+    assert not reference.check_readme(readme.replace("1–100", "1–99"))
+    assert not reference.check_readme("# bgwatch\nno reference here\n")
 
 
 def test_reference_command_prints_the_block(capsys: pytest.CaptureFixture[str]) -> None:
-    assert rules.main(["--reference"]) == 0
+    assert reference.main(["--reference"]) == 0
     out = capsys.readouterr().out
-    assert out == rules.reference_block()
+    assert out == reference.reference_block()
     assert out.startswith(rules.REFERENCE_START) and out.rstrip().endswith(rules.REFERENCE_END)
 
 
