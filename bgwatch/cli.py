@@ -84,6 +84,8 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError("--set", pair, "expected key=value", "e.g. --set mode=color --set mask.engine=rembg")
         value = yaml.safe_load(raw) if raw else ""
+        if value is None and raw.strip() not in ("null", "~", "Null", "NULL"):
+            value = raw  # `#00ff00` is a comment to YAML; on a command line it is a colour
         node = fragment
         parts = key.split(".")
         for part in parts[:-1]:
@@ -269,3 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bgwatch history | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -21,11 +21,9 @@ _TYPES = {"choice": "one of", "flag": "true/false", "int": "whole number", "floa
 
 def format_explanation(resolved: ResolvedSpec) -> str:
     """`bgwatch explain`: every key, its resolved value and where that value came from."""
-    rows = [(key, _yaml_value(value), source) for key, value, source in resolved.describe()]
-    width = max(len(value) for _, value, _ in rows if len(value) <= 40)
-    lines = [f"{'key':20} {'value':{width}}  from"]
-    lines += [f"{key:20} {value:{width}}  {source}" for key, value, source in rows]
-    return "\n".join(lines)
+    rows = [(f"{key}: {_yaml_value(value)}", source) for key, value, source in resolved.describe()]
+    width = max(len(text) for text, _ in rows if len(text) <= 48)
+    return "\n".join(f"{text:{width}}  <- {source}" for text, source in rows)
 
 
 def _yaml_value(value: Any) -> str:

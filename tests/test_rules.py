@@ -329,12 +329,12 @@ def test_format_explanation_lists_every_key_value_and_source(tmp_path: Path) -> 
     sidecar = put(tmp_path / "inbox" / "a" / "b" / "photo.yaml", "background_color: '#abc'\n")
     text = reference.format_explanation(resolve(image(tmp_path), inbox, config))
     lines = text.splitlines()
-    assert len(lines) == len(FIELDS) + 1
-    row = next(line for line in lines if line.startswith("background_color "))
-    assert '"#aabbcc"' in row and row.endswith(str(sidecar))
-    row = next(line for line in lines if line.startswith("output.format "))
+    assert len(lines) == len(FIELDS)
+    row = next(line for line in lines if line.startswith("background_color: "))
+    assert '"#aabbcc"' in row and row.endswith(f"<- {sidecar}")
+    row = next(line for line in lines if line.startswith("output.format: "))
     assert "webp" in row and row.endswith("inboxes[1].rules")
-    assert next(line for line in lines if line.startswith("seed ")).split()[1] == "null"
+    assert next(line for line in lines if line.startswith("seed: ")).split()[1] == "null"
 
 
 def test_an_image_outside_the_inbox_is_refused(tmp_path: Path) -> None:
