@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build (see constraints.txt).
+# The first `import rembg` compiles pymatting's numba code (~45 s): paid here, once.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build (../shared/OFFLINE.md)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[sdxl,dev]'
-	# the first `import rembg` compiles pymatting's numba code (~45 s): pay it here, once
 	$(PY) -c "import rembg"
 	touch $(STAMP)
 

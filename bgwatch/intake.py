@@ -139,6 +139,7 @@ class Intake:
         self._check_sidecars(now)
 
     def _classify(self, inbox: InboxConfig, path: Path, now: float) -> None:
+        inbox = self.d.inbox_named(inbox.name) or inbox  # the watcher's copy predates a config reload
         name = path.name
         suffix = path.suffix.lower()
         if name == RULES_FILE:
@@ -176,7 +177,7 @@ class Intake:
                 continue
             del self.pending[path]
             try:
-                self.take(waiting.inbox, path)
+                self.take(self.d.inbox_named(waiting.inbox.name) or waiting.inbox, path)
             except OSError as exc:
                 logger.error("{}: cannot take it: {}", path, exc)
 

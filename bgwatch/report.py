@@ -25,7 +25,8 @@ def print_results(results: Sequence[RunResult], rows: dict[int, dict[str, Any]])
         engine = result.mask_engine + (f" + {result.bg_engine}" if result.bg_engine else "")
         where = os.path.relpath(result.output_path) if result.output_path else result.error
         seconds = sum(result.timings.values())
-        print(f"{_short(row.get('rel_path', '?'), 34):34}  {result.state.value:7}  {_short(where, 44):44}  "
+        name = str(row.get("inbox", "")).rstrip("/").rsplit("/", 1)[-1] + "/" + str(row.get("rel_path", "?"))
+        print(f"{_short(name, 34):34}  {result.state.value:7}  {_short(where, 44):44}  "
               f"{_short(engine, 26):26}  {seconds:5.2f}s")
     failed = sum(1 for r in results if r.state.value == "failed")
     print(f"{len(results)} file(s): {len(results) - failed} ok, {failed} failed")

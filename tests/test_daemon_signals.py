@@ -1,0 +1,97 @@
+"""The daemon as systemd runs it: sd_notify, TERM drains and exits, config edits apply without restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from bgwatch.daemon import Daemon, InstanceLock
+from bgwatch.errors import BgwatchError
+from bgwatch.samples import write_samples
+from tests.helpers import DaemonThread, files_under, make_config, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sd_notify_ready_and_stopping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    address = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(address)
+    server.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    config = make_config(tmp_path)
+    assert Daemon(config, once=True).run() == 0
+    messages = [server.recv(1024).decode(), server.recv(1024).decode()]
+    assert messages == ["READY=1", "STOPPING=1"]
+    server.close()
+
+
+def test_one_daemon_per_state_folder(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with DaemonThread(config):
+        wait_for(lambda: InstanceLock.held(config.state_dir))
+        with pytest.raises(BgwatchError, match="already running"):
+            Daemon(config).run()
+    assert not InstanceLock.held(config.state_dir)
+
+
+def test_editing_config_rules_applies_to_files_arriving_afterwards(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox
+    with DaemonThread(config) as daemon:
+        first = write_samples(inbox, 1, size=(160, 120), seed=50)[0]
+        wait_for(lambda: len(daemon.results) == 1)
+        data = yaml.safe_load(config.source.read_text())
+        data["inboxes"][0]["rules"] = {"operation": "cleanup", "mode": "color", "background_color": "#ff00ff"}
+        config.source.write_text(yaml.safe_dump(data))
+        wait_for(lambda: daemon.config.inboxes[0].rules.get("mode") == "color")
+        second = write_samples(inbox, 1, size=(160, 120), seed=51)[0]
+        wait_for(lambda: len(daemon.results) == 2)
+    with Image.open(outbox / f"{first.stem}.png") as img:
+        assert img.mode == "RGBA"
+    with Image.open(outbox / f"{second.stem}.png") as img:
+        assert img.convert("RGB").getpixel((1, 1)) == (255, 0, 255)
+
+
+def test_a_broken_config_edit_keeps_the_running_rules(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with DaemonThread(config) as daemon:
+        time.sleep(0.3)
+        config.source.write_text("device: quantum\n")
+        time.sleep(0.6)
+        write_samples(config.inboxes[0].path, 1, size=(120, 90), seed=52)
+        wait_for(lambda: len(daemon.results) == 1)
+    assert daemon.results[0].state.value == "done"
+
+
+@pytest.mark.slow
+def test_term_finishes_in_flight_work_and_exits_cleanly(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bgwatch", "run", "-c", str(config.source)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: InstanceLock.held(config.state_dir), timeout=60)
+        write_samples(inbox, 2, size=(320, 240), seed=53)
+        wait_for(lambda: files_under(inbox / ".bgwatch" / "claimed") or files_under(outbox), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    import sqlite3
+
+    db = sqlite3.connect(config.db_path)
+    assert db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('running')").fetchone()[0] == 0
+    assert not files_under(inbox / ".bgwatch" / "claimed") or db.execute(
+        "SELECT COUNT(*) FROM runs WHERE status = 'queued'").fetchone()[0] > 0
