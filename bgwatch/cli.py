@@ -201,7 +201,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _setup_logs(config, to_files=False)
-    text, ok = models_command(config, args.action)
+    text, ok = models_command(config, args.action, args.names)
     print(text)
     return 0 if ok else 1
 
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("models", cmd_models, "List the mask and SDXL models present, or pull them (needs internet).")
     p.add_argument("action", choices=["ls", "pull"])
+    p.add_argument("names", nargs="*", metavar="MODEL",
+                   help="rembg model names or SDXL hub ids (default: the ones the config uses)")
     return parser
 
 

@@ -15,7 +15,6 @@ import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -132,11 +131,7 @@ class Daemon:
             return None
 
     def _owner_of(self, output: Path) -> str | None:
-        with self.store._lock:
-            rows = list(self.store.db.query(
-                "SELECT rel_path FROM runs WHERE output_path = ? AND status = 'done' ORDER BY id DESC LIMIT 1",
-                [str(output)]))
-        return rows[0]["rel_path"] if rows else None
+        return self.store.output_owner(str(output))
 
     def inbox_named(self, name: str) -> InboxConfig | None:
         return next((ib for ib in self.config.inboxes if ib.name == name), None)
@@ -201,6 +196,7 @@ class Daemon:
     def run(self) -> int:
         lock = InstanceLock(self.config.state_dir)
         try:
+            self.intake.heartbeat()  # before anything: a host back from a long stop must not look dead
             self.intake.recover()
             self._start_threads()
             self.intake.start()
@@ -249,15 +245,13 @@ class Daemon:
         if new.state_dir.resolve() != self.config.state_dir.resolve():
             logger.warning("state_dir changes need a restart; keeping {}", self.config.state_dir)
             new = replace(new, state_dir=self.config.state_dir)
-        old_inboxes = [(ib.path, ib.poll) for ib in self.config.inboxes]
-        if (new.sdxl, new.device, new.runway) != (self.config.sdxl, self.config.device, self.config.runway) and (
-                "bgwatch.pipeline.backgrounds" in sys.modules):
-            sys.modules["bgwatch.pipeline.backgrounds"].unload_background_engines()  # frees the GPU
+        old = self.config
+        self.engines.reconfigure(new)
         self.config = new
-        self.engines.config = new
         self.job_bucket.set_rate(new.limits.jobs_per_minute)
         self.generation_bucket.set_rate(new.limits.generations_per_minute)
-        if old_inboxes != [(ib.path, ib.poll) for ib in new.inboxes]:
+        if [(ib.path, ib.poll) for ib in old.inboxes] != [(ib.path, ib.poll) for ib in new.inboxes] or (
+                old.watch != new.watch):
             self.intake.restart_watcher()
         logger.info("config reloaded from {}", new.source)
 
@@ -271,8 +265,7 @@ class Daemon:
             try:
                 job = self.job_for(run_id)
             except (BgwatchError, OSError, ValueError, TypeError) as exc:
-                logger.error("run {}: cannot load its job: {}", run_id, exc)
-                self.store.finish_run(run_id, JobState.FAILED, error=f"cannot load job: {exc}")
+                logger.error("run {}: cannot load its job (left claimed for the next start): {}", run_id, exc)
                 self._done_with(run_id)
                 continue
             if not self.job_bucket.acquire(self.abort_event):
@@ -282,6 +275,7 @@ class Daemon:
 
     def _device_loop(self) -> None:
         while not self.abort_event.is_set():
+            self.engines.between_jobs()
             try:
                 prepared = self.device_q.get(timeout=0.2)
             except queue.Empty:
@@ -307,14 +301,23 @@ class Daemon:
                                job.run_id)
                 self._done_with(job.run_id)
                 return
-            self.intake.fail(job, str(exc))
+            self._fail(job, str(exc))
         except MemoryError:
-            self.intake.fail(job, "out of memory while processing this image; try a smaller image")
+            self._fail(job, "out of memory while processing this image; try a smaller image")
         except OSError as exc:
-            self.intake.fail(job, f"file system error: {exc}")
+            self._fail(job, f"file system error: {exc}")
         except Exception as exc:  # a bug must cost one job, not the daemon: logged with its traceback
             logger.exception("run {}: unexpected error", job.run_id)
-            self.intake.fail(job, f"internal error ({type(exc).__name__}: {exc}); see logs/error.log")
+            self._fail(job, f"internal error ({type(exc).__name__}: {exc}); see logs/error.log")
+
+    def _fail(self, job: Job, reason: str) -> None:
+        """Record a failure; if even that fails (database locked, share gone), the worker still lives."""
+        try:
+            self.intake.fail(job, reason)
+        except Exception:  # the worker thread must survive; the row is retaken at the next start
+            logger.exception("run {}: could not record its failure ({})", job.run_id, reason)
+        finally:
+            self._done_with(job.run_id)
 
     def _done_with(self, run_id: int) -> None:
         with self._inflight_lock:

@@ -8,7 +8,9 @@ where another workstation may take them.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -117,13 +119,18 @@ class Intake:
             rows = list(store.db.query("SELECT * FROM runs WHERE source_path = ? ORDER BY id DESC LIMIT 1",
                                        [str(path)]))
         row = rows[0] if rows else None
+        if row is not None and row["input_sha256"] != outbox_sha(path):
+            row = None  # a newer file claimed under the same name before its run was recorded
         if row is not None and row["status"] in ("done", "skipped"):
             sidecar = self._claimed_sidecar(path)
             if sidecar is not None:
                 self.sidecar_of[row["id"]] = sidecar
             self._dispose_original(inbox, path, row["rel_path"], row["id"])
         elif row is not None and row["status"] == "failed":
-            outbox.move_to_failed(inbox.path, path, row["rel_path"], row["error"] or "failed")
+            target = outbox.move_to_failed(inbox.path, path, row["rel_path"], row["error"] or "failed")
+            sidecar = self._claimed_sidecar(path)
+            if sidecar is not None:
+                park_sidecar(inbox.path, sidecar, target)
         else:
             back = claim.unclaim(inbox.path, path, self.d.config.host)
             logger.info("returned unfinished claim {} to the inbox", back)
@@ -134,9 +141,18 @@ class Intake:
         assert self.watcher is not None
         now = time.monotonic()
         for inbox, path in self.watcher.poll_ready():
-            self._classify(inbox, path, now)
+            self._guarded(path, self._classify, inbox, path, now)
         self._take_pending(now)
         self._check_sidecars(now)
+
+    @staticmethod
+    def _guarded(path: Path, step: Callable[..., object], *args: object) -> None:
+        """One file's trouble (a vanished share, a read-only folder, a locked database) is logged and
+        retried at the next rescan; it never stops the daemon."""
+        try:
+            step(*args)
+        except (OSError, BgwatchError, sqlite3.Error, ValueError) as exc:
+            logger.error("{}: {}", path, exc)
 
     def _classify(self, inbox: InboxConfig, path: Path, now: float) -> None:
         inbox = self.d.inbox_named(inbox.name) or inbox  # the watcher's copy predates a config reload
@@ -176,10 +192,7 @@ class Intake:
             if self._awaits_sidecar(waiting, path, now):
                 continue
             del self.pending[path]
-            try:
-                self.take(self.d.inbox_named(waiting.inbox.name) or waiting.inbox, path)
-            except OSError as exc:
-                logger.error("{}: cannot take it: {}", path, exc)
+            self._guarded(path, self.take, self.d.inbox_named(waiting.inbox.name) or waiting.inbox, path)
 
     def _awaits_sidecar(self, waiting: Waiting, path: Path, now: float) -> bool:
         """require_sidecar: wait up to watch.sidecar_seconds for the sidecar, then go (and fail)."""
@@ -207,10 +220,18 @@ class Intake:
         if claimed is None:
             logger.debug("{}: another host took it", path)
             return None
-        claimed_sidecar = claim.claim(inbox.path, sidecar, host) if sidecar is not None else None
-        self.sidecars.pop(sidecar, None) if sidecar is not None else None
+        claimed_sidecar = None
+        if sidecar is not None:
+            claimed_sidecar = claim.claim(inbox.path, sidecar, host)
+            self.sidecars.pop(sidecar, None)
         store = self.d.store
-        sha = outbox_sha(claimed)
+        try:
+            sha = outbox_sha(claimed)
+        except OSError:
+            claim.unclaim(inbox.path, claimed, host)
+            if claimed_sidecar is not None:
+                claim.unclaim(inbox.path, claimed_sidecar, host)
+            raise
         try:
             if sidecar_error:
                 raise SpecError(rel, "sidecar", sidecar_error)
@@ -224,18 +245,22 @@ class Intake:
         except BgwatchError as exc:
             run_id = store.add_run(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claimed),
                                    input_sha256=sha, spec_json="{}", host=host)
-            self.sidecar_of[run_id] = claimed_sidecar if claimed_sidecar else None  # type: ignore[assignment]
+            if claimed_sidecar is not None:
+                self.sidecar_of[run_id] = claimed_sidecar
             self._fail_claimed(inbox, run_id, rel, claimed, str(exc))
             return run_id
         key = job_key(sha, spec)
         earlier = None if spec.reprocess else store.find_done(key)
         run_id = store.add_run(key=key, inbox=inbox.name, rel_path=rel, source_path=str(claimed),
-                               input_sha256=sha, spec_json=spec_json(spec), host=host,
-                               status=JobState.SKIPPED if earlier else JobState.QUEUED)
+                               input_sha256=sha, spec_json=spec_json(spec), host=host)
         if claimed_sidecar is not None:
             self.sidecar_of[run_id] = claimed_sidecar
         if earlier is not None:
-            output = self._deliver_earlier(inbox, rel, spec, Path(earlier["output_path"]))
+            try:
+                output = self._deliver_earlier(inbox, rel, spec, Path(earlier["output_path"]))
+            except OSError as exc:
+                self._fail_claimed(inbox, run_id, rel, claimed, f"could not deliver the earlier output: {exc}")
+                return run_id
             store.finish_run(run_id, JobState.SKIPPED, output_path=str(output),
                              error=f"same image and spec as run {earlier['id']}")
             logger.info("{}: same image and spec as run {}, skipped (output {})", rel, earlier["id"], output)
@@ -267,6 +292,8 @@ class Intake:
         inbox = self._inbox(job)
         target = self.d.outbox.reserve(inbox.outbox, job.rel_path, job.spec.output.suffix, finished.extension)
         try:
+            # Recorded first: after a kill between write and 'done', the rerun knows this file is its own.
+            self.d.store.set_output(job.run_id, str(target))
             outbox.atomic_write(target, finished.data)
         finally:
             self.d.outbox.release(target)
@@ -292,7 +319,7 @@ class Intake:
                 where = outbox.move_to_failed(inbox.path, claimed, rel, reason)
             sidecar = self.sidecar_of.pop(run_id, None)
             if sidecar is not None and sidecar.exists():
-                outbox.park(inbox.path, sidecar, str(PurePosixPath(rel).parent / sidecar.name), outbox.FAILED_DIR)
+                park_sidecar(inbox.path, sidecar, where)
         except OSError as exc:
             reason += f" (and the original could not be moved to failed/: {exc}; it is at {claimed})"
             logger.error("{}: cannot move to failed/: {}", rel, exc)
@@ -303,50 +330,59 @@ class Intake:
         sidecar = self.sidecar_of.pop(run_id, None) if run_id is not None else None
         sidecar_rel = str(PurePosixPath(rel).parent / sidecar.name) if sidecar is not None else ""
         if inbox.on_success == "move":
-            outbox.move_to_done(inbox.path, current, rel)
+            target = outbox.move_to_done(inbox.path, current, rel)
             if sidecar is not None and sidecar.exists():
-                outbox.park(inbox.path, sidecar, sidecar_rel, outbox.DONE_DIR)
+                park_sidecar(inbox.path, sidecar, target)
         elif inbox.on_success == "delete":
             current.unlink(missing_ok=True)
             if sidecar is not None:
                 sidecar.unlink(missing_ok=True)
         else:  # keep: back where it was dropped, remembered so that it is not taken again unchanged
-            original = inbox.path / rel
-            os.replace(current, original) if not original.exists() else current.unlink()
+            original = outbox.free_name((inbox.path / rel).parent, PurePosixPath(rel).name)
+            os.replace(current, original)
             signature = self._signature(original)
             if signature is not None:
                 self.kept[original] = signature
             if sidecar is not None and sidecar.exists():
-                os.replace(sidecar, inbox.path / sidecar_rel)
+                os.replace(sidecar, outbox.free_name((inbox.path / sidecar_rel).parent, sidecar.name))
 
     def _inbox(self, job: Job) -> InboxConfig:
         inbox = self.d.inbox_named(job.inbox)
-        if inbox is None:
-            raise BgwatchError(f"inbox {job.inbox} is no longer configured")
+        if inbox is None:  # removed by a config reload while the job ran: finish it where it came from
+            logger.warning("inbox {} is no longer configured; finishing run {} there", job.inbox, job.run_id)
+            inbox = InboxConfig(path=Path(job.inbox), outbox=Path(job.inbox).parent / "outbox", on_success="move")
         return inbox
 
     # ------------------------------------------------------------------ sidecars on their own
 
     def _check_sidecars(self, now: float) -> None:
         for path, waiting in list(self.sidecars.items()):
-            if not path.exists():
-                del self.sidecars[path]
-                continue
-            if rules.sidecar_images(path):
-                continue  # its image is in the inbox: it travels with it when the image is taken
-            inbox = waiting.inbox
-            rel = rel_of(inbox, path)
-            done_twin = inbox.path / outbox.DONE_DIR / rel
-            images = rules.sidecar_images(done_twin)
-            if images:
-                self._sidecar_after_image(inbox, path, images[0])
-                del self.sidecars[path]
-            elif now - waiting.first_seen >= self.d.config.watch.orphan_sidecar_seconds:
-                reason = (f"no image belongs to this sidecar (looked for {path.stem}.* beside it) within "
-                          f"{self.d.config.watch.orphan_sidecar_seconds:g} s")
-                outbox.move_to_failed(inbox.path, path, rel, reason)
-                logger.warning("{}: {}", rel, reason)
-                del self.sidecars[path]
+            try:
+                self._check_sidecar(path, waiting, now)
+            except (OSError, BgwatchError, sqlite3.Error, ValueError) as exc:
+                # logged once, not ten times a second: the sidecar is looked at again if it changes
+                logger.error("{}: {}; leaving this sidecar where it is", path, exc)
+                self.sidecars.pop(path, None)
+
+    def _check_sidecar(self, path: Path, waiting: Waiting, now: float) -> None:
+        if not path.exists():
+            del self.sidecars[path]
+            return
+        if rules.sidecar_images(path):
+            return  # its image is in the inbox: it travels with it when the image is taken
+        inbox = waiting.inbox
+        rel = rel_of(inbox, path)
+        done_twin = inbox.path / outbox.DONE_DIR / rel
+        images = rules.sidecar_images(done_twin)
+        if images:
+            self._sidecar_after_image(inbox, path, images[0])
+            del self.sidecars[path]
+        elif now - waiting.first_seen >= self.d.config.watch.orphan_sidecar_seconds:
+            reason = (f"no image belongs to this sidecar (looked for {path.stem}.* beside it) within "
+                      f"{self.d.config.watch.orphan_sidecar_seconds:g} s")
+            outbox.move_to_failed(inbox.path, path, rel, reason)
+            logger.warning("{}: {}", rel, reason)
+            del self.sidecars[path]
 
     def _sidecar_after_image(self, inbox: InboxConfig, sidecar: Path, done_image: Path) -> None:
         """A sidecar arrived after its image was processed: reprocess if the resolved spec changed."""
@@ -375,6 +411,14 @@ class Intake:
             for back in claim.reclaim_stale(inbox.path, self.d.config.watch.lease_seconds, self.d.config.host,
                                             now):
                 logger.warning("returned {} to the inbox: its host stopped beating", back)
+
+
+def park_sidecar(inbox_root: Path, sidecar: Path, image: Path) -> Path:
+    """File a sidecar beside its parked image under the image's (possibly numbered) name."""
+    stem = image.name if sidecar.name.startswith(image.name) else image.stem
+    target = outbox.free_name(image.parent, stem + sidecar.suffix)
+    os.replace(sidecar, target)
+    return target
 
 
 def outbox_sha(path: Path) -> str:

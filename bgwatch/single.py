@@ -40,19 +40,31 @@ def process_one(image: Path, config: Config, out_dir: Path, overrides: Mapping[s
               key=job_key(sha, spec))
     engines = stages.Engines(config, store, TokenBucket(config.limits.generations_per_minute))
     try:
+        return _process_and_record(job, config, engines, store, image, out_dir)
+    finally:
+        store.close()
+
+
+def _process_and_record(job: Job, config: Config, engines: Any, store: Any, image: Path,
+                        out_dir: Path) -> RunResult:
+    from bgwatch.pipeline import stages
+
+    spec = job.spec
+    try:
         finished = stages.run_all(job, config, engines)
         target = out_dir / f"{image.stem}{spec.output.suffix}{finished.extension}"
-        if target.resolve() == image:
+        if target.resolve() == image:  # never overwrite the input itself
             target = outbox.free_name(out_dir, f"{image.stem}-bgwatch{finished.extension}")
         outbox.atomic_write(target, finished.data)
-    except BgwatchError as exc:
-        store.finish_run(run_id, JobState.FAILED, error=str(exc))
-        store.close()
-        return RunResult(run_id, JobState.FAILED, error=str(exc))
-    store.finish_run(run_id, JobState.DONE, output_path=str(target), mask_engine=finished.mask_engine,
+    except (BgwatchError, OSError) as exc:
+        store.finish_run(job.run_id, JobState.FAILED, error=str(exc))
+        return RunResult(job.run_id, JobState.FAILED, error=str(exc))
+    except BaseException as exc:  # a bug or ^C: the row must not stay 'running'; then let it surface
+        store.finish_run(job.run_id, JobState.FAILED, error=f"internal error ({type(exc).__name__}: {exc})")
+        raise
+    store.finish_run(job.run_id, JobState.DONE, output_path=str(target), mask_engine=finished.mask_engine,
                      bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings)
-    store.close()
-    return RunResult(run_id, JobState.DONE, target, mask_engine=finished.mask_engine,
+    return RunResult(job.run_id, JobState.DONE, target, mask_engine=finished.mask_engine,
                      bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings)
 
 
@@ -86,8 +98,9 @@ def retry_runs(config: Config, run_ids: Sequence[int], *, all_failed: bool) -> t
         target = outbox.free_name((inbox.path / row["rel_path"]).parent, Path(row["rel_path"]).name)
         target.parent.mkdir(parents=True, exist_ok=True)
         note = source.with_name(source.name + ".error.txt")
-        for sidecar in _sidecars_beside(source):
-            os.replace(sidecar, target.parent / sidecar.name)
+        for sidecar in _sidecars_beside(source):  # named after the image's new name, never over another
+            stem = target.name if sidecar.name.startswith(source.name) else target.stem
+            os.replace(sidecar, outbox.free_name(target.parent, stem + sidecar.suffix))
         os.replace(source, target)
         note.unlink(missing_ok=True)
         store.finish_run(row["id"], JobState.FAILED, error=(row["error"] or "") + " [retried]",
@@ -161,12 +174,12 @@ def cache_command(config: Config, action: str) -> str:
         store.close()
 
 
-def models_command(config: Config, action: str) -> tuple[str, bool]:
+def models_command(config: Config, action: str, names: Sequence[str] = ()) -> tuple[str, bool]:
     from bgwatch import models
 
     if action == "ls":
-        return models.format_models(models.list_models(config)), True
+        return models.format_models(models.list_models(config, tuple(names))), True
     try:
-        return models.format_pull(models.pull_models(config)), True
+        return models.format_pull(models.pull_models(config, tuple(names))), True
     except BgwatchError as exc:
         return f"bgwatch: {exc}", False

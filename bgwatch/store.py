@@ -146,6 +146,18 @@ class Store:
             conn.execute("UPDATE runs SET lease_until = ? WHERE id = ? AND status = 'running'",
                          (self.clock() + lease_seconds, run_id))
 
+    def set_output(self, run_id: int, output_path: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE runs SET output_path = ? WHERE id = ?", (output_path, run_id))
+
+    def output_owner(self, output_path: str) -> str | None:
+        """rel_path of the input whose run last wrote (or is writing) this output; failed runs own nothing."""
+        with self._lock:
+            rows = list(self.db.query(
+                "SELECT rel_path FROM runs WHERE output_path = ? AND status != 'failed' ORDER BY id DESC LIMIT 1",
+                [output_path]))
+        return rows[0]["rel_path"] if rows else None
+
     def update_source(self, run_id: int, source_path: str) -> None:
         with self._tx() as conn:
             conn.execute("UPDATE runs SET source_path = ? WHERE id = ?", (source_path, run_id))

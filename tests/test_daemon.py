@@ -199,3 +199,36 @@ def test_a_vanished_inbox_folder_is_watched_again_when_it_returns(tmp_path: Path
         wait_for(lambda: len(daemon.results) == 2, timeout=30)
     assert [r.state.value for r in daemon.results] == ["done", "done"]
     assert len(files_under(outbox)) == 2
+
+
+def test_kill_between_output_and_done_reuses_its_own_output_name(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox
+    [shot] = write_samples(inbox, 1, size=(160, 120), seed=60)
+    assert Daemon(config, once=True).run() == 0
+    # rewind to "output written, row still running, original still claimed" (a kill -9 at that moment)
+    claimed = inbox / ".bgwatch" / "claimed" / "testhost" / shot.name
+    claimed.parent.mkdir(parents=True, exist_ok=True)
+    (inbox / "done" / shot.name).rename(claimed)
+    db = sqlite3.connect(config.db_path)
+    db.execute("UPDATE runs SET status = 'running', source_path = ?", [str(claimed)])
+    db.commit()
+    db.close()
+    assert Daemon(config, once=True).run() == 0
+    assert files_under(outbox) == [shot.with_suffix(".png").name], "no second output beside the first"
+    assert statuses(config) == {shot.name: "done"}
+
+
+def test_a_new_file_claimed_under_an_old_name_is_processed_not_filed(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox = config.inboxes[0].path
+    [shot] = write_samples(inbox, 1, size=(160, 120), seed=61)
+    assert Daemon(config, once=True).run() == 0
+    # a different image claimed to the same path, then a kill before its run was recorded
+    claimed = inbox / ".bgwatch" / "claimed" / "testhost" / shot.name
+    claimed.parent.mkdir(parents=True, exist_ok=True)
+    write_samples(tmp_path / "other", 1, size=(160, 120), seed=62)[0].rename(claimed)
+    assert Daemon(config, once=True).run() == 0
+    store = Store(config.db_path)
+    assert [r["status"] for r in store.history()] == ["done", "done"]
+    assert len(files_under(inbox / "done")) == 2

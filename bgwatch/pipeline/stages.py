@@ -95,6 +95,25 @@ class Engines:
         self.generation_bucket = generation_bucket
         self.stop = stop
         self._cache: Any = None
+        self._unload_pending = False
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: models whose settings changed are dropped before the device's next job,
+        never under a running one (loading the new beside the old could run the GPU out of memory)."""
+        old, self.config = self.config, config
+        if (old.sdxl, old.device, old.runway) != (config.sdxl, config.device, config.runway):
+            self._unload_pending = True
+        if (old.cache_dir, old.cache.max_bytes) != (config.cache_dir, config.cache.max_bytes):
+            self._cache = None
+
+    def between_jobs(self) -> None:
+        """Called by the device worker with no job in hand."""
+        if self._unload_pending:
+            self._unload_pending = False
+            import sys
+
+            if "bgwatch.pipeline.backgrounds" in sys.modules:
+                sys.modules["bgwatch.pipeline.backgrounds"].unload_background_engines()
 
     @property
     def cache(self) -> Any:
