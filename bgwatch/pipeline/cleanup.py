@@ -91,8 +91,8 @@ def _foreground_in(img: np.ndarray, alpha: np.ndarray, radius: float) -> np.ndar
     partial = (alpha > 0.0) & (alpha < 1.0)
     sure_bg = (alpha < 0.02).astype(np.float32)
     sure_fg = (alpha > 0.98).astype(np.float32)
-    background = _spread(img, sure_bg, radius)
-    spread_fg = _spread(img, sure_fg, radius)
+    background = _spread_smooth(img, sure_bg, radius)
+    spread_fg = _spread_smooth(img, sure_fg, radius)
     solved = (img - (1.0 - a) * background) / np.maximum(a, 1e-3)
     solved = np.clip(solved, 0.0, 255.0)
     # Trust the solved colour where enough of the subject is in the pixel; below that, borrow the colour
@@ -174,6 +174,22 @@ def estimate_noise(grey: np.ndarray) -> float:
     kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
     response = cv2.filter2D(grey.astype(np.float32), -1, kernel)[1:-1, 1:-1]
     return float(np.sqrt(np.pi / 2) * np.abs(response).sum() / (6.0 * (w - 2) * (h - 2)))
+
+
+def _spread_smooth(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
+    """_spread, computed at half resolution when the field is smooth enough not to notice (radius >= 4 px):
+    the weighted colours are averaged down premultiplied, so no colour leaks across the mask's edge."""
+    import cv2
+
+    h, w = weight.shape
+    if radius < 4.0 or min(h, w) < 64:
+        return _spread(img, weight, radius)
+    size = ((w + 1) // 2, (h + 1) // 2)
+    small_w = cv2.resize(weight, size, interpolation=cv2.INTER_AREA)
+    small_i = cv2.resize(img * weight[..., None], size, interpolation=cv2.INTER_AREA)
+    small_i /= np.maximum(small_w, 1e-6)[..., None]
+    spread = _spread(small_i, small_w, radius / 2)
+    return cv2.resize(spread, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def _spread(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
