@@ -95,6 +95,8 @@ class Intake:
                 self.sidecar_of[row["id"]] = sidecar
             self.d.enqueue(row["id"])
         for inbox in self.d.config.inboxes:
+            if outbox.remove_own_temp_files(inbox.outbox, host):
+                logger.info("{}: removed half-written outputs left by the last run", inbox.outbox)
             folder = claim.claimed_dir(inbox.path, host)
             if not folder.is_dir():
                 continue
@@ -279,7 +281,7 @@ class Intake:
         target = self.d.outbox.reserve(inbox.outbox, rel, spec.output.suffix, output_extension(spec.output))
         try:
             if target != earlier:
-                outbox.atomic_write(target, earlier.read_bytes())
+                outbox.atomic_write(target, earlier.read_bytes(), owner=self.d.config.host)
         finally:
             self.d.outbox.release(target)
         return target
@@ -294,7 +296,7 @@ class Intake:
         try:
             # Recorded first: after a kill between write and 'done', the rerun knows this file is its own.
             self.d.store.set_output(job.run_id, str(target))
-            outbox.atomic_write(target, finished.data)
+            outbox.atomic_write(target, finished.data, owner=self.d.config.host)
         finally:
             self.d.outbox.release(target)
         self.d.store.finish_run(job.run_id, JobState.DONE, output_path=str(target),

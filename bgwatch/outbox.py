@@ -20,10 +20,17 @@ FAILED_DIR = "failed"
 WORK_DIR = ".bgwatch"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to path so that readers see the old file or the whole new one, never a part."""
+TEMP_SUFFIX = ".bgwatch-tmp"
+
+
+def atomic_write(path: Path, data: bytes, *, owner: str = "") -> None:
+    """Write bytes to path so that readers see the old file or the whole new one, never a part.
+
+    The temp file is a dot file named after its owner (this host), so that after a crash the owner can
+    remove its own leftovers without touching another host's write in progress on a shared outbox."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}.{owner}." if owner else f".{path.name}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -35,6 +42,17 @@ def atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_own_temp_files(folder: Path, owner: str) -> int:
+    """Delete the temp files a crashed run of this owner left under folder; returns how many."""
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.rglob(f".*.{owner}.*{TEMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:

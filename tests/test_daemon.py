@@ -166,7 +166,7 @@ def test_kill_9_mid_run_then_restart_leaves_one_output_per_input(tmp_path: Path)
     restarted = subprocess.run([sys.executable, "-m", "bgwatch", "run", "--once", "--no-progress", "-c",
                                 str(config.source)], env=env, capture_output=True, text=True, timeout=120)
     assert restarted.returncode == 0, restarted.stderr
-    assert files_under(outbox) == sorted(s.with_suffix(".png").name for s in shots)
+    assert files_under(outbox) == sorted(s.with_suffix(".png").name for s in shots), "no half-written leftovers"
     assert files_under(inbox / "done") == sorted(s.name for s in shots)
     db = sqlite3.connect(config.db_path)
     assert db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('running', 'queued')").fetchone()[0] == 0

@@ -61,3 +61,15 @@ def test_failed_gets_the_reason_beside_it(tmp_path: Path) -> None:
     assert target.read_bytes() == b"broken"
     note = target.with_name("x-2.jpg.error.txt").read_text()
     assert "truncated JPEG" in note and "bgwatch retry" in note
+
+
+def test_own_temp_leftovers_are_removed_and_other_hosts_are_left_alone(tmp_path: Path) -> None:
+    mine = tmp_path / "sub" / ".photo.png.ws1.abc123.bgwatch-tmp"
+    theirs = tmp_path / "sub" / ".photo.png.ws2.def456.bgwatch-tmp"
+    mine.parent.mkdir()
+    mine.write_bytes(b"half")
+    theirs.write_bytes(b"half")
+    assert outbox.remove_own_temp_files(tmp_path, "ws1") == 1
+    assert not mine.exists() and theirs.exists()
+    outbox.atomic_write(tmp_path / "x.png", b"done", owner="ws1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "x.png"]

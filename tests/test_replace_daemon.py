@@ -72,3 +72,17 @@ def test_4k_rule_refuses_big_inputs_for_sdxl_unless_allowed(tmp_path: Path) -> N
     assert Daemon(config, once=True).run() == 1
     note = (inbox / "failed" / "banner.jpg.error.txt").read_text()
     assert "4096" in note and "ALLOW_4K" in note
+
+
+def test_generations_wait_for_tokens_and_never_fail_for_lack_of_one(tmp_path: Path, tiny_sdxl: Path) -> None:
+    import time
+
+    rules = {"operation": "replace", "engine": "sdxl", "model": str(tiny_sdxl), "prompt": "oak table",
+             "steps": 1}  # no seed: every image generates (drawn seeds are never cached)
+    config = make_config(tmp_path, {"gen": {"rules": rules}}, device="cpu",
+                         limits={"generations_per_minute": 60})  # one token a second, burst 1
+    write_samples(config.inboxes[0].path, 3, size=(128, 96), seed=70)
+    start = time.monotonic()
+    assert Daemon(config, once=True).run() == 0
+    assert time.monotonic() - start >= 1.9, "three generations at 60/min take at least two seconds"
+    assert len(files_under(config.inboxes[0].outbox)) == 3
