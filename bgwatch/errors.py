@@ -13,34 +13,27 @@ class BgwatchError(Exception):
     """Anything bgwatch can explain to its user in one line."""
 
 
-class ConfigError(BgwatchError):
+class _KeyError(BgwatchError):
+    """An error about one key of one file: says where, which key, what is wrong and what is allowed."""
+
+    def __init__(self, source: str | Path, key: str, problem: str, allowed: str = "") -> None:
+        self.source = str(source)
+        self.key = key
+        self.problem = problem
+        self.allowed = allowed
+        where = f"{self.source}: {key}" if key else self.source
+        text = f"{where}: {problem}"
+        if allowed:
+            text += f" (allowed: {allowed})"
+        super().__init__(text)
+
+
+class ConfigError(_KeyError):
     """config.yaml (or an environment override) is invalid; the daemon does not start."""
 
-    def __init__(self, source: str | Path, key: str, problem: str, allowed: str = "") -> None:
-        self.source = str(source)
-        self.key = key
-        self.problem = problem
-        self.allowed = allowed
-        where = f"{self.source}: {key}" if key else self.source
-        text = f"{where}: {problem}"
-        if allowed:
-            text += f" (allowed: {allowed})"
-        super().__init__(text)
 
-
-class SpecError(BgwatchError):
+class SpecError(_KeyError):
     """A rule, folder file or sidecar asks for something invalid; that image fails, others go on."""
-
-    def __init__(self, source: str | Path, key: str, problem: str, allowed: str = "") -> None:
-        self.source = str(source)
-        self.key = key
-        self.problem = problem
-        self.allowed = allowed
-        where = f"{self.source}: {key}" if key else self.source
-        text = f"{where}: {problem}"
-        if allowed:
-            text += f" (allowed: {allowed})"
-        super().__init__(text)
 
 
 class InputError(BgwatchError):
