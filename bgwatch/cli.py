@@ -116,6 +116,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     running = InstanceLock.held(config.state_dir)
     print(f"daemon:   {'running' if running else 'not running'} (state {config.state_dir})")
+    live = _live_status(config) if running else None
+    if live is not None:
+        print(f"work:     {live['in_flight']} in flight, {live['waiting']} waiting to be claimed")
+        for inbox in live["inboxes"]:
+            health = f"watching ({inbox['observer']})" if inbox["healthy"] else f"NOT WATCHING: {inbox['problem']}"
+            print(f"watch:    {inbox['path']}  {health}, {inbox['settling']} settling, "
+                  f"{inbox['restarts']} restart(s)")
     if not config.db_path.exists():
         print("runs:     none yet")
         return 0
@@ -132,6 +139,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"inbox:    {inbox.path}  ({waiting} waiting) -> {inbox.outbox}")
     store.close()
     return 0
+
+
+def _live_status(config: Any) -> dict[str, Any] | None:
+    from bgwatch.daemon import STATUS_FILE
+
+    try:
+        return dict(json.loads((config.state_dir / STATUS_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def cmd_history(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import queue
 import signal
@@ -33,6 +34,8 @@ from bgwatch.ratelimit import TokenBucket
 from bgwatch.store import Store
 
 _STOP = object()
+STATUS_FILE = "status.json"
+STATUS_SECONDS = 2.0
 
 
 def sha256_file(path: Path) -> str:
@@ -202,9 +205,13 @@ class Daemon:
             self.intake.start()
             sd_notify("READY=1")
             logger.info("bgwatch watching {} inbox(es) as host {}", len(self.config.inboxes), self.config.host)
+            next_status = 0.0
             while not self.stop_event.is_set():
                 self._maybe_reload()
                 self.intake.tick()
+                if time.monotonic() >= next_status:
+                    next_status = time.monotonic() + STATUS_SECONDS
+                    self._publish_status()
                 if self.once and self.intake.idle() and not self.busy():
                     break
                 self.stop_event.wait(0.1)
@@ -221,6 +228,24 @@ class Daemon:
             lock.release()
         failed = sum(1 for r in self.results if r.state == JobState.FAILED)
         return 1 if failed else 0
+
+    def _publish_status(self) -> None:
+        """state_dir/status.json for `bgwatch status`, and systemd's STATUS line."""
+        watcher = self.intake.watcher
+        inboxes = [] if watcher is None else [
+            {"path": str(s.inbox.path), "healthy": s.healthy, "observer": s.observer, "problem": s.problem,
+             "restarts": s.restarts, "settling": s.tracked} for s in watcher.status()]
+        with self._inflight_lock:
+            inflight = len(self.inflight)
+        status = {"pid": os.getpid(), "host": self.config.host, "updated_at": time.time(), "in_flight": inflight,
+                  "waiting": len(self.intake.pending), "inboxes": inboxes}
+        try:
+            outbox.atomic_write(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=1).encode())
+        except OSError as exc:
+            logger.warning("cannot write {}: {}", STATUS_FILE, exc)
+        unhealthy = [i["path"] for i in inboxes if not i["healthy"]]
+        sd_notify(f"STATUS={inflight} in flight, {len(self.intake.pending)} waiting"
+                  + (f"; not watching: {', '.join(unhealthy)}" if unhealthy else ""))
 
     def _drain(self) -> None:
         """Finish what is claimed (TERM: a systemd stop waits for in-flight work, then exits)."""

@@ -30,8 +30,11 @@ def test_sd_notify_ready_and_stopping(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("NOTIFY_SOCKET", address)
     config = make_config(tmp_path)
     assert Daemon(config, once=True).run() == 0
-    messages = [server.recv(1024).decode(), server.recv(1024).decode()]
-    assert messages == ["READY=1", "STOPPING=1"]
+    messages = []
+    while not messages or messages[-1] != "STOPPING=1":
+        messages.append(server.recv(1024).decode())
+    assert messages[0] == "READY=1"
+    assert any(m.startswith("STATUS=") and "in flight" in m for m in messages)
     server.close()
 
 
@@ -95,3 +98,14 @@ def test_term_finishes_in_flight_work_and_exits_cleanly(tmp_path: Path) -> None:
     assert db.execute("SELECT COUNT(*) FROM runs WHERE status IN ('running')").fetchone()[0] == 0
     assert not files_under(inbox / ".bgwatch" / "claimed") or db.execute(
         "SELECT COUNT(*) FROM runs WHERE status = 'queued'").fetchone()[0] > 0
+
+
+def test_status_shows_a_running_daemons_watchers(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with DaemonThread(config):
+        wait_for(lambda: (config.state_dir / "status.json").exists())
+        proc = subprocess.run([sys.executable, "-m", "bgwatch", "status", "-c", str(config.source)],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "daemon:   running" in proc.stdout
+    assert f"watch:    {config.inboxes[0].path}  watching (inotify)" in proc.stdout
