@@ -21,6 +21,7 @@ import ctypes
 import errno
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,15 @@ def _check_host(host: str) -> str:
 def work_dir(inbox_root: Path) -> Path:
     """`<inbox>/.bgwatch`: claims and heartbeats of every host serving this inbox."""
     return Path(inbox_root) / WORK_DIR
+
+
+def refuse_links(root: Path, folder: Path) -> None:
+    """bgwatch's work folders must be real folders inside the inbox: anyone can write to a share, and a
+    symlinked .bgwatch/ or done/ would send files (or heartbeats) anywhere the daemon may write."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(folder)
+    if real != real_root and not real.startswith(real_root + os.sep):
+        raise OSError(errno.ELOOP, f"{folder} leads outside {root} through a symbolic link; refusing to write")
 
 
 def claimed_dir(inbox_root: Path, host: str) -> Path:
@@ -163,6 +173,8 @@ def claim(inbox_root: Path, path: Path, host: str) -> Path | None:
     if rel.parts[0] == WORK_DIR:
         raise ValueError(f"{path} is in bgwatch's work folder, not a file to claim")
     target = claimed_dir(inbox_root, host) / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    refuse_links(inbox_root, target.parent)
     with _local_lock:
         claimed = _move_to_free_name(Path(path), target, own_destination=True)
     if claimed is None:
@@ -226,18 +238,24 @@ class Heartbeat:
     def beat(self) -> bool:
         """Refresh the heartbeat. False (and a warning) if it cannot be written, e.g. the share is away."""
         now = self.clock()
-        tmp = self.path.with_name(f".{self.host}.{os.getpid()}.tmp")
+        tmp: Path | None = None
         try:
             if not self.inbox_root.is_dir():  # an unmounted share: do not beat into its mount point
                 raise FileNotFoundError(errno.ENOENT, "inbox folder missing", str(self.inbox_root))
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(f"{now!r}\n", encoding="utf-8")
+            refuse_links(self.inbox_root, self.path.parent)
+            # mkstemp: a fresh, unpredictable name opened O_EXCL, so a planted symlink cannot redirect it
+            fd, name = tempfile.mkstemp(prefix=f".{self.host}.", suffix=".tmp", dir=self.path.parent)
+            tmp = Path(name)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(f"{now!r}\n")
             os.utime(tmp, (now, now))
             os.replace(tmp, self.path)
         except OSError as exc:
             logger.warning("cannot write heartbeat {}: {}", self.path, exc.strerror or exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             return False
         return True
 

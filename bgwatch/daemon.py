@@ -39,8 +39,14 @@ STATUS_SECONDS = 2.0
 
 
 def sha256_file(path: Path) -> str:
+    """The file's sha256; refuses links, pipes and devices (a FIFO would block the intake forever)."""
+    import stat
+
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,7 +203,7 @@ class Intake:
             if rules.find_sidecar(path) is not None:
                 return False
             spec = rules.resolve(path, waiting.inbox, self.d.config, sidecar=None).spec
-        except BgwatchError:
+        except (BgwatchError, OSError, ValueError):
             return False  # take it now; the error is reported on the run
         return spec.require_sidecar and now - waiting.first_seen < self.d.config.watch.sidecar_seconds
 
@@ -227,6 +228,12 @@ class Intake:
             claimed_sidecar = claim.claim(inbox.path, sidecar, host)
             self.sidecars.pop(sidecar, None)
         store = self.d.store
+        if not stat.S_ISREG(os.lstat(claimed).st_mode):  # swapped for a link or a FIFO while it waited
+            run_id = store.add_run(key="-", inbox=inbox.name, rel_path=rel, source_path=str(claimed),
+                                   input_sha256="", spec_json="{}", host=host)
+            self._fail_claimed(inbox, run_id, rel, claimed,
+                               "not a regular file (a symbolic link, pipe or device); bgwatch reads only files")
+            return run_id
         try:
             sha = outbox_sha(claimed)
         except OSError:
@@ -244,7 +251,7 @@ class Intake:
                     path.parent / RULES_FILE, "require_sidecar",
                     f"no sidecar arrived for {path.name} within {self.d.config.watch.sidecar_seconds:g} s",
                     f"drop {path.stem}.yaml beside it, or set require_sidecar: false")
-        except BgwatchError as exc:
+        except (BgwatchError, ValueError) as exc:
             run_id = store.add_run(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claimed),
                                    input_sha256=sha, spec_json="{}", host=host)
             if claimed_sidecar is not None:
@@ -296,6 +303,8 @@ class Intake:
         try:
             # Recorded first: after a kill between write and 'done', the rerun knows this file is its own.
             self.d.store.set_output(job.run_id, str(target))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            claim.refuse_links(inbox.outbox, target.parent)
             outbox.atomic_write(target, finished.data, owner=self.d.config.host)
         finally:
             self.d.outbox.release(target)

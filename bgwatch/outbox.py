@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+from bgwatch.claim import refuse_links
 from bgwatch.errors import InputError
 
 DONE_DIR = "done"
@@ -92,6 +93,8 @@ class Outbox:
         """The output path for the input at rel_path (relative to its inbox), reserved until release()."""
         rel = PurePosixPath(rel_path)
         folder = outbox.joinpath(*rel.parent.parts)
+        if folder.exists():
+            refuse_links(outbox, folder)
         stem = rel.stem + suffix
         with self._lock:
             n = 1
@@ -120,6 +123,7 @@ def park(inbox_root: Path, current: Path, rel_path: str, where: str) -> Path:
     rel = PurePosixPath(rel_path)
     folder = inbox_root.joinpath(where, *rel.parent.parts)
     folder.mkdir(parents=True, exist_ok=True)
+    refuse_links(inbox_root, folder)
     target = free_name(folder, rel.name)
     os.replace(current, target)
     return target

@@ -467,8 +467,7 @@ def _check_merged(values: dict[str, Any], sources: dict[str, str], order: dict[s
     if replace and engine in GENERATIVE_ENGINES and untrusted:
         engine_layer = untrusted[-1]
         # Generation costs GPU time or cloud credit: only the operator may turn it on for an inbox.
-        configured = {v for fragment in (config.defaults, inbox.rules) for k, v in _flatten(fragment)
-                      if k == "engine"}
+        configured = _operator_engines(inbox, config)
         if engine not in configured:
             raise SpecError(engine_layer.label, "engine",
                             f"{engine!r} is not an engine this inbox allows; sidecars and folder files may "
@@ -503,13 +502,29 @@ def _backdrop(value: str, layer: _Layer, root: Path, *, must_exist: bool) -> str
     return os.path.realpath(path)
 
 
+def _operator_engines(inbox: InboxConfig, config: Config) -> set[str]:
+    """The generative engines the operator turned on for this inbox: the engine its own rules name, or,
+    when its rules make it a replace inbox without naming one, the config's (or built-in) default."""
+    if "engine" in inbox.rules:
+        return {str(inbox.rules["engine"])}
+    operation = inbox.rules.get("operation", config.defaults.get("operation", JobSpec().operation))
+    return {str(config.defaults.get("engine", JobSpec().engine))} if operation == "replace" else set()
+
+
 def _allowed_models(key: str, inbox: InboxConfig, config: Config) -> set[str]:
+    """Models a sidecar may name: the ones the operator configured for this inbox (or, where none is, the
+    built-in default), plus `allowed_models`. Never an arbitrary folder or hub id to download."""
     allowed = set(config.allowed_models)
-    allowed |= {"", DEFAULT_SDXL_MODEL, DEFAULT_RUNWAY_MODEL} if key == "model" else {MaskSpec().model}
-    for fragment in (config.defaults, inbox.rules):
-        for k, value in _flatten(fragment):
-            if k == key:
-                allowed.add(value)
+    configured = {value for fragment in (config.defaults, inbox.rules) for k, value in _flatten(fragment)
+                  if k == key}
+    allowed |= configured
+    if key == "mask.model":
+        if not configured:
+            allowed.add(MaskSpec().model)
+    elif not configured:
+        allowed |= {"", DEFAULT_SDXL_MODEL, DEFAULT_RUNWAY_MODEL}
+    else:
+        allowed.add("")  # "" means the configured one
     return allowed
 
 

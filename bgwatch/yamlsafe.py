@@ -53,6 +53,9 @@ def load_yaml_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
         data = yaml.load(text, Loader=_Loader)  # a safe loader; events checked above
     except yaml.YAMLError as exc:
         raise SpecError(path, "", _yaml_problem(exc)) from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an integer of 5000 digits
+        raise SpecError(path, "", f"holds a value bgwatch cannot read ({type(exc).__name__}); "
+                        "numbers must be of ordinary size") from None
     return {} if data is None else data
 
 

@@ -348,7 +348,7 @@ def test_an_image_outside_the_inbox_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("engine", ["sdxl", "runway"])
 def test_generative_replace_needs_a_prompt(tmp_path: Path, engine: str) -> None:
-    config, inbox = setup(tmp_path, defaults={"engine": engine})
+    config, inbox = setup(tmp_path, defaults={"engine": engine, "operation": "replace"})
     folder_file = put(tmp_path / "inbox" / "a" / ".bgwatch.yaml", "operation: replace\nprompt: '  '\n")
     with pytest.raises(SpecError) as info:
         resolve(image(tmp_path), inbox, config)
@@ -461,11 +461,15 @@ def test_allowed_and_configured_models_may_be_named_by_untrusted_sources(tmp_pat
                           allowed_models=["/srv/models/lightning", "birefnet-general"],
                           env={"MODEL_ID": "segmind/SSD-1B"})
     sidecar = tmp_path / "inbox" / "a" / "b" / "photo.yaml"
-    models = ("/srv/models/lightning", "stabilityai/sdxl-turbo", "segmind/SSD-1B", DEFAULT_SDXL_MODEL, "")
+    models = ("/srv/models/lightning", "stabilityai/sdxl-turbo", "segmind/SSD-1B", "")
     for model in models:
         put(sidecar, f"model: '{model}'\nmask: {{model: birefnet-general}}\n")
         spec = resolve(image(tmp_path), inbox, config).spec
         assert (spec.model, spec.mask.model) == (model, "birefnet-general")
+    # where the operator configured a model, the built-in hub default (a 7 GB download) is not implied
+    put(sidecar, f"model: '{DEFAULT_SDXL_MODEL}'\n")
+    with pytest.raises(SpecError, match="not a model this inbox allows"):
+        resolve(image(tmp_path), inbox, config)
     # the operator's own files may name anything
     config, inbox = setup(tmp_path, rules_={"model": "/anywhere/at/all", "mask": {"model": "my-net"}})
     put(sidecar, "steps: 3\n")

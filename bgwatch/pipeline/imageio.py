@@ -234,12 +234,13 @@ def _high_bit_to_l(im: Image.Image) -> Image.Image:
     data = np.asarray(im)
     if im.mode == "F":
         top = 1.0 if float(np.nanmax(data, initial=0.0)) <= 1.0 else 255.0
-        scaled = np.nan_to_num(data / top * 255.0)
+        scaled = np.round(np.nan_to_num(data / top * 255.0))
+    elif int(data.max(initial=0)) <= 255:
+        scaled = data  # an "I" image that only holds 8-bit values
     else:
-        scaled = data.astype(np.float64) / 257.0  # 16-bit range to 8-bit
-        if int(data.max(initial=0)) <= 255:
-            scaled = data.astype(np.float64)  # an "I" image that only holds 8-bit values
-    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+        # 16-bit range to 8-bit in integers: (v + 128) // 257 rounds like v / 257, with no float copies
+        scaled = (data.astype(np.uint32) + 128) // 257
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
 
 
 def _icc_to_srgb(im: Image.Image, icc: bytes, path: Path) -> Image.Image | None:

@@ -1,0 +1,61 @@
+"""What someone who can write to a shared inbox must not be able to do."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bgwatch import claim, outbox
+from bgwatch.daemon import Daemon
+from bgwatch.samples import write_samples
+from tests.helpers import files_under, make_config
+
+
+def test_a_huge_number_in_a_sidecar_fails_that_image_only(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox = config.inboxes[0].path
+    bad, good = write_samples(inbox, 2, size=(120, 90), seed=80)
+    bad.with_suffix(".yaml").write_text("seed: " + "9" * 5000 + "\n")
+    assert Daemon(config, once=True).run() == 1
+    note = (inbox / "failed" / f"{bad.name}.error.txt").read_text()
+    assert "ordinary size" in note
+    assert bad.with_suffix(".yaml").name in files_under(inbox / "failed"), "the sidecar travels with it"
+    assert files_under(config.inboxes[0].outbox) == [good.with_suffix(".png").name]
+    assert not files_under(inbox / ".bgwatch" / "claimed")
+
+
+def test_an_image_swapped_for_a_symlink_is_not_read_through(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox = config.inboxes[0].path
+    secret = write_samples(tmp_path / "private", 1, size=(120, 90), seed=81)[0]
+    daemon = Daemon(config)
+    link = inbox / "innocent.jpg"
+    os.symlink(secret, link)
+    daemon.intake.take(config.inboxes[0], link)  # as if swapped after it was seen stable
+    assert files_under(config.inboxes[0].outbox) == []
+    note = (inbox / "failed" / "innocent.jpg.error.txt").read_text()
+    assert "not a regular file" in note
+    assert secret.exists()
+    daemon.store.close()
+
+
+def test_symlinked_work_folders_are_refused(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    outside = tmp_path / "outside"
+    (inbox / ".bgwatch" / "heartbeats").mkdir(parents=True)
+    outside.mkdir()
+    target = outside / "precious.txt"
+    target.write_text("keep me")
+    # a planted link where the heartbeat's temp file or folder would go
+    os.symlink(target, inbox / ".bgwatch" / "heartbeats" / ".ws1.123.tmp")
+    assert claim.Heartbeat(inbox, "ws1").beat()
+    assert target.read_text() == "keep me"
+    # a done/ folder that is a link out of the inbox
+    os.symlink(outside, inbox / "done")
+    photo = inbox / "photo.jpg"
+    photo.write_bytes(b"x")
+    with pytest.raises(OSError, match="symbolic link"):
+        outbox.move_to_done(inbox, photo, "photo.jpg")
+    assert photo.exists() and not (outside / "photo.jpg").exists()
