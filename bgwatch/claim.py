@@ -288,7 +288,33 @@ def last_beat(inbox_root: Path, host: str) -> float | None:
             return None
 
 
-def reclaim_stale(inbox_root: Path, lease_seconds: float, my_host: str, now: float) -> list[Path]:
+class Liveness:
+    """Judges other hosts by whether their heartbeat *changes*, timed on this host's own monotonic clock:
+    clock skew between workstations, or a timestamp forged by anyone who can write to the share, cannot
+    make a live host look dead. A host is first seen as fresh, so a starting daemon waits a whole lease
+    before it returns anyone's claims."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._seen: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def silent_for(self, inbox_root: Path, host: str) -> float:
+        path = heartbeat_path(Path(inbox_root), host)
+        try:
+            st = path.stat()
+            content = f"{path.read_text(encoding='utf-8', errors='replace')[:64]}|{st.st_mtime_ns}"
+        except OSError:
+            content = ""
+        key, now = (str(inbox_root), host), self.clock()
+        previous = self._seen.get(key)
+        if previous is None or previous[0] != content:
+            self._seen[key] = (content, now)
+            return 0.0
+        return now - previous[1]
+
+
+def reclaim_stale(inbox_root: Path, lease_seconds: float, my_host: str, now: float,
+                  liveness: Liveness | None = None) -> list[Path]:
     """Return to the inbox the claims of other hosts whose heartbeat is older than `lease_seconds`.
 
     `now` is on the heartbeats' clock (time.time). A host with claims but no heartbeat at all counts as
@@ -310,14 +336,20 @@ def reclaim_stale(inbox_root: Path, lease_seconds: float, my_host: str, now: flo
         except ValueError:
             continue
         folder = base / host
-        stamp = last_beat(inbox_root, host)
-        if stamp is None:
-            try:
-                stamp = folder.stat().st_mtime
-            except OSError:
+        if liveness is not None:
+            silent = liveness.silent_for(inbox_root, host)
+            if silent <= lease_seconds:
                 continue
-        if now - stamp <= lease_seconds:
-            continue
+            stamp = now - silent
+        else:
+            stamp = last_beat(inbox_root, host)
+            if stamp is None:
+                try:
+                    stamp = folder.stat().st_mtime
+                except OSError:
+                    continue
+            if now - stamp <= lease_seconds:
+                continue
         files = _files_under(folder)
         if not files:
             continue

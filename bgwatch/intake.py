@@ -49,6 +49,7 @@ class Intake:
         self.sidecars: dict[Path, Waiting] = {}  # stable sidecars whose image is not in the inbox
         self.kept: dict[Path, tuple[int, int]] = {}  # on_success: keep -> (size, mtime_ns) already handled
         self.sidecar_of: dict[int, Path] = {}  # run id -> its claimed sidecar
+        self.liveness = claim.Liveness()  # other hosts, judged on this host's clock
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -420,7 +421,7 @@ class Intake:
                 continue
             claim.Heartbeat(inbox.path, self.d.config.host).beat()
             for back in claim.reclaim_stale(inbox.path, self.d.config.watch.lease_seconds, self.d.config.host,
-                                            now):
+                                            now, self.liveness):
                 logger.warning("returned {} to the inbox: its host stopped beating", back)
 
 

@@ -492,7 +492,7 @@ def _backdrop(value: str, layer: _Layer, root: Path, *, must_exist: bool) -> str
         path = Path(os.path.abspath(path if path.is_absolute() else layer.base / path))
         if must_exist and not path.is_file():
             raise SpecError(layer.label, key, f"{value!r}: no such file ({path})")
-        return str(path)
+        return os.path.realpath(path)  # links resolved now; the loader refuses one that appears later
     path = layer.base / value
     if not _inside(path, root):
         raise SpecError(layer.label, key, f"{value!r} leads outside the inbox through a symbolic link; "

@@ -182,3 +182,24 @@ def test_reclaim_without_a_heartbeat_goes_by_the_claimed_folder_age(tmp_path: Pa
 
 def test_reclaim_with_no_work_folder_is_a_no_op(tmp_path: Path) -> None:
     assert reclaim_stale(tmp_path, 300, "me", 0.0) == []
+
+
+def test_liveness_ignores_clock_skew_and_forged_timestamps(tmp_path: Path) -> None:
+    from bgwatch.claim import Liveness, claim, reclaim_stale
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.jpg").write_bytes(b"a")
+    assert claim(inbox, inbox / "a.jpg", "ws2") is not None
+    beat = inbox / ".bgwatch" / "heartbeats" / "ws2"
+    beat.parent.mkdir(parents=True, exist_ok=True)
+    beat.write_text("0\n")  # a host whose clock is decades behind (or a forged stamp)
+    local = [1000.0]
+    liveness = Liveness(clock=lambda: local[0])
+    assert reclaim_stale(inbox, 30, "ws1", now=2e9, liveness=liveness) == [], "first seen: fresh"
+    local[0] += 20
+    beat.write_text("1\n")  # it beats: alive, whatever its clock says
+    local[0] += 20
+    assert reclaim_stale(inbox, 30, "ws1", now=2e9, liveness=liveness) == []
+    local[0] += 31  # silent for longer than the lease, on this host's clock
+    assert [p.name for p in reclaim_stale(inbox, 30, "ws1", now=2e9, liveness=liveness)] == ["a.jpg"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import secrets
 import threading
 from dataclasses import asdict, dataclass, replace
@@ -295,22 +296,18 @@ class ImageEngine:
 
 
 def load_backdrop(path: Path, max_pixels: int) -> np.ndarray:
-    """Decode a backdrop file to HxWx3 uint8 sRGB (through imageio when it is there)."""
-    try:
-        from bgwatch.pipeline import imageio
-    except ImportError:
-        imageio = None  # type: ignore[assignment]
-    if imageio is not None and hasattr(imageio, "decode"):
-        return imageio.decode(path, max_pixels=max_pixels).rgb
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Decode a backdrop file to HxWx3 uint8 sRGB. rules.py resolved it to a real path inside the inbox
+    (for sidecars and folder files); a file swapped since for a link, pipe or device is refused."""
+    import stat
+
+    from bgwatch.pipeline import imageio
 
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:
-                raise InputError(path, f"backdrop has {im.width * im.height} pixels (limit {max_pixels})")
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
+        mode = os.stat(path).st_mode
+    except OSError:
         raise InputError(path, "background_image does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(path, f"background_image cannot be read: {exc}") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(path, "background_image is not a regular file")
+    if os.path.realpath(path) != os.path.abspath(path):
+        raise InputError(path, "background_image became a symbolic link after it was checked; refused")
+    return imageio.decode(Path(path), max_pixels=max_pixels).rgb
