@@ -103,7 +103,9 @@ def test_live_daemon_takes_new_files_mirrors_subfolders_and_never_clashes(tmp_pa
         wait_for(lambda: (outbox / "spring" / "shoes" / (shot.stem + ".png")).exists())
         # photo.jpg and photo.png both become photo.png: neither may overwrite the other
         moved = inbox / "done" / "spring" / "shoes" / shot.name
-        Image.open(moved).save(inbox / "photo.png")
+        wait_for(moved.exists)  # the output is written first, then the original is filed
+        with Image.open(moved) as img:
+            img.save(inbox / "photo.png")
         shutil.copy(moved, inbox / "photo.jpg")
         wait_for(lambda: len(files_under(outbox)) == 3)
     assert files_under(outbox) == ["photo-2.png", "photo.png", f"spring/shoes/{shot.stem}.png"]
