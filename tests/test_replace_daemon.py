@@ -59,7 +59,8 @@ def test_runway_replace_through_the_daemon(tmp_path: Path) -> None:
         posts = [r for r in server.requests if r.method == "POST"]
         assert len(posts) == 1 and posts[0].json()["promptText"] == "sunlit beach"
     [out] = config.inboxes[0].outbox.glob("*.png")
-    assert np.asarray(Image.open(out)).shape == (200, 300, 3)
+    with Image.open(out) as img:
+        assert np.asarray(img).shape == (200, 300, 3)
     text = config.db_path.read_bytes() + b"".join(p.read_bytes() for p in config.log_dir.glob("*.log"))
     assert b"k-123-secret" not in text, "the key never reaches the database or a log"
 
