@@ -132,7 +132,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for inbox in config.inboxes:
         waiting = 0
         if inbox.path.is_dir():
-            from bgwatch.watch import IMAGE_SUFFIXES, is_ignored
+            from bgwatch.sidecars import IMAGE_SUFFIXES
+            from bgwatch.watch import is_ignored
 
             waiting = sum(1 for p in inbox.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                           and not is_ignored(p.relative_to(inbox.path)))

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from bgwatch import claim, outbox, rules
+from bgwatch import claim, outbox, rules, sidecars
 from bgwatch.config import InboxConfig
 from bgwatch.errors import BgwatchError, SpecError
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
-from bgwatch.watch import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, InboxWatcher
+from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES
+from bgwatch.watch import InboxWatcher
 
 if TYPE_CHECKING:
     from bgwatch.daemon import Daemon
@@ -107,13 +108,13 @@ class Intake:
                 if str(path) not in open_sources and path.suffix.lower() not in SIDECAR_SUFFIXES:
                     self._settle_stray_claim(inbox, path)
             for path in files:
-                if path.exists() and path.suffix.lower() in SIDECAR_SUFFIXES and not rules.sidecar_images(path):
+                if path.exists() and path.suffix.lower() in SIDECAR_SUFFIXES and not sidecars.sidecar_images(path):
                     claim.unclaim(inbox.path, path, host)
 
     @staticmethod
     def _claimed_sidecar(image: Path) -> Path | None:
         try:
-            return rules.find_sidecar(image)
+            return sidecars.find_sidecar(image)
         except SpecError:
             return None
 
@@ -166,7 +167,7 @@ class Intake:
             logger.info("folder rules {} changed: they apply to files arriving from now on", path)
         elif suffix in SIDECAR_SUFFIXES:
             self.sidecars.setdefault(path, Waiting(inbox, now))
-            for image in rules.sidecar_images(path):
+            for image in sidecars.sidecar_images(path):
                 self.kept.pop(image, None)  # a changed sidecar re-takes a kept image
                 self.pending.setdefault(image, Waiting(inbox, now))
         elif suffix in IMAGE_SUFFIXES:
@@ -201,7 +202,7 @@ class Intake:
     def _awaits_sidecar(self, waiting: Waiting, path: Path, now: float) -> bool:
         """require_sidecar: wait up to watch.sidecar_seconds for the sidecar, then go (and fail)."""
         try:
-            if rules.find_sidecar(path) is not None:
+            if sidecars.find_sidecar(path) is not None:
                 return False
             spec = rules.resolve(path, waiting.inbox, self.d.config, sidecar=None).spec
         except (BgwatchError, OSError, ValueError):
@@ -215,7 +216,7 @@ class Intake:
         host = self.d.config.host
         rel = rel_of(inbox, path)
         try:
-            sidecar = rules.find_sidecar(path)
+            sidecar = sidecars.find_sidecar(path)
         except SpecError as exc:
             sidecar, sidecar_error = None, str(exc)
         else:
@@ -380,12 +381,12 @@ class Intake:
         if not path.exists():
             del self.sidecars[path]
             return
-        if rules.sidecar_images(path):
+        if sidecars.sidecar_images(path):
             return  # its image is in the inbox: it travels with it when the image is taken
         inbox = waiting.inbox
         rel = rel_of(inbox, path)
         done_twin = inbox.path / outbox.DONE_DIR / rel
-        images = rules.sidecar_images(done_twin)
+        images = sidecars.sidecar_images(done_twin)
         if images:
             self._sidecar_after_image(inbox, path, images[0])
             del self.sidecars[path]

@@ -10,7 +10,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bgwatch.rules import FIELDS, REFERENCE_END, REFERENCE_START, Field, ResolvedSpec, _num
+from bgwatch.rules import FIELDS, Field, ResolvedSpec, _num
+
+REFERENCE_START = "<!-- spec-reference:start -->"
+REFERENCE_END = "<!-- spec-reference:end -->"
 
 _TYPES = {"choice": "one of", "flag": "true/false", "int": "whole number", "float": "number",
           "seed": "whole number or null", "colour": "colour", "colours": "list of 2 colours", "text": "text",

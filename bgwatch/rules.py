@@ -27,6 +27,7 @@ from bgwatch.jobs import (
     MaskSpec,
     OutputSpec,
 )
+from bgwatch.sidecars import find_sidecar
 from bgwatch.yamlsafe import load_yaml_mapping
 
 if TYPE_CHECKING:
@@ -35,12 +36,9 @@ if TYPE_CHECKING:
 BUILT_IN = "built-in default"
 OVERRIDES = "command line (--set)"
 FOLDER_FILE = ".bgwatch.yaml"
-SIDECAR_SUFFIXES = (".yaml", ".yml")
 GROUPS = ("mask", "output")
 MASK_ENGINES = ("auto", "rembg", "classical")  # checked lazily against masking's registry for others
 SEED_MAX = 2**32 - 1
-REFERENCE_START = "<!-- spec-reference:start -->"
-REFERENCE_END = "<!-- spec-reference:end -->"
 
 _COLOUR = re.compile(r"#([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 _ALIASES = {"jpeg": "jpg", "colour": "color"}
@@ -299,53 +297,6 @@ def _check_untrusted_path(value: str, source: str, key: str) -> None:
     if ".." in re.split(r"[/\\]", value):
         raise SpecError(source, key, f"{value!r} leads out of its folder with '..'; sidecars and folder "
                         "files may only name files inside the inbox", "a path relative to this file")
-
-
-# ---------------------------------------------------------------- sidecars
-
-
-def find_sidecar(image: Path) -> Path | None:
-    """photo.yaml, photo.yml, photo.jpg.yaml or photo.jpg.yml beside the image; two of them: SpecError."""
-    image = Path(image)
-    names = dict.fromkeys(base + s for base in (image.stem, image.name) for s in SIDECAR_SUFFIXES)
-    found = [image.with_name(n) for n in names if _is_file_or_link(image.with_name(n))]
-    if len(found) > 1:
-        listed = " and ".join(str(p) for p in found)
-        raise SpecError(image, "", f"has {len(found)} sidecars, {listed}; bgwatch cannot tell which to use, "
-                        "so keep only one")
-    return found[0] if found else None
-
-
-def sidecar_images(sidecar: Path) -> list[Path]:
-    """The existing image(s) a sidecar belongs to: photo.yaml -> photo.<any image suffix>; photo.jpg.yaml
-    -> photo.jpg (and photo.jpg.<image suffix>)."""
-    sidecar = Path(sidecar)
-    stem = sidecar.stem
-    suffixes = _image_suffixes()
-    images = []
-    try:
-        entries = list(os.scandir(sidecar.parent))
-    except OSError:
-        return []
-    for entry in entries:
-        name = Path(entry.name)
-        if name.suffix.lower() not in suffixes or not (name.stem == stem or entry.name == stem):
-            continue
-        if entry.is_file():
-            images.append(sidecar.parent / entry.name)
-    return sorted(images)
-
-
-def _image_suffixes() -> frozenset[str]:
-    try:  # watch.py owns the list; imported lazily so rules stays light and free of cycles
-        from bgwatch.watch import IMAGE_SUFFIXES
-    except ImportError:
-        return frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
-    return frozenset(IMAGE_SUFFIXES)
-
-
-def _is_file_or_link(path: Path) -> bool:
-    return path.is_file() or path.is_symlink()
 
 
 # ---------------------------------------------------------------- resolving

@@ -9,10 +9,9 @@ The watcher supervises its observers: a dead observer thread, or a watch that en
 folder was deleted, moved or replaced, is restarted by the next `poll_ready()`. A missing inbox folder is
 retried there too and reported by `healthy()`; it never raises.
 
-What `poll_ready()` reports: images (IMAGE_SUFFIXES), sidecars (SIDECAR_SUFFIXES) and folder rule files
-(`.bgwatch.yaml`: a dot file, but `is_ignored` lets them through), each once
-when it has become stable. `file_kind()` tells the caller which is which. Any other file is left in the
-inbox with one warning. Symlinks are never reported: a link could point anywhere on the machine.
+What `poll_ready()` reports, each once when stable: images, sidecars and `.bgwatch.yaml` rule files (a dot
+file that `is_ignored` lets through); `file_kind()` tells which. Other files stay with one warning.
+Symlinks are never reported: a link could point anywhere on the machine.
 """
 
 from __future__ import annotations
@@ -45,10 +44,9 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from bgwatch.config import InboxConfig, WatchSettings
+from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES
 from bgwatch.stability import StabilityTracker
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
-SIDECAR_SUFFIXES = frozenset({".yaml", ".yml"})
 RULES_FILE_NAMES = frozenset({".bgwatch.yaml"})  # rules.FOLDER_FILE
 WORK_FOLDERS = frozenset({"done", "failed", ".bgwatch"})  # bgwatch's own, at the inbox root only
 
@@ -56,10 +54,8 @@ FileKind = Literal["image", "sidecar", "rules"]
 
 # Names no one means as input: OS litter, NAS metadata, and copy tools' names for unfinished files.
 # Dot names cover .DS_Store, ._* (macOS), .syncthing.*.tmp, rsync's `.photo.jpg.Ab12Cd`, .nfs*.
-_LITTER = frozenset(
-    {"thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin", "system volume information", "@eadir",
-     "#recycle", "#snapshot", "lost+found"}
-)  # compared in lower case
+_LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin", "system volume information",
+                     "@eadir", "#recycle", "#snapshot", "lost+found"})  # compared in lower case
 _TEMP_SUFFIXES = (".part", ".crdownload", ".partial", ".download", ".tmp", ".temp", ".!qb", "~")
 
 

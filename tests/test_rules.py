@@ -13,7 +13,8 @@ from bgwatch import reference, rules
 from bgwatch.config import Config, InboxConfig, parse_config
 from bgwatch.errors import ConfigError, SpecError
 from bgwatch.jobs import DEFAULT_SDXL_MODEL, JobSpec, MaskSpec, OutputSpec
-from bgwatch.rules import FIELDS, find_sidecar, resolve, sidecar_images, validate_fragment
+from bgwatch.rules import FIELDS, resolve, validate_fragment
+from bgwatch.sidecars import find_sidecar, sidecar_images
 
 
 def setup(tmp_path: Path, *, defaults: Any = None, rules_: Any = None, env: dict[str, str] | None = None,
@@ -537,7 +538,7 @@ def test_reference_command_prints_the_block(capsys: pytest.CaptureFixture[str]) 
     assert reference.main(["--reference"]) == 0
     out = capsys.readouterr().out
     assert out == reference.reference_block()
-    assert out.startswith(rules.REFERENCE_START) and out.rstrip().endswith(rules.REFERENCE_END)
+    assert out.startswith(reference.REFERENCE_START) and out.rstrip().endswith(reference.REFERENCE_END)
 
 
 def test_rules_imports_no_heavy_library() -> None:

@@ -1,0 +1,51 @@
+"""Which files bgwatch reads, and which sidecar belongs to which image.
+
+A sidecar is `photo.yaml` (or .yml) or `photo.jpg.yaml` beside `photo.jpg`; both at once is an error, since
+bgwatch could not tell which one the person meant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bgwatch.errors import SpecError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+SIDECAR_SUFFIXES = frozenset({".yaml", ".yml"})
+
+
+def find_sidecar(image: Path) -> Path | None:
+    """photo.yaml, photo.yml, photo.jpg.yaml or photo.jpg.yml beside the image; two of them: SpecError."""
+    image = Path(image)
+    names = [base + s for base in (image.stem, image.name) for s in (".yaml", ".yml")]
+    found = [image.with_name(n) for n in names if _is_file_or_link(image.with_name(n))]
+    if len(found) > 1:
+        listed = " and ".join(str(p) for p in found)
+        raise SpecError(image, "", f"has {len(found)} sidecars, {listed}; bgwatch cannot tell which to use, "
+                        "so keep only one")
+    return found[0] if found else None
+
+
+def sidecar_images(sidecar: Path) -> list[Path]:
+    """The existing image(s) a sidecar belongs to: photo.yaml -> photo.<any image suffix>; photo.jpg.yaml
+    -> photo.jpg (and photo.jpg.<image suffix>)."""
+    sidecar = Path(sidecar)
+    stem = sidecar.stem
+    suffixes = IMAGE_SUFFIXES
+    images = []
+    try:
+        entries = list(os.scandir(sidecar.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        name = Path(entry.name)
+        if name.suffix.lower() not in suffixes or not (name.stem == stem or entry.name == stem):
+            continue
+        if entry.is_file():
+            images.append(sidecar.parent / entry.name)
+    return sorted(images)
+
+
+def _is_file_or_link(path: Path) -> bool:
+    return path.is_file() or path.is_symlink()
