@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from bgwatch.store import Store
 _STOP = object()
 STATUS_FILE = "status.json"
 STATUS_SECONDS = 2.0
+RECENT_RESULTS = 1000
 
 
 def sha256_file(path: Path) -> str:
@@ -120,7 +122,10 @@ class Daemon:
         self.engines = stages.Engines(config, self.store, self.generation_bucket, self.abort_event)
         self.inflight: set[int] = set()
         self._inflight_lock = threading.Lock()
-        self.results: list[RunResult] = []
+        # --once keeps every result for its summary table; a long-running daemon keeps the recent ones
+        # (SQLite has them all), so its memory does not grow with the files it has seen.
+        self.results: deque[RunResult] = deque(maxlen=None if once else RECENT_RESULTS)
+        self.failures = 0
         self.prepare_q: queue.Queue[Any] = queue.Queue()  # run ids: cheap, so unbounded
         self.device_q: queue.Queue[Any] = queue.Queue(maxsize=2)
         self.finish_q: queue.Queue[Any] = queue.Queue(maxsize=2)
@@ -232,8 +237,7 @@ class Daemon:
                 thread.join(timeout=5)
             self.store.close()
             lock.release()
-        failed = sum(1 for r in self.results if r.state == JobState.FAILED)
-        return 1 if failed else 0
+        return 1 if self.failures else 0
 
     def _publish_status(self) -> None:
         """state_dir/status.json for `bgwatch status`, and systemd's STATUS line."""
@@ -356,6 +360,8 @@ class Daemon:
 
     def record(self, result: RunResult) -> None:
         self.results.append(result)
+        if result.state == JobState.FAILED:
+            self.failures += 1
         if self.on_result is not None:
             self.on_result(result)
         self._done_with(result.run_id)

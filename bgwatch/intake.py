@@ -49,6 +49,7 @@ class Intake:
         self.pending: dict[Path, Waiting] = {}  # stable images not yet claimed (no room, or awaiting sidecar)
         self.sidecars: dict[Path, Waiting] = {}  # stable sidecars whose image is not in the inbox
         self.kept: dict[Path, tuple[int, int]] = {}  # on_success: keep -> (size, mtime_ns) already handled
+        self._kept_limit = 10_000
         self.sidecar_of: dict[int, Path] = {}  # run id -> its claimed sidecar
         self.liveness = claim.Liveness()  # other hosts, judged on this host's clock
 
@@ -145,6 +146,9 @@ class Intake:
     def tick(self) -> None:
         assert self.watcher is not None
         now = time.monotonic()
+        if len(self.kept) > self._kept_limit:  # files kept in place and since removed by people: forget them
+            self.kept = {p: sig for p, sig in self.kept.items() if p.exists()}
+            self._kept_limit = max(10_000, 2 * len(self.kept))
         for inbox, path in self.watcher.poll_ready():
             self._guarded(path, self._classify, inbox, path, now)
         self._take_pending(now)
