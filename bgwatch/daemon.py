@@ -10,7 +10,6 @@ in-flight images only. Signal handlers only set flags: TERM drains, HUP reloads 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import queue
@@ -38,20 +37,6 @@ _STOP = object()
 STATUS_FILE = "status.json"
 STATUS_SECONDS = 2.0
 RECENT_RESULTS = 1000
-
-
-def sha256_file(path: Path) -> str:
-    """The file's sha256; refuses links, pipes and devices (a FIFO would block the intake forever)."""
-    import stat
-
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise OSError(f"{path.name} is not a regular file")
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sd_notify(message: str) -> None:
@@ -168,20 +153,13 @@ class Daemon:
         self.prepare_q.put(run_id)
 
     def job_for(self, run_id: int) -> Job:
-        from bgwatch.jobs import MaskSpec, OutputSpec
-
+        """The job of a recorded run: its spec comes back from spec_json exactly as it was resolved."""
         row = self.store.get_run(run_id)
         if row is None:
             raise BgwatchError(f"run {run_id} is not in the database")
-        import json
-
-        data = json.loads(row["spec_json"])
-        data["mask"] = MaskSpec(**data["mask"])
-        data["output"] = OutputSpec(**data["output"])
-        data["gradient"] = tuple(data["gradient"])
-        spec = JobSpec(**data)
         return Job(run_id=run_id, inbox=row["inbox"], rel_path=row["rel_path"], source=Path(row["source_path"]),
-                   spec=spec, input_sha256=row["input_sha256"], key=row["key"])
+                   spec=JobSpec.from_dict(json.loads(row["spec_json"])), input_sha256=row["input_sha256"],
+                   key=row["key"])
 
     # ------------------------------------------------------------------ lifecycle
 

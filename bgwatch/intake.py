@@ -125,7 +125,7 @@ class Intake:
             rows = list(store.db.query("SELECT * FROM runs WHERE source_path = ? ORDER BY id DESC LIMIT 1",
                                        [str(path)]))
         row = rows[0] if rows else None
-        if row is not None and row["input_sha256"] != outbox_sha(path):
+        if row is not None and row["input_sha256"] != outbox.sha256_file(path):
             row = None  # a newer file claimed under the same name before its run was recorded
         if row is not None and row["status"] in ("done", "skipped"):
             sidecar = self._claimed_sidecar(path)
@@ -241,7 +241,7 @@ class Intake:
                                "not a regular file (a symbolic link, pipe or device); bgwatch reads only files")
             return run_id
         try:
-            sha = outbox_sha(claimed)
+            sha = outbox.sha256_file(claimed)
         except OSError:
             claim.unclaim(inbox.path, claimed, host)
             if claimed_sidecar is not None:
@@ -267,7 +267,7 @@ class Intake:
         key = job_key(sha, spec)
         earlier = None if spec.reprocess else store.find_done(key)
         run_id = store.add_run(key=key, inbox=inbox.name, rel_path=rel, source_path=str(claimed),
-                               input_sha256=sha, spec_json=spec_json(spec), host=host)
+                               input_sha256=sha, spec_json=spec.to_json(), host=host)
         if claimed_sidecar is not None:
             self.sidecar_of[run_id] = claimed_sidecar
         if earlier is not None:
@@ -410,7 +410,7 @@ class Intake:
         except BgwatchError as exc:
             outbox.move_to_failed(inbox.path, sidecar, rel_of(inbox, sidecar), str(exc))
             return
-        if self.d.store.find_done(job_key(outbox_sha(done_image), spec)) is not None:
+        if self.d.store.find_done(job_key(outbox.sha256_file(done_image), spec)) is not None:
             outbox.park(inbox.path, sidecar, rel_of(inbox, sidecar), outbox.DONE_DIR)
             logger.info("{}: sidecar changes nothing; filed beside its image in done/", rel_of(inbox, sidecar))
             return
@@ -436,15 +436,3 @@ def park_sidecar(inbox_root: Path, sidecar: Path, image: Path) -> Path:
     target = outbox.free_name(image.parent, stem + sidecar.suffix)
     os.replace(sidecar, target)
     return target
-
-
-def outbox_sha(path: Path) -> str:
-    from bgwatch.daemon import sha256_file
-
-    return sha256_file(path)
-
-
-def spec_json(spec: object) -> str:
-    import json
-
-    return json.dumps(spec.to_dict(), sort_keys=True)  # type: ignore[attr-defined]

@@ -87,6 +87,19 @@ class JobSpec:
         data["gradient"] = list(self.gradient)
         return data
 
+    def to_json(self) -> str:
+        """Every field, as stored in the runs table's spec_json."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """The inverse of to_dict (for specs read back from the runs table)."""
+        values = dict(data)
+        values["mask"] = MaskSpec(**values.get("mask", {}))
+        values["output"] = OutputSpec(**values.get("output", {}))
+        values["gradient"] = tuple(values.get("gradient", JobSpec().gradient))
+        return cls(**values)
+
     def canonical_json(self) -> str:
         """Stable JSON of the fields that change the output (control fields left out)."""
         data = self.to_dict()

@@ -7,7 +7,9 @@ dropped together get photo.png and photo-2.png, and a reprocessed input replaces
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -149,6 +151,18 @@ def write_error_note(failed_file: Path, reason: str) -> Path:
     )
     atomic_write(note, text.encode("utf-8"))
     return note
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256; refuses links, pipes and devices (a FIFO would block the intake forever)."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_source(path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,6 @@ from bgwatch.jobs import Job, JobState, RunResult, job_key
 def process_one(image: Path, config: Config, out_dir: Path, overrides: Mapping[str, Any]) -> RunResult:
     """Run the three stages on one file, write the result into out_dir, and record the run."""
     from bgwatch import rules
-    from bgwatch.daemon import sha256_file
     from bgwatch.pipeline import stages
     from bgwatch.ratelimit import TokenBucket
     from bgwatch.store import Store
@@ -30,10 +28,10 @@ def process_one(image: Path, config: Config, out_dir: Path, overrides: Mapping[s
     resolved = rules.resolve(image, inbox, config, overrides=overrides or None)
     spec = resolved.spec
     store = Store(config.db_path)
-    sha = sha256_file(image)
+    sha = outbox.sha256_file(image)
     rel = PurePosixPath(*image.relative_to(inbox.path).parts).as_posix()
     run_id = store.add_run(key=job_key(sha, spec), inbox="(process)", rel_path=rel, source_path=str(image),
-                           input_sha256=sha, spec_json=json.dumps(spec.to_dict(), sort_keys=True),
+                           input_sha256=sha, spec_json=spec.to_json(),
                            host=config.host)
     store.start_run(run_id, config.host, config.watch.lease_seconds)
     job = Job(run_id=run_id, inbox="(process)", rel_path=rel, source=image, spec=spec, input_sha256=sha,
