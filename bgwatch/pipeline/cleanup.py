@@ -53,54 +53,60 @@ def cleanup(rgb: np.ndarray, alpha: np.ndarray, spec: JobSpec) -> np.ndarray:
     if spec.enhance_fg:
         rgb = enhance_foreground(rgb, alpha)
     fg = foreground_colours(rgb, alpha)
-    a = alpha[..., None]
     if spec.mode == "transparent":
         a8 = np.round(alpha * 255).astype(np.uint8)
         # Fully transparent pixels keep the subject's colour near the edge (premultiplication-safe for
         # viewers that filter before blending) and are black further out, which compresses well.
         near = _near_subject(a8)
-        colour = np.where(near[..., None], np.round(fg), 0).astype(np.uint8)
+        colour = np.where(near[..., None], fg, np.uint8(0))
         return np.dstack([colour, a8])
     if spec.mode == "color":
         backdrop = np.array(parse_color(spec.background_color), np.float32)
     else:
         backdrop = soften_background(rgb, alpha)
-    out = fg * a + backdrop * (1.0 - a)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    out = fg.astype(np.float32)  # blended in place: fg * a + backdrop * (1 - a)
+    out -= backdrop
+    out *= alpha[..., None]
+    out += backdrop
+    return np.clip(np.round(out, out=out), 0, 255).astype(np.uint8)
 
 
 def foreground_colours(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """The subject's own colour (float32 HxWx3): solved where alpha is partial, spread outwards into the
+    """The subject's own colour (uint8 HxWx3): solved where alpha is partial, spread outwards into the
     transparent pixels around the subject; elsewhere the image itself."""
-    img = rgb.astype(np.float32)
+    out = rgb.copy()
     if not (alpha > 0.0).any() or bool((alpha >= 1.0).all()):
-        return img
+        return out
     radius = max(4.0, max(alpha.shape) / 150)
     # Only the outline and what is near it matter: work in the box around the subject.
     ys, xs = np.nonzero(alpha > 0.0)
     m = int(6 * radius)
     box = (slice(max(int(ys.min()) - m, 0), int(ys.max()) + m + 1),
            slice(max(int(xs.min()) - m, 0), int(xs.max()) + m + 1))
-    out = img.copy()
-    out[box] = _foreground_in(img[box], alpha[box], radius)
+    out[box] = _foreground_in(rgb[box], alpha[box], radius)
     return out
 
 
-def _foreground_in(img: np.ndarray, alpha: np.ndarray, radius: float) -> np.ndarray:
-    a = alpha[..., None]
+def _foreground_in(rgb: np.ndarray, alpha: np.ndarray, radius: float) -> np.ndarray:
+    """Only the pixels that are not plainly subject are computed (as 1-D arrays): memory stays near the
+    size of the outline, not of the image."""
     partial = (alpha > 0.0) & (alpha < 1.0)
-    sure_bg = (alpha < 0.02).astype(np.float32)
-    sure_fg = (alpha > 0.98).astype(np.float32)
-    background = _spread_smooth(img, sure_bg, radius)
-    spread_fg = _spread_smooth(img, sure_fg, radius)
-    solved = (img - (1.0 - a) * background) / np.maximum(a, 1e-3)
-    solved = np.clip(solved, 0.0, 255.0)
+    ys, xs = np.nonzero(partial | (alpha == 0.0))
+    out = rgb.copy()
+    if ys.size == 0:
+        return out
+    background = _spread_at(rgb, (alpha < 0.02).astype(np.float32), radius, ys, xs)
+    spread_fg = _spread_at(rgb, (alpha > 0.98).astype(np.float32), radius, ys, xs)
+    a = alpha[ys, xs][:, None]
+    img = rgb[ys, xs].astype(np.float32)
+    solved = np.clip((img - (1.0 - a) * background) / np.maximum(a, 1e-3), 0.0, 255.0)
     # Trust the solved colour where enough of the subject is in the pixel; below that, borrow the colour
-    # of the subject next to it.
+    # of the subject next to it. Fully transparent pixels get the subject's colour spread outwards.
     trust = np.clip((a - 0.15) / 0.35, 0.0, 1.0)
     estimate = trust * solved + (1.0 - trust) * spread_fg
-    fg = np.where(partial[..., None], estimate, img)
-    return np.where((alpha == 0)[..., None], spread_fg, fg)
+    values = np.where(partial[ys, xs][:, None], estimate, spread_fg)
+    out[ys, xs] = np.clip(np.round(values), 0, 255).astype(np.uint8)
+    return out
 
 
 def soften_background(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -176,20 +182,41 @@ def estimate_noise(grey: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2) * np.abs(response).sum() / (6.0 * (w - 2) * (h - 2)))
 
 
-def _spread_smooth(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
-    """_spread, computed at half resolution when the field is smooth enough not to notice (radius >= 4 px):
-    the weighted colours are averaged down premultiplied, so no colour leaks across the mask's edge."""
+def _spread_at(rgb: np.ndarray, weight: np.ndarray, radius: float, ys: np.ndarray,
+               xs: np.ndarray) -> np.ndarray:
+    """_spread's colour field at the pixels (ys, xs), as (N, 3) float32. The field is smooth (radius >= 4
+    px), so it is computed at half resolution and sampled bilinearly; the weighted colours are averaged
+    down premultiplied, so no colour leaks across the mask's edge."""
     import cv2
 
     h, w = weight.shape
     if radius < 4.0 or min(h, w) < 64:
-        return _spread(img, weight, radius)
+        return _spread(rgb.astype(np.float32), weight, radius)[ys, xs]
     size = ((w + 1) // 2, (h + 1) // 2)
     small_w = cv2.resize(weight, size, interpolation=cv2.INTER_AREA)
-    small_i = cv2.resize(img * weight[..., None], size, interpolation=cv2.INTER_AREA)
+    premultiplied = rgb.astype(np.float32)
+    premultiplied *= weight[..., None]
+    small_i = cv2.resize(premultiplied, size, interpolation=cv2.INTER_AREA)
+    del premultiplied
     small_i /= np.maximum(small_w, 1e-6)[..., None]
-    spread = _spread(small_i, small_w, radius / 2)
-    return cv2.resize(spread, (w, h), interpolation=cv2.INTER_LINEAR)
+    field = _spread(small_i, small_w, radius / 2)
+    return _sample(field, ys, xs, size[0] / w, size[1] / h)
+
+
+def _sample(field: np.ndarray, ys: np.ndarray, xs: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Bilinear samples of a coarse HxWx3 field at full-resolution pixels, exactly where cv2.resize
+    (INTER_LINEAR) would have put them."""
+    import cv2
+
+    n, cols = ys.size, 1024  # remap takes 2-D maps: lay the points out in rows
+    rows = -(-n // cols)
+    map_x = np.zeros(rows * cols, np.float32)
+    map_y = np.zeros(rows * cols, np.float32)
+    map_x[:n] = (xs + 0.5) * sx - 0.5
+    map_y[:n] = (ys + 0.5) * sy - 0.5
+    sampled = cv2.remap(field, map_x.reshape(rows, cols), map_y.reshape(rows, cols), cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+    return sampled.reshape(-1, field.shape[2])[:n]
 
 
 def _spread(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
