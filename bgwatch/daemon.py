@@ -15,7 +15,6 @@ import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -38,24 +37,6 @@ _STOP = object()
 STATUS_FILE = "status.json"
 STATUS_SECONDS = 2.0
 RECENT_RESULTS = 1000
-
-
-def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> None:
-    """glibc only: serve allocations over `threshold` from mmap, so each image buffer goes back to the
-    OS when freed. By default glibc raises this threshold as big blocks are freed, and the pipeline's
-    threads then keep freed image buffers in their arenas: RSS grows by hundreds of MB (bench_cleanup:
-    ~700 MB against ~420 MB with this, for the same run)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the dynamic adjustment
-    except (OSError, AttributeError) as exc:  # musl and others: no mallopt; nothing to tune
-        logger.debug("mallopt unavailable: {}", exc)
 
 
 def sd_notify(message: str) -> None:
@@ -206,7 +187,6 @@ class Daemon:
 
     def run(self) -> int:
         lock = InstanceLock(self.config.state_dir)
-        return_big_buffers_to_the_os()
         try:
             self.intake.heartbeat()  # before anything: a host back from a long stop must not look dead
             self.intake.recover()
