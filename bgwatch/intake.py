@@ -304,7 +304,10 @@ class Intake:
     def complete(self, finished: Finished) -> None:
         """Write the output atomically, record 'done', and move the original per on_success."""
         job = finished.job
-        inbox = self._inbox(job)
+        inbox = self.d.inbox_named(job.inbox)
+        if inbox is None:  # removed by a config reload while the job ran: there is no outbox to write to
+            raise BgwatchError(f"inbox {job.inbox} was removed from the configuration while this file was "
+                               "processed; put the file back in a configured inbox to process it")
         target = self.d.outbox.reserve(inbox.outbox, job.rel_path, job.spec.output.suffix, finished.extension)
         try:
             # Recorded first: after a kill between write and 'done', the rerun knows this file is its own.
@@ -365,9 +368,8 @@ class Intake:
 
     def _inbox(self, job: Job) -> InboxConfig:
         inbox = self.d.inbox_named(job.inbox)
-        if inbox is None:  # removed by a config reload while the job ran: finish it where it came from
-            logger.warning("inbox {} is no longer configured; finishing run {} there", job.inbox, job.run_id)
-            inbox = InboxConfig(path=Path(job.inbox), outbox=Path(job.inbox).parent / "outbox", on_success="move")
+        if inbox is None:  # removed by a config reload while the job ran: file the original where it came from
+            inbox = InboxConfig(path=Path(job.inbox), outbox=Path(job.inbox), on_success="move")
         return inbox
 
     # ------------------------------------------------------------------ sidecars on their own

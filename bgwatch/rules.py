@@ -1,11 +1,9 @@
 """The rules cascade: built-in defaults < config defaults < inbox rules < folder files < sidecar -> JobSpec.
 
-FIELDS is the one schema every source is checked against (config.yaml's `defaults` and `rules`, each
-`.bgwatch.yaml`, each sidecar); its defaults are read from the JobSpec dataclasses, so a default lives in
-exactly one place, and the README's key reference is generated from it (`python -m bgwatch.rules
---reference`). Sources are trusted (config.yaml: the operator's) or untrusted (folder files and sidecars:
-anyone who can write to the share); untrusted paths must stay inside the inbox and untrusted models must
-be ones the config names.
+FIELDS is the one schema every source is checked against; its defaults are read from JobSpec, and the
+README's key reference is generated from it (reference.py). Sources are trusted (config.yaml) or not
+(folder files, sidecars: anyone who can write to the share): their paths must stay inside the inbox, and
+their models and generative engines must be ones the operator configured for that inbox.
 """
 
 from __future__ import annotations
@@ -408,6 +406,9 @@ def _check_merged(values: dict[str, Any], sources: dict[str, str], order: dict[s
         raise SpecError(setter("operation", "engine"), "prompt",
                         f"engine {engine} needs a prompt describing the scene to generate; add `prompt: ...` "
                         "here, in a folder file or in a sidecar")
+    if values["output.format"] == "jpg" and not replace and values["mode"] == "transparent":
+        raise SpecError(setter("output.format", "mode"), "output.format", "jpg cannot hold a transparent background",
+                        "png or webp for mode transparent; jpg with mode soften or color, or with replace")
     if replace and engine == "image" and not values["background_image"]:
         raise SpecError(setter("operation", "engine"), "background_image",
                         "engine image needs a background_image (the backdrop file)")

@@ -577,3 +577,14 @@ def test_untrusted_files_cannot_turn_on_generation_the_operator_did_not_configur
         resolve(gen.path / "a.jpg", gen, config)
     (gen.path / "a.yaml").write_text("prompt: a beach\nseed: 3\n")
     assert resolve(gen.path / "a.jpg", gen, config).spec.engine == "sdxl"
+
+
+def test_jpg_for_a_transparent_cut_out_is_refused_naming_the_file_that_asked(tmp_path: Path) -> None:
+    config, inbox = setup(tmp_path, rules_={"operation": "cleanup", "mode": "transparent"})
+    sidecar = put(tmp_path / "inbox" / "a" / "b" / "photo.yaml", "output: {format: jpg}\n")
+    with pytest.raises(SpecError) as info:
+        resolve(image(tmp_path), inbox, config)
+    assert info.value.source == str(sidecar) and info.value.key == "output.format"
+    assert "png or webp" in str(info.value)
+    put(sidecar, "output: {format: jpg}\nmode: color\n")
+    assert resolve(image(tmp_path), inbox, config).spec.output.format == "jpg"

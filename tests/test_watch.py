@@ -102,7 +102,8 @@ def test_a_change_no_event_told_of_is_still_seen_in_time(tmp_path: Path) -> None
     assert tracker.ready() == [f]
 
 
-def test_a_changed_file_is_ready_again_and_a_vanished_one_dropped(tmp_path: Path) -> None:
+def settled_once(tmp_path: Path) -> tuple[Clock, StabilityTracker, Path]:
+    """One file, seen, left alone for the settle time, and reported ready once."""
     clock = Clock()
     tracker = StabilityTracker(1.0, clock)
     f = tmp_path / "a.jpg"
@@ -111,6 +112,11 @@ def test_a_changed_file_is_ready_again_and_a_vanished_one_dropped(tmp_path: Path
     tracker.ready()
     clock.now += 1
     assert tracker.ready() == [f]
+    return clock, tracker, f
+
+
+def test_a_changed_file_is_ready_again_and_a_vanished_one_dropped(tmp_path: Path) -> None:
+    clock, tracker, f = settled_once(tmp_path)
     f.write_bytes(b"two, longer")
     tracker.hint(f)
     assert tracker.ready() == []
@@ -122,14 +128,7 @@ def test_a_changed_file_is_ready_again_and_a_vanished_one_dropped(tmp_path: Path
 
 
 def test_forget_then_seen_again_is_ready_again(tmp_path: Path) -> None:
-    clock = Clock()
-    tracker = StabilityTracker(1.0, clock)
-    f = tmp_path / "a.jpg"
-    f.write_bytes(b"one")
-    tracker.hint(f)
-    tracker.ready()
-    clock.now += 1
-    assert tracker.ready() == [f]
+    clock, tracker, f = settled_once(tmp_path)
     tracker.forget(f)
     tracker.hint(f)
     tracker.ready()
@@ -139,14 +138,7 @@ def test_forget_then_seen_again_is_ready_again(tmp_path: Path) -> None:
 
 def test_a_rename_back_into_place_counts_as_reappearing(tmp_path: Path) -> None:
     """Same size and mtime, but it went away and came back (a claim returned): report it again."""
-    clock = Clock()
-    tracker = StabilityTracker(1.0, clock)
-    f = tmp_path / "a.jpg"
-    f.write_bytes(b"one")
-    tracker.hint(f)
-    tracker.ready()
-    clock.now += 1
-    assert tracker.ready() == [f]
+    clock, tracker, f = settled_once(tmp_path)
     os.rename(f, tmp_path / "elsewhere")
     time.sleep(0.01)  # ctime has a clock of its own
     os.rename(tmp_path / "elsewhere", f)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bgwatch.errors import EngineError, SpecError
+from bgwatch.errors import EngineError
 from bgwatch.jobs import Job, JobSpec
 
 if TYPE_CHECKING:
@@ -60,22 +60,11 @@ def _timed(timings: dict[str, float], name: str, start: float) -> None:
     timings[name] = round(time.perf_counter() - start, 4)
 
 
-def check_output_choice(spec: JobSpec, source: str = "output.format") -> None:
-    """jpg cannot carry transparency: refuse the combination before any work is done."""
-    if spec.output.format == "jpg" and spec.operation == "cleanup" and spec.mode == "transparent":
-        raise SpecError(
-            source, "output.format",
-            "jpg cannot hold the transparent background that mode 'transparent' makes",
-            "png or webp for mode transparent; jpg with mode soften or color, or with operation replace",
-        )
-
-
 def prepare(job: Job, config: Config) -> Prepared:
     from bgwatch.pipeline import backgrounds, imageio
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    check_output_choice(job.spec)
     width, height = imageio.probe_size(job.source)
     if job.spec.operation == "replace":
         backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
