@@ -20,19 +20,43 @@ from bgwatch.errors import BgwatchError, ConfigError
 Command = Callable[[argparse.Namespace], int]
 
 
+SERVICE_CONFIG = Path("/etc/bgwatch/config.yaml")
+
+
 def _config_path(arg: str | None) -> Path | None:
+    """-c, else $BGWATCH_CONFIG, else ./config.yaml, else the service's /etc/bgwatch/config.yaml."""
     if arg:
         return Path(arg)
     if os.environ.get("BGWATCH_CONFIG"):
         return Path(os.environ["BGWATCH_CONFIG"])
-    local = Path("config.yaml")
-    return local if local.exists() else None
+    for candidate in (Path("config.yaml"), SERVICE_CONFIG):
+        if candidate.exists():
+            return candidate
+    return None
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace, *, required: bool = True) -> Any:
+    """The configuration; commands about a daemon's state refuse to guess one (a `state` folder here)."""
     from bgwatch.config import load_config
 
-    return load_config(_config_path(args.config))
+    path = _config_path(args.config)
+    if path is None and required:
+        raise ConfigError("config.yaml", "", "no configuration found: pass -c CONFIG, set BGWATCH_CONFIG, or "
+                          f"run from the folder holding config.yaml (the service's is {SERVICE_CONFIG})")
+    return load_config(path)
+
+
+def _iso(epoch: Any) -> str | None:
+    """Seconds since the epoch as local ISO 8601 with its offset (scripts: no floats, no guessing the zone)."""
+    if epoch is None or epoch == "":
+        return None
+    from datetime import datetime
+
+    return datetime.fromtimestamp(float(epoch)).astimezone().isoformat(timespec="seconds")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
 
 
 def _setup_logs(config: Any, *, quiet: bool = False, to_files: bool = True) -> None:
@@ -51,18 +75,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     if not config.inboxes:
         raise ConfigError(config.source or "(built-in config)", "inboxes", "no inboxes configured")
+    warnings = _preflight(config)
     _setup_logs(config, quiet=args.once and not config.debug)
-    for inbox in config.inboxes:
-        inbox.path.mkdir(parents=True, exist_ok=True)
-        inbox.outbox.mkdir(parents=True, exist_ok=True)
+    from loguru import logger
+
+    for warning in warnings:
+        logger.warning("pre-flight: {}", warning)
     progress = None
     if args.once:
         from tqdm import tqdm
 
-        progress = tqdm(desc="bgwatch", unit="img", file=sys.stderr, disable=args.no_progress)
-    daemon = Daemon(config, once=args.once, on_result=(lambda _r: progress.update(1)) if progress is not None else None)
+        progress = tqdm(desc="bgwatch", unit="img", file=sys.stderr, disable=args.no_progress,
+                        total=sum(_waiting(inbox) for inbox in config.inboxes) or None)
+
+    def advance(_result: Any) -> None:
+        assert progress is not None
+        if progress.total is not None and progress.n >= progress.total:
+            progress.total = progress.n + 1  # a file dropped meanwhile
+        progress.update(1)
+
+    daemon = Daemon(config, once=args.once, on_result=advance if progress is not None else None)
     daemon.install_signal_handlers()
     code = daemon.run()
+    if not args.once and daemon.stop_event.is_set():
+        # Stopped on request (systemctl stop): exit 0 whatever the jobs did. Failed jobs are reported per
+        # file; a non-zero status would mark the unit failed and restart it.
+        return 0
     if progress is not None:
         progress.close()
         from bgwatch.report import print_results
@@ -73,6 +111,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         store.close()
         print_results(daemon.results, rows)
     return code
+
+
+def _preflight(config: Any) -> list[str]:
+    """The folder checks of `bgwatch doctor` before anything starts: an error refuses to start (exit 2,
+    which the unit does not restart), warnings go to the log once logging is set up."""
+    from bgwatch import doctor
+    from bgwatch.daemon import InstanceLock
+
+    if InstanceLock.held(config.state_dir):
+        raise ConfigError(config.source or "(built-in config)", "state_dir",
+                          f"another bgwatch is already running with state folder {config.state_dir}")
+    checks = doctor.folder_checks(config)
+    errors = [c for c in checks if c.level is doctor.Level.ERROR]
+    if errors:
+        more = f" (and {len(errors) - 1} more: bgwatch doctor)" if len(errors) > 1 else ""
+        raise ConfigError(config.source or "(built-in config)", f"{errors[0].area} {errors[0].subject}",
+                          errors[0].message + more)
+    for inbox in config.inboxes:
+        inbox.outbox.mkdir(parents=True, exist_ok=True)
+    return [f"{c.area} {c.subject}: {c.message}" for c in checks if c.level is doctor.Level.WARNING]
+
+
+def _waiting(inbox: Any) -> int:
+    """Images waiting in an inbox (not in its work folders, done/ or failed/)."""
+    if not inbox.path.is_dir():
+        return 0
+    from bgwatch.sidecars import IMAGE_SUFFIXES
+    from bgwatch.watch import is_ignored
+
+    return sum(1 for p in inbox.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+               and not is_ignored(p.relative_to(inbox.path)))
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
@@ -97,7 +166,7 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
 def cmd_process(args: argparse.Namespace) -> int:
     from bgwatch.single import process_one
 
-    config = _load(args)
+    config = _load(args, required=False)
     _setup_logs(config, to_files=False)
     result = process_one(Path(args.image), config, Path(args.output), _parse_sets(args.set or []))
     if result.error:
@@ -109,37 +178,70 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _status(config: Any) -> dict[str, Any]:
     from bgwatch.daemon import InstanceLock
-    from bgwatch.store import Store
 
-    config = _load(args)
     running = InstanceLock.held(config.state_dir)
-    print(f"daemon:   {'running' if running else 'not running'} (state {config.state_dir})")
-    live = _live_status(config) if running else None
-    if live is not None:
-        print(f"work:     {live['in_flight']} in flight, {live['waiting']} waiting to be claimed")
-        for inbox in live["inboxes"]:
-            health = f"watching ({inbox['observer']})" if inbox["healthy"] else f"NOT WATCHING: {inbox['problem']}"
-            print(f"watch:    {inbox['path']}  {health}, {inbox['settling']} settling, "
-                  f"{inbox['restarts']} restart(s)")
-    if not config.db_path.exists():
-        print("runs:     none yet")
-        return 0
-    store = Store(config.db_path)
-    counts = store.counts()
-    print("runs:     " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
-    for inbox in config.inboxes:
-        waiting = 0
-        if inbox.path.is_dir():
-            from bgwatch.sidecars import IMAGE_SUFFIXES
-            from bgwatch.watch import is_ignored
+    counts: dict[str, int] = {}
+    if config.db_path.exists():
+        from bgwatch.store import Store
 
-            waiting = sum(1 for p in inbox.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                          and not is_ignored(p.relative_to(inbox.path)))
-        print(f"inbox:    {inbox.path}  ({waiting} waiting) -> {inbox.outbox}")
-    store.close()
-    return 0
+        store = Store(config.db_path)
+        counts = store.counts()
+        store.close()
+    live = _live_status(config) if running else None
+    if live is not None and "updated_at" in live:
+        live["updated_at"] = _iso(live["updated_at"])
+    return {
+        "config": str(config.source) if config.source else None,
+        "state_dir": str(config.state_dir),
+        "running": running,
+        "live": live,
+        "runs": counts,
+        "inboxes": [{"path": str(ib.path), "outbox": str(ib.outbox), "present": ib.path.is_dir(),
+                     "waiting": _waiting(ib)} for ib in config.inboxes],
+    }
+
+
+def _format_status(status: dict[str, Any]) -> str:
+    lines = [f"daemon:   {'running' if status['running'] else 'not running'} (state {status['state_dir']})"]
+    live = status["live"]
+    if live is not None:
+        lines.append(f"work:     {live.get('in_flight', 0)} in flight, {live.get('waiting', 0)} waiting to be claimed")
+        for name in ("mask_engine", "engines", "device"):
+            if live.get(name):
+                lines.append(f"{name + ':':9} {live[name]}")
+        for inbox in live.get("inboxes", []):
+            health = f"watching ({inbox['observer']})" if inbox["healthy"] else f"NOT WATCHING: {inbox['problem']}"
+            lines.append(f"watch:    {inbox['path']}  {health}, {inbox['settling']} settling, "
+                         f"{inbox['restarts']} restart(s)")
+    counts = status["runs"]
+    lines.append("runs:     " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
+    for inbox in status["inboxes"]:
+        where = f"{inbox['waiting']} waiting" if inbox["present"] else "MISSING"
+        lines.append(f"inbox:    {inbox['path']}  ({where}) -> {inbox['outbox']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if not args.watch:
+        status = _status(config)
+        if args.json:
+            _print_json(status)
+        else:
+            print(_format_status(status))
+        return 0
+    import time
+
+    clear = "\x1b[H\x1b[J" if sys.stdout.isatty() else ""
+    while True:  # until ^C (main() turns KeyboardInterrupt into exit 130)
+        status = _status(config)
+        if args.json:
+            print(json.dumps(status, default=str), flush=True)  # one JSON document a line
+        else:
+            print(f"{clear}{_format_status(status)}\n", flush=True)
+        time.sleep(args.interval)
 
 
 def _live_status(config: Any) -> dict[str, Any] | None:
@@ -151,18 +253,65 @@ def _live_status(config: Any) -> dict[str, Any] | None:
         return None
 
 
-def cmd_history(args: argparse.Namespace) -> int:
+def _since(text: str) -> float:
+    """--since: an ISO date or time (local unless it says otherwise), or an age such as 30m, 2h, 7d."""
+    import time
+    from datetime import datetime
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text[:-1].replace(".", "", 1).isdigit() and text[-1:] in units:
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ConfigError("--since", text, "is neither an ISO date/time nor an age",
+                          "2026-11-28, 2026-11-28T09:30, 30m, 2h, 7d") from None
+
+
+def run_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A runs row for scripts: ISO times, durations in seconds, the spec and timings as objects."""
+    out = {k: v for k, v in row.items() if not k.endswith("_json") and not k.endswith("_at") and k != "lease_until"}
+    for name in ("created_at", "started_at", "finished_at"):
+        out[name] = _iso(row.get(name))
+    started, finished, created = row.get("started_at"), row.get("finished_at"), row.get("created_at")
+    out["queued_seconds"] = round(started - created, 3) if started and created else None
+    out["duration_seconds"] = round(finished - started, 3) if started and finished else None
+    for name in ("spec_json", "timings_json"):
+        raw = row.get(name)
+        try:
+            out[name[:-5]] = json.loads(raw) if raw else None
+        except ValueError:
+            out[name[:-5]] = raw
+    return out
+
+
+def _history(config: Any, status: str | None, limit: int, since: float | None = None,
+             inbox: str | None = None) -> list[dict[str, Any]]:
+    if not config.db_path.exists():
+        return []
     from bgwatch.store import Store
 
+    store = Store(config.db_path)
+    filtered = since is not None or inbox is not None
+    rows = store.history(status, 10_000_000 if filtered else limit)
+    store.close()
+    if inbox is not None:
+        wanted = {str(ib.path) for ib in config.inboxes
+                  if inbox in (str(ib.path), ib.path.name) or Path(inbox).resolve() == ib.path.resolve()}
+        if not wanted:
+            raise ConfigError("--inbox", inbox, "is not a configured inbox",
+                              ", ".join(ib.path.name for ib in config.inboxes))
+        rows = [r for r in rows if r["inbox"] in wanted]
+    if since is not None:
+        rows = [r for r in rows if (r.get("created_at") or 0) >= since]
+    return rows[:limit]
+
+
+def cmd_history(args: argparse.Namespace) -> int:
     config = _load(args)
-    if not config.db_path.exists():
-        rows: list[dict[str, Any]] = []
-    else:
-        store = Store(config.db_path)
-        rows = store.history(args.status, args.limit)
-        store.close()
+    rows = _history(config, args.status, args.limit, _since(args.since) if args.since else None, args.inbox)
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        _print_json([run_record(r) for r in rows])
         return 0
     from bgwatch.report import print_history
 
@@ -176,6 +325,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     config = _load(args)
     if not args.run_ids and not args.failed:
         raise ConfigError("retry", "RUN_ID", "name run ids or pass --failed")
+    bad = [i for i in args.run_ids if not i.isdigit()]
+    if bad:
+        raise ConfigError("retry", "RUN_ID", f"{bad[0]!r} is not a run id", "whole numbers from `bgwatch history`")
     moved, problems = retry_runs(config, [int(i) for i in args.run_ids], all_failed=args.failed)
     for line in moved:
         print(f"back in the inbox: {line}")
@@ -194,14 +346,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"{error}")
         else:
             print(f"{path}: OK")
-    return 1 if any(problems.values()) else 0
+    return 2 if any(problems.values()) else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from bgwatch.single import explain
+    from bgwatch import reference, rules
+    from bgwatch.errors import InputError
 
     config = _load(args)
-    print(explain(Path(args.image), config))
+    image = Path(args.image)
+    inbox = config.inbox_for(image)
+    if inbox is None:
+        raise InputError(image, "is not inside any configured inbox: "
+                         + ", ".join(str(ib.path) for ib in config.inboxes))
+    resolved = rules.resolve(image, inbox, config)
+    if args.json:
+        _print_json([{"key": k, "value": v, "source": s} for k, v, s in resolved.describe()])
+    else:
+        print(reference.format_explanation(resolved))
     return 0
 
 
@@ -209,6 +371,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from bgwatch.single import cache_command
 
     config = _load(args)
+    if args.json and args.action == "ls":
+        from bgwatch.pipeline.cache import BackgroundCache
+        from bgwatch.store import Store
+
+        store = Store(config.db_path)
+        rows = BackgroundCache(store, config.cache_dir, config.cache.max_bytes).ls()
+        store.close()
+        _print_json([{**r, **{k: _iso(r[k]) for k in ("created_at", "last_used_at") if k in r}} for r in rows])
+        return 0
     print(cache_command(config, args.action))
     return 0
 
@@ -216,14 +387,66 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from bgwatch.single import models_command
 
-    config = _load(args)
+    config = _load(args, required=False)
     _setup_logs(config, to_files=False)
+    if args.json and args.action == "ls":
+        from dataclasses import asdict
+
+        from bgwatch import models
+        from bgwatch.doctor import disk_size
+
+        _print_json([{**asdict(s), "bytes": disk_size(Path(s.path)) if s.present else None}
+                     for s in models.list_models(config, tuple(args.names))])
+        return 0
     text, ok = models_command(config, args.action, args.names)
     print(text)
     return 0 if ok else 1
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from bgwatch import doctor
+
+    config = _load(args)
+    checks = doctor.run_checks(config)
+    code = doctor.exit_code(checks)
+    if args.json:
+        _print_json({"status": ("ok", "warning", "error")[code], "checks": [c.to_dict() for c in checks]})
+    else:
+        print(doctor.format_checks(checks))
+    return code
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from bgwatch.init import write_config
+
+    target = Path(args.path)
+    write_config(target, state_dir=Path(args.state_dir), inbox_root=Path(args.inbox_root),
+                 outbox_root=Path(args.outbox_root) if args.outbox_root else None, force=args.force)
+    print(f"wrote {target}; check it with `bgwatch doctor -c {target}`")
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
+
+
+class _VersionAction(argparse.Action):
+    """--version: bgwatch and, imported only now, torch, its CUDA and ONNX Runtime."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from bgwatch.doctor import stack_versions
+
+        versions = stack_versions()
+        print(f"bgwatch {versions.pop('bgwatch')}")
+        for name, version in versions.items():
+            print(f"  {name + ':':12} {version}")
+        parser.exit()
+
+
+CONFIG_HELP = "config.yaml (default: $BGWATCH_CONFIG, else ./config.yaml, else /etc/bgwatch/config.yaml)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,12 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bgwatch",
         description="Hot-folder daemon: images dropped in an inbox come out of the outbox with their "
                     "background removed, softened, recoloured or replaced.")
-    parser.add_argument("--version", action="version", version=f"bgwatch {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help=f"show bgwatch {__version__}, torch, CUDA and ONNX Runtime versions and exit")
+    parser.add_argument("-c", "--config", help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, handler: Command, help_text: str, *, json_flag: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-c", "--config", help="config.yaml (default: $BGWATCH_CONFIG, else ./config.yaml)")
+        # SUPPRESS: given after the subcommand it wins, absent it leaves the one given before it alone.
+        p.add_argument("-c", "--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON (times in ISO 8601) for scripts")
         p.set_defaults(handler=handler)
         return p
 
@@ -251,12 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a JobSpec value, e.g. --set mode=color --set mask.engine=classical (repeatable)")
 
-    add("status", cmd_status, "Show whether the daemon runs, run counts and what waits in each inbox.")
+    p = add("status", cmd_status, "Show whether the daemon runs, run counts and what waits in each inbox.",
+            json_flag=True)
+    p.add_argument("--watch", action="store_true", help="print the status again every --interval seconds")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between updates with --watch")
 
-    p = add("history", cmd_history, "List recent runs.")
+    p = add("history", cmd_history, "List recent runs, with their times and durations.", json_flag=True)
     p.add_argument("--status", choices=["queued", "running", "done", "failed", "skipped"], help="only these")
+    p.add_argument("--since", metavar="WHEN", help="only runs created since: 2026-11-28, 2026-11-28T09:30, 2h, 7d")
+    p.add_argument("--inbox", metavar="INBOX", help="only this inbox (its path or folder name)")
     p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
-    p.add_argument("--json", action="store_true", help="print JSON rows")
 
     p = add("retry", cmd_retry, "Put failed runs' originals back in their inbox so they are taken again.")
     p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="run ids (see `bgwatch history`)")
@@ -265,16 +497,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "Check a config.yaml, a .bgwatch.yaml folder file or a sidecar.")
     p.add_argument("paths", nargs="+", metavar="PATH")
 
-    p = add("explain", cmd_explain, "Print an image's resolved JobSpec and where each value came from.")
+    p = add("explain", cmd_explain, "Print an image's resolved JobSpec and where each value came from.",
+            json_flag=True)
     p.add_argument("image", help="an image inside an inbox")
 
-    p = add("cache", cmd_cache, "List, prune (to the size cap) or clear the generated-background cache.")
+    p = add("cache", cmd_cache, "List, prune (to the size cap) or clear the generated-background cache.",
+            json_flag=True)
     p.add_argument("action", choices=["ls", "prune", "clear"])
 
-    p = add("models", cmd_models, "List the mask and SDXL models present, or pull them (needs internet).")
+    p = add("models", cmd_models, "List the mask and SDXL models present, or pull them (needs internet).",
+            json_flag=True)
     p.add_argument("action", choices=["ls", "pull"])
     p.add_argument("names", nargs="*", metavar="MODEL",
                    help="rembg model names or SDXL hub ids (default: the ones the config uses)")
+
+    add("doctor", cmd_doctor, "Check this machine against the config: GPU, ONNX Runtime, weights, inboxes, "
+        "outboxes, state folder, inotify, numba cache. Exit 0 ok, 1 warnings, 2 errors.", json_flag=True)
+
+    p = add("init", cmd_init, "Write a sample config.yaml with absolute, service-ready paths.")
+    p.add_argument("path", nargs="?", default="config.yaml", help="where to write it (default ./config.yaml; "
+                   f"the service reads {SERVICE_CONFIG})")
+    p.add_argument("--state-dir", default="/var/lib/bgwatch", help="default /var/lib/bgwatch (systemd StateDirectory)")
+    p.add_argument("--inbox-root", default="/srv/bgwatch/inbox", help="folder holding the inboxes")
+    p.add_argument("--outbox-root", help="folder holding the outboxes (default: beside the inbox root)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
     return parser
 
 

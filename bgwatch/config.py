@@ -332,7 +332,10 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         raise ConfigError(where, "host", f"{config.host!r} cannot name a claim folder",
                           "a name without '/', '\\' or a leading '.'")
     _check_inboxes(config, where)
-    return apply_env(config, env)
+    config = apply_env(config, env)
+    if env.get("OUTPUT_DIR"):
+        _check_inboxes(config, f"environment OUTPUT_DIR={env['OUTPUT_DIR']}")
+    return config
 
 
 def _check_inboxes(config: Config, where: Path | str) -> None:
@@ -342,11 +345,15 @@ def _check_inboxes(config: Config, where: Path | str) -> None:
         if root in seen:
             raise ConfigError(where, f"inboxes[{i}].path", f"{inbox.path} is already inboxes[{seen[root]}]")
         seen[root] = i
+    for i, inbox in enumerate(config.inboxes):
         out = inbox.outbox.resolve()
-        if out == root or root in out.parents:
-            raise ConfigError(
-                where, f"inboxes[{i}].outbox", "must not be inside its inbox (outputs would be taken as inputs)"
-            )
+        for j, other in enumerate(config.inboxes):
+            root = other.path.resolve()
+            if out == root or root in out.parents:
+                whose = "its inbox" if i == j else f"inboxes[{j}] ({other.path})"
+                raise ConfigError(
+                    where, f"inboxes[{i}].outbox", f"must not be inside {whose} (outputs would be taken as inputs)"
+                )
 
 
 def _env_flag(env: Mapping[str, str], name: str) -> bool | None:

@@ -88,7 +88,7 @@ def test_validate_and_explain(tmp_path: Path, config) -> None:
     bad = replace / "bad.yaml"
     bad.write_text("promt: beach\nsteps: 500\n")
     proc = bgwatch("validate", str(config.source), str(good), str(bad))
-    assert proc.returncode == 1
+    assert proc.returncode == 2, "an invalid file is a configuration error (README: exit 2)"
     assert f"{config.source}: OK" in proc.stdout and f"{good}: OK" in proc.stdout
     assert "did you mean 'prompt'" in proc.stdout and "steps" in proc.stdout and "500" in proc.stdout
 

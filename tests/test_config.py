@@ -78,3 +78,13 @@ def test_cli_reports_a_bad_config_in_one_line_without_traceback(tmp_path: Path) 
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"bgwatch: {bad}: device: 'gpu' is not allowed (allowed: auto, cuda, cpu)"]
+
+
+def test_an_outbox_inside_any_inbox_is_refused_also_through_output_dir(tmp_path: Path) -> None:
+    two = {"inboxes": [{"path": "in/a", "outbox": "out/a"}, {"path": "in/b", "outbox": "in/a/results"}]}
+    with pytest.raises(ConfigError, match=r"inboxes\[1\].outbox: must not be inside inboxes\[0\]"):
+        parse_config(two, tmp_path / "config.yaml", env={})
+    # OUTPUT_DIR=<an inbox> would make every outbox <inbox>/<name>: white/white/white/... without end
+    one = {"inboxes": [{"path": "white", "outbox": "out"}]}
+    with pytest.raises(ConfigError, match=r"environment OUTPUT_DIR=.*must not be inside its inbox"):
+        parse_config(one, tmp_path / "config.yaml", env={"OUTPUT_DIR": str(tmp_path / "white")})
