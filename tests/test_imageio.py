@@ -189,10 +189,21 @@ def test_decompression_bomb_fails_fast_without_allocating(tmp_path: Path) -> Non
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert "30000x30000" in str(caught.value) and "limits.max_pixels" in str(caught.value)
+    # Pillow's own guard (kept on) refuses it while reading the header, before bgwatch's limit is asked.
+    assert "900 megapixels" in str(caught.value) and "limits.max_pixels" in str(caught.value)
     assert elapsed < 1.0
     assert peak < 5 * 1024 * 1024  # 900 MP of RGB would be 2.7 GB
-    assert probe_size(path) == (30000, 30000)  # the header alone is fine to read
+    with pytest.raises(InputError, match="900 megapixels"):
+        probe_size(path)
+
+
+def test_bgwatch_limit_applies_under_pillows_guard(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_claiming(12000, 10000))  # 120 MP: over limits.max_pixels, under Pillow's guard
+    with pytest.raises(InputError) as caught:
+        decode(path, max_pixels=MAX)
+    assert "12000x10000" in str(caught.value) and "limits.max_pixels" in str(caught.value)
+    assert probe_size(path) == (12000, 10000)  # the header alone is fine to read
 
 
 def test_limit_counts_pixels(tmp_path: Path) -> None:

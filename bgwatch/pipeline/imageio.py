@@ -1,31 +1,37 @@
-"""Decode and encode images: EXIF orientation, colour modes and ICC profiles to sRGB, pixel limits.
+"""Decode and encode images: an allow-list of formats, EXIF orientation, colour to sRGB, pixel limits.
 
 Everything a photo can bring (palette, CMYK, 16-bit, greyscale, transparency, a camera or Adobe RGB
 profile, a rotated-by-EXIF phone shot) comes out as one thing: HxWx3 uint8 sRGB plus an optional alpha.
-Files that cannot be used fail with an InputError that says what is wrong and what to do; the pixel limit
-is checked from the header, before a single pixel is decoded.
+
+Every decode in bgwatch (inbox images, backdrop files, downloaded results) goes through `_decode_from`:
+- only JPEG, PNG, WebP and TIFF (and AVIF where Pillow itself reads it) are decoded, recognised by the
+  file's first bytes, and a file's extension must name the same format: an EPS, ICO or PPM renamed
+  .jpg is refused before any decoder sees it (Pillow is only ever asked for the one format found);
+- the pixel limit (limits.max_pixels, passed in) is checked from the header, before a pixel is decoded;
+  Pillow's own decompression-bomb guard stays on (about 179 MP, a hard ceiling above the setting);
+- whatever goes wrong is an InputError with one line naming the file, what was found, what is allowed.
+Nothing is changed process-wide at import.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import re
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from loguru import logger
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, features
 
 from bgwatch.errors import InputError, SpecError
 from bgwatch.jobs import OutputSpec
-
-# bgwatch enforces its own limit (limits.max_pixels) from the header, before decoding. Pillow's global
-# guess (a warning at 89 MP, an error at 179 MP) would otherwise override the operator's setting and, as a
-# warning, escape into logs and tests. So it is switched off here and the check below is the only one.
-Image.MAX_IMAGE_PIXELS = None
 
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 PNG_COMPRESS_LEVEL = 1  # level 6 (Pillow's default) costs ~4x the time for ~10% smaller files
@@ -36,7 +42,13 @@ _SRGB_NAMES = frozenset({"srgb", "srgb iec61966-2.1", "srgb iec61966-2-1 black s
 _SRGB_PROFILE: Any = None
 _SRGB_BYTES: bytes | None = None
 
-_SUPPORTED = "JPEG, PNG, WebP, TIFF or BMP"
+# The decoders bgwatch uses: Pillow format name -> the extensions that may carry it.
+_FORMATS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "TIFF": (".tif", ".tiff"),
+}
+_OPTIONAL_FORMATS: dict[str, tuple[str, ...]] = {"AVIF": (".avif",)}  # only where Pillow was built with it
+_LABELS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "TIFF": "TIFF", "AVIF": "AVIF"}
+_STRIP_PIXELS = 1 << 22  # pixels copied out of Pillow per strip: the copy never doubles a big image
 # warnings.catch_warnings swaps a process-wide filter list: keep our (short) uses of it from overlapping.
 _quiet_lock = threading.Lock()
 
@@ -50,9 +62,23 @@ class DecodedImage:
     height: int
 
 
+def allowed_formats() -> dict[str, tuple[str, ...]]:
+    """The formats bgwatch decodes on this machine (Pillow name -> extensions)."""
+    found = dict(_FORMATS)
+    for name, extensions in _OPTIONAL_FORMATS.items():
+        if features.check(name.lower()):
+            found[name] = extensions
+    return found
+
+
+def allowed_text() -> str:
+    """'JPEG (.jpg, .jpeg), PNG (.png), ...' for messages and docs."""
+    return ", ".join(f"{_LABELS[n]} ({', '.join(ext)})" for n, ext in allowed_formats().items())
+
+
 def probe_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed (EXIF rotation counted), from the header only."""
-    with _open(path) as im:
+    with _opened_file(path) as (f, fmt), _open(f, fmt, path) as im:
         width, height = im.size
         if _orientation(im) in _ROTATED_ORIENTATIONS:
             width, height = height, width
@@ -60,8 +86,27 @@ def probe_size(path: Path) -> tuple[int, int]:
 
 
 def decode(path: Path, *, max_pixels: int) -> DecodedImage:
-    """Decode an image file to sRGB. InputError: empty, not an image, truncated, too many pixels."""
-    with _open(path) as im:
+    """Decode an image file to sRGB. InputError: empty, not an allowed format (by content and by
+    extension), truncated, damaged, too many pixels."""
+    with _opened_file(path) as (f, fmt):
+        return _decode_from(f, fmt, path, max_pixels)
+
+
+def decode_bytes(data: bytes, *, name: str, max_pixels: int) -> DecodedImage:
+    """Decode image bytes that have no file name (a download): the content alone must be an allowed
+    format. `name` says where they came from in messages."""
+    if not data:
+        raise InputError(name, "no data (0 bytes)")
+    fmt = _content_format(data[:32])
+    if fmt not in allowed_formats():
+        raise InputError(name, f"the content is {_describe(data[:32])}, not an image bgwatch decodes "
+                         f"(allowed: {allowed_text()})")
+    return _decode_from(io.BytesIO(data), fmt, Path(name), max_pixels)
+
+
+def _decode_from(f: IO[bytes], fmt: str, path: Path, max_pixels: int) -> DecodedImage:
+    """The one decoder: `fmt` (from the content) is the only format Pillow is asked to read."""
+    with _open(f, fmt, path) as im:
         width, height = im.size
         if width * height > max_pixels:
             raise InputError(
@@ -69,22 +114,21 @@ def decode(path: Path, *, max_pixels: int) -> DecodedImage:
                 f"limits.max_pixels ({max_pixels / 1e6:g} MP); scale it down, or raise limits.max_pixels in "
                 "config.yaml if images this large are expected"
             )
-        source_format = im.format or path.suffix.lstrip(".").upper()
+        source_format = im.format or fmt
+        orientation = _orientation(im)
         try:
             im.load()
-            oriented = _apply_orientation(im, path)
-            rgb, alpha = _to_srgb(oriented, path)
+            rgb, alpha = _to_srgb(im, path)
         except InputError:
             raise
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise _broken(path, source_format, exc) from None
         except MemoryError:
             raise InputError(path, f"not enough memory to decode {width}x{height} pixels; scale it down, "
                              "or lower limits.max_pixels") from None
+        except Exception as exc:  # a damaged file can make a decoder raise anything
+            raise _broken(path, _LABELS.get(fmt, fmt), exc) from None
+    rgb = _oriented(rgb, orientation)
+    alpha = None if alpha is None else _oriented(alpha, orientation)
     height, width = rgb.shape[:2]
-    # Pillow hands out read-only views; the pipeline owns its pixels.
-    rgb = rgb if rgb.flags.writeable else rgb.copy()
-    alpha = alpha if alpha is None or alpha.flags.writeable else alpha.copy()
     return DecodedImage(rgb=rgb, alpha=alpha, source_format=source_format, width=width, height=height)
 
 
@@ -133,44 +177,112 @@ def output_extension(output: OutputSpec) -> str:
 # ---------------------------------------------------------------- decoding helpers
 
 
-def _open(path: Path) -> Image.Image:
-    """Open the header, turning every way a file can be unreadable into an InputError."""
+@contextmanager
+def _opened_file(path: Path) -> Iterator[tuple[IO[bytes], str]]:
+    """The file, open for reading, and its format: found from its first bytes, allowed, and the one its
+    extension names. Every refusal is an InputError naming the file, what was found and what is allowed."""
     try:
-        size = path.stat().st_size
+        f = path.open("rb")
     except FileNotFoundError:
         raise InputError(path, "the file is gone (moved or deleted before it could be read)") from None
     except OSError as exc:
         raise InputError(path, f"cannot read the file: {exc.strerror}") from None
-    if size == 0:
-        raise InputError(path, "the file is empty (0 bytes): the copy or upload did not finish; "
-                         "drop it again")
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(32)
+            f.seek(0)
+        except OSError as exc:
+            raise InputError(path, f"cannot read the file: {exc.strerror}") from None
+        if size == 0 or not head:
+            raise InputError(path, "the file is empty (0 bytes): the copy or upload did not finish; "
+                             "drop it again")
+        allowed = allowed_formats()
+        fmt = _content_format(head)
+        if fmt not in allowed:
+            raise InputError(path, f"not an image bgwatch decodes: the content is {_describe(head)} "
+                             f"(allowed: {allowed_text()}); drop a file of one of those formats")
+        suffix = path.suffix.lower()
+        if suffix not in allowed[fmt]:
+            named = next((_LABELS[n] for n, ext in allowed.items() if suffix in ext), None)
+            what = (f"the name says {named}" if named
+                    else f"the extension {suffix or '(none)'} is not one bgwatch reads")
+            raise InputError(path, f"the content is {_LABELS[fmt]} but {what}; rename it to "
+                             f"{allowed[fmt][0]} (allowed: {allowed_text()})")
+        yield f, fmt
+
+
+def _content_format(head: bytes) -> str:
+    """The Pillow format name of an allowed format these first bytes start, or ''."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    return ""
+
+
+# What a refused file most likely is, by its first bytes (for the message only: nothing here is decoded).
+_KNOWN_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"%!PS", 0, "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", 0, "EPS"), (b"%PDF", 0, "PDF"),
+    (b"GIF8", 0, "GIF"), (b"BM", 0, "BMP"), (b"\x00\x00\x01\x00", 0, "ICO"), (b"\x00\x00\x02\x00", 0, "CUR"),
+    (b"DDS ", 0, "DDS"), (b"8BPS", 0, "Photoshop PSD"), (b"\x01\xda", 0, "SGI"), (b"\x0a", 0, "PCX"),
+    (b"Image type", 0, "IM"), (b"qoif", 0, "QOI"), (b"icns", 0, "ICNS"), (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", 0, "JPEG 2000"), (b"II+\x00", 0, "BigTIFF"), (b"MM\x00+", 0, "BigTIFF"),
+    (b"\xd7\xcd\xc6\x9a", 0, "WMF"), (b"\x01\x00\x00\x00", 0, "EMF"), (b"<svg", 0, "SVG"), (b"<?xml", 0, "XML/SVG"),
+    (b"PK\x03\x04", 0, "a ZIP archive"), (b"ftypheic", 4, "HEIC"), (b"ftypheix", 4, "HEIC"),
+    (b"ftypmif1", 4, "HEIF"), (b"ftypavif", 4, "AVIF (this Pillow has no AVIF decoder)"),
+)
+
+
+def _describe(head: bytes) -> str:
+    for magic, at, name in _KNOWN_MAGIC:
+        if head[at:].startswith(magic):
+            return name
+    if len(head) >= 2 and head[:1] == b"P" and head[1:2] in b"123456f":
+        return "PPM/PGM/PBM (Netpbm)"
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    if head and printable == len(head):
+        return f"a text file starting {head[:12].decode('ascii', 'replace')!r}"
+    return "no format bgwatch knows (TGA and other headerless formats look like this too)"
+
+
+@contextmanager
+def _open(f: IO[bytes], fmt: str, path: Path) -> Iterator[Image.Image]:
+    """Pillow's header for `fmt` only; every way a header can be unreadable becomes an InputError."""
     try:
         with _quiet_lock, warnings.catch_warnings():
-            # Pillow warns about odd-but-readable files (bad EXIF, MPO quirks); those are not errors.
+            # Pillow warns about odd-but-readable files (bad EXIF, MPO quirks) and about images over its
+            # bomb warning size; bgwatch's own limit is checked from the header right after.
             warnings.simplefilter("ignore")
-            im = Image.open(path)
+            im = Image.open(f, formats=[fmt])
             _orientation(im)  # parses and caches EXIF now, while its warnings are silenced
-            return im
-    except UnidentifiedImageError:
-        raise InputError(path, f"not an image ({_sniff(path)}); drop a {_SUPPORTED} file") from None
-    except Image.DecompressionBombError as exc:  # only if someone turned Pillow's own limit back on
-        raise InputError(path, f"too many pixels ({exc}); scale it down") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(path, f"the image header is broken ({exc}); export the file again") from None
-
-
-def _sniff(path: Path) -> str:
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "too many pixels"
+        guard = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        raise InputError(path, f"the image is {size}, more than Pillow's decompression-bomb guard ({guard:.0f} MP, "
+                         "a ceiling above limits.max_pixels); scale it down") from None
+    except MemoryError:
+        raise InputError(path, "the image header asks for more memory than there is; export it again") from None
+    except Exception as exc:  # UnidentifiedImageError, struct.error, ...: a broken header
+        raise InputError(path, f"the {_LABELS.get(fmt, fmt)} header is broken ({_one_line(exc)}); export the "
+                         "file again") from None
     try:
-        with path.open("rb") as f:
-            head = f.read(16)
-    except OSError:
-        return "unreadable"
-    if head.startswith((b"%PDF",)):
-        return "it is a PDF"
-    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
-    if printable == len(head):
-        return f"it is a text file starting {head[:12].decode('ascii', 'replace')!r}"
-    return f"the {path.suffix or 'file'} contents are not a format Pillow can read"
+        yield im
+    finally:
+        im.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text[:160] + ("..." if len(text) > 160 else "")
 
 
 def _broken(path: Path, source_format: str, exc: BaseException) -> InputError:
@@ -178,28 +290,37 @@ def _broken(path: Path, source_format: str, exc: BaseException) -> InputError:
     if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
         return InputError(path, f"the {source_format} data is truncated (the file ends early: an unfinished "
                           "copy or upload); drop the complete file again")
-    return InputError(path, f"the {source_format} data is damaged ({text}); export the file again")
+    return InputError(path, f"the {source_format} data is damaged ({_one_line(exc)}); export the file again")
 
 
 def _orientation(im: Image.Image) -> int:
     try:
-        return int(im.getexif().get(0x0112, 1))
-    except Exception:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # damaged EXIF: the pixels are still usable, unrotated
         return 1
+    return value if 1 <= value <= 8 else 1
 
 
-def _apply_orientation(im: Image.Image, path: Path) -> Image.Image:
-    if _orientation(im) == 1:
-        return im
-    try:
-        return ImageOps.exif_transpose(im)
-    except Exception as exc:
-        logger.warning("{}: EXIF orientation ignored ({})", path.name, exc)
-        return im
+def _oriented(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation applied in numpy (one contiguous copy at most), as ImageOps.exif_transpose does."""
+    if orientation == 1:
+        return pixels
+    swapped = (1, 0, 2) if pixels.ndim == 3 else (1, 0)
+    view = {
+        2: pixels[:, ::-1],  # mirrored
+        3: pixels[::-1, ::-1],  # rotated 180
+        4: pixels[::-1],  # flipped
+        5: pixels.transpose(swapped),  # transposed
+        6: pixels.transpose(swapped)[:, ::-1],  # rotated 90 clockwise to display
+        7: pixels.transpose(swapped)[::-1, ::-1],  # transversed
+        8: pixels.transpose(swapped)[::-1],  # rotated 90 counter-clockwise to display
+    }[orientation]
+    return np.ascontiguousarray(view)
 
 
 def _to_srgb(im: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Any Pillow mode -> (HxWx3 uint8 sRGB, HxW uint8 alpha or None)."""
+    """Any Pillow mode -> (HxWx3 uint8 sRGB, HxW uint8 alpha or None), never holding two full copies
+    of the pixels in Pillow beside the result."""
     icc = im.info.get("icc_profile")
     alpha: np.ndarray | None = None
     mode = im.mode
@@ -217,17 +338,35 @@ def _to_srgb(im: Image.Image, path: Path) -> tuple[np.ndarray, np.ndarray | None
     elif mode == "L" and "transparency" in im.info:
         im = im.convert("LA")
     if im.mode in ("RGBA", "LA"):
-        alpha = np.asarray(im.getchannel("A"))
+        alpha = _pixels(im.getchannel("A"))
         im = im.convert("RGB") if im.mode == "RGBA" else im.convert("L")
         if bool((alpha == 255).all()):
             alpha = None  # an alpha channel with nothing transparent in it
     if icc:
         converted = _icc_to_srgb(im, icc, path)
         if converted is not None:
-            return np.asarray(converted), alpha
+            im = converted
+    if im.mode == "L":
+        grey = _pixels(im)
+        im.close()
+        rgb = np.empty((*grey.shape, 3), np.uint8)
+        rgb[...] = grey[..., None]
+        return rgb, alpha
     if im.mode != "RGB":
-        im = im.convert("RGB")  # L, CMYK (Adobe inversion already handled by Pillow), YCbCr, LAB, HSV
-    return np.asarray(im), alpha
+        im = im.convert("RGB")  # CMYK (Adobe inversion already handled by Pillow), YCbCr, LAB, HSV
+    return _pixels(im), alpha
+
+
+def _pixels(im: Image.Image) -> np.ndarray:
+    """A writeable numpy copy of an RGB or L image, made strip by strip (np.asarray of a whole image
+    would hold a second full copy as bytes, then a third to make it writeable)."""
+    width, height = im.size
+    out = np.empty((height, width, 3) if im.mode == "RGB" else (height, width), np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    for y in range(0, height, rows):
+        with im.crop((0, y, width, min(height, y + rows))) as strip:
+            out[y : y + rows] = np.asarray(strip)
+    return out
 
 
 def _high_bit_to_l(im: Image.Image) -> Image.Image:
@@ -249,6 +388,10 @@ def _icc_to_srgb(im: Image.Image, icc: bytes, path: Path) -> Image.Image | None:
         description = (ImageCms.getProfileDescription(source) or "").strip().lower()
         if description in _SRGB_NAMES and im.mode == "RGB":
             return None  # already sRGB: skip the transform (and its rounding)
+        if im.mode == "RGB":  # converted in place: no second full copy of a big photo
+            ImageCms.profileToProfile(im, source, _srgb_profile(), outputMode="RGB",
+                                      renderingIntent=ImageCms.Intent.PERCEPTUAL, inPlace=True)
+            return im
         return ImageCms.profileToProfile(im, source, _srgb_profile(), outputMode="RGB",
                                          renderingIntent=ImageCms.Intent.PERCEPTUAL)
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:

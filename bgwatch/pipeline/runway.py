@@ -14,7 +14,6 @@ and never appears in a log line, an error, a repr or the database.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import random
 import time
@@ -26,7 +25,7 @@ import httpx
 import numpy as np
 from loguru import logger
 
-from bgwatch.errors import BgwatchError, EngineError
+from bgwatch.errors import BgwatchError, EngineError, InputError
 from bgwatch.pipeline.backgrounds import BackgroundRequest, fit_cover
 
 if TYPE_CHECKING:
@@ -128,6 +127,7 @@ class RunwayEngine:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = config.runway
+        self.max_pixels = config.limits.max_pixels  # a download is decoded under the inputs' pixel limit
         self.clock = clock
         self.sleep = sleep
         self.calls = 0  # tasks that produced an image
@@ -184,7 +184,7 @@ class RunwayEngine:
             raise EngineError(
                 "runway", f"{type(exc).__name__}: {str(exc).replace(key, '***')[:200]}"
             ) from None
-        image = _decode(data)
+        image = _decode(data, self.max_pixels)
         self.calls += 1
         return fit_cover(image, request.width, request.height)
 
@@ -289,11 +289,11 @@ def _error_text(answer: httpx.Response) -> str:
     return str(data)[:300]
 
 
-def _decode(data: bytes) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """The downloaded result through bgwatch's one decoder (allowed formats, pixel limit)."""
+    from bgwatch.pipeline.imageio import decode_bytes
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise EngineError("runway", f"the downloaded result is not an image ({exc})") from None
+        return decode_bytes(data, name="downloaded image", max_pixels=max_pixels).rgb
+    except InputError as exc:
+        raise EngineError("runway", f"the downloaded result was refused: {exc.reason}") from None

@@ -1,0 +1,126 @@
+"""Peak memory of one cleanup job, per input pixel, for 6, 25 and 100 MP studio shots.
+
+Each case runs in a fresh child process (the three pipeline stages in a row, as `bgwatch process` runs
+them: decode, mask, refine, cleanup, PNG encode) and reports the child's own peak RSS (ru_maxrss).
+"base" is the child's RSS after its imports, before the image is read; "per px" is the whole peak
+divided by the pixels, "net/px" the peak above that base. The issue's goal: peak <= 25 bytes a pixel
+(100 MP <= 2.5 GB, 25 MP <= 700 MB); the code before the change measured ~86 bytes a pixel (8.6 GB for
+10000x9999).
+
+    python bench/bench_memory.py [--sizes 6,25,100] [--modes transparent] [--engine classical]
+                                 [--workdir bench/out/memory]
+
+Inputs are synthesised once (a product on a studio backdrop, bgwatch.samples, drawn at ~2 MP and scaled
+up, JPEG quality 90) and kept in the work folder. Prints a table; not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {6: (3000, 2000), 25: (6124, 4082), 49: (7000, 7000), 100: (10000, 10000)}
+
+
+def synthesise(path: Path, width: int, height: int, seed: int = 3) -> None:
+    """A studio product shot at width x height, written as JPEG (drawn small, scaled up: cheap)."""
+    import cv2
+    import numpy as np
+
+    from bgwatch.samples import studio_shot
+
+    scale = min(1.0, 1600 / max(width, height))
+    small = studio_shot(seed, (max(64, round(width * scale)), max(64, round(height * scale))), "white_sweep")
+    big = cv2.resize(small.rgb, (width, height), interpolation=cv2.INTER_CUBIC)
+    del small
+    # Grain at full size, strip by strip, so the upscaled edges look photographed, not drawn.
+    rng = np.random.default_rng(seed)
+    for y in range(0, height, 512):
+        strip = big[y : y + 512].astype(np.int16)
+        strip += rng.normal(0, 1.5, strip.shape[:2] + (1,)).astype(np.int16)
+        big[y : y + 512] = np.clip(strip, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), big[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def child(path: Path, mode: str, engine: str, out: Path) -> None:
+    """One job, in this (fresh) process; prints a JSON line with its peak RSS."""
+    import numpy as np  # noqa: F401
+
+    from bgwatch.config import Config
+    from bgwatch.jobs import Job, JobSpec, MaskSpec
+    from bgwatch.pipeline import cleanup, classical, composite, imageio, masking, stages  # noqa: F401
+
+    import cv2  # noqa: F401
+    import PIL.PngImagePlugin  # noqa: F401
+
+    base = _rss_now()
+    spec = JobSpec(operation="cleanup", mode=mode, mask=MaskSpec(engine=engine))
+    job = Job(run_id=1, inbox="bench", rel_path=path.name, source=path, spec=spec, input_sha256="", key="")
+    config = Config()
+    start = time.perf_counter()
+    finished = stages.run_all(job, config, stages.Engines(config, None))
+    seconds = time.perf_counter() - start
+    out.write_bytes(finished.data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "bytes": len(finished.data)}))
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_case(path: Path, mode: str, engine: str, out: Path) -> dict[str, float]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--modes", mode, "--engine",
+           engine, "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          check=False)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        return {"error": 1.0, "reason": tail[0]}  # type: ignore[dict-item]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--sizes", default="6,25,100", help="megapixels, from: " + ", ".join(map(str, SIZES)))
+    parser.add_argument("--modes", default="transparent", help="comma-separated cleanup modes")
+    parser.add_argument("--engine", default="classical", help="mask engine (classical; rembg needs weights)")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "memory")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.child, args.modes, args.engine, args.out)
+        return 0
+
+    print(f"{'input':>18} {'mode':>11} {'engine':>9} {'base MB':>8} {'peak MB':>8} {'per px':>7} "
+          f"{'net/px':>7} {'seconds':>8}  goal <= 25 B/px (before: ~86)")
+    for mp in (int(s) for s in args.sizes.split(",")):
+        width, height = SIZES[mp]
+        source = args.workdir / f"studio_{width}x{height}.jpg"
+        if not source.exists():
+            synthesise(source, width, height)
+        for mode in args.modes.split(","):
+            r = run_case(source, mode, args.engine, args.workdir / f"out_{width}x{height}_{mode}.png")
+            label = f"{width}x{height}"
+            if "error" in r:
+                print(f"{label:>18} {mode:>11} {args.engine:>9}  FAILED: {r['reason']}")
+                continue
+            pixels = width * height
+            print(f"{label:>18} {mode:>11} {args.engine:>9} {r['base'] / 2**20:8.0f} {r['peak'] / 2**20:8.0f} "
+                  f"{r['peak'] / pixels:7.1f} {(r['peak'] - r['base']) / pixels:7.1f} {r['seconds']:8.1f}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
