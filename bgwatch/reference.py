@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from bgwatch.rules import FIELDS, Field, ResolvedSpec, _num
 
@@ -20,8 +19,6 @@ _TYPES = {"choice": "one of", "flag": "true/false", "int": "whole number", "floa
           "suffix": "text", "path": "path", "model": "model"}
 
 
-
-
 def format_explanation(resolved: ResolvedSpec) -> str:
     """`bgwatch explain`: every key, its resolved value and where that value came from."""
     rows = [(f"{key}: {_yaml_value(value)}", source) for key, value, source in resolved.describe()]
@@ -29,7 +26,7 @@ def format_explanation(resolved: ResolvedSpec) -> str:
     return "\n".join(f"{text:{width}}  <- {source}" for text, source in rows)
 
 
-def _yaml_value(value: Any) -> str:
+def _yaml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:

@@ -9,12 +9,13 @@ their models and generative engines must be ones the operator configured for tha
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from bgwatch.errors import SpecError
 from bgwatch.jobs import (
@@ -42,9 +43,14 @@ _COLOUR = re.compile(r"#([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 _ALIASES = {"jpeg": "jpg", "colour": "color"}
 _DEFAULT_SPEC = JobSpec()
 
+#: One checked value, as FIELDS' kinds allow it: flag, number, seed (or null), text, colour, two colours.
+SpecValue: TypeAlias = bool | int | float | str | list[str] | None
+#: A checked source: top-level keys, and the nested `mask` and `output` groups.
+Fragment: TypeAlias = dict[str, SpecValue | dict[str, SpecValue]]
 
-def _default(name: str) -> Any:
-    value: Any = _DEFAULT_SPEC
+
+def _default(name: str) -> object:
+    value: object = _DEFAULT_SPEC
     for part in name.split("."):
         value = getattr(value, part)
     return list(value) if isinstance(value, tuple) else value
@@ -57,13 +63,13 @@ class Field:
     name: str  # dotted for the nested groups: "mask.engine"
     kind: str  # choice | flag | int | float | seed | colour | colours | text | suffix | path | model
     help: str
-    example: Any
+    example: object
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
 
     @property
-    def default(self) -> Any:
+    def default(self) -> object:
         return _default(self.name)
 
 
@@ -120,7 +126,7 @@ class ResolvedSpec:
     spec: JobSpec
     sources: dict[str, str]
 
-    def describe(self) -> list[tuple[str, Any, str]]:
+    def describe(self) -> list[tuple[str, object, str]]:
         """(key, value, source) for every key, in schema order: what `bgwatch explain` can print."""
         values = _flat_spec(self.spec)
         return [(f.name, values[f.name], self.sources[f.name]) for f in FIELDS]
@@ -129,7 +135,7 @@ class ResolvedSpec:
 # ---------------------------------------------------------------- validation
 
 
-def validate_fragment(data: Any, source: str, *, trusted: bool) -> dict[str, Any]:
+def validate_fragment(data: object, source: str, *, trusted: bool) -> Fragment:
     """Check one source's keys against FIELDS; the normalised fragment (nested `mask`/`output` dicts).
 
     Untrusted sources (folder files, sidecars) may not name absolute or `..` paths; the checks that need
@@ -139,14 +145,14 @@ def validate_fragment(data: Any, source: str, *, trusted: bool) -> dict[str, Any
         return {}
     if not isinstance(data, Mapping):
         raise SpecError(source, "", f"must be a mapping of keys to values, got {type(data).__name__}")
-    out: dict[str, Any] = {}
+    out: Fragment = {}
     for key, value in data.items():
         if key in GROUPS:
             if value is None:
                 value = {}
             if not isinstance(value, Mapping):
                 raise SpecError(source, key, f"must be a mapping like `{key}: {{...}}`, got {value!r}")
-            group: dict[str, Any] = {}
+            group: dict[str, SpecValue] = {}
             for sub, sub_value in value.items():
                 field = FIELDS_BY_NAME.get(f"{key}.{sub}") if isinstance(sub, str) else None
                 if field is None:
@@ -161,7 +167,7 @@ def validate_fragment(data: Any, source: str, *, trusted: bool) -> dict[str, Any
     return out
 
 
-def validate_fragment_all(data: Any, source: str, *, trusted: bool) -> list[SpecError]:
+def validate_fragment_all(data: object, source: str, *, trusted: bool) -> list[SpecError]:
     """Every problem in a fragment, not just the first (for `bgwatch validate`); [] when it is valid."""
     try:
         validate_fragment(data, source, trusted=trusted)
@@ -181,7 +187,7 @@ def validate_fragment_all(data: Any, source: str, *, trusted: bool) -> list[Spec
     return errors
 
 
-def _unknown(source: str, key: Any, group: str) -> SpecError:
+def _unknown(source: str, key: object, group: str) -> SpecError:
     names = _GROUP_NAMES[group] if group else _TOP_NAMES
     shown = f"{group}.{key}" if group else str(key)
     hint = ""
@@ -199,7 +205,7 @@ def _unknown(source: str, key: Any, group: str) -> SpecError:
     return SpecError(source, shown, f"unknown key {key!r}{hint}", ", ".join(names))
 
 
-def _check(field: Field, value: Any, source: str, trusted: bool) -> Any:
+def _check(field: Field, value: object, source: str, trusted: bool) -> SpecValue:
     key, kind = field.name, field.kind
     if kind == "flag":
         if not isinstance(value, bool):
@@ -237,7 +243,7 @@ def _check(field: Field, value: Any, source: str, trusted: bool) -> Any:
     return value
 
 
-def _number(field: Field, value: Any, source: str) -> Any:
+def _number(field: Field, value: object, source: str) -> int | float:
     key = field.name
     whole = field.kind in ("int", "seed")
     lo, hi = field.minimum, field.maximum
@@ -252,7 +258,7 @@ def _number(field: Field, value: Any, source: str) -> Any:
     return int(value) if whole else float(value)
 
 
-def _choice(field: Field, value: Any, source: str) -> str:
+def _choice(field: Field, value: object, source: str) -> str:
     key = field.name
     if isinstance(value, str):
         text = _ALIASES.get(value.strip().lower(), value.strip().lower())
@@ -278,7 +284,7 @@ def _mask_engine_names() -> list[str]:
     return ["auto", *names()] if callable(names) else list(MASK_ENGINES)
 
 
-def _colour(key: str, value: Any, source: str) -> str:
+def _colour(key: str, value: object, source: str) -> str:
     if value is None:
         raise SpecError(source, key, 'is empty; in YAML a colour needs quotes, like "#ffffff" '
                         "(an unquoted # starts a comment)", "#rgb, #rrggbb")
@@ -300,19 +306,23 @@ def _check_untrusted_path(value: str, source: str, key: str) -> None:
 # ---------------------------------------------------------------- resolving
 
 
-AUTO: Any = object()  # resolve(sidecar=AUTO): look the sidecar up beside the image
+class _Auto(enum.Enum):
+    AUTO = "look the sidecar up beside the image"
+
+
+AUTO: Final = _Auto.AUTO  # resolve(sidecar=AUTO): look the sidecar up beside the image
 
 
 @dataclass(frozen=True, slots=True)
 class _Layer:
     label: str
-    data: Mapping[str, Any]
+    data: Mapping[str, object]  # as read; validate_fragment checks it
     trusted: bool
     base: Path  # what relative paths in this layer are relative to
 
 
-def resolve(image: Path, inbox: InboxConfig, config: Config, *, sidecar: Path | None = AUTO,
-            overrides: Mapping[str, Any] | None = None) -> ResolvedSpec:
+def resolve(image: Path, inbox: InboxConfig, config: Config, *, sidecar: Path | _Auto | None = AUTO,
+            overrides: Mapping[str, object] | None = None) -> ResolvedSpec:
     """The JobSpec for `image` (its path as dropped, inside inbox.path; it may since have been claimed).
 
     Folder files are read from the inbox tree along the image's original path. `sidecar`: AUTO looks it
@@ -488,7 +498,7 @@ def _build(values: Mapping[str, Any]) -> JobSpec:
     return JobSpec(**top, mask=mask, output=output)
 
 
-def _flat_spec(spec: JobSpec) -> dict[str, Any]:
+def _flat_spec(spec: JobSpec) -> dict[str, object]:
     data = spec.to_dict()
     flat = {k: v for k, v in data.items() if k not in GROUPS}
     for group in GROUPS:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 BACKDROPS = ("white_sweep", "grey_paper", "gradient", "vignette")
 PRODUCTS = ("bottle", "box", "mug", "sphere", "shoe")
@@ -30,10 +31,10 @@ _PAINTS = (
 
 @dataclass(frozen=True)
 class StudioShot:
-    rgb: np.ndarray  # HxWx3 uint8
-    mask: np.ndarray  # HxW float32 in [0, 1]: the products only, never their shadows
+    rgb: NDArray[np.uint8]  # HxWx3
+    mask: NDArray[np.float32]  # HxW in [0, 1]: the products only, never their shadows
     backdrop: str  # one of BACKDROPS
-    shadow: np.ndarray | None = None  # HxW float32: share of the backdrop's light the shadows take away
+    shadow: NDArray[np.float32] | None = None  # HxW: share of the backdrop's light the shadows take away
 
 
 def studio_shot(seed: int, size: tuple[int, int] = (1024, 1024), backdrop: str | None = None) -> StudioShot:
@@ -73,12 +74,12 @@ def studio_shot(seed: int, size: tuple[int, int] = (1024, 1024), backdrop: str |
     image = bg * (1.0 - shadow[..., None])
     image = image * (1.0 - scene.alpha[..., None]) + scene.colour
     sigma = 0.6 * min(width, height) / 1024  # lens softness: real edges are never a perfect step
-    image = cv2.GaussianBlur(image, (0, 0), max(sigma, 0.3))
+    soft = cv2.GaussianBlur(image, (0, 0), max(sigma, 0.3))
     noise_sigma = rng.uniform(1.2, 2.8)
     noise = rng.standard_normal((height, width, 3), dtype=np.float32) * (noise_sigma * 0.35)
     noise += rng.standard_normal((height, width, 1), dtype=np.float32) * noise_sigma
-    image += noise * np.sqrt(np.clip(image, 16, 255) / 128.0)
-    rgb = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    soft += noise * np.sqrt(np.clip(soft, 16, 255) / 128.0)
+    rgb = np.clip(soft + 0.5, 0, 255).astype(np.uint8)
     visible_shadow = (shadow * (1.0 - scene.alpha)).astype(np.float32)
     return StudioShot(rgb=rgb, mask=np.clip(scene.alpha, 0, 1).astype(np.float32), backdrop=kind,
                       shadow=visible_shadow)
@@ -360,8 +361,8 @@ class _Scene:
         profile *= np.sqrt(np.clip(t / 0.06, 0, 1)) * np.sqrt(np.clip((1 - t) / 0.1, 0, 1)) * 0.3 + 0.7
         top_y = base - sole - height * profile
         xs = x + flip * (t - 0.5) * length
-        toe, heel = x + flip * 0.5 * length, x - flip * 0.5 * length
-        upper = np.concatenate([np.stack([xs, top_y], 1), [[toe, base - sole], [heel, base - sole]]])
+        toe_x, heel_x = x + flip * 0.5 * length, x - flip * 0.5 * length
+        upper = np.concatenate([np.stack([xs, top_y], 1), [[toe_x, base - sole], [heel_x, base - sole]]])
         sole_poly = np.array([[x - length * 0.52, base - sole * 1.4], [x + length * 0.52, base - sole * 1.4],
                               [x + length * 0.5, base], [x - length * 0.5, base]])
         cover = self._coverage([upper])
@@ -392,16 +393,16 @@ class _Scene:
             cv2.ellipse(contact, (int(x / small), int(y / small)), (max(int(half * 1.1 / small), 1),
                         max(int(half * 0.12 / small), 1)), 0, 0, 360, 1.0, -1)
         reach = max(self.contacts, key=lambda c: c[2])[2] if self.contacts else 10.0
-        contact = cv2.GaussianBlur(contact, (0, 0), max(reach * 0.08 / small, 1.0))
+        contact_soft = cv2.GaussianBlur(contact, (0, 0), max(reach * 0.08 / small, 1.0))
         # Cast shadow: the silhouettes squashed onto the floor, leaning away from the key light.
         cast_src = cv2.resize(self.silhouettes, (sw, sh), interpolation=cv2.INTER_AREA)
         floor_y = max(c[1] for c in self.contacts) / small if self.contacts else sh * 0.8
         lean = self.rng.uniform(0.3, 0.7)
-        matrix = np.float32([[1, lean, -lean * floor_y], [0, 0.22, floor_y * 0.78]])
+        matrix = np.array([[1, lean, -lean * floor_y], [0, 0.22, floor_y * 0.78]], dtype=np.float32)
         cast = cv2.warpAffine(cast_src, matrix, (sw, sh))
         cast = cv2.GaussianBlur(cast, (0, 0), max(reach * 0.18 / small, 1.5))
         # A studio's fill light keeps even the contact shadow at 40% or more of the backdrop's brightness.
         strength_contact = self.rng.uniform(0.3, 0.5)
         strength_cast = self.rng.uniform(0.1, 0.25)
-        total = np.clip(contact * strength_contact + cast * strength_cast, 0, 0.6)
+        total = np.clip(contact_soft * strength_contact + cast * strength_cast, 0, 0.6)
         return cv2.resize(total, (self.w, self.h), interpolation=cv2.INTER_LINEAR)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from bgwatch.errors import SpecError
 try:  # libyaml's C parser when present: faster, and its parser keeps an explicit stack
     from yaml import CSafeLoader as _BaseLoader
 except ImportError:  # pragma: no cover - pyyaml built without libyaml
+    # the pure-Python loader stands in for the C one under the same name; mypy sees two classes
     from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
 
 DEFAULT_MAX_BYTES = 64 * 1024
@@ -31,7 +33,7 @@ _STANDARD = "tag:yaml.org,2002:"
 _ALLOWED_TAGS = frozenset(_STANDARD + name for name in ("str", "int", "float", "bool", "null", "map", "seq"))
 
 
-class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+class _Loader(_BaseLoader):
     """Safe loader that leaves dates as text: `suffix: 2024-05-01` is a string in a spec, not a date."""
 
 
@@ -41,8 +43,10 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def load_yaml_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+def load_yaml_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> object:
     """The document in `path` as plain Python data ({} for an empty file); SpecError if it is unsafe.
+
+    Plain data of any shape: text, numbers, true/false, null, lists and mappings; the caller checks it.
 
     Every error is SpecError(source=path, key="", problem=...) with a message a user can act on.
     """
@@ -50,7 +54,7 @@ def load_yaml_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
     text = _read_text(path, max_bytes)
     _check_events(path, text)
     try:
-        data = yaml.load(text, Loader=_Loader)  # a safe loader; events checked above
+        data: object = yaml.load(text, Loader=_Loader)  # a safe loader; events checked above
     except yaml.YAMLError as exc:
         raise SpecError(path, "", _yaml_problem(exc)) from None
     except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an integer of 5000 digits
@@ -111,10 +115,18 @@ def _read_text(path: Path, max_bytes: int) -> str:
         ) from None
 
 
+@dataclass(slots=True)
+class _Frame:
+    """One open collection while the parser streams."""
+
+    is_mapping: bool
+    expecting_key: bool = True  # in a mapping: the next scalar is a key
+    keys: set[str] = field(default_factory=set)  # a mapping's scalar keys seen so far
+
+
 def _check_events(path: Path, text: str) -> None:
     """Walk the parser's events and refuse what a plain spec never needs, before anything is built."""
-    # One frame per open collection: [is_mapping, expecting_key, keys seen]
-    stack: list[list[Any]] = []
+    stack: list[_Frame] = []
     documents = 0
     try:
         for event in yaml.parse(text, Loader=_Loader):
@@ -141,28 +153,28 @@ def _check_events(path: Path, text: str) -> None:
                 _value_done(stack)
                 continue
             if isinstance(event, yaml.ScalarEvent):
-                if stack and stack[-1][0] and stack[-1][1]:
+                if stack and stack[-1].is_mapping and stack[-1].expecting_key:
                     frame = stack[-1]
-                    if event.value in frame[2]:
+                    if event.value in frame.keys:
                         raise SpecError(path, "", f"has the key {event.value!r} twice (line {line})")
-                    frame[2].add(event.value)
-                    frame[1] = False
+                    frame.keys.add(event.value)
+                    frame.expecting_key = False
                 else:
                     _value_done(stack)
                 continue
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                if stack and stack[-1][0] and stack[-1][1]:
-                    stack[-1][1] = False  # a complex key: legal YAML, refused by the schema later
-                stack.append([isinstance(event, yaml.MappingStartEvent), True, set()])
+                if stack and stack[-1].is_mapping and stack[-1].expecting_key:
+                    stack[-1].expecting_key = False  # a complex key: legal YAML, refused by the schema later
+                stack.append(_Frame(is_mapping=isinstance(event, yaml.MappingStartEvent)))
                 if len(stack) > MAX_DEPTH:
                     raise SpecError(path, "", f"is nested more than {MAX_DEPTH} levels deep (line {line})")
     except yaml.YAMLError as exc:
         raise SpecError(path, "", _yaml_problem(exc)) from None
 
 
-def _value_done(stack: list[list[Any]]) -> None:
-    if stack and stack[-1][0]:
-        stack[-1][1] = True  # a mapping's value is complete: the next scalar is a key
+def _value_done(stack: list[_Frame]) -> None:
+    if stack and stack[-1].is_mapping:
+        stack[-1].expecting_key = True  # a mapping's value is complete: the next scalar is a key
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -177,7 +189,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"is not valid YAML ({type(exc).__name__})"
 
 
-def _kind(data: Any) -> str:
+def _kind(data: object) -> str:
     if isinstance(data, list):
         return "a list"
     if isinstance(data, str):
