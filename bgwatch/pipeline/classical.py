@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from bgwatch.errors import EngineError
+from bgwatch.pipeline.tiles import upsample_window
 
 WORK_SIZE = 512
+TILE_SIDE = 1024  # full-resolution work on the outline runs in tiles of about this side (padding included)
 MAX_EDGE_SHARE = 0.4  # a product may be cropped along one side of the frame, not more
 MAX_BACKDROP_NOISE = 5.0  # median LAB residual of the border around a smooth fit; busy scenes are 8-25
 
@@ -65,26 +67,65 @@ def studio_mask(rgb: np.ndarray) -> np.ndarray:
 
     # Full resolution: a mixed edge pixel differs from the backdrop in proportion to its coverage, so
     # alpha = difference / (the subject's own difference nearby), re-estimated only along the outline.
-    coarse = cv2.resize(subject.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    if scale == 1.0:
-        fine, fine_raw = diff, raw
-    else:
-        full_lab = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-        full_backdrop = cv2.resize(backdrop, (width, height), interpolation=cv2.INTER_LINEAR)
-        fine, _, fine_raw = _difference(cv2.GaussianBlur(full_lab, (0, 0), 0.7), full_backdrop)
+    return _full_resolution(rgb, subject, backdrop, (diff, raw) if scale == 1.0 else None, scale, low, high)
+
+
+def _full_resolution(rgb: np.ndarray, subject: np.ndarray, backdrop: np.ndarray,
+                     small_diff: tuple[np.ndarray, np.ndarray] | None, scale: float, low: float,
+                     high: float) -> np.ndarray:
+    """The subject's alpha at full resolution (float32 HxW): 1 inside, 0 outside, and along the outline
+    the coverage read from the full-resolution difference to the backdrop.
+
+    Computed in tiles: only tiles the outline crosses pay for LAB and the difference (a few float32
+    planes of one padded tile), so memory is the output plane plus a tile, whatever the image size.
+    Each tile is padded by what its pixels depend on (4 radii + the blur), so the seams are exact."""
+    import cv2
+
+    height, width = rgb.shape[:2]
     radius = max(2, round(1.5 / scale))
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    solid = (coarse > 0.5).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    pad = 4 * radius + 8
+    tile = max(256, TILE_SIDE - 2 * pad)
+    coverage = subject.astype(np.float32)
+    out = np.empty((height, width), np.float32)
+    for y0 in range(0, height, tile):
+        for x0 in range(0, width, tile):
+            y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+            py0, py1, px0, px1 = max(y0 - pad, 0), min(y1 + pad, height), max(x0 - pad, 0), min(x1 + pad, width)
+            core = (slice(y0 - py0, y1 - py0), slice(x0 - px0, x1 - px0))
+            solid = (upsample_window(coverage, (height, width), (py0, py1, px0, px1)) > 0.5).astype(np.uint8)
+            if not solid.any() or bool(solid.all()):
+                out[y0:y1, x0:x1] = solid[core]
+                continue
+            if small_diff is not None:
+                fine, fine_raw = small_diff[0][py0:py1, px0:px1], small_diff[1][py0:py1, px0:px1]
+            else:
+                lab = cv2.cvtColor(rgb[py0:py1, px0:px1].astype(np.float32) * np.float32(1 / 255),
+                                   cv2.COLOR_RGB2LAB)
+                lab = cv2.GaussianBlur(lab, (0, 0), 0.7)
+                window_backdrop = upsample_window(backdrop, (height, width), (py0, py1, px0, px1))
+                fine, _, fine_raw = _difference(lab, window_backdrop)
+                del lab, window_backdrop
+            out[y0:y1, x0:x1] = _edge_alpha(solid, fine, fine_raw, kernel, radius, low, high)[core]
+    return out
+
+
+def _edge_alpha(solid: np.ndarray, fine: np.ndarray, fine_raw: np.ndarray, kernel: np.ndarray, radius: int,
+                low: float, high: float) -> np.ndarray:
+    """One (padded) tile of the full-resolution alpha: solid, with the band along its outline re-read."""
+    import cv2
+
     # Inside the outline a dark, neutral part of the product is not a shadow: only outside it is one.
     fine = np.where(solid > 0, fine_raw, fine)
-    inner = cv2.erode(solid, k)
-    band = (cv2.dilate(solid, k) > 0) & (inner == 0)
+    inner = cv2.erode(solid, kernel)
+    band = (cv2.dilate(solid, kernel) > 0) & (inner == 0)
     # The subject's own difference is read just inside the band: shading often darkens a product
     # towards its outline, so its middle would overstate it.
-    rim = (inner - cv2.erode(inner, k)).astype(np.float32)
+    rim = (inner - cv2.erode(inner, kernel)).astype(np.float32)
     reach = (4 * radius + 1, 4 * radius + 1)
-    level = cv2.boxFilter(fine * rim, -1, reach) / np.maximum(cv2.boxFilter(rim, -1, reach), 1e-3)
-    level = np.maximum(np.where(cv2.boxFilter(rim, -1, reach) > 1e-3, level, high), 1.5 * low)
+    support = cv2.boxFilter(rim, -1, reach)
+    level = cv2.boxFilter(fine * rim, -1, reach) / np.maximum(support, 1e-3)
+    level = np.maximum(np.where(support > 1e-3, level, high), 1.5 * low)
     floor = 0.5 * low
     alpha = np.clip((fine - floor) / (level - floor), 0.0, 1.0)
     out = solid.astype(np.float32)

@@ -12,8 +12,10 @@ import numpy as np
 
 from bgwatch.errors import SpecError
 from bgwatch.jobs import JobSpec
+from bgwatch.pipeline.tiles import POINT_CHUNK, block_mean, sample_points, strips, upsample_window
 
 CLEANUP_MODES = ("transparent", "soften", "color")
+SOFTEN_SIDE = 2048  # the softened background is made at most this many pixels on its long side
 
 # A few CSS names people write in rules; anything else is given as #rgb or #rrggbb.
 NAMED_COLORS: dict[str, tuple[int, int, int]] = {
@@ -41,118 +43,233 @@ def parse_color(text: str, *, source: str = "spec", key: str = "background_color
 
 
 def cleanup(rgb: np.ndarray, alpha: np.ndarray, spec: JobSpec) -> np.ndarray:
-    """transparent -> HxWx4 uint8; soften and color -> HxWx3 uint8. `alpha` is the refined mask."""
+    """transparent -> HxWx4 uint8; soften and color -> HxWx3 uint8. `alpha` is the refined mask (float in
+    [0, 1], or uint8 0..255).
+
+    Memory: the result, one working copy of the image when denoise or enhance_fg change it, and pieces
+    (strips of rows, the pixels along the outline, fields at a fraction of the size): never a full-size
+    float copy of the image."""
     if spec.mode not in CLEANUP_MODES:
         raise SpecError("spec", "mode", f"{spec.mode!r} is not a cleanup mode", ", ".join(CLEANUP_MODES))
-    alpha = np.clip(alpha.astype(np.float32, copy=False), 0.0, 1.0)
     if alpha.shape != rgb.shape[:2]:
         raise ValueError(f"mask {alpha.shape} does not match image {rgb.shape[:2]}")
-    rgb = np.ascontiguousarray(rgb[..., :3])
+    rgb = rgb[..., :3]
     if spec.denoise:
         rgb = denoise(rgb)
     if spec.enhance_fg:
         rgb = enhance_foreground(rgb, alpha)
-    fg = foreground_colours(rgb, alpha)
+    h, w = alpha.shape
     if spec.mode == "transparent":
-        a8 = np.round(alpha * 255).astype(np.uint8)
+        out = np.empty((h, w, 4), np.uint8)
+        for y0, y1 in strips(h, w):
+            a = _alpha_rows(alpha, y0, y1)
+            a *= 255.0
+            np.round(a, out=a)
+            out[y0:y1, :, 3] = a
         # Fully transparent pixels keep the subject's colour near the edge (premultiplication-safe for
         # viewers that filter before blending) and are black further out, which compresses well.
-        near = _near_subject(a8)
-        colour = np.where(near[..., None], fg, np.uint8(0))
-        return np.dstack([colour, a8])
+        near = _near_subject(out[..., 3])
+        for y0, y1 in strips(h, w):
+            np.multiply(rgb[y0:y1], near[y0:y1, :, None], out=out[y0:y1, :, :3])
+        ys, xs, colours = foreground_points(rgb, alpha, near)
+        keep = near[ys, xs]
+        out[ys[keep], xs[keep], :3] = colours[keep]
+        return out
+    ys, xs, colours = foreground_points(rgb, alpha, None)
+    soft: tuple[np.ndarray, float, float] | None = None
+    colour = np.zeros(3, np.float32)
     if spec.mode == "color":
-        backdrop = np.array(parse_color(spec.background_color), np.float32)
+        colour = np.array(parse_color(spec.background_color), np.float32)
     else:
-        backdrop = soften_background(rgb, alpha)
-    out = fg.astype(np.float32)  # blended in place: fg * a + backdrop * (1 - a)
-    out -= backdrop
-    out *= alpha[..., None]
-    out += backdrop
-    return np.clip(np.round(out, out=out), 0, 255).astype(np.uint8)
-
-
-def foreground_colours(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """The subject's own colour (uint8 HxWx3): solved where alpha is partial, spread outwards into the
-    transparent pixels around the subject; elsewhere the image itself."""
-    out = rgb.copy()
-    if not (alpha > 0.0).any() or bool((alpha >= 1.0).all()):
-        return out
-    radius = max(4.0, max(alpha.shape) / 150)
-    # Only the outline and what is near it matter: work in the box around the subject.
-    ys, xs = np.nonzero(alpha > 0.0)
-    m = int(6 * radius)
-    box = (slice(max(int(ys.min()) - m, 0), int(ys.max()) + m + 1),
-           slice(max(int(xs.min()) - m, 0), int(xs.max()) + m + 1))
-    out[box] = _foreground_in(rgb[box], alpha[box], radius)
+        soft = soften_field(rgb, alpha)
+    out = np.empty((h, w, 3), np.uint8)
+    for y0, y1 in strips(h, w):
+        fg = rgb[y0:y1].astype(np.float32)  # blended in place: fg * a + backdrop * (1 - a)
+        lo, hi = np.searchsorted(ys, (y0, y1))
+        fg[ys[lo:hi] - y0, xs[lo:hi]] = colours[lo:hi]
+        backdrop = colour if soft is None else _soft_rows(soft, (h, w), y0, y1)
+        fg -= backdrop
+        fg *= _alpha_rows(alpha, y0, y1)[..., None]
+        fg += backdrop
+        np.round(fg, out=fg)
+        out[y0:y1] = np.clip(fg, 0, 255)
     return out
 
 
-def _foreground_in(rgb: np.ndarray, alpha: np.ndarray, radius: float) -> np.ndarray:
-    """Only the pixels that are not plainly subject are computed (as 1-D arrays): memory stays near the
-    size of the outline, not of the image."""
-    partial = (alpha > 0.0) & (alpha < 1.0)
-    ys, xs = np.nonzero(partial | (alpha == 0.0))
-    out = rgb.copy()
+def _alpha_rows(alpha: np.ndarray, y0: int, y1: int) -> np.ndarray:
+    """Rows y0:y1 of a float [0, 1] or uint8 alpha as a fresh float32 array in [0, 1]."""
+    rows = alpha[y0:y1]
+    if rows.dtype == np.uint8:
+        return rows.astype(np.float32) * np.float32(1 / 255)
+    out = rows.astype(np.float32)  # a copy: callers scale it in place
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def foreground_points(rgb: np.ndarray, alpha: np.ndarray,
+                      near: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The subject's own colour where the image's pixel is not it: (ys, xs, colours uint8 Nx3), sorted by
+    row. Solved where alpha is partial; with `near` (transparent output), also spread outwards into the
+    fully transparent pixels near the subject. Memory stays near the size of the outline."""
+    h, w = alpha.shape
+    empty = (np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros((0, 3), np.uint8))
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    top, bottom, left, right = h, -1, w, -1
+    for y0, y1 in strips(h, w):
+        a = _alpha_rows(alpha, y0, y1)
+        present = a > 0.0
+        rows = np.nonzero(present.any(axis=1))[0]
+        if rows.size:
+            cols = np.nonzero(present.any(axis=0))[0]
+            top, bottom = min(top, y0 + int(rows[0])), y0 + int(rows[-1])
+            left, right = min(left, int(cols[0])), max(right, int(cols[-1]))
+        wanted = present & (a < 1.0)
+        if near is not None:
+            wanted |= near[y0:y1] & ~present
+        ys, xs = np.nonzero(wanted)
+        found.append((ys + y0, xs))
+    if bottom < 0:
+        return empty
+    ys = np.concatenate([f[0] for f in found])
+    xs = np.concatenate([f[1] for f in found])
     if ys.size == 0:
-        return out
-    background = _spread_at(rgb, (alpha < 0.02).astype(np.float32), radius, ys, xs)
-    spread_fg = _spread_at(rgb, (alpha > 0.98).astype(np.float32), radius, ys, xs)
-    a = alpha[ys, xs][:, None]
-    img = rgb[ys, xs].astype(np.float32)
-    solved = np.clip((img - (1.0 - a) * background) / np.maximum(a, 1e-3), 0.0, 255.0)
-    # Trust the solved colour where enough of the subject is in the pixel; below that, borrow the colour
-    # of the subject next to it. Fully transparent pixels get the subject's colour spread outwards.
-    trust = np.clip((a - 0.15) / 0.35, 0.0, 1.0)
-    estimate = trust * solved + (1.0 - trust) * spread_fg
-    values = np.where(partial[ys, xs][:, None], estimate, spread_fg)
-    out[ys, xs] = np.clip(np.round(values), 0, 255).astype(np.uint8)
-    return out
+        return empty
+    radius = max(4.0, max(h, w) / 150)
+    # Only the outline and what is near it matter: the fields are made in the box around the subject.
+    m = int(6 * radius)
+    box = (max(top - m, 0), min(bottom + m + 1, h), max(left - m, 0), min(right + m + 1, w))
+    inside = (ys >= box[0]) & (ys < box[1]) & (xs >= box[2]) & (xs < box[3])
+    ys, xs = ys[inside], xs[inside]
+    background, subject, step = _colour_fields(rgb, alpha, box, radius)
+    colours = np.empty((ys.size, 3), np.uint8)
+    for start in range(0, ys.size, POINT_CHUNK):
+        part = slice(start, start + POINT_CHUNK)
+        py, px = ys[part], xs[part]
+        fy, fx = py - box[0], px - box[2]
+        bg = sample_points(background, fy, fx, 1 / step, 1 / step)
+        spread_fg = sample_points(subject, fy, fx, 1 / step, 1 / step)
+        a = _alpha_points(alpha, py, px)[:, None]
+        img = rgb[py, px].astype(np.float32)
+        solved = np.clip((img - (1.0 - a) * bg) / np.maximum(a, 1e-3), 0.0, 255.0)
+        # Trust the solved colour where enough of the subject is in the pixel; below that, borrow the
+        # colour of the subject next to it. Fully transparent pixels get the subject's colour spread out.
+        trust = np.clip((a - 0.15) / 0.35, 0.0, 1.0)
+        estimate = trust * solved + (1.0 - trust) * spread_fg
+        values = np.where(a > 0.0, estimate, spread_fg)
+        colours[part] = np.clip(np.round(values), 0, 255).astype(np.uint8)
+    return ys, xs, colours
 
 
-def soften_background(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """The image's own background, blurred and muted (float32 HxWx3), the subject's colour kept out."""
+def _alpha_points(alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    values = alpha[ys, xs]
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) * np.float32(1 / 255)
+    return np.clip(values.astype(np.float32), 0.0, 1.0)
+
+
+def _colour_fields(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int, int],
+                   radius: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The backdrop's and the subject's colours spread over the box (see _spread), computed at 1/step of
+    the full resolution: the fields are smooth (radius >= 4 px), so they are made where the radius is
+    still 4-8 field pixels and sampled bilinearly. Weighted colours are averaged down premultiplied, strip
+    by strip, so no colour leaks across the mask's edge and no full-size float copy is made."""
+    y0, y1, x0, x1 = box
+    bh, bw = y1 - y0, x1 - x0
+    step = 1
+    if radius >= 4.0 and min(bh, bw) >= 64:
+        step = 2
+        while radius / (step * 2) >= 4.0 and min(bh, bw) // (step * 2) >= 32:
+            step *= 2
+    sh, sw = -(-bh // step), -(-bw // step)
+    bg_sum = np.zeros((sh, sw, 3), np.float32)
+    bg_w = np.zeros((sh, sw), np.float32)
+    fg_sum = np.zeros((sh, sw, 3), np.float32)
+    fg_w = np.zeros((sh, sw), np.float32)
+    for s0, s1 in strips(bh, bw, multiple=step):
+        a = _alpha_rows(alpha[y0:y1, x0:x1], s0, s1)
+        img = rgb[y0 + s0 : y0 + s1, x0:x1].astype(np.float32)
+        rows = slice(s0 // step, -(-s1 // step))
+        for weight, total, sums in (((a < 0.02).astype(np.float32), bg_w, bg_sum),
+                                    ((a > 0.98).astype(np.float32), fg_w, fg_sum)):
+            total[rows] = block_mean(weight, step)
+            sums[rows] = block_mean(img * weight[..., None], step)
+    fields = []
+    for sums, total in ((bg_sum, bg_w), (fg_sum, fg_w)):
+        sums /= np.maximum(total, 1e-6)[..., None]
+        fields.append(_spread(sums, total, radius / step))
+    return fields[0], fields[1], step
+
+
+def soften_field(rgb: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The image's own background, blurred and muted, the subject's colour kept out: a small float32
+    HxWx3 field (read at full size with _soft_rows) and its scale. All of it is smooth: it is made at
+    half size, or at SOFTEN_SIDE pixels on the long side for big images."""
     import cv2
 
     h, w = alpha.shape
-    # All of it is smooth: work at half size.
-    size = (max(1, w // 2), max(1, h // 2))
-    img = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA).astype(np.float32)
-    a = cv2.resize(alpha, size, interpolation=cv2.INTER_AREA)
+    scale = min(0.5, SOFTEN_SIDE / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = cv2.resize(np.ascontiguousarray(rgb), size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    # Resized first, scaled after: no full-size float copy of the mask.
+    a = cv2.resize(np.ascontiguousarray(alpha), size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    if alpha.dtype == np.uint8:
+        a *= np.float32(1 / 255)
+    a = np.clip(a, 0.0, 1.0)
     # Fill the subject's area from the background around it first, so the blur does not smear the
     # subject into a halo around itself.
     filled = _spread(img, (a < 0.05).astype(np.float32), max(size) / 40)
     keep = (np.clip(1.0 - a, 0.0, 1.0) ** 2)[..., None]
     plate = img * keep + filled * (1.0 - keep)
-    blurred = cv2.GaussianBlur(plate, (0, 0), max(1.0, 0.006 * float(np.hypot(h, w))))
+    blurred = cv2.GaussianBlur(plate, (0, 0), max(1.0, 0.006 * float(np.hypot(h, w)) * scale * 2))
     luma = blurred @ np.array([0.299, 0.587, 0.114], np.float32)
     muted = blurred * 0.55 + luma[..., None] * 0.45  # less saturated
     mean = float(luma.mean())
     flatter = (muted - mean) * 0.8 + mean  # less contrast
     lighter = flatter * 0.92 + 255.0 * 0.08  # and a touch lighter, so the subject leads
-    return cv2.resize(lighter, (w, h), interpolation=cv2.INTER_LINEAR)
+    return lighter.astype(np.float32), size[0] / w, size[1] / h
+
+
+def _soft_rows(soft: tuple[np.ndarray, float, float], full: tuple[int, int], y0: int, y1: int) -> np.ndarray:
+    return upsample_window(soft[0], full, (y0, y1, 0, full[1]))
 
 
 def enhance_foreground(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """CLAHE on the subject's lightness (LAB L), blended in by alpha; the background is left untouched."""
+    """CLAHE on the subject's lightness (LAB L), blended in by alpha (float [0, 1] or uint8); the
+    background is left untouched. Returns a new image; the blend runs in strips (no float copies)."""
     import cv2
 
-    ys, xs = np.nonzero(alpha > 0.0)
-    if len(ys) == 0:
-        return rgb
     h, w = alpha.shape
+    top, bottom, left, right = h, -1, w, -1
+    for s0, s1 in strips(h, w):
+        present = alpha[s0:s1] > 0
+        rows = np.nonzero(present.any(axis=1))[0]
+        if rows.size:
+            cols = np.nonzero(present.any(axis=0))[0]
+            top, bottom = min(top, s0 + int(rows[0])), s0 + int(rows[-1])
+            left, right = min(left, int(cols[0])), max(right, int(cols[-1]))
+    if bottom < 0:
+        return rgb
     margin = 16
-    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
-    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
-    crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
-    lab = cv2.cvtColor(crop, cv2.COLOR_RGB2LAB)
+    y0, y1 = max(top - margin, 0), min(bottom + margin + 1, h)
+    x0, x1 = max(left - margin, 0), min(right + margin + 1, w)
+    lightness = np.empty((y1 - y0, x1 - x0), np.uint8)
+    for s0, s1 in strips(y1 - y0, x1 - x0):
+        lab = cv2.cvtColor(np.ascontiguousarray(rgb[y0 + s0 : y0 + s1, x0:x1]), cv2.COLOR_RGB2LAB)
+        lightness[s0:s1] = lab[..., 0]
     tiles = max(2, min(8, round(max(y1 - y0, x1 - x0) / 128)))
     clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(tiles, tiles))
-    lab[..., 0] = clahe.apply(lab[..., 0])
-    enhanced = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB).astype(np.float32)
-    a = alpha[y0:y1, x0:x1, None]
+    lightness = clahe.apply(lightness)
     out = rgb.copy()
-    mixed = crop.astype(np.float32) + (enhanced - crop) * a
-    out[y0:y1, x0:x1] = np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+    for s0, s1 in strips(y1 - y0, x1 - x0):
+        crop = np.ascontiguousarray(rgb[y0 + s0 : y0 + s1, x0:x1])
+        lab = cv2.cvtColor(crop, cv2.COLOR_RGB2LAB)
+        lab[..., 0] = lightness[s0:s1]
+        enhanced = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB).astype(np.float32)
+        base = crop.astype(np.float32)
+        enhanced -= base
+        enhanced *= _alpha_rows(alpha[y0:y1, x0:x1], s0, s1)[..., None]
+        enhanced += base
+        np.round(enhanced, out=enhanced)
+        out[y0 + s0 : y0 + s1, x0:x1] = np.clip(enhanced, 0, 255)
     return out
 
 
@@ -180,43 +297,6 @@ def estimate_noise(grey: np.ndarray) -> float:
     kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
     response = cv2.filter2D(grey.astype(np.float32), -1, kernel)[1:-1, 1:-1]
     return float(np.sqrt(np.pi / 2) * np.abs(response).sum() / (6.0 * (w - 2) * (h - 2)))
-
-
-def _spread_at(rgb: np.ndarray, weight: np.ndarray, radius: float, ys: np.ndarray,
-               xs: np.ndarray) -> np.ndarray:
-    """_spread's colour field at the pixels (ys, xs), as (N, 3) float32. The field is smooth (radius >= 4
-    px), so it is computed at half resolution and sampled bilinearly; the weighted colours are averaged
-    down premultiplied, so no colour leaks across the mask's edge."""
-    import cv2
-
-    h, w = weight.shape
-    if radius < 4.0 or min(h, w) < 64:
-        return _spread(rgb.astype(np.float32), weight, radius)[ys, xs]
-    size = ((w + 1) // 2, (h + 1) // 2)
-    small_w = cv2.resize(weight, size, interpolation=cv2.INTER_AREA)
-    premultiplied = rgb.astype(np.float32)
-    premultiplied *= weight[..., None]
-    small_i = cv2.resize(premultiplied, size, interpolation=cv2.INTER_AREA)
-    del premultiplied
-    small_i /= np.maximum(small_w, 1e-6)[..., None]
-    field = _spread(small_i, small_w, radius / 2)
-    return _sample(field, ys, xs, size[0] / w, size[1] / h)
-
-
-def _sample(field: np.ndarray, ys: np.ndarray, xs: np.ndarray, sx: float, sy: float) -> np.ndarray:
-    """Bilinear samples of a coarse HxWx3 field at full-resolution pixels, exactly where cv2.resize
-    (INTER_LINEAR) would have put them."""
-    import cv2
-
-    n, cols = ys.size, 1024  # remap takes 2-D maps: lay the points out in rows
-    rows = -(-n // cols)
-    map_x = np.zeros(rows * cols, np.float32)
-    map_y = np.zeros(rows * cols, np.float32)
-    map_x[:n] = (xs + 0.5) * sx - 0.5
-    map_y[:n] = (ys + 0.5) * sy - 0.5
-    sampled = cv2.remap(field, map_x.reshape(rows, cols), map_y.reshape(rows, cols), cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
-    return sampled.reshape(-1, field.shape[2])[:n]
 
 
 def _spread(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:

@@ -1,0 +1,74 @@
+"""Full-resolution work in pieces: memory bounded by the pixels, never by a second full-size float copy.
+
+Smooth things (a backdrop fit, a colour field, a blurred background) are computed small and read at full
+resolution only where they are needed: a window of rows and columns (`upsample_window`) or a list of
+pixels (`sample_points`), exactly where cv2.resize (INTER_LINEAR) would have put them. Neither uses
+cv2.remap, whose maps and images must stay under 32767 pixels a side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+STRIP_PIXELS = 1 << 21  # pixels per strip of full-resolution float work (~2 MP: 24 MB as float32 RGB)
+POINT_CHUNK = 1 << 20  # pixels per chunk when values are computed for a list of pixels
+
+
+def strips(height: int, width: int, pixels: int = STRIP_PIXELS, multiple: int = 1) -> Iterator[tuple[int, int]]:
+    """(y0, y1) row ranges covering 0..height, each about `pixels` pixels, starting on a `multiple`."""
+    rows = max(multiple, (pixels // max(width, 1)) // multiple * multiple)
+    for y0 in range(0, height, rows):
+        yield y0, min(y0 + rows, height)
+
+
+def _taps(index: np.ndarray, step: float, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    position = np.clip((index + 0.5) * step - 0.5, 0.0, size - 1)
+    low = np.floor(position).astype(np.intp)
+    high = np.minimum(low + 1, size - 1)
+    return low, high, (position - low).astype(np.float32)
+
+
+def upsample_window(field: np.ndarray, full: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
+    """Rows y0:y1, columns x0:x1 of `field` (HxW or HxWxC) scaled bilinearly to full = (height, width),
+    as float32, without making the whole full-size image."""
+    h, w = field.shape[:2]
+    y0, y1, x0, x1 = window
+    iy0, iy1, wy = _taps(np.arange(y0, y1), h / full[0], h)
+    ix0, ix1, wx = _taps(np.arange(x0, x1), w / full[1], w)
+    if field.ndim == 3:
+        wy, wx = wy[:, None, None], wx[None, :, None]
+    else:
+        wy, wx = wy[:, None], wx[None, :]
+    rows_a = field[iy0].astype(np.float32, copy=False)
+    rows = rows_a + (field[iy1] - rows_a) * wy
+    left = rows[:, ix0]
+    left += (rows[:, ix1] - left) * wx
+    return left
+
+
+def sample_points(field: np.ndarray, ys: np.ndarray, xs: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Bilinear samples (N, C) float32 of a coarse HxWxC field at full-resolution pixels (ys, xs), where
+    the field's pixel size is 1/sx by 1/sy full pixels (the mapping cv2.resize uses)."""
+    h, w = field.shape[:2]
+    y0, y1, wy = _taps(ys, sy, h)
+    x0, x1, wx = _taps(xs, sx, w)
+    wy, wx = wy[:, None], wx[:, None]
+    top = field[y0, x0] + (field[y0, x1] - field[y0, x0]) * wx
+    bottom = field[y1, x0] + (field[y1, x1] - field[y1, x0]) * wx
+    return (top + (bottom - top) * wy).astype(np.float32, copy=False)
+
+
+def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over factor x factor blocks (the edge rows and columns repeated to fill the last block), as
+    float32: cv2.resize's INTER_AREA for an exact integer factor."""
+    if factor == 1:
+        return image.astype(np.float32)
+    h, w = image.shape[:2]
+    ph, pw = -h % factor, -w % factor
+    if ph or pw:
+        spec = ((0, ph), (0, pw)) + ((0, 0),) * (image.ndim - 2)
+        image = np.pad(image, spec, mode="edge")
+    shape = (image.shape[0] // factor, factor, image.shape[1] // factor, factor, *image.shape[2:])
+    return image.reshape(shape).mean(axis=(1, 3), dtype=np.float32)
