@@ -383,7 +383,7 @@ def _config_layers(inbox: InboxConfig, config: Config) -> list[_Layer]:
     return [_Layer(f"{name}: defaults", config.defaults, True, base), _Layer(rules, inbox.rules, True, base)]
 
 
-def _read_untrusted(path: Path, label: str, root: Path) -> dict[str, Any]:
+def _read_untrusted(path: Path, label: str, root: Path) -> dict[str, object]:
     if not _inside(path, root):
         raise SpecError(label, "", "is a link to a file outside the inbox, which bgwatch refuses to read")
     try:
