@@ -336,10 +336,26 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _same(path: Path, other: Path | None) -> bool:
+    return other is not None and os.path.abspath(path) == os.path.abspath(other)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from bgwatch.single import validate_paths
 
-    problems = validate_paths([Path(p) for p in args.paths], _config_path(args.config))
+    config_path = _config_path(args.config)
+    paths = [Path(p) for p in args.paths]
+    problems = validate_paths([p for p in paths if not _same(p, config_path)], config_path)
+    for path in paths:
+        if _same(path, config_path):  # named by -c: a config.yaml, whatever keys it has (or lacks)
+            from bgwatch.config import load_config
+
+            try:
+                load_config(path)
+                problems[path] = []
+            except BgwatchError as exc:
+                problems[path] = [str(exc)]
+    problems = {p: problems[p] for p in paths}
     for path, errors in problems.items():
         if errors:
             for error in errors:
