@@ -1,10 +1,14 @@
-"""The daemon: wires watcher -> intake -> prepare -> device -> finish -> outbox, and keeps going.
+"""The daemon: wires watcher -> intake -> prepare -> device -> finish -> custody, and keeps going.
 
-Threads: the main thread runs intake (claims stable files while this host has room in its window,
-resolves specs, records runs) and the signal flags; a pool prepares, one worker per device infers with
-its models loaded, a pool finishes and writes. Stages are joined by bounded queues, so memory stays
-flat however many files arrive. SQLite is the truth for every claimed job; queues hold ids and
-in-flight images only. Signal handlers only set flags: TERM drains, HUP reloads config.yaml.
+Threads: the main thread runs the intake (claims, records runs, records outcomes) and the signal flags;
+a pool prepares, one worker per device infers with its models loaded, a pool finishes, writes the output
+and files the original (fenced, through custody). Workers hand outcomes back on the intake's queue and
+never touch the runs table. A heartbeat thread beats and returns silent hosts' claims; it never touches
+SQLite and never dies of an exception. systemd's watchdog is pinged by the main loop only while every
+busy worker has made progress within `pipeline.stall_seconds`.
+
+Signals only set flags: TERM drains (at most `pipeline.stop_timeout`; a second TERM or INT exits at once,
+leaving the open jobs for the next start), HUP reloads config.yaml.
 """
 
 from __future__ import annotations
@@ -21,22 +25,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
-from bgwatch import outbox
-from bgwatch.config import Config, InboxConfig, load_config
+from bgwatch import safefs
+from bgwatch.config import Config, load_config
+from bgwatch.custody import Custody
 from bgwatch.errors import BgwatchError
-from bgwatch.jobs import Job, JobSpec, JobState, RunResult
+from bgwatch.intake import Intake, Site, Started, fail_job, superseded
+from bgwatch.jobs import Job, JobState, RunResult
+from bgwatch.liveness import Heartbeat, Liveness, new_epoch
 from bgwatch.pipeline import stages
 from bgwatch.ratelimit import TokenBucket
+from bgwatch.recovery import recover
 from bgwatch.store import Store
+from bgwatch.text import shown
 
-_STOP = object()
 STATUS_FILE = "status.json"
 STATUS_SECONDS = 2.0
-RECENT_RESULTS = 1000
 
 
 def sd_notify(message: str) -> None:
@@ -55,7 +61,7 @@ def sd_notify(message: str) -> None:
 
 
 class InstanceLock:
-    """One daemon per state folder: its 'running' rows are then orphans after a crash, by definition."""
+    """One daemon per state folder: its open rows are then orphans after a crash, by definition."""
 
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +95,28 @@ class InstanceLock:
         return False
 
 
+class Progress:
+    """When each worker thread last made progress, and whether it is inside a job (for the watchdog)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._busy_since: dict[str, float | None] = {}
+
+    def idle(self) -> None:
+        with self._lock:
+            self._busy_since[threading.current_thread().name] = None
+
+    def busy(self) -> None:
+        with self._lock:
+            self._busy_since[threading.current_thread().name] = self.clock()
+
+    def stalled(self, limit: float) -> list[str]:
+        now = self.clock()
+        with self._lock:
+            return [name for name, since in self._busy_since.items() if since is not None and now - since > limit]
+
+
 class Daemon:
     """One bgwatch process. `run()` blocks until stopped (or, with once=True, until the inboxes are empty)."""
 
@@ -96,31 +124,43 @@ class Daemon:
                  on_result: Callable[[RunResult], None] | None = None) -> None:
         self.config = config
         self.once = once
-        self.on_result = on_result
+        self.epoch = new_epoch()
         self.stop_event = threading.Event()  # stop taking work; drain
+        self.force_event = threading.Event()  # a second signal: leave now
         self.abort_event = threading.Event()  # workers exit now
         self._reload_requested = threading.Event()
         self.store = Store(config.db_path)
-        self.outbox = outbox.Outbox(self._owner_of)
         self.job_bucket = TokenBucket(config.limits.jobs_per_minute)
         self.generation_bucket = TokenBucket(config.limits.generations_per_minute)
         self.engines = stages.Engines(config, self.store, self.generation_bucket, self.abort_event)
-        self.inflight: set[int] = set()
-        self._inflight_lock = threading.Lock()
-        # --once keeps every result for its summary table; a long-running daemon keeps the recent ones
-        # (SQLite has them all), so its memory does not grow with the files it has seen.
-        self.results: deque[RunResult] = deque(maxlen=None if once else RECENT_RESULTS)
-        self.failures = 0
-        self.prepare_q: queue.Queue[Any] = queue.Queue()  # run ids: cheap, so unbounded
-        self.device_q: queue.Queue[Any] = queue.Queue(maxsize=2)
-        self.finish_q: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.sites = self._sites(config, {})
+        self.intake = Intake(config, self.store, self.sites, self._submit, once=once, on_result=on_result)
+        self.liveness = Liveness()
+        self.progress = Progress()
+        self.prepare_q: queue.Queue[Job | None] = queue.Queue()  # run ids' jobs: the window bounds it
+        self.device_q: queue.Queue[stages.Prepared] = queue.Queue(maxsize=2)
+        self.finish_q: queue.Queue[stages.Inferred] = queue.Queue(maxsize=2)
         self.threads: list[threading.Thread] = []
         self._config_mtime = self._mtime(config.source)
-        from bgwatch.intake import Intake
+        self._last_heartbeat = time.monotonic()
 
-        self.intake = Intake(self)
+    @property
+    def results(self) -> deque[RunResult]:
+        return self.intake.counters.results
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def failures(self) -> int:
+        return self.intake.counters.failures
+
+    def _sites(self, config: Config, old: dict[str, Site]) -> dict[str, Site]:
+        sites: dict[str, Site] = {}
+        for inbox in config.inboxes:
+            before = old.get(inbox.name)
+            heartbeat = before.heartbeat if before is not None else Heartbeat(
+                inbox.path, config.host, self.epoch, config.watch.lease_seconds)
+            heartbeat.lease_seconds = config.watch.lease_seconds
+            sites[inbox.name] = Site(inbox, Custody(inbox.path, config.host, self.epoch), heartbeat)
+        return sites
 
     @staticmethod
     def _mtime(path: Path | None) -> float | None:
@@ -129,41 +169,14 @@ class Daemon:
         except OSError:
             return None
 
-    def _owner_of(self, output: Path) -> str | None:
-        return self.store.output_owner(str(output))
-
-    def inbox_named(self, name: str) -> InboxConfig | None:
-        return next((ib for ib in self.config.inboxes if ib.name == name), None)
-
-    @property
-    def window(self) -> int:
-        return self.config.pipeline.window_per_worker
-
-    def room(self) -> int:
-        with self._inflight_lock:
-            return self.window - len(self.inflight)
-
-    def busy(self) -> bool:
-        with self._inflight_lock:
-            return bool(self.inflight)
-
-    def enqueue(self, run_id: int) -> None:
-        with self._inflight_lock:
-            self.inflight.add(run_id)
-        self.prepare_q.put(run_id)
-
-    def job_for(self, run_id: int) -> Job:
-        """The job of a recorded run: its spec comes back from spec_json exactly as it was resolved."""
-        row = self.store.get_run(run_id)
-        if row is None:
-            raise BgwatchError(f"run {run_id} is not in the database")
-        return Job(run_id=run_id, inbox=row["inbox"], rel_path=row["rel_path"], source=Path(row["source_path"]),
-                   spec=JobSpec.from_dict(json.loads(row["spec_json"])), input_sha256=row["input_sha256"],
-                   key=row["key"])
+    def _submit(self, job: Job) -> None:
+        self.prepare_q.put(job)
 
     # ------------------------------------------------------------------ lifecycle
 
     def request_stop(self) -> None:
+        if self.stop_event.is_set():
+            self.force_event.set()
         self.stop_event.set()
 
     def request_reload(self) -> None:
@@ -187,9 +200,12 @@ class Daemon:
 
     def run(self) -> int:
         lock = InstanceLock(self.config.state_dir)
+        clean = False
         try:
-            self.intake.heartbeat()  # before anything: a host back from a long stop must not look dead
-            self.intake.recover()
+            self._make_outboxes()
+            self._beat()  # before anything: a host back from a long stop must not look dead
+            for job in recover(self.intake, self.config.host):
+                self._submit(job)
             self._start_threads()
             self.intake.start()
             sd_notify("READY=1")
@@ -201,46 +217,85 @@ class Daemon:
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + STATUS_SECONDS
                     self._publish_status()
-                if self.once and self.intake.idle() and not self.busy():
+                self._watchdog()
+                if self.once and self.intake.idle() and not self.intake.busy():
                     break
                 self.stop_event.wait(0.1)
             sd_notify("STOPPING=1")
             self._drain()
+            clean = True
         finally:
             self.intake.stop()
             self.abort_event.set()
             for _ in self.threads:
-                self.prepare_q.put(_STOP)
+                self.prepare_q.put(None)
+            deadline = time.monotonic() + 5
             for thread in self.threads:
-                thread.join(timeout=5)
-            self.store.close()
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            alive = [t.name for t in self.threads if t.is_alive()]
+            self.intake.apply_outcomes()
+            if alive:  # stuck in a job (a hung GPU call): the store stays open for it; the process ends anyway
+                logger.warning("leaving with {} still busy; their jobs are taken again at the next start",
+                               ", ".join(alive))
+            else:
+                self.store.close()
+            if clean and not self.intake.inflight:
+                for site in self.sites.values():
+                    site.heartbeat.remove()
             lock.release()
-        return 1 if self.failures else 0
+        return 1 if self.once and self.failures else 0
+
+    def _make_outboxes(self) -> None:
+        """Outboxes are the operator's folders, made at start when missing (inboxes never are). One that
+        cannot be made is reported; its inbox is not claimed from until it exists."""
+        for inbox in self.config.inboxes:
+            try:
+                inbox.outbox.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                logger.error("cannot make the outbox {}: {}", inbox.outbox, exc)
+
+    def _drain(self) -> None:
+        """Finish what is in flight, for at most stop_timeout; a second signal leaves at once."""
+        deadline = time.monotonic() + self.config.pipeline.stop_timeout
+        if self.intake.busy():
+            logger.info("draining {} job(s) in flight (at most {:g} s; signal again to leave now)",
+                        len(self.intake.inflight), self.config.pipeline.stop_timeout)
+        while self.intake.busy() and not self.force_event.is_set() and time.monotonic() < deadline:
+            self.intake.apply_outcomes()
+            self._watchdog()
+            time.sleep(0.05)
+        if self.intake.inflight:
+            logger.warning("stopping with {} job(s) unfinished; they are taken again at the next start",
+                           len(self.intake.inflight))
+
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 only when the main loop (we are in it), the heartbeat and every busy worker progress."""
+        stalled = self.progress.stalled(self.config.pipeline.stall_seconds)
+        heartbeat_age = time.monotonic() - self._last_heartbeat
+        if stalled:
+            return
+        if heartbeat_age > max(3 * self._heartbeat_interval(), 30.0):
+            return
+        sd_notify("WATCHDOG=1")
 
     def _publish_status(self) -> None:
         """state_dir/status.json for `bgwatch status`, and systemd's STATUS line."""
         watcher = self.intake.watcher
         inboxes = [] if watcher is None else [
             {"path": str(s.inbox.path), "healthy": s.healthy, "observer": s.observer, "problem": s.problem,
-             "restarts": s.restarts, "settling": s.tracked} for s in watcher.status()]
-        with self._inflight_lock:
-            inflight = len(self.inflight)
-        status = {"pid": os.getpid(), "host": self.config.host, "updated_at": time.time(), "in_flight": inflight,
-                  "waiting": len(self.intake.pending), "inboxes": inboxes}
+             "restarts": s.restarts, "settling": s.tracked,
+             "claiming": self.sites[s.inbox.name].heartbeat.fresh() if s.inbox.name in self.sites else False}
+            for s in watcher.status()]
+        inflight = len(self.intake.inflight)
+        status = {"pid": os.getpid(), "host": self.config.host, "epoch": self.epoch, "updated_at": time.time(),
+                  "in_flight": inflight, "waiting": len(self.intake.pending), "inboxes": inboxes}
         try:
-            outbox.atomic_write(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=1).encode())
+            safefs.write_file_atomic(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=1).encode())
         except OSError as exc:
             logger.warning("cannot write {}: {}", STATUS_FILE, exc)
         unhealthy = [i["path"] for i in inboxes if not i["healthy"]]
         sd_notify(f"STATUS={inflight} in flight, {len(self.intake.pending)} waiting"
-                  + (f"; not watching: {', '.join(unhealthy)}" if unhealthy else ""))
-
-    def _drain(self) -> None:
-        """Finish what is claimed (TERM: a systemd stop waits for in-flight work, then exits)."""
-        if self.busy():
-            logger.info("draining {} job(s) in flight", len(self.inflight))
-        while self.busy():
-            time.sleep(0.05)
+                  + (f"; not watching: {', '.join(str(u) for u in unhealthy)}" if unhealthy else ""))
 
     def _maybe_reload(self) -> None:
         mtime = self._mtime(self.config.source)
@@ -258,61 +313,102 @@ class Daemon:
         if new.state_dir.resolve() != self.config.state_dir.resolve():
             logger.warning("state_dir changes need a restart; keeping {}", self.config.state_dir)
             new = replace(new, state_dir=self.config.state_dir)
-        old = self.config
+        if new.host != self.config.host:
+            logger.warning("host changes need a restart; keeping {}", self.config.host)
+            new = replace(new, host=self.config.host)
         self.engines.reconfigure(new)
         self.config = new
         self.job_bucket.set_rate(new.limits.jobs_per_minute)
         self.generation_bucket.set_rate(new.limits.generations_per_minute)
-        if [(ib.path, ib.poll) for ib in old.inboxes] != [(ib.path, ib.poll) for ib in new.inboxes] or (
-                old.watch != new.watch):
-            self.intake.restart_watcher()
+        self.sites = self._sites(new, self.sites)
+        self.intake.reconfigure(new, self.sites)
+        self._make_outboxes()
         logger.info("config reloaded from {}", new.source)
 
     # ------------------------------------------------------------------ stage workers
 
     def _prepare_loop(self) -> None:
-        while True:
-            run_id = self.prepare_q.get()
-            if run_id is _STOP or self.abort_event.is_set():
+        while not self.abort_event.is_set():
+            self.progress.idle()
+            job = self.prepare_q.get()
+            if job is None or self.abort_event.is_set():
                 return
-            try:
-                job = self.job_for(run_id)
-            except (BgwatchError, OSError, ValueError, TypeError) as exc:
-                logger.error("run {}: cannot load its job (left claimed for the next start): {}", run_id, exc)
-                self._done_with(run_id)
-                continue
             if not self.job_bucket.acquire(self.abort_event):
                 return
-            self.store.start_run(run_id, self.config.host, self.config.watch.lease_seconds)
-            self._guard(job, lambda job=job: self.device_q.put(stages.prepare(job, self.config)))
+            self.progress.busy()
+            self.intake.outcomes.put(Started(job.run_id, time.time()))
+            self._guard(job, lambda job=job: self._put(self.device_q, stages.prepare(job, self.config)))
 
     def _device_loop(self) -> None:
         while not self.abort_event.is_set():
+            self.progress.idle()
             self.engines.between_jobs()
             try:
                 prepared = self.device_q.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self._guard(prepared.job, lambda p=prepared: self.finish_q.put(stages.infer(p, self.engines)))
+            self.progress.busy()
+            self._guard(prepared.job, lambda p=prepared: self._put(self.finish_q, stages.infer(p, self.engines)))
 
     def _finish_loop(self) -> None:
         while not self.abort_event.is_set():
+            self.progress.idle()
             try:
                 inferred = self.finish_q.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self.progress.busy()
             job = inferred.prepared.job
-            self._guard(job, lambda i=inferred: self.intake.complete(stages.finish(i)))
+            self._guard(job, lambda i=inferred: self._deliver(stages.finish(i)))
+
+    def _put(self, q: queue.Queue[stages.Prepared] | queue.Queue[stages.Inferred], item: object) -> None:
+        """Hand a result to the next stage; bounded, so a full stage holds this one (backpressure)."""
+        while not self.abort_event.is_set():
+            try:
+                q.put(item, timeout=0.2)  # type: ignore[arg-type]  # each caller passes its queue's type
+                return
+            except queue.Full:
+                continue
+        raise _Aborted
+
+    def _site(self, job: Job) -> Site:
+        site = self.sites.get(job.inbox)
+        if site is None:  # removed by a config reload while the job ran
+            raise BgwatchError(f"inbox {job.inbox} was removed from the configuration while this file was "
+                               "processed; put the file back in a configured inbox to process it")
+        return site
+
+    def _deliver(self, finished: stages.Finished) -> None:
+        job = finished.job
+        assert job.claim is not None
+        site = self._site(job)
+        try:
+            settled = site.custody.deliver(job.claim, job.run_id, site.inbox.outbox, job.output_rel, finished.data,
+                                           site.inbox.on_success)
+        except safefs.FolderMissing as exc:
+            site.custody.unclaim(job.claim)
+            self.intake.outcomes.put(RunResult(
+                job.run_id, JobState.SUPERSEDED,
+                error=f"the outbox is not there ({exc.filename}: share not mounted?); the file went back to the "
+                      "inbox and is taken again when the outbox returns"))
+            return
+        if settled is None:
+            self.intake.outcomes.put(superseded(job.run_id))
+            return
+        self.intake.outcomes.put(RunResult(
+            job.run_id, JobState.DONE, site.inbox.outbox / job.output_rel, mask_engine=finished.mask_engine,
+            bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings, parked=settled.parked))
 
     def _guard(self, job: Job, work: Callable[[], None]) -> None:
         """Run one stage of a job; whatever goes wrong fails that job only, and the daemon carries on."""
         try:
             work()
+        except _Aborted:
+            return  # stopping: the run stays open and the next start takes it again
         except BgwatchError as exc:
-            if self.abort_event.is_set():  # stopping: the row stays open and the next start takes it again
+            if self.abort_event.is_set():
                 logger.warning("run {}: interrupted by shutdown; it will be taken again at the next start",
                                job.run_id)
-                self._done_with(job.run_id)
                 return
             self._fail(job, str(exc))
         except MemoryError:
@@ -324,35 +420,44 @@ class Daemon:
             self._fail(job, f"internal error ({type(exc).__name__}: {exc}); see logs/error.log")
 
     def _fail(self, job: Job, reason: str) -> None:
-        """Record a failure; if even that fails (database locked, share gone), the worker still lives."""
+        """File the original in failed/ and report it; the worker survives whatever happens here."""
         try:
-            self.intake.fail(job, reason)
-        except Exception:  # the worker thread must survive; the row is retaken at the next start
-            logger.exception("run {}: could not record its failure ({})", job.run_id, reason)
-        finally:
-            self._done_with(job.run_id)
+            if job.claim is None:
+                self.intake.outcomes.put(RunResult(job.run_id, JobState.FAILED, error=reason))
+                return
+            custody = self.sites[job.inbox].custody if job.inbox in self.sites else Custody(
+                job.claim.inbox, job.claim.host, self.epoch)
+            self.intake.outcomes.put(fail_job(custody, job.claim, job.run_id, reason))
+        except Exception:  # the worker thread must survive; the run is taken again at the next start
+            logger.exception("run {}: could not file its failure ({})", job.run_id, shown(reason))
 
-    def _done_with(self, run_id: int) -> None:
-        with self._inflight_lock:
-            self.inflight.discard(run_id)
+    # ------------------------------------------------------------------ heartbeat
 
-    def record(self, result: RunResult) -> None:
-        self.results.append(result)
-        if result.state == JobState.FAILED:
-            self.failures += 1
-        if self.on_result is not None:
-            self.on_result(result)
-        self._done_with(result.run_id)
+    def _heartbeat_interval(self) -> float:
+        return max(0.5, min(10.0, self.config.watch.lease_seconds / 4))
+
+    def _beat(self) -> None:
+        """Beat in every inbox; return the claims of hosts silent longer than the lease. No SQLite here."""
+        lease = self.config.watch.lease_seconds
+        for site in list(self.sites.values()):
+            if not site.heartbeat.beat():
+                continue
+            for host in site.custody.other_hosts():
+                if self.liveness.silent_for(site.inbox.path, host) <= lease:
+                    continue
+                returned = site.custody.reclaim(host)
+                if returned:
+                    logger.warning("host {} has been silent longer than the lease ({:g} s): settled its {} file(s) "
+                                   "in {}", host, lease, len(returned), site.inbox.path)
+        self._last_heartbeat = time.monotonic()
 
     def _heartbeat_loop(self) -> None:
-        interval = max(0.5, min(10.0, self.config.watch.lease_seconds / 3))
-        while not self.abort_event.wait(interval):
+        while not self.abort_event.wait(self._heartbeat_interval()):
             try:
-                self.intake.heartbeat()
-                with self._inflight_lock:
-                    running = list(self.inflight)
-                for run_id in running:
-                    self.store.renew_lease(run_id, self.config.watch.lease_seconds)
-                sd_notify("WATCHDOG=1")
-            except (OSError, BgwatchError) as exc:
-                logger.warning("heartbeat: {}", exc)
+                self._beat()
+            except Exception:  # the heartbeat must never die: a dead heartbeat gets this host's claims taken
+                logger.exception("heartbeat: unexpected error; beating again in {:g} s", self._heartbeat_interval())
+
+
+class _Aborted(Exception):
+    """The daemon is leaving while a stage waited to hand on its result."""

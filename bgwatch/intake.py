@@ -1,223 +1,228 @@
-"""Intake: from a stable file in an inbox to a recorded run, and from a finished run to done/ or failed/.
+"""Intake: from a stable file in an inbox to a recorded, queued run; and where every run ends.
 
-Runs on the daemon's main thread (tick), except complete() and fail(), which the stage workers call.
-Files are claimed only while this host has room in its window; the rest stay, unclaimed, in the inbox,
-where another workstation may take them.
+One thread owns all of this (the daemon's main thread): it classifies what the watcher reports, waits
+for sidecars, claims files while this host has room in its window, resolves their spec, records the run
+and hands the job to the pipeline (`submit`). Workers never touch this state or the runs table: they put
+what happened (`Started`, or a `RunResult`) on `outcomes`, and `tick()` records it. A database lock
+therefore delays the recording, and never strands or fails a job; a claimed file that no job holds
+(its run could not be recorded) is returned to the inbox by the sweep.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from bgwatch import claim, outbox, rules, sidecars
-from bgwatch.config import InboxConfig
+from bgwatch import rules, safefs, sidecars
+from bgwatch.config import Config, InboxConfig
+from bgwatch.custody import DONE_DIR, FAILED_DIR, Claim, Custody
 from bgwatch.errors import BgwatchError, SpecError
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
+from bgwatch.liveness import Heartbeat
+from bgwatch.outbox import OutputNames
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES
+from bgwatch.store import Store
+from bgwatch.text import shown
 from bgwatch.watch import InboxWatcher
 
-if TYPE_CHECKING:
-    from bgwatch.daemon import Daemon
-    from bgwatch.pipeline.stages import Finished
-
 RULES_FILE = ".bgwatch.yaml"
+RECENT_RESULTS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A worker began a job (the run row goes 'running')."""
+
+    run_id: int
+    at: float
+
+
+Outcome = Started | RunResult
+
+
+@dataclass(slots=True)
+class Site:
+    """One configured inbox as this host serves it: its config, its files' custody, its heartbeat."""
+
+    inbox: InboxConfig
+    custody: Custody
+    heartbeat: Heartbeat
 
 
 @dataclass(slots=True)
 class Waiting:
-    inbox: InboxConfig
+    site: Site
     first_seen: float
 
 
+@dataclass(slots=True)
+class InFlight:
+    job: Job
+    site: Site
+
+
+@dataclass(slots=True)
+class Counters:
+    failures: int = 0
+    results: deque[RunResult] = field(default_factory=lambda: deque(maxlen=RECENT_RESULTS))
+
+
 def rel_of(inbox: InboxConfig, path: Path) -> str:
-    return PurePosixPath(*path.relative_to(inbox.path).parts).as_posix()
+    return PurePosixPath(*Path(os.path.abspath(path)).relative_to(os.path.abspath(inbox.path)).parts).as_posix()
 
 
 class Intake:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, config: Config, store: Store, sites: dict[str, Site], submit: Callable[[Job], None], *,
+                 once: bool = False, on_result: Callable[[RunResult], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.store = store
+        self.sites = sites
+        self.submit = submit
+        self.once = once
+        self.on_result = on_result
+        self.clock = clock
+        self.outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self.watcher: InboxWatcher | None = None
         self.pending: dict[Path, Waiting] = {}  # stable images not yet claimed (no room, or awaiting sidecar)
-        self.sidecars: dict[Path, Waiting] = {}  # stable sidecars whose image is not in the inbox
-        self.kept: dict[Path, tuple[int, int]] = {}  # on_success: keep -> (size, mtime_ns) already handled
-        self._kept_limit = 10_000
-        self.sidecar_of: dict[int, Path] = {}  # run id -> its claimed sidecar
-        self.liveness = claim.Liveness()  # other hosts, judged on this host's clock
+        self.orphans: dict[Path, Waiting] = {}  # stable sidecars whose image is not in the inbox
+        self.inflight: dict[int, InFlight] = {}
+        self.counters = Counters(results=deque(maxlen=None if once else RECENT_RESULTS))
+        self.names = OutputNames(self._owner_of)
+        self._unapplied: deque[Outcome] = deque()
+        self._db_trouble = False
+        self._next_sweep = 0.0
+        self._unheld: dict[tuple[str, str], int] = {}  # claims no job holds, by how many sweeps saw them
+        self.stuck: set[tuple[str, str]] = set()  # claimed files that could not be filed (logged)
+
+    def _owner_of(self, output: Path) -> tuple[str, str] | None:
+        return self.store.output_owner(str(output))
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.watcher = InboxWatcher(self.d.config.inboxes, self.d.config.watch)
+        self.watcher = InboxWatcher(self.config.inboxes, self.config.watch)
         self.watcher.start()
 
     def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
 
-    def restart_watcher(self) -> None:
-        self.stop()
-        self.start()
+    def reconfigure(self, config: Config, sites: dict[str, Site]) -> None:
+        old, self.config, self.sites = self.config, config, sites
+        if [(ib.path, ib.poll) for ib in old.inboxes] != [(ib.path, ib.poll) for ib in config.inboxes] or (
+                old.watch != config.watch):
+            self.stop()
+            self.start()
+
+    def room(self) -> int:
+        return self.config.pipeline.window_per_worker - len(self.inflight)
+
+    def busy(self) -> bool:
+        return bool(self.inflight) or bool(self._unapplied) or not self.outcomes.empty()
 
     def idle(self) -> bool:
-        """Nothing left to take: used by `run --once` to know when to exit."""
+        """Nothing left to take: `run --once` exits (orphan sidecars are left for a later run)."""
         assert self.watcher is not None
-        return (not self.pending and not self.sidecars_waiting() and self.watcher.settled())
-
-    def sidecars_waiting(self) -> bool:
-        # In --once mode an orphan sidecar does not hold the exit: it is left for a later run.
-        return False if self.d.once else bool(self.sidecars)
-
-    # ------------------------------------------------------------------ recovery
-
-    def recover(self) -> None:
-        """After a crash: resume queued work, take back this host's running work, settle stray claims."""
-        store, host = self.d.store, self.d.config.host
-        for row in store.runs_in((JobState.RUNNING,), host=host):
-            logger.warning("run {} ({}) was running when bgwatch stopped; taking it again", row["id"],
-                           row["rel_path"])
-            store.requeue(row["id"])
-        open_sources: set[str] = set()
-        for row in store.runs_in((JobState.QUEUED,), host=host):
-            source = Path(row["source_path"])
-            inbox = self.d.inbox_named(row["inbox"])
-            if inbox is None or not source.exists():
-                store.finish_run(row["id"], JobState.FAILED,
-                                 error="its claimed file vanished while bgwatch was stopped")
-                continue
-            open_sources.add(str(source))
-            sidecar = self._claimed_sidecar(source)
-            if sidecar is not None:
-                self.sidecar_of[row["id"]] = sidecar
-            self.d.enqueue(row["id"])
-        for inbox in self.d.config.inboxes:
-            if outbox.remove_own_temp_files(inbox.outbox, host):
-                logger.info("{}: removed half-written outputs left by the last run", inbox.outbox)
-            folder = claim.claimed_dir(inbox.path, host)
-            if not folder.is_dir():
-                continue
-            files = sorted(p for p in folder.rglob("*") if p.is_file())
-            for path in files:
-                if str(path) not in open_sources and path.suffix.lower() not in SIDECAR_SUFFIXES:
-                    self._settle_stray_claim(inbox, path)
-            for path in files:
-                if path.exists() and path.suffix.lower() in SIDECAR_SUFFIXES and not sidecars.sidecar_images(path):
-                    claim.unclaim(inbox.path, path, host)
-
-    @staticmethod
-    def _claimed_sidecar(image: Path) -> Path | None:
-        try:
-            return sidecars.find_sidecar(image)
-        except SpecError:
-            return None
-
-    def _settle_stray_claim(self, inbox: InboxConfig, path: Path) -> None:
-        store = self.d.store
-        with store._lock:
-            rows = list(store.db.query("SELECT * FROM runs WHERE source_path = ? ORDER BY id DESC LIMIT 1",
-                                       [str(path)]))
-        row = rows[0] if rows else None
-        if row is not None and row["input_sha256"] != outbox.sha256_file(path):
-            row = None  # a newer file claimed under the same name before its run was recorded
-        if row is not None and row["status"] in ("done", "skipped"):
-            sidecar = self._claimed_sidecar(path)
-            if sidecar is not None:
-                self.sidecar_of[row["id"]] = sidecar
-            self._dispose_original(inbox, path, row["rel_path"], row["id"])
-        elif row is not None and row["status"] == "failed":
-            target = outbox.move_to_failed(inbox.path, path, row["rel_path"], row["error"] or "failed")
-            sidecar = self._claimed_sidecar(path)
-            if sidecar is not None:
-                park_sidecar(inbox.path, sidecar, target)
-        else:
-            back = claim.unclaim(inbox.path, path, self.d.config.host)
-            logger.info("returned unfinished claim {} to the inbox", back)
+        waiting = [w for w in self.pending.values() if not (self.once and self._blocked(w.site))]
+        return not waiting and (self.once or not self.orphans) and self.watcher.settled()
 
     # ------------------------------------------------------------------ tick
 
     def tick(self) -> None:
         assert self.watcher is not None
-        now = time.monotonic()
-        if len(self.kept) > self._kept_limit:  # files kept in place and since removed by people: forget them
-            self.kept = {p: sig for p, sig in self.kept.items() if p.exists()}
-            self._kept_limit = max(10_000, 2 * len(self.kept))
+        now = self.clock()
+        self.apply_outcomes()
         for inbox, path in self.watcher.poll_ready():
             self._guarded(path, self._classify, inbox, path, now)
         self._take_pending(now)
-        self._check_sidecars(now)
+        self._check_orphans(now)
+        if now >= self._next_sweep:
+            self._next_sweep = now + max(self.config.watch.lease_seconds / 2, 1.0)
+            self._sweep()
 
     @staticmethod
     def _guarded(path: Path, step: Callable[..., object], *args: object) -> None:
-        """One file's trouble (a vanished share, a read-only folder, a locked database) is logged and
-        retried at the next rescan; it never stops the daemon."""
+        """One file's trouble (a vanished share, a read-only folder, a locked database, a planted link) is
+        logged and retried at the next rescan; it never stops the daemon."""
         try:
             step(*args)
-        except (OSError, BgwatchError, sqlite3.Error, ValueError) as exc:
-            logger.error("{}: {}", path, exc)
+        except (OSError, BgwatchError, sqlite3.Error, ValueError, UnicodeError) as exc:
+            logger.error("{}: {}", shown(str(path)), shown(str(exc)))
+
+    def _site(self, inbox: InboxConfig) -> Site | None:
+        return self.sites.get(inbox.name)
 
     def _classify(self, inbox: InboxConfig, path: Path, now: float) -> None:
-        inbox = self.d.inbox_named(inbox.name) or inbox  # the watcher's copy predates a config reload
+        site = self._site(inbox)
+        if site is None:
+            return  # removed by a config reload
         name = path.name
         suffix = path.suffix.lower()
+        rel = rel_of(site.inbox, path)
         if name == RULES_FILE:
-            logger.info("folder rules {} changed: they apply to files arriving from now on", path)
+            logger.info("folder rules {} changed: they apply to files arriving from now on", shown(str(path)))
         elif suffix in SIDECAR_SUFFIXES:
-            self.sidecars.setdefault(path, Waiting(inbox, now))
-            for image in sidecars.sidecar_images(path):
-                self.kept.pop(image, None)  # a changed sidecar re-takes a kept image
-                self.pending.setdefault(image, Waiting(inbox, now))
+            images = sidecars.sidecar_images(path)
+            st = os.lstat(path)
+            for image in images:
+                if site.custody.kept_sidecar_unchanged(rel_of(site.inbox, image), name, st):
+                    continue  # put back beside its kept image, unchanged
+                site.custody.forget_kept(rel_of(site.inbox, image))  # a new or changed sidecar: redo it
+                self.pending.setdefault(image, Waiting(site, now))
+            if not images:
+                self.orphans.setdefault(path, Waiting(site, now))
         elif suffix in IMAGE_SUFFIXES:
-            signature = self._signature(path)
-            if signature is not None and self.kept.get(path) == signature:
+            st = os.lstat(path)
+            if site.inbox.on_success == "keep" and site.custody.is_kept(rel, st):
                 return
-            self.pending.setdefault(path, Waiting(inbox, now))
-        else:
-            logger.debug("ignoring {} (not an image bgwatch reads: {})", path, ", ".join(sorted(IMAGE_SUFFIXES)))
-
-    @staticmethod
-    def _signature(path: Path) -> tuple[int, int] | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return (st.st_size, st.st_mtime_ns)
+            self.pending.setdefault(path, Waiting(site, now))
 
     def _take_pending(self, now: float) -> None:
         for path in list(self.pending):
-            if self.d.stop_event.is_set() or self.d.room() <= 0:
+            if self.room() <= 0:
                 return
             waiting = self.pending[path]
-            if not path.exists():
+            if not os.path.lexists(path):
                 del self.pending[path]
+                continue
+            if self._blocked(waiting.site):
                 continue
             if self._awaits_sidecar(waiting, path, now):
                 continue
             del self.pending[path]
-            self._guarded(path, self.take, self.d.inbox_named(waiting.inbox.name) or waiting.inbox, path)
+            self._guarded(path, self.take, waiting.site, path)
+
+    @staticmethod
+    def _blocked(site: Site) -> bool:
+        """Claim nothing where this host cannot beat (share away, a twin uses its name) or the outbox is
+        missing (its share away). An outbox that is a file is not waited for: the jobs fail and say so."""
+        return not site.heartbeat.fresh() or not os.path.lexists(site.inbox.outbox)
 
     def _awaits_sidecar(self, waiting: Waiting, path: Path, now: float) -> bool:
         """require_sidecar: wait up to watch.sidecar_seconds for the sidecar, then go (and fail)."""
         try:
             if sidecars.find_sidecar(path) is not None:
                 return False
-            spec = rules.resolve(path, waiting.inbox, self.d.config, sidecar=None).spec
+            spec = rules.resolve(path, waiting.site.inbox, self.config, sidecar=None).spec
         except (BgwatchError, OSError, ValueError):
             return False  # take it now; the error is reported on the run
-        return spec.require_sidecar and now - waiting.first_seen < self.d.config.watch.sidecar_seconds
+        return spec.require_sidecar and now - waiting.first_seen < self.config.watch.sidecar_seconds
 
     # ------------------------------------------------------------------ take
 
-    def take(self, inbox: InboxConfig, path: Path) -> int | None:
-        """Claim one stable image (and its sidecar), record its run, and queue it. Returns the run id."""
-        host = self.d.config.host
+    def take(self, site: Site, path: Path) -> int | None:
+        """Claim one stable image (and its sidecar), record its run and queue it. Returns the run id."""
+        inbox = site.inbox
         rel = rel_of(inbox, path)
         try:
             sidecar = sidecars.find_sidecar(path)
@@ -225,216 +230,244 @@ class Intake:
             sidecar, sidecar_error = None, str(exc)
         else:
             sidecar_error = ""
-        claimed = claim.claim(inbox.path, path, host)
-        if claimed is None:
-            logger.debug("{}: another host took it", path)
+        claim = site.custody.claim(rel, rel_of(inbox, sidecar) if sidecar is not None else None)
+        if claim is None:
+            logger.debug("{}: another host took it", shown(rel))
             return None
-        claimed_sidecar = None
-        if sidecar is not None:
-            claimed_sidecar = claim.claim(inbox.path, sidecar, host)
-            self.sidecars.pop(sidecar, None)
-        store = self.d.store
-        if not stat.S_ISREG(os.lstat(claimed).st_mode):  # swapped for a link or a FIFO while it waited
-            run_id = store.add_run(key="-", inbox=inbox.name, rel_path=rel, source_path=str(claimed),
-                                   input_sha256="", spec_json="{}", host=host)
-            self._fail_claimed(inbox, run_id, rel, claimed,
-                               "not a regular file (a symbolic link, pipe or device); bgwatch reads only files")
-            return run_id
+        if self.watcher is not None:
+            self.watcher.forget(path)
         try:
-            sha = outbox.sha256_file(claimed)
-        except OSError:
-            claim.unclaim(inbox.path, claimed, host)
-            if claimed_sidecar is not None:
-                claim.unclaim(inbox.path, claimed_sidecar, host)
-            raise
+            return self._record(site, claim, path, sidecar_error)
+        except (sqlite3.Error, OSError) as exc:
+            # Not recorded: the file goes back to the inbox and is taken again later, never stranded.
+            logger.warning("{}: could not record the run ({}); returned to the inbox to be taken again",
+                           shown(rel), exc)
+            site.custody.unclaim(claim)
+            return None
+
+    def _record(self, site: Site, claim: Claim, path: Path, sidecar_error: str) -> int:
+        inbox, rel, host = site.inbox, claim.rel, self.config.host
+        claimed_sidecar = site.custody.inbox / ".bgwatch" / "claimed" / host / claim.sidecar if claim.sidecar else None
+        st = os.lstat(claim.path)
+        if not stat.S_ISREG(st.st_mode):  # swapped for a link or a FIFO while it waited
+            run_id = self.store.add_run(key="-", inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
+                                        input_sha256="", spec_json="{}", host=host)
+            self._fail_now(site, claim, run_id, "not a regular file (a symbolic link, pipe or device); "
+                           "bgwatch reads only files")
+            return run_id
+        sha = safefs.sha256_file(claim.path)
         try:
             if sidecar_error:
                 raise SpecError(rel, "sidecar", sidecar_error)
-            resolved = rules.resolve(path, inbox, self.d.config, sidecar=claimed_sidecar)
-            spec = resolved.spec
+            spec = rules.resolve(path, inbox, self.config, sidecar=claimed_sidecar).spec
             if spec.require_sidecar and claimed_sidecar is None:
                 raise SpecError(
                     path.parent / RULES_FILE, "require_sidecar",
-                    f"no sidecar arrived for {path.name} within {self.d.config.watch.sidecar_seconds:g} s",
+                    f"no sidecar arrived for {path.name} within {self.config.watch.sidecar_seconds:g} s",
                     f"drop {path.stem}.yaml beside it, or set require_sidecar: false")
         except (BgwatchError, ValueError) as exc:
-            run_id = store.add_run(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claimed),
-                                   input_sha256=sha, spec_json="{}", host=host)
-            if claimed_sidecar is not None:
-                self.sidecar_of[run_id] = claimed_sidecar
-            self._fail_claimed(inbox, run_id, rel, claimed, str(exc))
+            run_id = self.store.add_run(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
+                                        input_sha256=sha, spec_json="{}", host=host)
+            self._fail_now(site, claim, run_id, str(exc))
             return run_id
-        key = job_key(sha, spec)
-        earlier = None if spec.reprocess else store.find_done(key)
-        run_id = store.add_run(key=key, inbox=inbox.name, rel_path=rel, source_path=str(claimed),
-                               input_sha256=sha, spec_json=spec.to_json(), host=host)
-        if claimed_sidecar is not None:
-            self.sidecar_of[run_id] = claimed_sidecar
-        if earlier is not None:
-            try:
-                output = self._deliver_earlier(inbox, rel, spec, Path(earlier["output_path"]))
-            except OSError as exc:
-                self._fail_claimed(inbox, run_id, rel, claimed, f"could not deliver the earlier output: {exc}")
-                return run_id
-            store.finish_run(run_id, JobState.SKIPPED, output_path=str(output),
-                             error=f"same image and spec as run {earlier['id']}")
-            logger.info("{}: same image and spec as run {}, skipped (output {})", rel, earlier["id"], output)
-            self._dispose_original(inbox, claimed, rel, run_id)
-            self.d.record(RunResult(run_id, JobState.SKIPPED, output))
-            return run_id
-        logger.info("{}: queued as run {} ({} {})", rel, run_id, spec.operation,
-                    spec.mode if spec.operation == "cleanup" else spec.engine)
-        self.d.enqueue(run_id)
-        return run_id
-
-    def _deliver_earlier(self, inbox: InboxConfig, rel: str, spec: JobSpec, earlier: Path) -> Path:
-        """No second inference; but an input dropped under another name still finds its output there."""
         from bgwatch.pipeline.imageio import output_extension
 
-        target = self.d.outbox.reserve(inbox.outbox, rel, spec.output.suffix, output_extension(spec.output))
+        key = job_key(sha, spec)
+        earlier = None if spec.reprocess else self.store.find_done(key)
+        output_rel = self.names.reserve(inbox.outbox, rel, sha, spec.output.suffix, output_extension(spec.output))
         try:
-            if target != earlier:
-                outbox.atomic_write(target, earlier.read_bytes(), owner=self.d.config.host)
-        finally:
-            self.d.outbox.release(target)
-        return target
+            run_id = self.store.add_run(key=key, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
+                                        input_sha256=sha, spec_json=spec.to_json(), host=host)
+            # Recorded before any byte is written: the output is known as this input's own.
+            self.store.set_output(run_id, str(inbox.outbox / output_rel))
+        except BaseException:
+            self.names.release(inbox.outbox, output_rel)
+            raise
+        job = Job(run_id=run_id, inbox=inbox.name, rel_path=rel, source=claim.path, spec=spec, input_sha256=sha,
+                  key=key, claim=claim, output_rel=output_rel)
+        if earlier is not None:
+            self._deliver_earlier(site, job, Path(earlier.output_path), earlier.id)
+            return run_id
+        logger.info("{}: queued as run {} ({} {})", shown(rel), run_id, spec.operation,
+                    spec.mode if spec.operation == "cleanup" else spec.engine)
+        self.inflight[run_id] = InFlight(job, site)
+        self.submit(job)
+        return run_id
 
-    # ------------------------------------------------------------------ endings
-
-    def complete(self, finished: Finished) -> None:
-        """Write the output atomically, record 'done', and move the original per on_success."""
-        job = finished.job
-        inbox = self.d.inbox_named(job.inbox)
-        if inbox is None:  # removed by a config reload while the job ran: there is no outbox to write to
-            raise BgwatchError(f"inbox {job.inbox} was removed from the configuration while this file was "
-                               "processed; put the file back in a configured inbox to process it")
-        target = self.d.outbox.reserve(inbox.outbox, job.rel_path, job.spec.output.suffix, finished.extension)
+    def _deliver_earlier(self, site: Site, job: Job, earlier: Path, earlier_id: int) -> None:
+        """Same bytes and spec as a finished run: no second inference, but this name gets its output."""
+        assert job.claim is not None
+        self.inflight[job.run_id] = InFlight(job, site)
         try:
-            # Recorded first: after a kill between write and 'done', the rerun knows this file is its own.
-            self.d.store.set_output(job.run_id, str(target))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            claim.refuse_links(inbox.outbox, target.parent)
-            outbox.atomic_write(target, finished.data, owner=self.d.config.host)
-        finally:
-            self.d.outbox.release(target)
-        self.d.store.finish_run(job.run_id, JobState.DONE, output_path=str(target),
-                                mask_engine=finished.mask_engine, bg_engine=finished.bg_engine,
-                                seed=finished.seed, timings=finished.timings)
-        logger.info("{}: done -> {} ({:.2f} s)", job.rel_path, target, sum(finished.timings.values()))
-        try:
-            self._dispose_original(inbox, job.source, job.rel_path, job.run_id)
+            target = site.inbox.outbox / job.output_rel
+            data = None if target == earlier else earlier.read_bytes()  # its own output: not written again
+            settled = site.custody.deliver(job.claim, job.run_id, site.inbox.outbox, job.output_rel, data,
+                                           site.inbox.on_success)
         except OSError as exc:
-            logger.error("{}: output written, but the original could not be moved: {}", job.rel_path, exc)
-        self.d.record(RunResult(job.run_id, JobState.DONE, target, mask_engine=finished.mask_engine,
-                                bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings))
+            self._fail_now(site, job.claim, job.run_id, f"could not deliver the earlier output: {exc}")
+            return
+        if settled is None:
+            self.outcomes.put(superseded(job.run_id))
+        else:
+            self.outcomes.put(RunResult(job.run_id, JobState.SKIPPED, site.inbox.outbox / job.output_rel,
+                                        error=f"same image and spec as run {earlier_id}", parked=settled.parked))
+        logger.info("{}: same image and spec as run {}, skipped", shown(job.rel_path), earlier_id)
+        self.apply_outcomes()
 
-    def fail(self, job: Job, reason: str) -> None:
-        self._fail_claimed(self._inbox(job), job.run_id, job.rel_path, job.source, reason)
+    def _fail_now(self, site: Site, claim: Claim, run_id: int, reason: str) -> None:
+        self.inflight.setdefault(run_id, InFlight(Job(run_id, site.inbox.name, claim.rel, claim.path, JobSpec(), "",
+                                                      "", claim), site))
+        self.outcomes.put(fail_job(site.custody, claim, run_id, reason))
+        self.apply_outcomes()
 
-    def _fail_claimed(self, inbox: InboxConfig, run_id: int, rel: str, claimed: Path, reason: str) -> None:
-        logger.error("{}: failed: {}", rel, reason)
-        where = claimed
-        try:
-            if claimed.exists():
-                where = outbox.move_to_failed(inbox.path, claimed, rel, reason)
-            sidecar = self.sidecar_of.pop(run_id, None)
-            if sidecar is not None and sidecar.exists():
-                park_sidecar(inbox.path, sidecar, where)
-        except OSError as exc:
-            reason += f" (and the original could not be moved to failed/: {exc}; it is at {claimed})"
-            logger.error("{}: cannot move to failed/: {}", rel, exc)
-        self.d.store.finish_run(run_id, JobState.FAILED, error=reason, source_path=str(where))
-        self.d.record(RunResult(run_id, JobState.FAILED, error=reason))
+    # ------------------------------------------------------------------ where every run ends
 
-    def _dispose_original(self, inbox: InboxConfig, current: Path, rel: str, run_id: int | None) -> None:
-        sidecar = self.sidecar_of.pop(run_id, None) if run_id is not None else None
-        sidecar_rel = str(PurePosixPath(rel).parent / sidecar.name) if sidecar is not None else ""
-        if inbox.on_success == "move":
-            target = outbox.move_to_done(inbox.path, current, rel)
-            if sidecar is not None and sidecar.exists():
-                park_sidecar(inbox.path, sidecar, target)
-        elif inbox.on_success == "delete":
-            current.unlink(missing_ok=True)
-            if sidecar is not None:
-                sidecar.unlink(missing_ok=True)
-        else:  # keep: back where it was dropped, remembered so that it is not taken again unchanged
-            original = outbox.free_name((inbox.path / rel).parent, PurePosixPath(rel).name)
-            os.replace(current, original)
-            signature = self._signature(original)
-            if signature is not None:
-                self.kept[original] = signature
-            if sidecar is not None and sidecar.exists():
-                os.replace(sidecar, outbox.free_name((inbox.path / sidecar_rel).parent, sidecar.name))
+    def apply_outcomes(self) -> None:
+        """Record what the workers reported, in order. A locked database leaves the rest for the next tick."""
+        while True:
+            if not self._unapplied:
+                try:
+                    self._unapplied.append(self.outcomes.get_nowait())
+                except queue.Empty:
+                    break
+            outcome = self._unapplied[0]
+            try:
+                self._apply(outcome)
+            except sqlite3.Error as exc:
+                if not self._db_trouble:
+                    logger.warning("the database is busy ({}); results are kept and recorded when it is free",
+                                   exc)
+                    self._db_trouble = True
+                return
+            self._unapplied.popleft()
+            if self._db_trouble:
+                logger.info("the database is free again; recording the results kept meanwhile")
+                self._db_trouble = False
 
-    def _inbox(self, job: Job) -> InboxConfig:
-        inbox = self.d.inbox_named(job.inbox)
-        if inbox is None:  # removed by a config reload while the job ran: file the original where it came from
-            inbox = InboxConfig(path=Path(job.inbox), outbox=Path(job.inbox), on_success="move")
-        return inbox
+    def _apply(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Started):
+            self.store.start_run(outcome.run_id, self.config.host, at=outcome.at)
+            return
+        result = outcome
+        self.store.finish_run(result.run_id, result.state,
+                              output_path=str(result.output_path) if result.output_path else "",
+                              error=result.error, mask_engine=result.mask_engine, bg_engine=result.bg_engine,
+                              seed=result.seed, timings=result.timings,
+                              source_path=str(result.parked) if result.parked else None)
+        held = self.inflight.pop(result.run_id, None)
+        if held is not None and held.job.output_rel:
+            self.names.release(held.site.inbox.outbox, held.job.output_rel)
+        rel = held.job.rel_path if held is not None else f"run {result.run_id}"
+        if result.state == JobState.DONE:
+            logger.info("{}: done -> {} ({:.2f} s)", shown(rel), result.output_path, sum(result.timings.values()))
+        elif result.state == JobState.FAILED:
+            logger.error("{}: failed: {}", shown(rel), shown(result.error))
+            self.counters.failures += 1
+        elif result.state == JobState.SUPERSEDED:
+            logger.warning("{}: {}", shown(rel), result.error)
+        self.counters.results.append(result)
+        if self.on_result is not None:
+            self.on_result(result)
+
+    # ------------------------------------------------------------------ claims no job holds
+
+    def _sweep(self) -> None:
+        """Return to the inbox the claimed files no job holds (a run that could not be recorded, a claim
+        left by a daemon of the same name). Seen unheld in two sweeps in a row, so never a claim in the
+        making."""
+        held: set[tuple[str, str]] = set()
+        for item in self.inflight.values():
+            if item.job.claim is not None:
+                held.add((item.job.inbox, item.job.claim.name))
+                if item.job.claim.sidecar:
+                    held.add((item.job.inbox, item.job.claim.sidecar))
+        seen: dict[tuple[str, str], int] = {}
+        for name_of_inbox, site in list(self.sites.items()):
+            if site.heartbeat.twin:
+                continue  # another daemon of this name may hold them
+            for name in site.custody.own_claims():
+                key = (name_of_inbox, name)
+                if key in held or key in self.stuck:
+                    continue
+                seen[key] = self._unheld.get(key, 0) + 1
+                if seen[key] >= 2:
+                    try:
+                        back = site.custody.return_claimed(name)
+                    except OSError as exc:
+                        logger.error("cannot return the claimed {} to {}: {}", shown(name), site.inbox.path, exc)
+                        self.stuck.add(key)
+                        continue
+                    del seen[key]
+                    if back is not None:
+                        logger.warning("{}: claimed but held by no job; returned to the inbox", shown(back))
+        self._unheld = seen
 
     # ------------------------------------------------------------------ sidecars on their own
 
-    def _check_sidecars(self, now: float) -> None:
-        for path, waiting in list(self.sidecars.items()):
+    def _check_orphans(self, now: float) -> None:
+        for path, waiting in list(self.orphans.items()):
             try:
-                self._check_sidecar(path, waiting, now)
+                self._check_orphan(path, waiting, now)
             except (OSError, BgwatchError, sqlite3.Error, ValueError) as exc:
                 # logged once, not ten times a second: the sidecar is looked at again if it changes
-                logger.error("{}: {}; leaving this sidecar where it is", path, exc)
-                self.sidecars.pop(path, None)
+                logger.error("{}: {}; leaving this sidecar where it is", shown(str(path)), exc)
+                self.orphans.pop(path, None)
 
-    def _check_sidecar(self, path: Path, waiting: Waiting, now: float) -> None:
-        if not path.exists():
-            del self.sidecars[path]
+    def _check_orphan(self, path: Path, waiting: Waiting, now: float) -> None:
+        if not os.path.lexists(path):
+            del self.orphans[path]
             return
         if sidecars.sidecar_images(path):
-            return  # its image is in the inbox: it travels with it when the image is taken
-        inbox = waiting.inbox
-        rel = rel_of(inbox, path)
-        done_twin = inbox.path / outbox.DONE_DIR / rel
+            del self.orphans[path]  # its image arrived: it travels with it when the image is taken
+            return
+        site = waiting.site
+        rel = rel_of(site.inbox, path)
+        done_twin = site.inbox.path / DONE_DIR / rel
         images = sidecars.sidecar_images(done_twin)
         if images:
-            self._sidecar_after_image(inbox, path, images[0])
-            del self.sidecars[path]
-        elif now - waiting.first_seen >= self.d.config.watch.orphan_sidecar_seconds:
+            self._sidecar_after_image(site, path, images[0])
+            del self.orphans[path]
+        elif now - waiting.first_seen >= self.config.watch.orphan_sidecar_seconds:
             reason = (f"no image belongs to this sidecar (looked for {path.stem}.* beside it) within "
-                      f"{self.d.config.watch.orphan_sidecar_seconds:g} s")
-            outbox.move_to_failed(inbox.path, path, rel, reason)
-            logger.warning("{}: {}", rel, reason)
-            del self.sidecars[path]
+                      f"{self.config.watch.orphan_sidecar_seconds:g} s")
+            site.custody.park_unclaimed(rel, FAILED_DIR, reason)
+            logger.warning("{}: {}", shown(rel), reason)
+            del self.orphans[path]
 
-    def _sidecar_after_image(self, inbox: InboxConfig, sidecar: Path, done_image: Path) -> None:
-        """A sidecar arrived after its image was processed: reprocess if the resolved spec changed."""
+    def _sidecar_after_image(self, site: Site, sidecar: Path, done_image: Path) -> None:
+        """A sidecar arrived after its image was processed: process it again if the resolved spec changed."""
+        inbox = site.inbox
         image_rel = rel_of(inbox, sidecar.parent / done_image.name)
-        original = inbox.path / image_rel
         try:
-            spec = rules.resolve(original, inbox, self.d.config, sidecar=sidecar).spec
+            spec = rules.resolve(inbox.path / image_rel, inbox, self.config, sidecar=sidecar).spec
         except BgwatchError as exc:
-            outbox.move_to_failed(inbox.path, sidecar, rel_of(inbox, sidecar), str(exc))
+            site.custody.park_unclaimed(rel_of(inbox, sidecar), FAILED_DIR, str(exc))
             return
-        if self.d.store.find_done(job_key(outbox.sha256_file(done_image), spec)) is not None:
-            outbox.park(inbox.path, sidecar, rel_of(inbox, sidecar), outbox.DONE_DIR)
-            logger.info("{}: sidecar changes nothing; filed beside its image in done/", rel_of(inbox, sidecar))
+        if self.store.find_done(job_key(safefs.sha256_file(done_image), spec)) is not None:
+            site.custody.park_unclaimed(rel_of(inbox, sidecar), DONE_DIR)
+            logger.info("{}: sidecar changes nothing; filed beside its image in done/", shown(rel_of(inbox, sidecar)))
             return
-        logger.info("{}: sidecar arrived after its image; processing it again", image_rel)
-        os.replace(done_image, original if not original.exists() else outbox.free_name(original.parent,
-                                                                                        original.name))
-        self.pending.setdefault(original, Waiting(inbox, time.monotonic()))
-
-    def heartbeat(self) -> None:
-        now = time.time()
-        for inbox in self.d.config.inboxes:
-            if not inbox.path.is_dir():
-                continue
-            claim.Heartbeat(inbox.path, self.d.config.host).beat()
-            for back in claim.reclaim_stale(inbox.path, self.d.config.watch.lease_seconds, self.d.config.host,
-                                            now, self.liveness):
-                logger.warning("returned {} to the inbox: its host stopped beating", back)
+        logger.info("{}: sidecar arrived after its image; processing it again", shown(image_rel))
+        back = site.custody.restore(DONE_DIR, rel_of(inbox, done_image)[len(DONE_DIR) + 1:], image_rel)
+        if back is not None:
+            self.pending.setdefault(inbox.path / back, Waiting(site, self.clock()))
 
 
-def park_sidecar(inbox_root: Path, sidecar: Path, image: Path) -> Path:
-    """File a sidecar beside its parked image under the image's (possibly numbered) name."""
-    stem = image.name if sidecar.name.startswith(image.name) else image.stem
-    target = outbox.free_name(image.parent, stem + sidecar.suffix)
-    os.replace(sidecar, target)
-    return target
+def superseded(run_id: int) -> RunResult:
+    return RunResult(run_id, JobState.SUPERSEDED,
+                     error="its claim was taken back by another host (this one was silent longer than the lease); "
+                           "that host processes the file, so this result was dropped")
+
+
+def fail_job(custody: Custody, claim: Claim, run_id: int, reason: str) -> RunResult:
+    """File a failed job's original in failed/ (fenced) and say how the run ended. Never raises OSError:
+    a failed/ that cannot be written leaves the original where it is, and says so."""
+    try:
+        settled = custody.fail(claim, run_id, reason)
+    except OSError as exc:
+        return RunResult(run_id, JobState.FAILED,
+                         error=f"{reason} (and the original could not be moved to failed/: {exc}; it stays in "
+                               f"{custody.inbox / '.bgwatch'} until the next start)")
+    if settled is None:
+        return superseded(run_id)
+    return RunResult(run_id, JobState.FAILED, error=reason, parked=settled.parked)

@@ -11,7 +11,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bgwatch.custody import Claim
 
 
 class JobState(str, enum.Enum):
@@ -22,6 +25,7 @@ class JobState(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
+    SUPERSEDED = "superseded"  # its claim was taken back by another host, which processed the file instead
 
     def __str__(self) -> str:
         return self.value
@@ -130,6 +134,8 @@ class Job:
     spec: JobSpec
     input_sha256: str
     key: str
+    claim: Claim | None = None  # the claim to deliver under (None for `bgwatch process`)
+    output_rel: str = ""  # the output's path relative to the inbox's outbox, chosen when the run was recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,3 +150,4 @@ class RunResult:
     bg_engine: str = ""
     seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    parked: Path | None = None  # where the original went (done/, failed/, back in the inbox for keep)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bgwatch import outbox
+from bgwatch import safefs
 from bgwatch.config import Config, InboxConfig, load_config
 from bgwatch.errors import BgwatchError, InputError
 from bgwatch.jobs import Job, JobState, RunResult, job_key
@@ -28,12 +27,12 @@ def process_one(image: Path, config: Config, out_dir: Path, overrides: Mapping[s
     resolved = rules.resolve(image, inbox, config, overrides=overrides or None)
     spec = resolved.spec
     store = Store(config.db_path)
-    sha = outbox.sha256_file(image)
+    sha = safefs.sha256_file(image)
     rel = PurePosixPath(*image.relative_to(inbox.path).parts).as_posix()
     run_id = store.add_run(key=job_key(sha, spec), inbox="(process)", rel_path=rel, source_path=str(image),
                            input_sha256=sha, spec_json=spec.to_json(),
                            host=config.host)
-    store.start_run(run_id, config.host, config.watch.lease_seconds)
+    store.start_run(run_id, config.host)
     job = Job(run_id=run_id, inbox="(process)", rel_path=rel, source=image, spec=spec, input_sha256=sha,
               key=job_key(sha, spec))
     engines = stages.Engines(config, store, TokenBucket(config.limits.generations_per_minute))
@@ -52,8 +51,9 @@ def _process_and_record(job: Job, config: Config, engines: Any, store: Any, imag
         finished = stages.run_all(job, config, engines)
         target = out_dir / f"{image.stem}{spec.output.suffix}{finished.extension}"
         if target.resolve() == image:  # never overwrite the input itself
-            target = outbox.free_name(out_dir, f"{image.stem}-bgwatch{finished.extension}")
-        outbox.atomic_write(target, finished.data)
+            target = out_dir / f"{image.stem}-bgwatch{finished.extension}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        safefs.write_file_atomic(target, finished.data)
     except (BgwatchError, OSError) as exc:
         store.finish_run(job.run_id, JobState.FAILED, error=str(exc))
         return RunResult(job.run_id, JobState.FAILED, error=str(exc))
@@ -68,49 +68,53 @@ def _process_and_record(job: Job, config: Config, engines: Any, store: Any, imag
 
 def retry_runs(config: Config, run_ids: Sequence[int], *, all_failed: bool) -> tuple[list[str], list[str]]:
     """Move failed originals (and their sidecars) from failed/ back to where they were dropped."""
+    from bgwatch.custody import FAILED_DIR, Custody
+    from bgwatch.liveness import new_epoch
     from bgwatch.store import Store
 
     store = Store(config.db_path)
-    rows = [store.get_run(i) for i in run_ids]
+    rows = [(i, store.get_run(i)) for i in run_ids]
     if all_failed:
-        rows += [r for r in store.runs_in((JobState.FAILED,)) if r["id"] not in run_ids]
+        rows += [(r.id, r) for r in store.runs_in((JobState.FAILED,)) if r.id not in run_ids]
     moved: list[str] = []
     problems: list[str] = []
     seen: set[str] = set()
-    for run_id, row in zip([*run_ids, *[r["id"] for r in rows[len(run_ids):] if r]], rows, strict=False):
-        if row is None:
-            problems.append(f"run {run_id}: no such run")
-            continue
-        if row["status"] != "failed":
-            problems.append(f"run {run_id}: it is {row['status']}, not failed")
-            continue
-        source = Path(row["source_path"] or "")
-        inbox = next((ib for ib in config.inboxes if ib.name == row["inbox"]), None)
-        if inbox is None or not source.is_file() or outbox.FAILED_DIR not in source.parts:
-            if not all_failed:
+    epoch = new_epoch()
+    try:
+        for run_id, row in rows:
+            if row is None:
+                problems.append(f"run {run_id}: no such run")
+                continue
+            if row.status != "failed":
+                problems.append(f"run {run_id}: it is {row.status}, not failed")
+                continue
+            source = Path(row.source_path or "")
+            inbox = next((ib for ib in config.inboxes if ib.name == row.inbox), None)
+            failed_dir = inbox.path / FAILED_DIR if inbox is not None else None
+            if inbox is None or failed_dir is None or failed_dir not in source.parents or not source.is_file():
+                if not all_failed:
+                    problems.append(f"run {run_id}: its original is no longer in failed/ ({source})")
+                continue
+            if str(source) in seen:
+                continue
+            seen.add(str(source))
+            custody = Custody(inbox.path, config.host, epoch)
+            parked_rel = PurePosixPath(*source.relative_to(failed_dir).parts).as_posix()
+            try:
+                back = custody.restore(FAILED_DIR, parked_rel, row.rel_path)
+            except OSError as exc:
+                problems.append(f"run {run_id}: cannot move it back: {exc}")
+                continue
+            if back is None:
                 problems.append(f"run {run_id}: its original is no longer in failed/ ({source})")
-            continue
-        if str(source) in seen:
-            continue
-        seen.add(str(source))
-        target = outbox.free_name((inbox.path / row["rel_path"]).parent, Path(row["rel_path"]).name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        note = source.with_name(source.name + ".error.txt")
-        for sidecar in _sidecars_beside(source):  # named after the image's new name, never over another
-            stem = target.name if sidecar.name.startswith(source.name) else target.stem
-            os.replace(sidecar, outbox.free_name(target.parent, stem + sidecar.suffix))
-        os.replace(source, target)
-        note.unlink(missing_ok=True)
-        store.finish_run(row["id"], JobState.FAILED, error=(row["error"] or "") + " [retried]",
-                         source_path=str(target))
-        moved.append(f"run {row['id']}: {target}")
-    store.close()
+                continue
+            target = inbox.path / back
+            store.finish_run(row.id, JobState.FAILED, error=(row.error or "") + " [retried]",
+                             source_path=str(target))
+            moved.append(f"run {row.id}: {target}")
+    finally:
+        store.close()
     return moved, problems
-
-
-def _sidecars_beside(image: Path) -> list[Path]:
-    names = [f"{image.stem}.yaml", f"{image.stem}.yml", f"{image.name}.yaml", f"{image.name}.yml"]
-    return [image.with_name(n) for n in names if image.with_name(n).is_file()]
 
 
 def validate_paths(paths: Sequence[Path], config_path: Path | None) -> dict[Path, list[str]]:

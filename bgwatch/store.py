@@ -1,7 +1,10 @@
 """SQLite through sqlite-utils: every claimed job's state, and the generated-background cache index.
 
 One file per workstation, on local disk (WAL does not work over a network filesystem). One connection
-shared by the daemon's threads behind a lock; every write is a short transaction.
+shared by the daemon's threads behind a lock; every write is a short transaction. The runs table is
+written by the daemon's main thread only (intake); a lock held by another process delays those writes
+(sqlite3.OperationalError is raised after the busy timeout and the caller tries again later); it never
+reaches the heartbeat, which does not use SQLite at all.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from bgwatch.jobs import JobState
+from bgwatch.text import shown
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
@@ -31,7 +36,6 @@ RUN_COLUMNS: dict[str, type] = {
     "status": str,
     "attempts": int,
     "host": str,
-    "lease_until": float,
     "mask_engine": str,
     "bg_engine": str,
     "seed": int,
@@ -42,6 +46,43 @@ RUN_COLUMNS: dict[str, type] = {
     "finished_at": float,
     "timings_json": str,
 }
+
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """One row of the runs table."""
+
+    id: int
+    key: str
+    inbox: str
+    rel_path: str
+    source_path: str
+    input_sha256: str
+    spec_json: str
+    status: str
+    attempts: int = 0
+    host: str = ""
+    mask_engine: str = ""
+    bg_engine: str = ""
+    seed: int | None = None
+    output_path: str = ""
+    error: str = ""
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    timings_json: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunRow:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in row.items() if k in names}
+        for text in ("source_path", "input_sha256", "spec_json", "host", "mask_engine", "bg_engine", "output_path",
+                     "error", "timings_json"):
+            if values.get(text) is None:
+                values[text] = ""
+        return cls(**values)
+
 
 BACKGROUND_COLUMNS: dict[str, type] = {
     "key": str,
@@ -121,76 +162,67 @@ class Store:
             cur = conn.execute(
                 "INSERT INTO runs (key, inbox, rel_path, source_path, input_sha256, spec_json, status, "
                 "attempts, host, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                (key, inbox, rel_path, source_path, input_sha256, spec_json, str(status), host, now),
+                (key, inbox, shown(rel_path), shown(source_path), input_sha256, spec_json, str(status), host, now),
             )
             return int(cur.lastrowid or 0)
 
-    def get_run(self, run_id: int) -> dict[str, Any] | None:
+    def get_run(self, run_id: int) -> RunRow | None:
         with self._lock:
             rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
-        return rows[0] if rows else None
+        return RunRow.from_row(rows[0]) if rows else None
 
-    def start_run(self, run_id: int, host: str, lease_seconds: float) -> bool:
-        """queued -> running with a lease; False when the row is not queued any more."""
-        now = self.clock()
+    def start_run(self, run_id: int, host: str, at: float | None = None) -> bool:
+        """queued -> running; False when the row is not queued any more."""
         with self._tx() as conn:
             cur = conn.execute(
-                "UPDATE runs SET status = 'running', attempts = attempts + 1, host = ?, started_at = ?, "
-                "lease_until = ? WHERE id = ? AND status = 'queued'",
-                (host, now, now + lease_seconds, run_id),
+                "UPDATE runs SET status = 'running', attempts = attempts + 1, host = ?, started_at = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (host, self.clock() if at is None else at, run_id),
             )
             return cur.rowcount == 1
 
-    def renew_lease(self, run_id: int, lease_seconds: float) -> None:
-        with self._tx() as conn:
-            conn.execute("UPDATE runs SET lease_until = ? WHERE id = ? AND status = 'running'",
-                         (self.clock() + lease_seconds, run_id))
-
     def set_output(self, run_id: int, output_path: str) -> None:
         with self._tx() as conn:
-            conn.execute("UPDATE runs SET output_path = ? WHERE id = ?", (output_path, run_id))
+            conn.execute("UPDATE runs SET output_path = ? WHERE id = ?", (shown(output_path), run_id))
 
-    def output_owner(self, output_path: str) -> str | None:
-        """rel_path of the input whose run last wrote (or is writing) this output; failed runs own nothing."""
+    def output_owner(self, output_path: str) -> tuple[str, str] | None:
+        """(rel_path, input_sha256) of the input whose run last wrote (or is writing) this output;
+        failed and superseded runs own nothing."""
         with self._lock:
             rows = list(self.db.query(
-                "SELECT rel_path FROM runs WHERE output_path = ? AND status != 'failed' ORDER BY id DESC LIMIT 1",
-                [output_path]))
-        return rows[0]["rel_path"] if rows else None
-
-    def update_source(self, run_id: int, source_path: str) -> None:
-        with self._tx() as conn:
-            conn.execute("UPDATE runs SET source_path = ? WHERE id = ?", (source_path, run_id))
+                "SELECT rel_path, input_sha256 FROM runs WHERE output_path = ? AND status NOT IN "
+                "('failed', 'superseded') ORDER BY id DESC LIMIT 1", [shown(output_path)]))
+        return (rows[0]["rel_path"], rows[0]["input_sha256"]) if rows else None
 
     def finish_run(self, run_id: int, state: JobState, *, output_path: str = "", error: str = "",
                    mask_engine: str = "", bg_engine: str = "", seed: int | None = None,
                    timings: dict[str, float] | None = None, source_path: str | None = None) -> None:
-        assert state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED)
+        assert state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.SUPERSEDED)
         with self._tx() as conn:
             conn.execute(
                 "UPDATE runs SET status = ?, output_path = ?, error = ?, mask_engine = ?, bg_engine = ?, "
-                "seed = ?, timings_json = ?, finished_at = ?, lease_until = NULL, "
+                "seed = ?, timings_json = ?, finished_at = ?, "
                 "source_path = COALESCE(?, source_path) WHERE id = ?",
-                (str(state), output_path, error, mask_engine, bg_engine, seed,
-                 json.dumps(timings or {}, sort_keys=True), self.clock(), source_path, run_id),
+                (str(state), shown(output_path), shown(error), mask_engine, bg_engine, seed,
+                 json.dumps(timings or {}, sort_keys=True), self.clock(),
+                 None if source_path is None else shown(source_path), run_id),
             )
 
     def requeue(self, run_id: int) -> None:
         with self._tx() as conn:
-            conn.execute("UPDATE runs SET status = 'queued', lease_until = NULL, error = '' WHERE id = ?",
-                         (run_id,))
+            conn.execute("UPDATE runs SET status = 'queued', error = '' WHERE id = ?", (run_id,))
 
-    def find_done(self, key: str) -> dict[str, Any] | None:
+    def find_done(self, key: str) -> RunRow | None:
         """The newest finished run with this key whose output still exists."""
         with self._lock:
             rows = list(self.db.query(
                 "SELECT * FROM runs WHERE key = ? AND status = 'done' ORDER BY id DESC", [key]))
         for row in rows:
             if row["output_path"] and Path(row["output_path"]).exists():
-                return row
+                return RunRow.from_row(row)
         return None
 
-    def runs_in(self, states: tuple[JobState, ...], host: str | None = None) -> list[dict[str, Any]]:
+    def runs_in(self, states: tuple[JobState, ...], host: str | None = None) -> list[RunRow]:
         marks = ",".join("?" for _ in states)
         sql = f"SELECT * FROM runs WHERE status IN ({marks})"
         args: list[Any] = [str(s) for s in states]
@@ -198,14 +230,7 @@ class Store:
             sql += " AND host = ?"
             args.append(host)
         with self._lock:
-            return list(self.db.query(sql + " ORDER BY id", args))
-
-    def expired_running(self, host: str) -> list[dict[str, Any]]:
-        """This host's 'running' rows whose lease has run out (the daemon died mid-run)."""
-        with self._lock:
-            return list(self.db.query(
-                "SELECT * FROM runs WHERE status = 'running' AND host = ? AND "
-                "(lease_until IS NULL OR lease_until < ?) ORDER BY id", [host, self.clock()]))
+            return [RunRow.from_row(r) for r in self.db.query(sql + " ORDER BY id", args)]
 
     def history(self, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         sql = "SELECT * FROM runs"

@@ -1,0 +1,132 @@
+"""Start-up recovery: after a crash, a kill or a power cut, settle what this host left half done.
+
+One file at a time, each step guarded: a bad entry (a name that is not UTF-8, a planted link, a file
+where a folder should be) is logged and left, and the daemon always starts.
+
+1. This host's delivering folders are settled (custody.settle): a delivery whose output is written is
+   finished (original to done/), anything else goes back to the inbox.
+2. Its open runs ('queued' or 'running': with one daemon per state folder, they are orphans by
+   definition) are taken again when their claimed file is still there; a run whose file is gone was
+   taken back by another host while this one was stopped, and is recorded as superseded (or done, when
+   step 1 finished its delivery).
+3. Claimed files no run holds go back to the inbox; half-written outputs of this host are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path, PurePosixPath
+
+from loguru import logger
+
+from bgwatch import safefs, sidecars
+from bgwatch.custody import CLAIMED, WORK_DIR, Claim, Settled
+from bgwatch.errors import BgwatchError
+from bgwatch.intake import InFlight, Intake, Site
+from bgwatch.jobs import Job, JobSpec, JobState
+from bgwatch.store import RunRow
+from bgwatch.text import shown
+
+_RECOVERABLE = (OSError, ValueError, UnicodeError, sqlite3.Error, BgwatchError, KeyError, TypeError)
+
+
+def recover(intake: Intake, host: str) -> list[Job]:
+    """Settle this host's leftovers; returns the jobs to queue again."""
+    settled: dict[int, tuple[Site, Settled]] = {}
+    for site in intake.sites.values():
+        for token in site.custody.own_deliveries():
+            try:
+                result = site.custody.settle(host, token)
+                settled[int(token.rsplit("-", 1)[1])] = (site, result)
+                logger.info("{}: delivery {} {} after the restart", site.inbox.path, token,
+                            "finished" if result.finished else "undone (its file is back in the inbox)")
+            except (*_RECOVERABLE,) as exc:
+                logger.error("{}: cannot settle delivery {}: {}", site.inbox.path, shown(token), exc)
+    jobs: list[Job] = []
+    held: set[tuple[str, str]] = set()
+    for row in intake.store.runs_in((JobState.QUEUED, JobState.RUNNING), host=host):
+        try:
+            job = _reopen(intake, row, settled)
+        except (*_RECOVERABLE,) as exc:
+            logger.error("run {} ({}): cannot recover it: {}", row.id, shown(row.rel_path), exc)
+            continue
+        if job is not None and job.claim is not None:
+            jobs.append(job)
+            held.add((job.inbox, job.claim.name))
+            if job.claim.sidecar:
+                held.add((job.inbox, job.claim.sidecar))
+    for name, site in intake.sites.items():
+        for claimed in site.custody.own_claims():
+            if (name, claimed) in held:
+                continue
+            try:
+                back = site.custody.return_claimed(claimed)
+            except (*_RECOVERABLE,) as exc:
+                logger.error("{}: cannot return the claimed {} to the inbox: {}", site.inbox.path, shown(claimed), exc)
+                continue
+            if back is not None:
+                logger.info("returned unfinished claim {} to {}", shown(back), site.inbox.path)
+        _remove_own_temp_files(site, host)
+    return jobs
+
+
+def _reopen(intake: Intake, row: RunRow, settled: dict[int, tuple[Site, Settled]]) -> Job | None:
+    store = intake.store
+    site = intake.sites.get(row.inbox)
+    if row.id in settled:
+        _, result = settled[row.id]
+        if result.finished:
+            state = JobState.FAILED if result.disposition == "failed" else JobState.DONE
+            store.finish_run(row.id, state, output_path=str(result.output or ""), error=result.reason,
+                             source_path=str(result.parked) if result.parked else None)
+        else:
+            store.finish_run(row.id, JobState.SUPERSEDED,
+                             error="interrupted by a restart before its output was written; returned to the inbox "
+                                   "and taken again as a new run")
+        return None
+    if site is None:
+        store.finish_run(row.id, JobState.SUPERSEDED, error="its inbox is no longer configured")
+        return None
+    base = site.custody.inbox / WORK_DIR / CLAIMED / site.custody.host
+    source = Path(row.source_path)
+    try:
+        name = PurePosixPath(*source.relative_to(base).parts).as_posix()
+    except ValueError:
+        name = ""
+    if not name or not os.path.lexists(source):
+        why = "its file was taken back by another host while this one was stopped, and processed there"
+        store.finish_run(row.id, JobState.SUPERSEDED, error=why)
+        logger.info("run {} ({}): {}", row.id, shown(row.rel_path), why)
+        return None
+    sidecar = sidecars.find_sidecar(source)
+    claim = Claim(site.custody.inbox, site.custody.host, row.rel_path, name,
+                  PurePosixPath(*sidecar.relative_to(base).parts).as_posix() if sidecar is not None else None)
+    if row.spec_json == "{}" or not row.output_path:
+        store.finish_run(row.id, JobState.SUPERSEDED, error="interrupted before it was queued; taken again")
+        return None  # its claim goes back to the inbox
+    spec = JobSpec.from_dict(json.loads(row.spec_json))
+    output_rel = PurePosixPath(*Path(row.output_path).relative_to(site.inbox.outbox).parts).as_posix()
+    store.requeue(row.id)
+    logger.warning("run {} ({}) was open when bgwatch stopped; taking it again", row.id, shown(row.rel_path))
+    job = Job(run_id=row.id, inbox=row.inbox, rel_path=row.rel_path, source=source, spec=spec,
+              input_sha256=row.input_sha256, key=row.key, claim=claim, output_rel=output_rel)
+    intake.inflight[row.id] = InFlight(job, site)
+    intake.names.hold(site.inbox.outbox, output_rel, row.rel_path, row.input_sha256)
+    return job
+
+
+def _remove_own_temp_files(site: Site, host: str) -> None:
+    """Half-written outputs this host left in the outbox when it died (never another host's)."""
+    try:
+        with safefs.Folder.open_root(site.inbox.outbox) as outbox:
+            leftovers = [p for p, _ in outbox.files() if safefs.is_own_temp(p[-1], host)]
+            for parts in leftovers:
+                with outbox.sub(*parts[:-1]) as folder:
+                    folder.unlink(parts[-1])
+    except OSError:
+        return
+    if leftovers:
+        logger.info("{}: removed {} half-written output(s) left by the last run", site.inbox.outbox, len(leftovers))
+
