@@ -64,6 +64,14 @@ def _setup_logs(config: Any, *, quiet: bool = False, to_files: bool = True) -> N
 
     setup_logging(config.log_dir if to_files else None, debug=config.debug, quiet=quiet,
                   secrets=(config.runway.api_key,))
+    if config.debug:
+        from loguru import logger
+
+        logger.debug("configuration {}: device {}, state {}, host {}, {} inbox(es)", config.source or "(built-in)",
+                     config.device, config.state_dir, config.host, len(config.inboxes))
+        for inbox in config.inboxes:
+            logger.debug("inbox {} -> {} ({}, on_success {}): rules {}", inbox.path, inbox.outbox,
+                         "polled" if inbox.poll else "inotify", inbox.on_success, dict(inbox.rules))
 
 
 # ---------------------------------------------------------------------- commands
