@@ -1,0 +1,359 @@
+"""Several workstations, one share: real daemons on FUSE bind mounts, faults at random moments, and the
+invariants checked afterwards (every input exactly once in done/ or failed/, one output each, nothing
+overwritten, nothing stranded, databases intact). DESIGN.md "Several workstations, one share"; issue 7.
+
+Each scenario is a plain function that takes a Cluster and returns a Report, so bench/bench_faults.py
+runs the same code with more rounds and prints the table. One scenario alone:
+
+    .venv/bin/pytest -q tests/test_multihost.py -k sigstop -p no:cacheprovider -s
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hosts import LEASE_SECONDS, Cluster, Host, wait_until
+from share import Report, Share, check_share, fuse_problem, image_bytes
+
+CRASH_ENV = "BGWATCH_CRASH_AT"  # the daemon's failpoint: SIGKILL itself after an output is written
+MID_SIZE = 320  # px: a job of ~0.4 s here, so that a fault finds jobs in flight
+
+
+def _claims(cluster: Cluster, host: Host) -> int:
+    return sum(1 for p in cluster.share.claimed_files() if f"/{host.name}/" in p.as_posix())
+
+
+def _wait_for_claims(cluster: Cluster, host: Host, want: int = 2, timeout: float = 15.0) -> int:
+    """Wait (briefly polling) until `host` holds `want` claims, so that a fault lands mid-job; returns how
+    many it holds (fewer if the deadline came first)."""
+    wait_until(lambda: _claims(cluster, host) >= want, timeout, interval=0.01)
+    return _claims(cluster, host)
+
+
+def _drop_over(cluster: Cluster, count: int, seconds: float, **kwargs: Any) -> None:
+    """Drop `count` images spread over `seconds`, as files keep arriving during a fault."""
+    batches = max(1, int(seconds / 0.5))
+    for i in range(batches):
+        n = count // batches + (1 if i < count % batches else 0)
+        if n:
+            cluster.share.drop_images(n, **kwargs)
+        time.sleep(seconds / batches)
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+def scenario_sigkill(cluster: Cluster, rounds: int = 30, files: int = 180, seed: int = 7) -> Report:
+    """SIGKILL of a random host at random moments while files keep arriving; usually restarted at once,
+    sometimes only after more than a lease, so that the others take its claims back."""
+    rng = random.Random(seed)
+    cluster.start()
+    per_round = max(1, files // rounds)
+    later: dict[Host, float] = {}
+    delayed = 0
+    for _ in range(rounds):
+        cluster.share.drop_images(per_round)
+        time.sleep(rng.uniform(0.3, 1.3))
+        now = time.monotonic()
+        for host, due in list(later.items()):
+            if now >= due:
+                del later[host]
+                host.start()
+        cluster.supervise()
+        live = [h for h in cluster.hosts if h.alive and h not in later]
+        if len(live) < 2:
+            continue  # only after a daemon died by itself: one host always works, so the batch moves on
+        victim = rng.choice(live)
+        victim.kill()
+        if not later and rng.random() < 0.25:  # one host at a time stays down past the lease
+            later[victim] = time.monotonic() + LEASE_SECONDS + rng.uniform(1.5, 3.0)
+            delayed += 1
+        else:
+            victim.start()
+    extra = files - per_round * rounds
+    if extra > 0:
+        cluster.share.drop_images(extra)
+    for host, due in later.items():
+        time.sleep(max(0.0, due - time.monotonic()))
+        host.start()
+    cluster.notes.append(f"{sum(h.kills for h in cluster.hosts)} SIGKILLs, {delayed} restarted after the lease")
+    cluster.wait_finished(90)
+    return cluster.finish("SIGKILL at random moments", rounds)
+
+
+def scenario_sigstop(cluster: Cluster, files: int = 60, pause: float = 3 * LEASE_SECONDS) -> Report:
+    """One host stopped (SIGSTOP) mid-batch for about three leases while files keep arriving; the others
+    take its claims back; when it wakes up its late jobs must not be delivered a second time."""
+    cluster.start()
+    victim = cluster.hosts[1]
+    cluster.share.drop_images(files // 2, size=MID_SIZE)
+    held = _wait_for_claims(cluster, victim)
+    victim.suspend()
+    cluster.notes.append(f"{victim.name} stopped holding {held} claim(s)")
+    _drop_over(cluster, files - files // 2, pause, size=MID_SIZE)
+    victim.resume()
+    cluster.wait_finished(90)
+    time.sleep(LEASE_SECONDS)  # the woken host's late jobs get their chance to go wrong
+    return cluster.finish(f"SIGSTOP {pause:g} s (lease {LEASE_SECONDS:g} s)", 1)
+
+
+def scenario_db_lock(cluster: Cluster, files: int = 60, hold: float = 30.0) -> Report:
+    """One host's SQLite database held with BEGIN EXCLUSIVE for `hold` seconds mid-batch: work is
+    delayed, never stranded, failed or done twice."""
+    cluster.start()
+    victim = cluster.hosts[0]
+    cluster.share.drop_images(files // 2, size=MID_SIZE)
+    _wait_for_claims(cluster, victim)
+    held = victim.hold_db_lock(hold)
+    if not held.wait(15):
+        cluster.violations.append(f"harness: {victim.name}'s database could not be locked within 15 s")
+    start = time.monotonic()
+    _drop_over(cluster, files - files // 2, hold / 3, size=MID_SIZE)
+    time.sleep(max(0.0, hold - (time.monotonic() - start)))
+    cluster.wait_finished(90)
+    return cluster.finish(f"database locked {hold:g} s", 1)
+
+
+def scenario_unmount(cluster: Cluster, files: int = 60, down: float = 5.0) -> Report:
+    """One host's share unmounted mid-batch for a few seconds, then mounted again. The daemon must not
+    create anything in the empty mount point (a real share could then not be mounted over it)."""
+    cluster.start()
+    victim = cluster.hosts[2]
+    cluster.share.drop_images(files // 2, size=MID_SIZE)
+    held = _wait_for_claims(cluster, victim)
+    victim.unmount()
+    cluster.notes.append(f"{victim.name} lost its share holding {held} claim(s)")
+    _drop_over(cluster, files - files // 2, down, size=MID_SIZE)
+    victim.remount()  # records a violation if the mount point is not empty
+    cluster.wait_finished(90)
+    return cluster.finish(f"share unmounted {down:g} s", 1)
+
+
+def scenario_crash_after_delivery(cluster: Cluster, files: int = 40) -> Report:
+    """The failpoint BGWATCH_CRASH_AT kills a daemon right after an output is written and before its
+    original moves to done/. One host is restarted at once (it recovers its own claims), one only after
+    the lease (the others take its claims back); neither may write a second output."""
+    first, second = cluster.hosts[0], cluster.hosts[1]
+    first.start({CRASH_ENV: "delivered"}, expect_exit=True)
+    second.start({CRASH_ENV: "delivered:3"}, expect_exit=True)
+    for host in cluster.hosts[2:]:
+        host.start()
+    cluster.share.drop_images(files // 2)
+    deadline = time.monotonic() + 20
+    for host, restart_after in ((first, LEASE_SECONDS + 2.0), (second, 0.0)):
+        code = host.wait_exit(deadline - time.monotonic())
+        if code is None:
+            cluster.violations.append(f"{host.name}: the failpoint {CRASH_ENV} never fired (daemon still "
+                                      "running 20 s after the batch; not implemented?)")
+            host.kill()
+        elif code != -9:
+            cluster.violations.append(f"{host.name}: the failpoint ended the daemon with code {code}, not SIGKILL")
+        if restart_after:
+            time.sleep(restart_after)
+        host.start()
+    cluster.share.drop_images(files - files // 2)
+    cluster.wait_finished(90)
+    return cluster.finish("crash after the output write", 2)
+
+
+def scenario_same_name_twice(cluster: Cluster, pairs: int = 6, files: int = 20, size: int = 200) -> Report:
+    """A name dropped again (other bytes) while its first copy is in flight: both originals end in
+    done/ (the second numbered, `dup-2.png`), neither is overwritten."""
+    cluster.start()
+    names = ["dup.png"] + [f"dup_{chr(ord('b') + i)}.png" for i in range(pairs - 1)]
+    cluster.share.drop_images(files // 2)
+    for i, name in enumerate(names):
+        cluster.share.drop(name, image_bytes(10_000 + i, size=size))
+        inbox_copy = cluster.share.inbox / name
+        wait_until(lambda p=inbox_copy: not p.exists(), 15, interval=0.01)  # claimed: now in flight
+        # Same size: both copies tend to finish, and park, at about the same moment.
+        cluster.share.drop(name, image_bytes(20_000 + i, size=size))
+    cluster.share.drop_images(files - files // 2)
+    cluster.wait_finished(90)
+    report = cluster.finish(f"same name twice ({pairs} names)", pairs)
+    done = cluster.share.inbox / "done"
+    for name in names:
+        stem = name[:-4]
+        got = sorted(p.name for p in done.glob("*.png") if re.fullmatch(rf"{re.escape(stem)}(-\d+)?\.png", p.name))
+        if got != sorted([name, f"{stem}-2.png"]):
+            report.violations.append(f"{name}: done/ holds {got}, expected [{name}, {stem}-2.png]")
+    return report
+
+
+KEEP_SIDECAR = 'background_color: "#eeeeee"\n'
+
+
+def scenario_keep(cluster: Cluster, files: int = 30, slow_size: int = 2400) -> Report:
+    """on_success: keep on every host, a sidecar beside every image, one slow job: each image is
+    processed exactly once across the hosts and kept in the inbox, and nothing is taken again."""
+    cluster.start()
+    cluster.share.drop("slow.yaml", KEEP_SIDECAR.encode())
+    cluster.share.drop("slow.png", image_bytes(30_000, size=slow_size))
+    _drop_over(cluster, files, 3.0, sidecar=KEEP_SIDECAR)
+    cluster.wait_finished(120)
+    time.sleep(3 * 2 + 1)  # a few rescans: kept originals taken again would show up now
+    report = cluster.finish("keep mode, sidecars, a slow job", 1)
+    _check_sidecar_applied(cluster, report)
+    return report
+
+
+def scenario_keep_once(cluster: Cluster, files: int = 20, slow_size: int = 2400, timeout: float = 90.0) -> Report:
+    """`bgwatch run --once` on one host in keep mode, with sidecars and a slow job, must exit."""
+    host = cluster.hosts[0]
+    cluster.share.drop("slow.yaml", KEEP_SIDECAR.encode())
+    cluster.share.drop("slow.png", image_bytes(30_001, size=slow_size))
+    cluster.share.drop_images(files, sidecar=KEEP_SIDECAR)
+    code = host.run_once(timeout)
+    if code is None:
+        cluster.violations.append(f"run --once did not exit within {timeout:g} s (killed); log:\n{host.log_tail()}")
+    elif code != 0:
+        cluster.violations.append(f"run --once exited {code}; log:\n{host.log_tail()}")
+    report = cluster.finish("keep mode, run --once", 1)
+    _check_sidecar_applied(cluster, report)
+    return report
+
+
+def _check_sidecar_applied(cluster: Cluster, report: Report) -> None:
+    """The sidecar's background colour reached the outputs (a corner pixel is the backdrop)."""
+    from PIL import Image
+
+    for drop in cluster.share.images[:5]:
+        path = cluster.share.outbox / f"{drop.stem}.png"
+        if not path.exists():
+            continue
+        with Image.open(path) as image:
+            pixel = image.convert("RGB").getpixel((0, 0))
+        if max(abs(c - 0xEE) for c in pixel) > 8:
+            report.violations.append(f"{path.name}: corner {pixel} is not the sidecar's #eeeeee")
+
+
+# ---------------------------------------------------------------------- tests
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Clusters on tmp_path; every daemon is killed and every mount undone afterwards, whatever happens."""
+    reason = fuse_problem()
+    if reason is not None:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    made: list[Cluster] = []
+
+    def make(name: str = "cluster", **kwargs: Any) -> Cluster:
+        cluster = Cluster(tmp_path / name, **kwargs)
+        made.append(cluster)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.close()
+
+
+def _assert_clean(report: Report) -> None:
+    print("\n" + report.describe())
+    assert not report.violations, report.describe()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_sigkill_at_random_moments(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_sigkill(make_cluster()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_sigstop_longer_than_the_lease(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_sigstop(make_cluster()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_database_locked_30s(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_db_lock(make_cluster()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_share_unmounted_and_mounted_again(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_unmount(make_cluster()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_crash_between_output_write_and_done(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_crash_after_delivery(make_cluster()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_same_name_dropped_twice_while_in_flight(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_same_name_twice(make_cluster()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_keep_mode_with_sidecars_and_a_slow_job(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_keep(make_cluster(on_success="keep")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_keep_mode_run_once_exits(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_keep_once(make_cluster(hosts=1, on_success="keep")))
+
+
+def test_the_checker_names_every_kind_of_violation(tmp_path: Path) -> None:
+    """The checker itself, on an end state built by hand (no daemons, no FUSE): each broken invariant
+    is reported, and a clean end state gives none."""
+    share = Share(tmp_path)
+    drops = share.drop_images(7)
+    done, failed, claimed = share.inbox / "done", share.inbox / "failed", share.inbox / ".bgwatch/claimed/h2"
+    for folder in (done, failed, claimed):
+        folder.mkdir(parents=True)
+    clean = Share(tmp_path / "clean")
+    for drop in clean.drop_images(2):
+        (clean.inbox / "done").mkdir(exist_ok=True)
+        (clean.inbox / drop.name).rename(clean.inbox / "done" / drop.name)
+        (clean.outbox / f"{drop.stem}.png").write_bytes(image_bytes(1))
+    assert check_share(clean, []).violations == []
+
+    names = [d.name for d in drops]
+    (share.inbox / names[0]).rename(done / names[0])  # fine
+    (share.outbox / f"{drops[0].stem}.png").write_bytes(image_bytes(1))
+    (share.inbox / names[1]).rename(done / names[1])  # processed twice: a numbered output
+    (share.outbox / f"{drops[1].stem}.png").write_bytes(image_bytes(2))
+    (share.outbox / f"{drops[1].stem}-2.png").write_bytes(image_bytes(3))
+    (share.inbox / names[2]).rename(claimed / names[2])  # stranded in claimed/
+    (share.inbox / names[3]).unlink()  # lost
+    (share.inbox / names[4]).rename(done / names[4])  # overwritten by the next one's bytes
+    (share.inbox / names[5]).replace(done / names[4])
+    (share.inbox / names[6]).rename(failed / names[6])  # failed without its note; a temp output
+    (share.outbox / f".{drops[6].stem}.png.h1.x.bgwatch-tmp").write_bytes(b"half")
+    db = tmp_path / "h1" / "state" / "bgwatch.db"
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, rel_path TEXT, input_sha256 TEXT, status TEXT)")
+        conn.executemany("INSERT INTO runs (rel_path, input_sha256, status) VALUES (?, ?, ?)",
+                         [(names[0], drops[0].sha256, "done"), (names[0], drops[0].sha256, "done"),
+                          (names[2], drops[2].sha256, "running"), (names[1], drops[1].sha256, "failed")])
+    conn.close()
+    report = check_share(share, [db])
+    text = "\n".join(report.violations)
+    print(report.describe())
+    assert (report.lost, report.stranded) == (2, 1)  # names[3] gone; names[4] overwritten by names[5]
+    assert report.twice == 2  # names[1] by its -2 output, names[0] by its two 'done' rows
+    for expected in (f"{names[1]}: processed twice", f"{names[2]}: stranded at inbox/.bgwatch/claimed/h2",
+                     f"{names[3]}: lost", f"{names[4]}: lost", "overwritten?", f"{names[6]}: in failed/ without",
+                     "a temp file left in the outbox", f"h1: run 3 ({names[2]}) left 'running'",
+                     f"{names[0]}: 2 'done' rows", f"h1: {names[1]} recorded 'failed' although it finished",
+                     f"left in the work folder: .bgwatch/claimed/h2/{names[2]}"):
+        assert expected in text, expected
