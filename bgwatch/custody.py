@@ -293,7 +293,7 @@ class Custody:
         """Finish or undo a delivering folder of `host` (this one, or a silent one)."""
         with self._work(DELIVERING, host, token, create=False) as box:
             marker = _read_marker(box)
-            files = [p for p, _ in box.files() if p != (MARKER,) and not _is_temp(p[-1])]
+            files = [p for p, _ in box.files(any_kind=True) if p != (MARKER,) and not _is_temp(p[-1])]
             images = [p for p in files if os.path.splitext(p[-1])[1].lower() in IMAGE_SUFFIXES]
             disposition = str(marker.get("disposition", "")) if marker else ""
             output = Path(str(marker["output"])) if marker and marker.get("output") else None
@@ -308,7 +308,7 @@ class Custody:
                     if is_user_file(p[-1]):
                         with box.sub(*p[:-1]) as src, self.root() as root, root.sub(*p[:-1], create=True) as dst:
                             safefs.move_to_free_name(src, p[-1], dst, p[-1], unique_tag=self._tag())
-            for p in [q for q, _ in box.files()]:
+            for p in [q for q, _ in box.files(any_kind=True)]:
                 with box.sub(*p[:-1]) as folder:
                     if p[-1] == MARKER or _is_temp(p[-1]) or not is_user_file(p[-1]):
                         folder.unlink(p[-1])

@@ -151,10 +151,12 @@ class Folder:
                     continue
         return sorted(found)
 
-    def files(self, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], os.stat_result]]:
-        """Regular files below this folder, as name paths; links, pipes and linked folders are skipped."""
+    def files(self, prefix: tuple[str, ...] = (), *, any_kind: bool = False
+              ) -> Iterator[tuple[tuple[str, ...], os.stat_result]]:
+        """Regular files below this folder, as name paths; links, pipes and linked folders are skipped
+        (listed too, but never followed, with `any_kind`)."""
         for name, st in self.entries():
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) or (any_kind and not stat.S_ISDIR(st.st_mode)):
                 yield (*prefix, name), st
             elif stat.S_ISDIR(st.st_mode):
                 try:
@@ -162,7 +164,7 @@ class Folder:
                 except OSError:
                     continue
                 with child:
-                    yield from child.files((*prefix, name))
+                    yield from child.files((*prefix, name), any_kind=any_kind)
 
     def prune(self, *names: str) -> None:
         """Remove the empty folders `names` (innermost first) below this one; non-empty ones stay."""

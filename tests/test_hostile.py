@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
-from bgwatch import claim, outbox
+from bgwatch.liveness import Heartbeat
 from bgwatch.daemon import Daemon
 from bgwatch.samples import write_samples
 from tests.helpers import files_under, make_config
@@ -33,7 +31,7 @@ def test_an_image_swapped_for_a_symlink_is_not_read_through(tmp_path: Path) -> N
     daemon = Daemon(config)
     link = inbox / "innocent.jpg"
     os.symlink(secret, link)
-    daemon.intake.take(config.inboxes[0], link)  # as if swapped after it was seen stable
+    daemon.intake.take(daemon.sites[config.inboxes[0].name], link)  # as if swapped after it was seen stable
     assert files_under(config.inboxes[0].outbox) == []
     note = (inbox / "failed" / "innocent.jpg.error.txt").read_text()
     assert "not a regular file" in note
@@ -50,12 +48,12 @@ def test_symlinked_work_folders_are_refused(tmp_path: Path) -> None:
     target.write_text("keep me")
     # a planted link where the heartbeat's temp file or folder would go
     os.symlink(target, inbox / ".bgwatch" / "heartbeats" / ".ws1.123.tmp")
-    assert claim.Heartbeat(inbox, "ws1").beat()
+    assert Heartbeat(inbox, "ws1", "e1", 10).beat()
     assert target.read_text() == "keep me"
-    # a done/ folder that is a link out of the inbox
-    os.symlink(outside, inbox / "done")
-    photo = inbox / "photo.jpg"
-    photo.write_bytes(b"x")
-    with pytest.raises(OSError, match="symbolic link"):
-        outbox.move_to_done(inbox, photo, "photo.jpg")
-    assert photo.exists() and not (outside / "photo.jpg").exists()
+    # the heartbeats folder itself swapped for a link out of the inbox: refused, nothing written there
+    os.unlink(inbox / ".bgwatch" / "heartbeats" / "ws1")
+    os.unlink(inbox / ".bgwatch" / "heartbeats" / ".ws1.123.tmp")
+    os.rmdir(inbox / ".bgwatch" / "heartbeats")
+    os.symlink(outside, inbox / ".bgwatch" / "heartbeats")
+    assert not Heartbeat(inbox, "ws1", "e1", 10).beat()
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]

@@ -31,23 +31,30 @@ def test_wal_busy_timeout_and_schema(tmp_path: Path) -> None:
     assert sqlite3.connect(tmp_path / "db.sqlite").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_run_lifecycle_and_lease_expiry(tmp_path: Path) -> None:
+def test_run_lifecycle(tmp_path: Path) -> None:
     clock = Clock()
     store = Store(tmp_path / "db.sqlite", clock=clock)
     run_id = add(store)
-    assert store.get_run(run_id)["status"] == "queued"
-    assert store.start_run(run_id, "h", lease_seconds=60)
-    assert not store.start_run(run_id, "h", lease_seconds=60), "a running row cannot be started twice"
-    assert store.get_run(run_id)["attempts"] == 1
-    assert store.expired_running("h") == []
-    clock.now += 61
-    assert [r["id"] for r in store.expired_running("h")] == [run_id]
-    store.renew_lease(run_id, 60)
-    assert store.expired_running("h") == []
+    row = store.get_run(run_id)
+    assert row is not None and row.status == "queued"
+    assert store.start_run(run_id, "h")
+    assert not store.start_run(run_id, "h"), "a running row cannot be started twice"
+    row = store.get_run(run_id)
+    assert row is not None and (row.attempts, row.started_at) == (1, 1000.0)
+    assert [r.id for r in store.runs_in((JobState.RUNNING,), host="h")] == [run_id]
     store.finish_run(run_id, JobState.FAILED, error="broken", timings={"mask": 0.5})
     row = store.get_run(run_id)
-    assert (row["status"], row["error"], row["lease_until"]) == ("failed", "broken", None)
+    assert row is not None and (row.status, row.error) == ("failed", "broken")
     assert store.counts() == {"failed": 1}
+
+
+def test_names_that_are_not_utf8_or_carry_control_characters_are_stored_escaped(tmp_path: Path) -> None:
+    import os
+
+    store = Store(tmp_path / "db.sqlite")
+    run_id = add(store, rel_path=os.fsdecode(b"caf\xe9\n.jpg"))
+    row = store.get_run(run_id)
+    assert row is not None and row.rel_path == "caf\\xe9\\n.jpg"
 
 
 def test_find_done_needs_the_output_to_exist(tmp_path: Path) -> None:
@@ -57,7 +64,8 @@ def test_find_done_needs_the_output_to_exist(tmp_path: Path) -> None:
     store.finish_run(run_id, JobState.DONE, output_path=str(out))
     assert store.find_done("same") is None, "an output deleted by a user must be made again"
     out.write_bytes(b"png")
-    assert store.find_done("same")["id"] == run_id
+    found = store.find_done("same")
+    assert found is not None and found.id == run_id
     assert store.find_done("other") is None
 
 

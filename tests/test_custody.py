@@ -1,0 +1,282 @@
+"""A file's life on disk, on real folders: claim, fenced delivery, park, settle after a crash, reclaim."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bgwatch import safefs
+from bgwatch.custody import Custody, check_host
+from bgwatch.liveness import Heartbeat, Liveness
+from bgwatch.outbox import OutputNames
+
+
+def drop(path: Path, data: bytes = b"image bytes") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture()
+def inbox(tmp_path: Path) -> Path:
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "outbox").mkdir()
+    return tmp_path / "inbox"
+
+
+def test_claim_renames_into_the_hosts_folder_keeping_the_rel_path(inbox: Path) -> None:
+    src = drop(inbox / "shoot" / "a" / "photo.jpg")
+    inode = src.stat().st_ino
+    claim = Custody(inbox, "ws1", "e1").claim("shoot/a/photo.jpg")
+    assert claim is not None and claim.rel == claim.name == "shoot/a/photo.jpg"
+    assert claim.path == inbox / ".bgwatch" / "claimed" / "ws1" / "shoot" / "a" / "photo.jpg"
+    assert not src.exists() and claim.path.stat().st_ino == inode  # renamed, not copied
+    assert Custody(inbox, "ws1", "e1").own_claims() == ["shoot/a/photo.jpg"]
+
+
+def test_claim_of_a_vanished_file_is_none_and_bad_names_are_refused(inbox: Path) -> None:
+    custody = Custody(inbox, "ws1", "e1")
+    assert custody.claim("gone.jpg") is None
+    for rel in ("../x.jpg", ".bgwatch/claimed/ws2/x.jpg", "done/x.jpg"):
+        with pytest.raises(ValueError):
+            custody.claim(rel)
+    for host in ("", "..", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="host name"):
+            check_host(host)
+
+
+def test_a_second_claim_of_one_name_is_numbered_and_delivers_under_its_own_name(inbox: Path) -> None:
+    custody = Custody(inbox, "ws1", "e1")
+    first = custody.claim("photo.jpg") if drop(inbox / "photo.jpg", b"first") else None
+    second = custody.claim("photo.jpg") if drop(inbox / "photo.jpg", b"second") else None
+    assert first is not None and second is not None and second.name == "photo-2.jpg"
+    outbox = inbox.parent / "outbox"
+    assert custody.deliver(first, 1, outbox, "photo.png", b"out1", "move") is not None
+    assert custody.deliver(second, 2, outbox, "photo-2.png", b"out2", "move") is not None
+    # neither original replaced the other in done/
+    assert (inbox / "done" / "photo.jpg").read_bytes() == b"first"
+    assert (inbox / "done" / "photo-2.jpg").read_bytes() == b"second"
+    assert files(inbox / ".bgwatch") == []
+
+
+def test_sidecars_travel_with_their_image(inbox: Path) -> None:
+    drop(inbox / "sub" / "photo.jpg")
+    drop(inbox / "sub" / "photo.yaml", b"mode: color\n")
+    custody = Custody(inbox, "ws1", "e1")
+    claim = custody.claim("sub/photo.jpg", "sub/photo.yaml")
+    assert claim is not None and claim.sidecar == "sub/photo.yaml"
+    assert custody.unclaim(claim) == "sub/photo.jpg"
+    assert files(inbox) == ["sub/photo.jpg", "sub/photo.yaml"]
+    claim = custody.claim("sub/photo.jpg", "sub/photo.yaml")
+    assert claim is not None
+    settled = custody.fail(claim, 7, "truncated JPEG")
+    assert settled is not None and settled.parked == inbox / "failed" / "sub" / "photo.jpg"
+    assert files(inbox / "failed") == ["sub/photo.jpg", "sub/photo.jpg.error.txt", "sub/photo.yaml"]
+    assert "truncated JPEG" in (inbox / "failed" / "sub" / "photo.jpg.error.txt").read_text()
+
+
+def test_a_claim_taken_back_is_superseded_and_writes_nothing(inbox: Path) -> None:
+    drop(inbox / "a.jpg")
+    paused = Custody(inbox, "ws1", "e1")
+    claim = paused.claim("a.jpg")
+    assert claim is not None
+    assert Custody(inbox, "ws2", "e2").reclaim("ws1") == ["a.jpg"]  # ws1 was silent longer than the lease
+    outbox = inbox.parent / "outbox"
+    assert paused.deliver(claim, 1, outbox, "a.png", b"late", "move") is None  # the fence says no
+    assert paused.fail(claim, 1, "late failure") is None
+    assert files(outbox) == [] and files(inbox) == ["a.jpg"]
+
+
+def test_keep_puts_the_original_back_and_every_host_knows_it_was_done(inbox: Path) -> None:
+    drop(inbox / "a.jpg")
+    drop(inbox / "a.yaml", b"background_color: '#eeeeee'\n")
+    custody = Custody(inbox, "ws1", "e1")
+    claim = custody.claim("a.jpg", "a.yaml")
+    assert claim is not None
+    custody.deliver(claim, 1, inbox.parent / "outbox", "a.png", b"out", "keep")
+    assert files(inbox) == sorted([f".bgwatch/kept/{p.name}" for p in (inbox / ".bgwatch/kept").iterdir()]
+                                  + ["a.jpg", "a.yaml"])
+    other = Custody(inbox, "ws2", "e2")
+    assert other.is_kept("a.jpg", os.lstat(inbox / "a.jpg"))
+    assert other.kept_sidecar_unchanged("a.jpg", "a.yaml", os.lstat(inbox / "a.yaml"))
+    (inbox / "a.yaml").write_text("background_color: '#000000'\n")
+    os.utime(inbox / "a.yaml", ns=(1, 1))
+    assert not other.kept_sidecar_unchanged("a.jpg", "a.yaml", os.lstat(inbox / "a.yaml"))
+    (inbox / "a.jpg").write_bytes(b"a new photo under the old name")
+    assert not other.is_kept("a.jpg", os.lstat(inbox / "a.jpg"))
+
+
+_CRASHING_DELIVERY = """
+import sys
+from pathlib import Path
+from bgwatch.custody import Custody
+inbox = Path(sys.argv[1])
+custody = Custody(inbox, "ws1", "e1")
+claim = custody.claim("shot.jpg")
+custody.deliver(claim, 5, inbox.parent / "outbox", "shot.png", b"the output", "move")
+print("not reached")
+"""
+
+
+def test_a_kill_after_the_output_is_written_is_finished_by_another_host(inbox: Path) -> None:
+    drop(inbox / "shot.jpg", b"original")
+    proc = subprocess.run([sys.executable, "-c", _CRASHING_DELIVERY, str(inbox)], capture_output=True, text=True,
+                          env={**os.environ, "BGWATCH_CRASH_AT": "delivered"}, timeout=60)
+    assert proc.returncode == -9 and "not reached" not in proc.stdout
+    outbox = inbox.parent / "outbox"
+    assert files(outbox) == ["shot.png"]
+    assert (inbox / ".bgwatch" / "delivering" / "ws1").is_dir()
+    # another host finds ws1 silent: it finishes the move to done/ instead of processing the file again
+    assert Custody(inbox, "ws2", "e2").reclaim("ws1") == ["e1-5: finished"]
+    assert (inbox / "done" / "shot.jpg").read_bytes() == b"original"
+    assert files(outbox) == ["shot.png"] and (outbox / "shot.png").read_bytes() == b"the output"
+    assert [p for p in files(inbox) if not p.startswith("done/")] == []
+
+
+def test_a_kill_before_the_output_is_written_returns_the_original(inbox: Path) -> None:
+    drop(inbox / "shot.jpg", b"original")
+    custody = Custody(inbox, "ws1", "e1")
+    claim = custody.claim("shot.jpg")
+    assert claim is not None
+    box = custody._fence(claim, custody.token(9))  # fenced, then the power went
+    assert box is not None
+    box.close()
+    settled = Custody(inbox, "ws1", "e2").settle("ws1", "e1-9")  # the host itself, at its next start
+    assert not settled.finished
+    assert files(inbox) == ["shot.jpg"]
+
+
+def test_planted_symlinks_never_move_foreign_files(inbox: Path, tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    drop(private / "ws9" / "secret.jpg")
+    drop(private / "ws9" / "notes.txt")
+    (inbox / ".bgwatch").mkdir()
+    os.symlink(private, inbox / ".bgwatch" / "claimed")
+    custody = Custody(inbox, "ws1", "e1")
+    assert custody.other_hosts() == []
+    assert custody.reclaim("ws9") == []
+    drop(inbox / "photo.jpg")
+    with pytest.raises(safefs.UnsafeFolder):
+        custody.claim("photo.jpg")
+    assert files(private) == ["ws9/notes.txt", "ws9/secret.jpg"] and (inbox / "photo.jpg").exists()
+    # a done/ that leads out of the inbox is refused, the original stays claimed
+    (inbox / ".bgwatch" / "claimed").unlink()
+    os.symlink(private, inbox / "done")
+    claim = custody.claim("photo.jpg")
+    assert claim is not None
+    with pytest.raises(safefs.UnsafeFolder):
+        custody.deliver(claim, 1, inbox.parent / "outbox", "photo.png", b"x", "move")
+    assert files(private) == ["ws9/notes.txt", "ws9/secret.jpg"]
+    # only images and sidecars ever come back from a dead host's claims
+    (inbox / "done").unlink()
+    drop(inbox / ".bgwatch" / "claimed" / "ws8" / "a.jpg")
+    drop(inbox / ".bgwatch" / "claimed" / "ws8" / "run.sh")
+    assert custody.reclaim("ws8") == ["a.jpg"]
+
+
+def test_a_filesystem_without_noreplace_or_links_gets_unique_names(inbox: Path) -> None:
+    drop(inbox / "done" / "photo.jpg", b"old")
+    drop(inbox / "photo.jpg", b"new")
+    dev = os.stat(inbox).st_dev
+    safefs._strategy[dev] = safefs.UNIQUE
+    try:
+        custody = Custody(inbox, "ws1", "e1")
+        claim = custody.claim("photo.jpg")
+        assert claim is not None
+        settled = custody.deliver(claim, 1, inbox.parent / "outbox", "photo.png", b"x", "move")
+    finally:
+        del safefs._strategy[dev]
+    assert settled is not None and settled.parked is not None
+    assert settled.parked.name.startswith("photo-ws1-") and settled.parked.read_bytes() == b"new"
+    assert (inbox / "done" / "photo.jpg").read_bytes() == b"old"
+
+
+def test_names_up_to_the_filesystem_limit_are_numbered_within_it(inbox: Path) -> None:
+    name = "é" * 125 + ".jpg"  # 254 bytes
+    assert len(os.fsencode(safefs.numbered(name, 12))) <= 255
+    assert safefs.numbered(name, 12).endswith("-12.jpg")
+    custody = Custody(inbox, "ws1", "e1")
+    drop(inbox / name, b"one")
+    first = custody.claim(name)
+    drop(inbox / name, b"two")
+    second = custody.claim(name)
+    assert first is not None and second is not None and second.name.endswith("-2.jpg")
+    assert len(safefs.temp_name(name, "ws1")) < 40
+
+
+def _claim_all(inbox: str, host: str, names: list[str], start: object, out: object) -> None:
+    start.wait()  # type: ignore[attr-defined]
+    custody = Custody(Path(inbox), host, host)
+    won = [n for n in names if custody.claim(n) is not None]
+    out.put((host, won))  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_two_processes_race_for_the_same_files_exactly_one_wins_each(inbox: Path) -> None:
+    names = [f"p{i:03}.jpg" for i in range(200)]
+    for n in names:
+        drop(inbox / n)
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(inbox), host, names, start, out)) for host in ("ws1", "ws2")]
+    for p in procs:
+        p.start()
+    won = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert sorted(won["ws1"] + won["ws2"]) == names
+
+
+def test_heartbeat_never_creates_a_missing_inbox_and_stops_claims(tmp_path: Path) -> None:
+    now = [0.0]
+    beat = Heartbeat(tmp_path / "unmounted" / "inbox", "ws1", "e1", 10, clock=lambda: now[0])
+    assert not beat.beat() and not beat.fresh()
+    assert not (tmp_path / "unmounted").exists()
+    (tmp_path / "unmounted" / "inbox").mkdir(parents=True)
+    assert beat.beat() and beat.fresh()
+    now[0] += 6  # more than half a lease without a beat: stop claiming
+    assert not beat.fresh()
+
+
+def test_a_second_live_daemon_with_the_same_host_name_is_detected(inbox: Path) -> None:
+    one = Heartbeat(inbox, "ws1", "epoch-a", 10)
+    two = Heartbeat(inbox, "ws1", "epoch-b", 10)
+    assert one.beat() and two.beat()
+    assert one.beat()  # finds epoch-b's beat where its own should be
+    assert one.twin == "epoch-b" and not one.fresh()
+
+
+def test_liveness_is_judged_by_change_on_the_local_clock(inbox: Path) -> None:
+    now = [100.0]
+    liveness = Liveness(clock=lambda: now[0])
+    beat = Heartbeat(inbox, "ws2", "e2", 10, wall=lambda: 1e12)  # a forged, far-future timestamp
+    beat.beat()
+    assert liveness.silent_for(inbox, "ws2") == 0.0
+    now[0] += 30
+    assert liveness.silent_for(inbox, "ws2") == 30.0  # unchanged for 30 s: silent, whatever it claims
+    beat.beat()
+    assert liveness.silent_for(inbox, "ws2") == 0.0
+
+
+def test_output_names_never_clash_and_belong_to_their_input(tmp_path: Path) -> None:
+    owners: dict[Path, tuple[str, str]] = {}
+    names = OutputNames(owners.get)
+    first = names.reserve(tmp_path, "a/photo.jpg", "sha1", "", ".png")
+    assert first == "a/photo.png"
+    assert names.reserve(tmp_path, "a/photo.png", "sha2", "", ".png") == "a/photo-2.png"  # in flight together
+    drop(tmp_path / "a" / "photo.png")
+    owners[tmp_path / "a" / "photo.png"] = ("a/photo.jpg", "sha1")
+    names.release(tmp_path, first)
+    assert names.reserve(tmp_path, "a/photo.jpg", "sha1", "", ".png") == "a/photo.png"  # its own: replaced
+    names.release(tmp_path, "a/photo.png")
+    # a different image dropped later under the same name never replaces the delivered output
+    assert names.reserve(tmp_path, "a/photo.jpg", "other bytes", "", ".png") == "a/photo-3.png"
