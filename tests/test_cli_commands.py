@@ -113,3 +113,81 @@ def test_cache_and_models_commands(config) -> None:
     pull = bgwatch("models", "pull", "-c", str(config.source), env={
         "U2NET_HOME": str(config.state_dir / "m"), "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert pull.returncode == 1 and pull.stdout.startswith("bgwatch: ") and "Traceback" not in pull.stdout
+
+
+def test_commands_for_scripts_json_iso_times_filters(tmp_path: Path, config) -> None:
+    from datetime import datetime
+
+    inbox = config.inboxes[0].path
+    write_samples(inbox, 1, size=(120, 90), seed=42)
+    (inbox / "zero.jpg").write_bytes(b"")
+    assert bgwatch("run", "--once", "--no-progress", "-c", str(config.source)).returncode == 1
+
+    rows = json.loads(bgwatch("history", "--json", "-c", str(config.source)).stdout)
+    assert {r["status"] for r in rows} == {"done", "failed"}
+    for row in rows:
+        assert not any(k.endswith("_json") for k in row), "no JSON inside JSON"
+        created = datetime.fromisoformat(row["created_at"])
+        assert created.tzinfo is not None, "ISO times carry their offset"
+        assert isinstance(row["spec"], dict) and row["spec"]["operation"] == "cleanup"
+    [done] = [r for r in rows if r["status"] == "done"]
+    assert done["duration_seconds"] >= 0 and isinstance(done["timings"], dict)
+    assert datetime.fromisoformat(done["finished_at"]) >= datetime.fromisoformat(done["started_at"])
+
+    since = bgwatch("history", "--json", "--since", "1h", "--inbox", "cleanup", "-c", str(config.source))
+    assert len(json.loads(since.stdout)) == 2
+    assert json.loads(bgwatch("history", "--json", "--since", "2999-01-01", "-c", str(config.source)).stdout) == []
+    assert json.loads(bgwatch("history", "--json", "--inbox", "replace", "-c", str(config.source)).stdout) == []
+    unknown = bgwatch("history", "--inbox", "nope", "-c", str(config.source))
+    assert unknown.returncode == 2 and len(unknown.stderr.splitlines()) == 1 and "cleanup" in unknown.stderr
+    table = bgwatch("history", "-c", str(config.source)).stdout.splitlines()
+    assert "created" in table[0] and "took" in table[0]
+    assert any(line.split()[1] == "done" and line.split()[4].endswith("s") for line in table[1:])
+
+    before = bgwatch("-c", str(config.source), "status", "--json")
+    after = bgwatch("status", "--json", "-c", str(config.source))
+    assert before.returncode == after.returncode == 0 and json.loads(before.stdout) == json.loads(after.stdout)
+    status = json.loads(before.stdout)
+    assert status["running"] is False and status["runs"] == {"done": 1, "failed": 1}
+    assert status["state_dir"] == str(config.state_dir)
+    assert [i["waiting"] for i in status["inboxes"]] == [0, 0]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    by_env = bgwatch("status", "--json", cwd=elsewhere, env={"BGWATCH_CONFIG": str(config.source)})
+    assert json.loads(by_env.stdout)["runs"] == {"done": 1, "failed": 1}, "BGWATCH_CONFIG, not ./state"
+    if not Path("/etc/bgwatch/config.yaml").exists():
+        env = {k: v for k, v in os.environ.items() if k != "BGWATCH_CONFIG"}
+        none = subprocess.run([sys.executable, "-m", "bgwatch", "status"], capture_output=True, text=True,
+                              cwd=elsewhere, env={**env, "PYTHONPATH": str(ROOT)}, timeout=60)
+        assert none.returncode == 2 and "no configuration found" in none.stderr
+        assert not (elsewhere / "state").exists()
+
+    retry = bgwatch("retry", "abc", "-c", str(config.source))
+    assert retry.returncode == 2 and retry.stderr.strip().splitlines() == [
+        "bgwatch: retry: RUN_ID: 'abc' is not a run id (allowed: whole numbers from `bgwatch history`)"]
+
+    replace = config.inboxes[1].path
+    image = write_samples(replace, 1, size=(64, 64), seed=3)[0]
+    explained = json.loads(bgwatch("explain", "--json", str(image), "-c", str(config.source)).stdout)
+    by_key = {e["key"]: e for e in explained}
+    assert by_key["steps"]["value"] == 30 and "inboxes[1].rules" in by_key["steps"]["source"]
+    assert json.loads(bgwatch("cache", "ls", "--json", "-c", str(config.source)).stdout) == []
+    models = json.loads(bgwatch("models", "ls", "--json", "-c", str(config.source),
+                                env={"U2NET_HOME": str(tmp_path / "m")}).stdout)
+    assert [(m["kind"], m["name"], m["present"], m["bytes"]) for m in models] == [
+        ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", False, None)], "the classical mask needs no weights"
+
+
+def test_status_watch_prints_until_interrupted(config) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bgwatch", "status", "--watch", "--json", "--interval", "0.2",
+                             "-c", str(config.source)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        first = json.loads(proc.stdout.readline())
+        second = json.loads(proc.stdout.readline())
+    finally:
+        proc.send_signal(2)  # ^C
+        proc.communicate(timeout=30)
+    assert first["state_dir"] == second["state_dir"] == str(config.state_dir)
+    assert proc.returncode == 130
