@@ -102,9 +102,33 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.total = progress.n + 1  # a file dropped meanwhile
         progress.update(1)
 
-    daemon = Daemon(config, once=args.once, on_result=advance if progress is not None else None)
+    metrics, server = None, None
+    if config.metrics.listen and not args.once:
+        from bgwatch.metrics import Metrics
+
+        metrics = Metrics(status=lambda: _live_status(config), stale_seconds=config.metrics.stale_seconds)
+        try:
+            server = metrics.serve(config.metrics.listen)
+        except OSError as exc:
+            raise ConfigError(config.source or "(built-in config)", "metrics.listen",
+                              f"cannot listen on {config.metrics.listen}: {exc.strerror or exc}") from None
+        logger.info("metrics on {}/metrics, health check on {}/healthz", server.url, server.url)
+
+    def finished(result: Any) -> None:
+        if progress is not None:
+            advance(result)
+        if metrics is not None:
+            engine = "+".join(e for e in (result.mask_engine, result.bg_engine) if e) or "none"
+            metrics.run_finished(result.state.value, _inbox_of(config, result), engine, result.timings)
+
+    daemon = Daemon(config, once=args.once,
+                    on_result=finished if progress is not None or metrics is not None else None)
     daemon.install_signal_handlers()
-    code = daemon.run()
+    try:
+        code = daemon.run()
+    finally:
+        if server is not None:
+            server.close()
     if not args.once and daemon.stop_event.is_set():
         # Stopped on request (systemctl stop): exit 0 whatever the jobs did. Failed jobs are reported per
         # file; a non-zero status would mark the unit failed and restart it.
@@ -139,6 +163,20 @@ def _preflight(config: Any) -> list[str]:
     for inbox in config.inboxes:
         inbox.outbox.mkdir(parents=True, exist_ok=True)
     return [f"{c.area} {c.subject}: {c.message}" for c in checks if c.level is doctor.Level.WARNING]
+
+
+def _inbox_of(config: Any, result: Any) -> str:
+    """The inbox a finished run came from: where its original was parked, or whose outbox got the output."""
+    if result.parked is not None:
+        inbox = config.inbox_for(Path(result.parked))
+        if inbox is not None:
+            return str(inbox.path)
+    if result.output_path is not None:
+        output = Path(result.output_path).resolve()
+        for inbox in config.inboxes:
+            if inbox.outbox.resolve() in output.parents:
+                return str(inbox.path)
+    return "unknown"
 
 
 def _waiting(inbox: Any) -> int:

@@ -86,6 +86,12 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    listen: str = ""  # host:port for /metrics and /healthz (e.g. 127.0.0.1:9464); "" = off; `run --once` never serves
+    stale_seconds: float = 120.0  # /healthz says 503 when the daemon made no progress for this long
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineSettings:
     window_per_worker: int = 4  # files claimed ahead per device worker; the rest stay in the inbox
     prepare_threads: int = 2
@@ -107,6 +113,7 @@ class Config:
     sdxl: SdxlSettings = field(default_factory=SdxlSettings)
     runway: RunwaySettings = field(default_factory=RunwaySettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     allowed_models: tuple[str, ...] = ()  # models sidecars/folder files may name beyond the configured
     defaults: Mapping[str, Any] = field(default_factory=dict)  # JobSpec fragment for every inbox
     inboxes: tuple[InboxConfig, ...] = ()
@@ -282,6 +289,15 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
     cache = CacheSettings(max_bytes=c.number("max_bytes", CacheSettings().max_bytes, integer=True))
     c.finish()
 
+    m = _Reader(where, "metrics", top.get("metrics", None))
+    metrics = MetricsSettings(listen=m.text("listen", ""),
+                              stale_seconds=m.number("stale_seconds", MetricsSettings().stale_seconds, minimum=1))
+    m.finish()
+    _host, sep, port = metrics.listen.rpartition(":")
+    if metrics.listen and (not sep or not port.isdigit() or not 0 <= int(port) <= 65535):
+        raise ConfigError(where, "metrics.listen", f"{metrics.listen!r} is not host:port",
+                          "e.g. 127.0.0.1:9464, [::1]:9464, or \"\" for off")
+
     allowed_models = top.get("allowed_models", [])
     if not isinstance(allowed_models, list) or not all(isinstance(m, str) for m in allowed_models):
         raise ConfigError(where, "allowed_models", "must be a list of model names or folders")
@@ -323,6 +339,7 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         sdxl=sdxl,
         runway=runway,
         cache=cache,
+        metrics=metrics,
         allowed_models=tuple(allowed_models),
         defaults=default_fragment,
         inboxes=tuple(inboxes),

@@ -56,6 +56,10 @@ runway:
 cache:
   max_bytes: 2147483648
 
+metrics:
+  listen: 127.0.0.1:9464        # /metrics for Prometheus, /healthz for monitoring; local only
+  stale_seconds: 120
+
 allowed_models: []
 
 defaults:

@@ -23,7 +23,7 @@ def test_sample_config_parses_and_documents_every_setting() -> None:
     assert config.state_dir == ROOT / "state"
     text = (ROOT / "config.yaml").read_text()
     defaults = Config()
-    for section in ("limits", "watch", "pipeline", "sdxl", "runway", "cache"):
+    for section in ("limits", "watch", "pipeline", "sdxl", "runway", "cache", "metrics"):
         for name in getattr(defaults, section).__dataclass_fields__:
             if name == "api_key":
                 continue  # secrets belong in the environment, not in a sample on a share
@@ -59,6 +59,7 @@ def test_environment_overrides_of_the_original_service(tmp_path: Path) -> None:
         ({"inboxes": [{"path": "in", "outbox": "o", "on_success": "archive"}]}, {},
          "inboxes[0].on_success: 'archive' is not allowed (allowed: move, delete, keep)"),
         ({}, {"DEVICE": "tpu"}, "DEVICE: 'tpu' is not allowed"),
+        ({"metrics": {"listen": "9464"}}, {}, "metrics.listen: '9464' is not host:port"),
         ({}, {"BG_REQS_PER_MIN": "ten"}, "BG_REQS_PER_MIN: 'ten' is not a number"),
     ],
 )
