@@ -44,6 +44,8 @@ def fuse_problem() -> str | None:
     if shutil.which("bindfs") is None:
         if os.geteuid() != 0:
             return "bindfs is not installed and installing it needs root (apt-get install bindfs)"
+        if shutil.which("apt-get") is None:
+            return "bindfs is not installed and there is no apt-get to install it with"
         if not _apt_install("bindfs"):
             return "bindfs is not installed and `apt-get install -y bindfs` failed"
     if shutil.which("fusermount") is None and shutil.which("fusermount3") is None:
@@ -153,9 +155,9 @@ class Share:
         return unmount(mount_point)
 
     def close(self) -> None:
+        """Undo every mount, whatever state it is in (a dead bindfs leaves a mount that ismount() denies)."""
         for mount_point in self.mounts:
-            if os.path.ismount(mount_point):
-                unmount(mount_point)
+            unmount(mount_point)
 
     # drops
 

@@ -6,6 +6,9 @@ Each scenario is a plain function that takes a Cluster and returns a Report, so 
 runs the same code with more rounds and prints the table. One scenario alone:
 
     .venv/bin/pytest -q tests/test_multihost.py -k sigstop -p no:cacheprovider -s
+
+The daemons run `python -m bgwatch` from this interpreter: to try another checkout of bgwatch, put it
+first on PYTHONPATH. Needs /dev/fuse and bindfs (installed when root); skipped with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -94,9 +97,10 @@ def scenario_sigstop(cluster: Cluster, files: int = 60, pause: float = 3 * LEASE
     cluster.start()
     victim = cluster.hosts[1]
     cluster.share.drop_images(files // 2, size=MID_SIZE)
-    held = _wait_for_claims(cluster, victim)
+    _wait_for_claims(cluster, victim)
+    time.sleep(0.3)  # its first claims are being worked on now, not only recorded
     victim.suspend()
-    cluster.notes.append(f"{victim.name} stopped holding {held} claim(s)")
+    cluster.notes.append(f"{victim.name} stopped holding {_claims(cluster, victim)} claim(s)")
     _drop_over(cluster, files - files // 2, pause, size=MID_SIZE)
     victim.resume()
     cluster.wait_finished(90)
