@@ -465,6 +465,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from bgwatch.htmlreport import write_report
+
+    config = _load(args)
+    rows = _history(config, args.status, args.limit, _since(args.since) if args.since else None, args.inbox)
+    target = write_report(rows, Path(args.output))
+    print(f"{target}: {len(rows)} run(s)")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from bgwatch import doctor
 
@@ -572,6 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["ls", "pull"])
     p.add_argument("names", nargs="*", metavar="MODEL",
                    help="rembg model names or SDXL hub ids (default: the ones the config uses)")
+
+    p = add("report", cmd_report, "Write a self-contained HTML contact sheet of recent runs: input, mask and "
+            "output thumbnails, status, engines, times, errors.")
+    p.add_argument("-o", "--output", default="bgwatch-report.html", help="the HTML file (default bgwatch-report.html)")
+    p.add_argument("--status", choices=["queued", "running", "done", "failed", "skipped"], help="only these")
+    p.add_argument("--since", metavar="WHEN", help="only runs created since: 2026-11-28, 2026-11-28T09:30, 2h, 7d")
+    p.add_argument("--inbox", metavar="INBOX", help="only this inbox (its path or folder name)")
+    p.add_argument("--limit", type=int, default=200, help="how many runs, newest first (default 200)")
 
     add("doctor", cmd_doctor, "Check this machine against the config: GPU, ONNX Runtime, weights, inboxes, "
         "outboxes, state folder, inotify, numba cache. Exit 0 ok, 1 warnings, 2 errors.", json_flag=True)
