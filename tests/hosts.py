@@ -33,18 +33,6 @@ _SCRUBBED_ENV = ("BG_ENGINE", "DEVICE", "MODEL_ID", "OUTPUT_DIR", "BG_REQS_PER_M
                  "BGWATCH_CONFIG", "BGWATCH_CRASH_AT", "NOTIFY_SOCKET", "WATCHDOG_USEC")
 
 
-def _supports(key: str, value: Any) -> bool:
-    """Whether this bgwatch's config parser knows `pipeline.<key>` (a key being added by issue 7)."""
-    from bgwatch.config import parse_config
-    from bgwatch.errors import ConfigError
-
-    try:
-        parse_config({"pipeline": {key: value}}, None, env={})
-    except ConfigError:
-        return False
-    return True
-
-
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.25,
                between: Callable[[], None] | None = None) -> bool:
     """Poll `condition` until true or the deadline; the deadline only decides when to stop waiting."""
@@ -91,13 +79,13 @@ class Host:
 
     def write_config(self, *, on_success: str = "move", rules: Mapping[str, Any] | None = None,
                      watch: Mapping[str, Any] | None = None, pipeline: Mapping[str, Any] | None = None) -> None:
-        pipe: dict[str, Any] = {"stop_timeout": STOP_TIMEOUT} if _supports("stop_timeout", STOP_TIMEOUT) else {}
-        pipe.update(pipeline or {})
+        pipe: dict[str, Any] = {"stop_timeout": STOP_TIMEOUT, **(pipeline or {})}
         data: dict[str, Any] = {
             "host": self.name,
             "state_dir": str(self.state_dir),
             "device": "cpu",
             "watch": {"settle_seconds": 0.3, "rescan_seconds": 2, "lease_seconds": LEASE_SECONDS, **(watch or {})},
+            "pipeline": pipe,
             "defaults": {"mask": {"engine": "classical"}},
             "inboxes": [{
                 "path": str(self.mnt / "inbox"),
@@ -107,8 +95,6 @@ class Host:
                 "rules": dict(rules or {"operation": "cleanup", "mode": "color", "background_color": "#ffffff"}),
             }],
         }
-        if pipe:
-            data["pipeline"] = pipe
         self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
 
     # ------------------------------------------------------------------ the process
