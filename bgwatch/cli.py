@@ -155,6 +155,8 @@ def _preflight(config: Any) -> list[str]:
         raise ConfigError(config.source or "(built-in config)", "state_dir",
                           f"another bgwatch is already running with state folder {config.state_dir}")
     checks = doctor.folder_checks(config)
+    if config.device == "cuda":
+        checks += doctor.device_checks(config)
     errors = [c for c in checks if c.level is doctor.Level.ERROR]
     if errors:
         more = f" (and {len(errors) - 1} more: bgwatch doctor)" if len(errors) > 1 else ""

@@ -393,6 +393,21 @@ def _uses_sdxl(config: Config) -> bool:
     return any(kind == "sdxl" for kind, _name, _used in models.configured_models(config))
 
 
+def device_checks(config: Config) -> list[Check]:
+    """The runtimes the configured engines need on the configured device: with `device: cuda`, `bgwatch run`
+    refuses to start (with the reason) rather than fall back to the CPU behind the operator's back."""
+    from bgwatch import models
+
+    used = models.configured_models(config)
+    checks: list[Check] = []
+    if any(kind == "rembg" for kind, _name, _used in used):
+        weights = [Path(s.path) for s in models.list_models(config) if s.kind == "rembg" and s.present]
+        checks += check_onnxruntime(config.device, weights[0] if weights else None)
+    if any(kind == "sdxl" for kind, _name, _used in used):
+        checks += check_torch(config.device, needs_sdxl=True)
+    return checks
+
+
 def folder_checks(config: Config, mountinfo: str | None = None, fstab: str | None = None) -> list[Check]:
     """Inboxes, outboxes, state folder, inotify: cheap, run by `bgwatch run` before it starts."""
     mounts = parse_mountinfo(_read("/proc/self/mountinfo") if mountinfo is None else mountinfo)

@@ -228,3 +228,15 @@ def _installed(dist: str) -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
+
+
+def test_run_with_device_cuda_refuses_to_start_without_a_working_gpu(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a working GPU")
+    (tmp_path / "share" / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path, extra="defaults: {operation: replace, engine: sdxl, prompt: oak table}\n")
+    proc = bgwatch("run", "--once", "-c", str(config), env={"DEVICE": "cuda"})
+    assert proc.returncode == 2, proc.stderr
+    assert "device is cuda but torch" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "state" / "bgwatch.db").exists(), "refused before anything started"
