@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bgwatch import __version__
+from bgwatch import __version__, report
 from bgwatch.errors import BgwatchError, ConfigError
 
 Command = Callable[[argparse.Namespace], int]
@@ -44,15 +44,6 @@ def _load(args: argparse.Namespace, *, required: bool = True) -> Any:
         raise ConfigError("config.yaml", "", "no configuration found: pass -c CONFIG, set BGWATCH_CONFIG, or "
                           f"run from the folder holding config.yaml (the service's is {SERVICE_CONFIG})")
     return load_config(path)
-
-
-def _iso(epoch: Any) -> str | None:
-    """Seconds since the epoch as local ISO 8601 with its offset (scripts: no floats, no guessing the zone)."""
-    if epoch is None or epoch == "":
-        return None
-    from datetime import datetime
-
-    return datetime.fromtimestamp(float(epoch)).astimezone().isoformat(timespec="seconds")
 
 
 def _print_json(value: Any) -> None:
@@ -94,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         progress = tqdm(desc="bgwatch", unit="img", file=sys.stderr, disable=args.no_progress,
-                        total=sum(_waiting(inbox) for inbox in config.inboxes) or None)
+                        total=sum(report.waiting(inbox) for inbox in config.inboxes) or None)
 
     def advance(_result: Any) -> None:
         assert progress is not None
@@ -106,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.metrics.listen and not args.once:
         from bgwatch.metrics import Metrics
 
-        metrics = Metrics(status=lambda: _live_status(config), stale_seconds=config.metrics.stale_seconds)
+        metrics = Metrics(status=lambda: report.live_status(config), stale_seconds=config.metrics.stale_seconds)
         try:
             server = metrics.serve(config.metrics.listen)
         except OSError as exc:
@@ -119,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             advance(result)
         if metrics is not None:
             engine = "+".join(e for e in (result.mask_engine, result.bg_engine) if e) or "none"
-            metrics.run_finished(result.state.value, _inbox_of(config, result), engine, result.timings)
+            metrics.run_finished(result.state.value, report.inbox_of(config, result), engine, result.timings)
 
     daemon = Daemon(config, once=args.once,
                     on_result=finished if progress is not None or metrics is not None else None)
@@ -135,13 +126,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     if progress is not None:
         progress.close()
-        from bgwatch.report import print_results
         from bgwatch.store import Store
 
         store = Store(config.db_path)
         rows = {r["id"]: r for r in store.history(limit=max(len(daemon.results), 1) * 2 + 100)}
         store.close()
-        print_results(daemon.results, rows)
+        report.print_results(daemon.results, rows)
     return code
 
 
@@ -165,31 +155,6 @@ def _preflight(config: Any) -> list[str]:
     for inbox in config.inboxes:
         inbox.outbox.mkdir(parents=True, exist_ok=True)
     return [f"{c.area} {c.subject}: {c.message}" for c in checks if c.level is doctor.Level.WARNING]
-
-
-def _inbox_of(config: Any, result: Any) -> str:
-    """The inbox a finished run came from: where its original was parked, or whose outbox got the output."""
-    if result.parked is not None:
-        inbox = config.inbox_for(Path(result.parked))
-        if inbox is not None:
-            return str(inbox.path)
-    if result.output_path is not None:
-        output = Path(result.output_path).resolve()
-        for inbox in config.inboxes:
-            if inbox.outbox.resolve() in output.parents:
-                return str(inbox.path)
-    return "unknown"
-
-
-def _waiting(inbox: Any) -> int:
-    """Images waiting in an inbox (not in its work folders, done/ or failed/)."""
-    if not inbox.path.is_dir():
-        return 0
-    from bgwatch.sidecars import IMAGE_SUFFIXES
-    from bgwatch.watch import is_ignored
-
-    return sum(1 for p in inbox.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-               and not is_ignored(p.relative_to(inbox.path)))
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
@@ -226,144 +191,39 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(config: Any) -> dict[str, Any]:
-    from bgwatch.daemon import InstanceLock
-
-    running = InstanceLock.held(config.state_dir)
-    counts: dict[str, int] = {}
-    if config.db_path.exists():
-        from bgwatch.store import Store
-
-        store = Store(config.db_path)
-        counts = store.counts()
-        store.close()
-    live = _live_status(config) if running else None
-    if live is not None and "updated_at" in live:
-        live["updated_at"] = _iso(live["updated_at"])
-    return {
-        "config": str(config.source) if config.source else None,
-        "state_dir": str(config.state_dir),
-        "running": running,
-        "live": live,
-        "runs": counts,
-        "inboxes": [{"path": str(ib.path), "outbox": str(ib.outbox), "present": ib.path.is_dir(),
-                     "waiting": _waiting(ib)} for ib in config.inboxes],
-    }
-
-
-def _format_status(status: dict[str, Any]) -> str:
-    lines = [f"daemon:   {'running' if status['running'] else 'not running'} (state {status['state_dir']})"]
-    live = status["live"]
-    if live is not None:
-        lines.append(f"work:     {live.get('in_flight', 0)} in flight, {live.get('waiting', 0)} waiting to be claimed")
-        for name in ("mask_engine", "engines", "device"):
-            if live.get(name):
-                lines.append(f"{name + ':':9} {live[name]}")
-        for inbox in live.get("inboxes", []):
-            health = f"watching ({inbox['observer']})" if inbox["healthy"] else f"NOT WATCHING: {inbox['problem']}"
-            lines.append(f"watch:    {inbox['path']}  {health}, {inbox['settling']} settling, "
-                         f"{inbox['restarts']} restart(s)")
-    counts = status["runs"]
-    lines.append("runs:     " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
-    for inbox in status["inboxes"]:
-        where = f"{inbox['waiting']} waiting" if inbox["present"] else "MISSING"
-        lines.append(f"inbox:    {inbox['path']}  ({where}) -> {inbox['outbox']}")
-    return "\n".join(lines)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     if not args.watch:
-        status = _status(config)
+        status = report.status_of(config)
         if args.json:
             _print_json(status)
         else:
-            print(_format_status(status))
+            print(report.format_status(status))
         return 0
     import time
 
     clear = "\x1b[H\x1b[J" if sys.stdout.isatty() else ""
     while True:  # until ^C (main() turns KeyboardInterrupt into exit 130)
-        status = _status(config)
+        status = report.status_of(config)
         if args.json:
             print(json.dumps(status, default=str), flush=True)  # one JSON document a line
         else:
-            print(f"{clear}{_format_status(status)}\n", flush=True)
+            print(f"{clear}{report.format_status(status)}\n", flush=True)
         time.sleep(args.interval)
 
 
-def _live_status(config: Any) -> dict[str, Any] | None:
-    from bgwatch.daemon import STATUS_FILE
-
-    try:
-        return dict(json.loads((config.state_dir / STATUS_FILE).read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-def _since(text: str) -> float:
-    """--since: an ISO date or time (local unless it says otherwise), or an age such as 30m, 2h, 7d."""
-    import time
-    from datetime import datetime
-
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    if text[:-1].replace(".", "", 1).isdigit() and text[-1:] in units:
-        return time.time() - float(text[:-1]) * units[text[-1]]
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise ConfigError("--since", text, "is neither an ISO date/time nor an age",
-                          "2026-11-28, 2026-11-28T09:30, 30m, 2h, 7d") from None
-
-
-def run_record(row: dict[str, Any]) -> dict[str, Any]:
-    """A runs row for scripts: ISO times, durations in seconds, the spec and timings as objects."""
-    out = {k: v for k, v in row.items() if not k.endswith("_json") and not k.endswith("_at") and k != "lease_until"}
-    for name in ("created_at", "started_at", "finished_at"):
-        out[name] = _iso(row.get(name))
-    started, finished, created = row.get("started_at"), row.get("finished_at"), row.get("created_at")
-    out["queued_seconds"] = round(started - created, 3) if started and created else None
-    out["duration_seconds"] = round(finished - started, 3) if started and finished else None
-    for name in ("spec_json", "timings_json"):
-        raw = row.get(name)
-        try:
-            out[name[:-5]] = json.loads(raw) if raw else None
-        except ValueError:
-            out[name[:-5]] = raw
-    return out
-
-
-def _history(config: Any, status: str | None, limit: int, since: float | None = None,
-             inbox: str | None = None) -> list[dict[str, Any]]:
-    if not config.db_path.exists():
-        return []
-    from bgwatch.store import Store
-
-    store = Store(config.db_path)
-    filtered = since is not None or inbox is not None
-    rows = store.history(status, 10_000_000 if filtered else limit)
-    store.close()
-    if inbox is not None:
-        wanted = {str(ib.path) for ib in config.inboxes
-                  if inbox in (str(ib.path), ib.path.name) or Path(inbox).resolve() == ib.path.resolve()}
-        if not wanted:
-            raise ConfigError("--inbox", inbox, "is not a configured inbox",
-                              ", ".join(ib.path.name for ib in config.inboxes))
-        rows = [r for r in rows if r["inbox"] in wanted]
-    if since is not None:
-        rows = [r for r in rows if (r.get("created_at") or 0) >= since]
-    return rows[:limit]
+def _rows(config: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    since = report.parse_since(args.since) if args.since else None
+    return report.history_rows(config, args.status, args.limit, since, args.inbox)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     config = _load(args)
-    rows = _history(config, args.status, args.limit, _since(args.since) if args.since else None, args.inbox)
+    rows = _rows(config, args)
     if args.json:
-        _print_json([run_record(r) for r in rows])
+        _print_json([report.run_record(r) for r in rows])
         return 0
-    from bgwatch.report import print_history
-
-    print_history(rows)
+    report.print_history(rows)
     return 0
 
 
@@ -442,7 +302,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         store = Store(config.db_path)
         rows = BackgroundCache(store, config.cache_dir, config.cache.max_bytes).ls()
         store.close()
-        _print_json([{**r, **{k: _iso(r[k]) for k in ("created_at", "last_used_at") if k in r}} for r in rows])
+        _print_json([{**r, **{k: report.iso(r[k]) for k in ("created_at", "last_used_at") if k in r}} for r in rows])
         return 0
     print(cache_command(config, args.action))
     return 0
@@ -471,7 +331,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bgwatch.htmlreport import write_report
 
     config = _load(args)
-    rows = _history(config, args.status, args.limit, _since(args.since) if args.since else None, args.inbox)
+    rows = _rows(config, args)
     target = write_report(rows, Path(args.output))
     print(f"{target}: {len(rows)} run(s)")
     return 0

@@ -1,12 +1,16 @@
-"""Tables for people: the summary `run --once` prints, and `bgwatch history`."""
+"""What the CLI shows: the `run --once` summary, `bgwatch status` and `bgwatch history` as tables for people and
+as JSON records for scripts (ISO 8601 times, durations in seconds, no JSON inside JSON)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from bgwatch.errors import ConfigError
 from bgwatch.jobs import RunResult
 
 
@@ -62,3 +66,148 @@ def print_history(rows: Sequence[dict[str, Any]]) -> None:
         where = row["inbox"].rsplit("/", 1)[-1] + "/" + row["rel_path"]
         print(f"{row['id']:>5}  {row['status']:7}  {_when(row.get('created_at')):14}  {_duration(row):>7}  "
               f"{_short(where, 36):36}  {_short(engines, 28):28}  {(result or '').splitlines()[0] if result else ''}")
+
+
+# ---------------------------------------------------------------------- status and history
+
+
+def iso(epoch: Any) -> str | None:
+    """Seconds since the epoch as local ISO 8601 with its offset (scripts: no floats, no guessing the zone)."""
+    if epoch is None or epoch == "":
+        return None
+    from datetime import datetime
+
+    return datetime.fromtimestamp(float(epoch)).astimezone().isoformat(timespec="seconds")
+
+
+def inbox_of(config: Any, result: Any) -> str:
+    """The inbox a finished run came from: where its original was parked, or whose outbox got the output."""
+    if result.parked is not None:
+        inbox = config.inbox_for(Path(result.parked))
+        if inbox is not None:
+            return str(inbox.path)
+    if result.output_path is not None:
+        output = Path(result.output_path).resolve()
+        for inbox in config.inboxes:
+            if inbox.outbox.resolve() in output.parents:
+                return str(inbox.path)
+    return "unknown"
+
+
+def waiting(inbox: Any) -> int:
+    """Images waiting in an inbox (not in its work folders, done/ or failed/)."""
+    if not inbox.path.is_dir():
+        return 0
+    from bgwatch.sidecars import IMAGE_SUFFIXES
+    from bgwatch.watch import is_ignored
+
+    return sum(1 for p in inbox.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+               and not is_ignored(p.relative_to(inbox.path)))
+
+
+def status_of(config: Any) -> dict[str, Any]:
+    from bgwatch.daemon import InstanceLock
+
+    running = InstanceLock.held(config.state_dir)
+    counts: dict[str, int] = {}
+    if config.db_path.exists():
+        from bgwatch.store import Store
+
+        store = Store(config.db_path)
+        counts = store.counts()
+        store.close()
+    live = live_status(config) if running else None
+    if live is not None and "updated_at" in live:
+        live["updated_at"] = iso(live["updated_at"])
+    return {
+        "config": str(config.source) if config.source else None,
+        "state_dir": str(config.state_dir),
+        "running": running,
+        "live": live,
+        "runs": counts,
+        "inboxes": [{"path": str(ib.path), "outbox": str(ib.outbox), "present": ib.path.is_dir(),
+                     "waiting": waiting(ib)} for ib in config.inboxes],
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"daemon:   {'running' if status['running'] else 'not running'} (state {status['state_dir']})"]
+    live = status["live"]
+    if live is not None:
+        lines.append(f"work:     {live.get('in_flight', 0)} in flight, {live.get('waiting', 0)} waiting to be claimed")
+        for name in ("mask_engine", "engines", "device"):
+            if live.get(name):
+                lines.append(f"{name + ':':9} {live[name]}")
+        for inbox in live.get("inboxes", []):
+            health = f"watching ({inbox['observer']})" if inbox["healthy"] else f"NOT WATCHING: {inbox['problem']}"
+            lines.append(f"watch:    {inbox['path']}  {health}, {inbox['settling']} settling, "
+                         f"{inbox['restarts']} restart(s)")
+    counts = status["runs"]
+    lines.append("runs:     " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
+    for inbox in status["inboxes"]:
+        where = f"{inbox['waiting']} waiting" if inbox["present"] else "MISSING"
+        lines.append(f"inbox:    {inbox['path']}  ({where}) -> {inbox['outbox']}")
+    return "\n".join(lines)
+
+
+def live_status(config: Any) -> dict[str, Any] | None:
+    from bgwatch.daemon import STATUS_FILE
+
+    try:
+        return dict(json.loads((config.state_dir / STATUS_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def parse_since(text: str) -> float:
+    """--since: an ISO date or time (local unless it says otherwise), or an age such as 30m, 2h, 7d."""
+    import time
+    from datetime import datetime
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text[:-1].replace(".", "", 1).isdigit() and text[-1:] in units:
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ConfigError("--since", text, "is neither an ISO date/time nor an age",
+                          "2026-11-28, 2026-11-28T09:30, 30m, 2h, 7d") from None
+
+
+def run_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A runs row for scripts: ISO times, durations in seconds, the spec and timings as objects."""
+    out = {k: v for k, v in row.items() if not k.endswith("_json") and not k.endswith("_at") and k != "lease_until"}
+    for name in ("created_at", "started_at", "finished_at"):
+        out[name] = iso(row.get(name))
+    started, finished, created = row.get("started_at"), row.get("finished_at"), row.get("created_at")
+    out["queued_seconds"] = round(started - created, 3) if started and created else None
+    out["duration_seconds"] = round(finished - started, 3) if started and finished else None
+    for name in ("spec_json", "timings_json"):
+        raw = row.get(name)
+        try:
+            out[name[:-5]] = json.loads(raw) if raw else None
+        except ValueError:
+            out[name[:-5]] = raw
+    return out
+
+
+def history_rows(config: Any, status: str | None, limit: int, since: float | None = None,
+             inbox: str | None = None) -> list[dict[str, Any]]:
+    if not config.db_path.exists():
+        return []
+    from bgwatch.store import Store
+
+    store = Store(config.db_path)
+    filtered = since is not None or inbox is not None
+    rows = store.history(status, 10_000_000 if filtered else limit)
+    store.close()
+    if inbox is not None:
+        wanted = {str(ib.path) for ib in config.inboxes
+                  if inbox in (str(ib.path), ib.path.name) or Path(inbox).resolve() == ib.path.resolve()}
+        if not wanted:
+            raise ConfigError("--inbox", inbox, "is not a configured inbox",
+                              ", ".join(ib.path.name for ib in config.inboxes))
+        rows = [r for r in rows if r["inbox"] in wanted]
+    if since is not None:
+        rows = [r for r in rows if (r.get("created_at") or 0) >= since]
+    return rows[:limit]
