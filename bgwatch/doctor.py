@@ -372,9 +372,11 @@ def check_numba() -> list[Check]:
     spec = importlib.util.find_spec("pymatting")
     if spec is None or not spec.submodule_search_locations:
         return [Check("numba", "pymatting", Level.OK, "pymatting not installed (nothing to compile)")]
-    places = [Path(p) for p in spec.submodule_search_locations]
+    # numba uses NUMBA_CACHE_DIR alone when it is set (the unit sets it); else the package's __pycache__.
     if os.environ.get("NUMBA_CACHE_DIR"):
-        places.insert(0, Path(os.environ["NUMBA_CACHE_DIR"]))
+        places = [Path(os.environ["NUMBA_CACHE_DIR"])]
+    else:
+        places = [Path(p) for p in spec.submodule_search_locations]
     found = sum(_numba_cache_files(p) for p in places)
     detail: Detail = {"cache_files": found, "searched": os.pathsep.join(str(p) for p in places)}
     if not found:

@@ -240,3 +240,12 @@ def test_run_with_device_cuda_refuses_to_start_without_a_working_gpu(tmp_path: P
     assert proc.returncode == 2, proc.stderr
     assert "device is cuda but torch" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "state" / "bgwatch.db").exists(), "refused before anything started"
+
+
+def test_numba_cache_cold_where_the_service_looks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NUMBA_CACHE_DIR set (as the unit does), a cache warmed elsewhere does not count."""
+    pytest.importorskip("pymatting")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
+    [check] = doctor.check_numba()
+    assert check.level is Level.WARNING and "about a minute" in check.message
+    assert check.detail["searched"] == str(tmp_path / "numba")
