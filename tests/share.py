@@ -342,7 +342,9 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
         others = [p for p in places if p not in ended]
         if len(ended) > 1:
             twice.add(drop.sha256)
-            violations.append(f"{drop.name}: ends {len(ended)} times: {', '.join(rel(p) for p in ended)}")
+            inodes = {(p.stat().st_dev, p.stat().st_ino) for p in ended}
+            how = " (hard links to one file: a link whose unlink never happened)" if len(inodes) == 1 else ""
+            violations.append(f"{drop.name}: ends {len(ended)} times: {', '.join(rel(p) for p in ended)}{how}")
         if not ended:
             if others:
                 stranded.add(drop.sha256)

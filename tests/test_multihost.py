@@ -13,6 +13,7 @@ first on PYTHONPATH. Needs /dev/fuse and bindfs (installed when root); skipped w
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import sqlite3
@@ -340,6 +341,7 @@ def test_the_checker_names_every_kind_of_violation(tmp_path: Path) -> None:
     (share.inbox / names[3]).unlink()  # lost
     (share.inbox / names[4]).rename(done / names[4])  # overwritten by the next one's bytes
     (share.inbox / names[5]).replace(done / names[4])
+    os.link(done / names[0], done / "img-0001-2.png")  # parked twice: a link never unlinked
     (share.inbox / names[6]).rename(failed / names[6])  # failed without its note; a temp output
     (share.outbox / f".{drops[6].stem}.png.h1.x.bgwatch-tmp").write_bytes(b"half")
     db = tmp_path / "h1" / "state" / "bgwatch.db"
@@ -354,10 +356,11 @@ def test_the_checker_names_every_kind_of_violation(tmp_path: Path) -> None:
     text = "\n".join(report.violations)
     print(report.describe())
     assert (report.lost, report.stranded) == (2, 1)  # names[3] gone; names[4] overwritten by names[5]
-    assert report.twice == 2  # names[1] by its -2 output, names[0] by its two 'done' rows
+    assert report.twice == 2  # names[1] by its -2 output, names[0] by its two 'done' rows and two links
     for expected in (f"{names[1]}: processed twice", f"{names[2]}: stranded at inbox/.bgwatch/claimed/h2",
                      f"{names[3]}: lost", f"{names[4]}: lost", "overwritten?", f"{names[6]}: in failed/ without",
                      "a temp file left in the outbox", f"h1: run 3 ({names[2]}) left 'running'",
                      f"{names[0]}: 2 'done' rows", f"h1: {names[1]} recorded 'failed' although it finished",
-                     f"left in the work folder: .bgwatch/claimed/h2/{names[2]}"):
+                     f"left in the work folder: .bgwatch/claimed/h2/{names[2]}",
+                     f"{names[0]}: ends 2 times: inbox/done/img-0001-2.png, inbox/done/img-0001.png (hard links"):
         assert expected in text, expected
