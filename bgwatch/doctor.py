@@ -309,7 +309,8 @@ def check_onnxruntime(device: str, model: Path | None = None) -> list[Check]:
         if "CUDAExecutionProvider" not in in_use:
             return [Check("onnxruntime", dist, Level.ERROR if device == "cuda" else Level.WARNING,
                           f"{dist} {version} lists CUDA but a session on {model.name} got only "
-                          f"{', '.join(in_use)} (CUDA or cuDNN libraries missing?)", detail)]
+                          f"{', '.join(in_use)}: no GPU driver, or CUDA/cuDNN libraries missing (pip install "
+                          f"'{dist}[cuda,cudnn]', or a torch built for the same CUDA)", detail)]
         return [Check("onnxruntime", dist, Level.OK, f"{version}, a session on {model.name} runs on CUDA", detail)]
     return [Check("onnxruntime", dist, Level.OK, f"{version}, providers {', '.join(providers)}", detail)]
 
