@@ -295,12 +295,13 @@ class Custody:
             marker = _read_marker(box)
             files = [p for p, _ in box.files(any_kind=True) if p != (MARKER,) and not _is_temp(p[-1])]
             images = [p for p in files if os.path.splitext(p[-1])[1].lower() in IMAGE_SUFFIXES]
-            disposition = str(marker.get("disposition", "")) if marker else ""
-            output = Path(str(marker["output"])) if marker and marker.get("output") else None
+            marker = marker or {}
+            disposition = str(marker.get("disposition", ""))
+            output = Path(str(marker["output"])) if marker.get("output") else None
             finished = disposition == "failed" or (
                 disposition in DISPOSITIONS and output is not None and _has_bytes(output, str(marker.get("sha256"))))
             parked: Path | None = None
-            reason = str(marker.get("reason", "")) if marker else ""
+            reason = str(marker.get("reason", ""))
             if finished and images:
                 parked = self._park(box, images[0], [p for p in files if p != images[0]], disposition, reason)
             elif not finished:
@@ -402,11 +403,11 @@ class Custody:
         st = folder.lstat(name)
         if st is None:
             return
-        record = {"rel": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sidecars": {}}
         stem = os.path.splitext(name)[0]
-        for entry, est in folder.entries():
-            if os.path.splitext(entry)[1].lower() in SIDECAR_SUFFIXES and os.path.splitext(entry)[0] in (stem, name):
-                record["sidecars"][entry] = [est.st_size, est.st_mtime_ns]  # type: ignore[index]
+        sides = {entry: [est.st_size, est.st_mtime_ns] for entry, est in folder.entries()
+                 if os.path.splitext(entry)[1].lower() in SIDECAR_SUFFIXES
+                 and os.path.splitext(entry)[0] in (stem, name)}
+        record = {"rel": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sidecars": sides}
         with self._work(KEPT, create=True) as kept:
             kept.write_atomic(_kept_key(rel), json.dumps(record).encode(), owner=self.host)
 

@@ -14,6 +14,7 @@ leaving the open jobs for the next start), HUP reloads config.yaml.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import queue
@@ -25,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from loguru import logger
 
@@ -41,6 +43,7 @@ from bgwatch.recovery import recover
 from bgwatch.store import Store
 from bgwatch.text import shown
 
+T = TypeVar("T")
 STATUS_FILE = "status.json"
 STATUS_SECONDS = 2.0
 
@@ -337,7 +340,7 @@ class Daemon:
                 return
             self.progress.busy()
             self.intake.outcomes.put(Started(job.run_id, time.time()))
-            self._guard(job, lambda job=job: self._put(self.device_q, stages.prepare(job, self.config)))
+            self._guard(job, functools.partial(self._prepare, job))
 
     def _device_loop(self) -> None:
         while not self.abort_event.is_set():
@@ -348,7 +351,7 @@ class Daemon:
             except queue.Empty:
                 continue
             self.progress.busy()
-            self._guard(prepared.job, lambda p=prepared: self._put(self.finish_q, stages.infer(p, self.engines)))
+            self._guard(prepared.job, functools.partial(self._infer, prepared))
 
     def _finish_loop(self) -> None:
         while not self.abort_event.is_set():
@@ -359,17 +362,16 @@ class Daemon:
                 continue
             self.progress.busy()
             job = inferred.prepared.job
-            self._guard(job, lambda i=inferred: self._deliver(stages.finish(i)))
+            self._guard(job, functools.partial(self._finish, inferred))
 
-    def _put(self, q: queue.Queue[stages.Prepared] | queue.Queue[stages.Inferred], item: object) -> None:
-        """Hand a result to the next stage; bounded, so a full stage holds this one (backpressure)."""
-        while not self.abort_event.is_set():
-            try:
-                q.put(item, timeout=0.2)  # type: ignore[arg-type]  # each caller passes its queue's type
-                return
-            except queue.Full:
-                continue
-        raise _Aborted
+    def _prepare(self, job: Job) -> None:
+        _put(self.device_q, stages.prepare(job, self.config), self.abort_event)
+
+    def _infer(self, prepared: stages.Prepared) -> None:
+        _put(self.finish_q, stages.infer(prepared, self.engines), self.abort_event)
+
+    def _finish(self, inferred: stages.Inferred) -> None:
+        self._deliver(stages.finish(inferred))
 
     def _site(self, job: Job) -> Site:
         site = self.sites.get(job.inbox)
@@ -461,3 +463,14 @@ class Daemon:
 
 class _Aborted(Exception):
     """The daemon is leaving while a stage waited to hand on its result."""
+
+
+def _put(q: queue.Queue[T], item: T, abort: threading.Event) -> None:
+    """Hand a result to the next stage; bounded, so a full stage holds this one (backpressure)."""
+    while not abort.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+    raise _Aborted

@@ -50,7 +50,7 @@ def _load_renameat2() -> Callable[..., int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]  # ctypes function pointers are untyped
+    return fn  # type: ignore[no-any-return,unused-ignore]  # ctypes function pointers are untyped (Python < 3.11)
 
 
 _renameat2 = _load_renameat2()

@@ -124,14 +124,14 @@ class Store:
     def _migrate(self) -> None:
         with self._lock:
             if "runs" not in self.db.table_names():
-                self.db["runs"].create(RUN_COLUMNS, pk="id", not_null={"key", "status"})
-                self.db["runs"].create_index(["key", "status"])
-                self.db["runs"].create_index(["status"])
+                self.db.table("runs").create(RUN_COLUMNS, pk="id", not_null={"key", "status"})
+                self.db.table("runs").create_index(["key", "status"])
+                self.db.table("runs").create_index(["status"])
             if "backgrounds" not in self.db.table_names():
-                self.db["backgrounds"].create(BACKGROUND_COLUMNS, pk="key")
-                self.db["backgrounds"].create_index(["last_used_at"])
+                self.db.table("backgrounds").create(BACKGROUND_COLUMNS, pk="key")
+                self.db.table("backgrounds").create_index(["last_used_at"])
             if "meta" not in self.db.table_names():
-                self.db["meta"].insert({"name": "schema_version", "value": str(SCHEMA_VERSION)}, pk="name")
+                self.db.table("meta").insert({"name": "schema_version", "value": str(SCHEMA_VERSION)}, pk="name")
 
     def close(self) -> None:
         with self._lock:
@@ -151,7 +151,7 @@ class Store:
 
     def schema_version(self) -> int:
         with self._lock:
-            return int(self.db["meta"].get("schema_version")["value"])
+            return int(self.db.table("meta").get("schema_version")["value"])
 
     # ------------------------------------------------------------------ runs
 
@@ -262,7 +262,7 @@ class Store:
         if unknown:
             raise ValueError(f"unknown background columns: {sorted(unknown)}")
         with self._tx():
-            self.db["backgrounds"].upsert(data, pk="key")
+            self.db.table("backgrounds").upsert(data, pk="key")
 
     def touch_background(self, key: str) -> None:
         with self._tx() as conn:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bgwatch.liveness import Heartbeat
 from bgwatch.daemon import Daemon
+from bgwatch.liveness import Heartbeat
 from bgwatch.samples import write_samples
 from tests.helpers import files_under, make_config
 
