@@ -34,7 +34,7 @@ from bgwatch import safefs
 from bgwatch.config import Config, load_config
 from bgwatch.custody import Custody
 from bgwatch.errors import BgwatchError
-from bgwatch.intake import Intake, Site, Started, fail_job, superseded
+from bgwatch.intake import Intake, Site, Started, fail_job, share_away, superseded
 from bgwatch.jobs import Job, JobState, RunResult
 from bgwatch.liveness import Heartbeat, Liveness, new_epoch
 from bgwatch.pipeline import stages
@@ -388,7 +388,11 @@ class Daemon:
             settled = site.custody.deliver(job.claim, job.run_id, site.inbox.outbox, job.output_rel, finished.data,
                                            site.inbox.on_success)
         except safefs.FolderMissing as exc:
-            site.custody.unclaim(job.claim)
+            try:
+                site.custody.unclaim(job.claim)
+            except OSError:  # the inbox's share is away too
+                self.intake.outcomes.put(share_away(job.run_id))
+                return
             self.intake.outcomes.put(RunResult(
                 job.run_id, JobState.SUPERSEDED,
                 error=f"the outbox is not there ({exc.filename}: share not mounted?); the file went back to the "

@@ -236,6 +236,9 @@ class Intake:
             return None
         if self.watcher is not None:
             self.watcher.forget(path)
+        if inbox.on_success == "keep" and site.custody.is_kept(rel, os.lstat(claim.path)):
+            site.custody.unclaim(claim)  # put back by the host that processed it while this one waited
+            return None
         try:
             return self._record(site, claim, path, sidecar_error)
         except (sqlite3.Error, OSError) as exc:
@@ -459,11 +462,19 @@ def superseded(run_id: int) -> RunResult:
                            "that host processes the file, so this result was dropped")
 
 
+def share_away(run_id: int) -> RunResult:
+    return RunResult(run_id, JobState.SUPERSEDED,
+                     error="the inbox's share went away while this file was processed; it stays claimed on the "
+                           "share, where another host (or this one, when the share is back) takes it again")
+
+
 def fail_job(custody: Custody, claim: Claim, run_id: int, reason: str) -> RunResult:
     """File a failed job's original in failed/ (fenced) and say how the run ended. Never raises OSError:
     a failed/ that cannot be written leaves the original where it is, and says so."""
     try:
         settled = custody.fail(claim, run_id, reason)
+    except safefs.FolderMissing:
+        return share_away(run_id)
     except OSError as exc:
         return RunResult(run_id, JobState.FAILED,
                          error=f"{reason} (and the original could not be moved to failed/: {exc}; it stays in "

@@ -295,7 +295,13 @@ def move_noreplace(src: Folder, src_name: str, dst: Folder, dst_name: str, *, un
                 raise
             _demote(dst, UNIQUE)
         else:
-            os.unlink(src_name, dir_fd=src.fd)
+            try:
+                os.unlink(src_name, dir_fd=src.fd)
+            except FileNotFoundError:
+                # Someone moved the same source at the same moment (they linked it too, and unlinked it
+                # first): the file is theirs to place. Take back our link, so that one name remains.
+                os.unlink(dst_name, dir_fd=dst.fd)
+                raise
             return
     if not unique:
         raise NoReplaceUnsupported(errno.ENOTSUP, "no rename without replace and no hard links here",
