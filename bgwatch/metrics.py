@@ -110,8 +110,9 @@ class Metrics:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         now = self.clock()
-        beats = [t for t in (self._last_heartbeat, self._published_at()) if t is not None]
-        last = max(beats) if beats else None
+        # A daemon that reports heartbeats (from its watchdog, which knows about stalled workers) is judged
+        # by them alone; otherwise by the status it publishes from its main loop.
+        last = self._last_heartbeat if self._last_heartbeat is not None else self._published_at()
         body: dict[str, Any] = {"version": __version__, "uptime_seconds": round(now - self.started_at, 1),
                                 "last_heartbeat_age_seconds": None if last is None else round(now - last, 1)}
         if last is None:
