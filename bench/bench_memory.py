@@ -44,7 +44,7 @@ def synthesise(path: Path, width: int, height: int, seed: int = 3) -> None:
     rng = np.random.default_rng(seed)
     for y in range(0, height, 512):
         strip = big[y : y + 512].astype(np.int16)
-        strip += rng.normal(0, 1.5, strip.shape[:2] + (1,)).astype(np.int16)
+        strip += rng.normal(0, 1.5, (*strip.shape[:2], 1)).astype(np.int16)
         big[y : y + 512] = np.clip(strip, 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), big[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -52,14 +52,13 @@ def synthesise(path: Path, width: int, height: int, seed: int = 3) -> None:
 
 def child(path: Path, mode: str, engine: str, out: Path) -> None:
     """One job, in this (fresh) process; prints a JSON line with its peak RSS."""
+    import cv2  # noqa: F401
     import numpy as np  # noqa: F401
+    import PIL.PngImagePlugin  # noqa: F401
 
     from bgwatch.config import Config
     from bgwatch.jobs import Job, JobSpec, MaskSpec
-    from bgwatch.pipeline import cleanup, classical, composite, imageio, masking, stages  # noqa: F401
-
-    import cv2  # noqa: F401
-    import PIL.PngImagePlugin  # noqa: F401
+    from bgwatch.pipeline import classical, cleanup, composite, imageio, masking, stages  # noqa: F401
 
     base = _rss_now()
     spec = JobSpec(operation="cleanup", mode=mode, mask=MaskSpec(engine=engine))

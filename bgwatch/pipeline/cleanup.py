@@ -72,7 +72,7 @@ def cleanup(rgb: np.ndarray, alpha: np.ndarray, spec: JobSpec) -> np.ndarray:
         for y0, y1 in strips(h, w):
             np.multiply(rgb[y0:y1], near[y0:y1, :, None], out=out[y0:y1, :, :3])
         ys, xs, colours = foreground_points(rgb, alpha, near)
-        keep = near[ys, xs]
+        keep = near[ys, xs] > 0
         out[ys[keep], xs[keep], :3] = colours[keep]
         return out
     ys, xs, colours = foreground_points(rgb, alpha, None)
@@ -124,7 +124,7 @@ def foreground_points(rgb: np.ndarray, alpha: np.ndarray,
             left, right = min(left, int(cols[0])), max(right, int(cols[-1]))
         wanted = present & (a < 1.0)
         if near is not None:
-            wanted |= near[y0:y1] & ~present
+            wanted |= (near[y0:y1] > 0) & ~present
         ys, xs = np.nonzero(wanted)
         found.append((ys + y0, xs))
     if bottom < 0:
@@ -170,14 +170,14 @@ def _colour_fields(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int,
                    radius: float) -> tuple[np.ndarray, np.ndarray, int]:
     """The backdrop's and the subject's colours spread over the box (see _spread), computed at 1/step of
     the full resolution: the fields are smooth (radius >= 4 px), so they are made where the radius is
-    still 4-8 field pixels and sampled bilinearly. Weighted colours are averaged down premultiplied, strip
+    still 2-8 field pixels and sampled bilinearly. Weighted colours are averaged down premultiplied, strip
     by strip, so no colour leaks across the mask's edge and no full-size float copy is made."""
     y0, y1, x0, x1 = box
     bh, bw = y1 - y0, x1 - x0
     step = 1
     if radius >= 4.0 and min(bh, bw) >= 64:
         step = 2
-        while radius / (step * 2) >= 4.0 and min(bh, bw) // (step * 2) >= 32:
+        while radius / (step * 2) >= 4.0:  # a thin frame may end up one field pixel tall: still right
             step *= 2
     sh, sw = -(-bh // step), -(-bw // step)
     bg_sum = np.zeros((sh, sw, 3), np.float32)
@@ -332,8 +332,14 @@ def _spread(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
 
 
 def _near_subject(a8: np.ndarray) -> np.ndarray:
+    """uint8 HxW: 1 within a few pixels (a square's reach) of any pixel with a8 > 0, else 0. A square,
+    because OpenCV dilates by a rectangle in a time that does not grow with its size (a disc's does)."""
     import cv2
 
-    radius = max(2, max(a8.shape) // 256)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return cv2.dilate((a8 > 0).astype(np.uint8), kernel) > 0
+    h, w = a8.shape
+    radius = max(2, max(h, w) // 256)
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * radius + 1, 2 * radius + 1))
+    present = np.empty((h, w), np.uint8)
+    for y0, y1 in strips(h, w):
+        np.greater(a8[y0:y1], 0, out=present[y0:y1].view(bool))
+    return cv2.dilate(present, kernel, dst=present)

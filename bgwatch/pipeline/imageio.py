@@ -141,7 +141,7 @@ def encode(image: np.ndarray, output: OutputSpec) -> bytes:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"encode needs HxWx3 or HxWx4 uint8, got {image.shape} {image.dtype}")
     image = np.ascontiguousarray(image)
-    if image.shape[2] == 4 and bool((image[..., 3] == 255).all()):
+    if image.shape[2] == 4 and _opaque(image):
         image = np.ascontiguousarray(image[..., :3])  # opaque after all: no alpha channel to store
     has_alpha = image.shape[2] == 4
     if fmt in ("jpg", "jpeg") and has_alpha:
@@ -149,7 +149,11 @@ def encode(image: np.ndarray, output: OutputSpec) -> bytes:
             "spec", "output.format", "jpg cannot store transparency and this result has transparent pixels",
             "png or webp for a transparent result, or jpg with mode soften or color (an opaque result)",
         )
-    pil = Image.fromarray(image, "RGBA" if has_alpha else "RGB")
+    height, width = image.shape[:2]
+    if has_alpha:  # Pillow reads RGBA in place: no second copy of a big result
+        pil = Image.frombuffer("RGBA", (width, height), image, "raw", "RGBA", 0, 1)
+    else:
+        pil = Image.fromarray(image, "RGB")
     buffer = io.BytesIO()
     icc = _srgb_bytes()
     if fmt == "png":
@@ -163,6 +167,12 @@ def encode(image: np.ndarray, output: OutputSpec) -> bytes:
         subsampling = 0 if output.quality >= 90 else 2  # 4:4:4 keeps product edges crisp at high quality
         pil.save(buffer, "JPEG", quality=int(output.quality), subsampling=subsampling, icc_profile=icc)
     return buffer.getvalue()
+
+
+def _opaque(image: np.ndarray) -> bool:
+    height, width = image.shape[:2]
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    return all(bool((image[y : y + rows, :, 3] == 255).all()) for y in range(0, height, rows))
 
 
 def output_extension(output: OutputSpec) -> str:
@@ -230,7 +240,7 @@ def _content_format(head: bytes) -> str:
 # What a refused file most likely is, by its first bytes (for the message only: nothing here is decoded).
 _KNOWN_MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"%!PS", 0, "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", 0, "EPS"), (b"%PDF", 0, "PDF"),
-    (b"GIF8", 0, "GIF"), (b"BM", 0, "BMP"), (b"\x00\x00\x01\x00", 0, "ICO"), (b"\x00\x00\x02\x00", 0, "CUR"),
+    (b"GIF8", 0, "GIF"), (b"BM", 0, "BMP"), (b"\x00\x00\x01\x00", 0, "ICO"),
     (b"DDS ", 0, "DDS"), (b"8BPS", 0, "Photoshop PSD"), (b"\x01\xda", 0, "SGI"), (b"\x0a", 0, "PCX"),
     (b"Image type", 0, "IM"), (b"qoif", 0, "QOI"), (b"icns", 0, "ICNS"), (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"),
     (b"\xff\x4f\xff\x51", 0, "JPEG 2000"), (b"II+\x00", 0, "BigTIFF"), (b"MM\x00+", 0, "BigTIFF"),

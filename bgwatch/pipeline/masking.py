@@ -20,9 +20,13 @@ from loguru import logger
 
 from bgwatch.errors import EngineError
 from bgwatch.jobs import MaskSpec
+from bgwatch.pipeline.tiles import strips
 
 # rembg session names that are not a model one can name (they need a path, or prompts).
 _REMBG_NON_MODELS = frozenset({"u2net_custom", "dis_custom", "ben_custom", "sam"})
+# rembg models work at 320-1024 px; they are given the image at most this size (and alpha matting runs
+# at it), and their mask is scaled up once: memory follows the output, not the model's pre-processing.
+REMBG_WORK_SIDE = 2048
 
 
 class MaskEngine(Protocol):
@@ -158,10 +162,20 @@ class RembgMaskEngine:
         return RembgMaskEngine(self.model, self.device, alpha_matting=alpha_matting, session=self._session)
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """The model sees the image at most REMBG_WORK_SIDE pixels on its long side (it works at 320 to
+        1024 px itself); its mask is scaled to full resolution once, from uint8."""
+        import cv2
         from PIL import Image
         from rembg import remove
 
-        image = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
+        height, width = rgb.shape[:2]
+        scale = min(1.0, REMBG_WORK_SIDE / max(height, width, 1))
+        small = np.ascontiguousarray(rgb[..., :3])
+        if scale < 1.0:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
+        image = Image.fromarray(small)
+        del small
         try:
             if self.alpha_matting:
                 cutout = remove(image, session=self._session, alpha_matting=True)
@@ -170,10 +184,14 @@ class RembgMaskEngine:
                 alpha = np.asarray(remove(image, session=self._session, only_mask=True))
         except Exception as exc:
             raise EngineError("rembg", f"model {self.model} failed on this image: {exc}") from exc
-        if alpha.shape != rgb.shape[:2]:
+        if alpha.shape != (image.height, image.width):
             raise EngineError("rembg", f"model {self.model} returned a {alpha.shape} mask for an image of "
-                              f"{rgb.shape[:2]}")
-        return alpha.astype(np.float32) / 255.0
+                              f"{(image.height, image.width)}")
+        if scale < 1.0:
+            alpha = cv2.resize(np.ascontiguousarray(alpha), (width, height), interpolation=cv2.INTER_LINEAR)
+        out = alpha.astype(np.float32)
+        out *= np.float32(1 / 255)
+        return out
 
 
 def _rembg_model_names() -> list[str]:
@@ -316,32 +334,66 @@ def unload_mask_engines() -> None:
 
 
 def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
-    """Clean a raw alpha: specks removed, small holes filled, edges kept soft (never grown: no halo)."""
+    """Clean a raw alpha (float in [0, 1], or uint8 0..255) into float32 HxW in [0, 1]: specks removed,
+    small holes filled, edges kept soft (never grown: no halo). Full-size work is in uint8 planes and one
+    int32 label plane at a time; the soft edge is blurred in strips of rows."""
     import cv2
 
-    alpha = np.clip(np.nan_to_num(alpha.astype(np.float32, copy=False)), 0.0, 1.0)
+    if alpha.dtype == np.uint8:
+        solid = (alpha > 127).astype(np.uint8)
+    else:
+        alpha = np.clip(np.nan_to_num(alpha.astype(np.float32, copy=False)), 0.0, 1.0)
+        solid = (alpha > 0.5).astype(np.uint8)
     if not post_process or alpha.size == 0:
-        return alpha
+        return _as_float(alpha)
     h, w = alpha.shape
-    solid = (alpha > 0.5).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(solid, connectivity=8)
-    if n <= 1:
-        return np.zeros_like(alpha) if alpha.max() <= 0.5 else alpha
+    if n <= 1:  # nothing over one half: no subject
+        return np.zeros((h, w), np.float32)
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = np.zeros(n, bool)
     # A speck is small both for the frame and next to the subject; a second product is not a speck.
     keep[1:] = (areas >= 0.002 * h * w) | (areas >= 0.05 * areas.max())
     kept = keep[labels]
-    holes = _small_holes(kept, max_area=0.0002 * h * w)
-    kept |= holes
+    del labels, solid
+    kept |= _small_holes(kept, max_area=0.0002 * h * w)
     radius = max(2, round(min(h, w) / 400))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    k8 = kept.astype(np.uint8)
-    band = (cv2.dilate(k8, kernel) > 0) & ~(cv2.erode(k8, kernel) > 0)
+    k8 = kept.view(np.uint8)
+    band = cv2.dilate(k8, kernel)
+    np.subtract(band, cv2.erode(k8, kernel), out=band)  # 1 on the outline's band, 0 elsewhere
     out = kept.astype(np.float32)
+    del kept, k8
     # Near the outline keep the engine's own soft values, lightly smoothed so stair steps don't show.
-    soft = cv2.GaussianBlur(alpha, (0, 0), max(0.6, min(h, w) / 1600))
-    out[band] = soft[band]
+    sigma = max(0.6, min(h, w) / 1600)
+    pad = int(4 * sigma) + 2
+    for y0, y1 in strips(h, w):
+        rows = band[y0:y1].astype(bool)
+        if not rows.any():
+            continue
+        p0, p1 = max(y0 - pad, 0), min(y1 + pad, h)
+        soft = cv2.GaussianBlur(_as_float(alpha[p0:p1]), (0, 0), sigma)[y0 - p0 : y1 - p0]
+        out[y0:y1][rows] = soft[rows]
+    return out
+
+
+def _as_float(alpha: np.ndarray) -> np.ndarray:
+    if alpha.dtype == np.uint8:
+        return alpha.astype(np.float32) * np.float32(1 / 255)
+    return alpha.astype(np.float32, copy=False)
+
+
+def to_alpha8(alpha: np.ndarray) -> np.ndarray:
+    """A float alpha in [0, 1] (NaN as 0) as uint8 0..255, rounded; converted in strips of rows."""
+    if alpha.dtype == np.uint8:
+        return alpha
+    h, w = alpha.shape
+    out = np.empty((h, w), np.uint8)
+    for y0, y1 in strips(h, w):
+        rows = np.nan_to_num(alpha[y0:y1].astype(np.float32))
+        rows *= 255.0
+        np.round(rows, out=rows)
+        out[y0:y1] = np.clip(rows, 0, 255)
     return out
 
 

@@ -36,7 +36,7 @@ class Prepared:
 @dataclass(frozen=True, slots=True)
 class Inferred:
     prepared: Prepared
-    alpha: np.ndarray  # float32 HxW in [0, 1], raw from the mask engine
+    alpha: np.ndarray  # uint8 HxW (0..255), raw from the mask engine (a quarter of float32's memory)
     backdrop: np.ndarray | None  # HxWx3 uint8 for replace, None for cleanup
     mask_engine: str
     bg_engine: str
@@ -147,7 +147,11 @@ def infer(prepared: Prepared, engines: Engines) -> Inferred:
     spec = prepared.job.spec
     timings = dict(prepared.timings)
     start = time.perf_counter()
-    alpha, mask_label = engines.mask(prepared.image.rgb, spec)
+    from bgwatch.pipeline.masking import to_alpha8
+
+    raw, mask_label = engines.mask(prepared.image.rgb, spec)
+    alpha = to_alpha8(raw)
+    del raw
     _timed(timings, "mask", start)
     backdrop = None
     bg_label = ""
@@ -177,12 +181,16 @@ def finish(inferred: Inferred) -> Finished:
     alpha = masking.refine_mask(inferred.alpha, post_process=spec.mask.post_process)
     if image.alpha is not None:
         # A cut-out dropped in keeps its own transparency: the subject is at most what it already was.
-        alpha = alpha * (image.alpha.astype("float32") / 255.0)
+        if not alpha.flags.writeable or alpha is inferred.alpha:
+            alpha = alpha.copy()
+        alpha *= image.alpha
+        alpha *= 1 / 255
     if spec.operation == "replace":
         assert inferred.backdrop is not None
         result = composite.composite(image.rgb, alpha, inferred.backdrop, spec)
     else:
         result = cleanup.cleanup(image.rgb, alpha, spec)
+    del alpha  # freed before the encoder makes its own copy
     _timed(timings, "composite", start)
     start = time.perf_counter()
     data = imageio.encode(result, spec.output)

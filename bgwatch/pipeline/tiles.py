@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-STRIP_PIXELS = 1 << 21  # pixels per strip of full-resolution float work (~2 MP: 24 MB as float32 RGB)
-POINT_CHUNK = 1 << 20  # pixels per chunk when values are computed for a list of pixels
+STRIP_PIXELS = 1 << 20  # pixels per strip of full-resolution float work (~1 MP: 12 MB as float32 RGB)
+POINT_CHUNK = 1 << 18  # pixels per chunk when values are computed for a list of pixels
 
 
 def strips(height: int, width: int, pixels: int = STRIP_PIXELS, multiple: int = 1) -> Iterator[tuple[int, int]]:

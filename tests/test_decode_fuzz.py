@@ -1,0 +1,199 @@
+"""The decoder against hostile and broken files: an allow-list by content and extension, one-line
+InputErrors for everything else, and a fuzzed corpus of mutated JPEG/PNG/WebP/TIFF files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from bgwatch.errors import InputError
+from bgwatch.pipeline.imageio import decode, decode_bytes, probe_size
+
+MAX = 100_000_000
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif"}
+
+
+def _encoded(fmt: str, size: tuple[int, int] = (24, 16), mode: str = "RGB", **params: object) -> bytes:
+    rng = np.random.default_rng(len(fmt) + size[0])
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _corpus() -> list[tuple[str, bytes]]:
+    """Small valid files of each allowed format, in the variants a studio meets."""
+    return [
+        ("JPEG", _encoded("JPEG", quality=80)),
+        ("JPEG", _encoded("JPEG", progressive=True)),
+        ("JPEG", _encoded("JPEG", mode="L")),
+        ("PNG", _encoded("PNG")),
+        ("PNG", _encoded("PNG", mode="RGBA")),
+        ("PNG", _encoded("PNG", mode="L")),
+        ("WEBP", _encoded("WEBP", quality=70)),
+        ("WEBP", _encoded("WEBP", mode="RGBA", lossless=True)),
+        ("TIFF", _encoded("TIFF")),
+        ("TIFF", _encoded("TIFF", compression="tiff_deflate")),
+        ("TIFF", _encoded("TIFF", mode="RGBA", compression="tiff_lzw")),
+    ]
+
+
+CORPUS = _corpus()
+
+
+def _assert_one_line_input_error(call: object, path: Path) -> None:
+    try:
+        call()  # type: ignore[operator]
+    except InputError as exc:
+        text = str(exc)
+        assert "\n" not in text and "\r" not in text, text
+        assert text.startswith(path.name), text
+    # Any other exception fails the test by propagating: it would have been a dead worker.
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    index=st.integers(0, len(CORPUS) - 1),
+    cut=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 7)), max_size=8),
+    splice=st.one_of(st.none(), st.tuples(st.floats(0.0, 1.0), st.binary(min_size=1, max_size=16))),
+    header_from=st.one_of(st.none(), st.integers(0, len(CORPUS) - 1)),
+)
+def test_mutated_files_fail_only_with_one_line_input_errors(
+    tmp_path: Path, index: int, cut: float | None, flips: list[tuple[float, int]],
+    splice: tuple[float, bytes] | None, header_from: int | None,
+) -> None:
+    fmt, original = CORPUS[index]
+    data = bytearray(original)
+    if header_from is not None:  # another format's (or variant's) header on this body
+        other = CORPUS[header_from][1]
+        data[:16] = other[:16]
+    for where, bit in flips:
+        data[min(int(where * len(data)), len(data) - 1)] ^= 1 << bit
+    if splice is not None:
+        at = int(splice[0] * len(data))
+        data[at : at + len(splice[1])] = splice[1]
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    path = tmp_path / f"fuzz{EXTENSIONS[fmt]}"
+    path.write_bytes(bytes(data))
+    _assert_one_line_input_error(lambda: decode(path, max_pixels=MAX), path)
+    _assert_one_line_input_error(lambda: probe_size(path), path)
+    _assert_one_line_input_error(lambda: decode_bytes(bytes(data), name="download", max_pixels=MAX),
+                                 Path("download"))
+
+
+@pytest.mark.parametrize(("fmt", "data"), CORPUS)
+def test_every_allowed_format_decodes(tmp_path: Path, fmt: str, data: bytes) -> None:
+    path = tmp_path / f"ok{EXTENSIONS[fmt]}"
+    path.write_bytes(data)
+    image = decode(path, max_pixels=MAX)
+    assert image.rgb.shape == (16, 24, 3) and image.rgb.dtype == np.uint8 and image.rgb.flags.writeable
+    assert image.source_format == fmt
+
+
+def _eps() -> bytes:
+    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+            b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def _pillow(fmt: str, size: tuple[int, int] = (16, 16), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+REFUSED = [
+    ("eps.jpg", _eps(), "PostScript"),
+    ("eps.png", _eps(), "PostScript"),
+    ("icon.png", _pillow("ICO"), "ICO"),
+    ("icon.jpg", _pillow("ICO"), "ICO"),
+    ("texture.png", _pillow("DDS", mode="RGBA"), "DDS"),
+    ("paint.jpg", _pillow("PCX"), "PCX"),
+    ("frame.png", _pillow("IM"), "IM"),
+    ("pixmap.png", _pillow("PPM"), "Netpbm"),
+    ("targa.png", _pillow("TGA"), "no format"),
+    ("silicon.jpg", _pillow("SGI"), "SGI"),
+    ("old.jpg", _pillow("BMP"), "BMP"),
+    ("anim.png", _pillow("GIF"), "GIF"),
+    ("doc.jpg", b"%PDF-1.7\n1 0 obj\n", "PDF"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "found"), REFUSED)
+def test_other_formats_are_refused_by_content(tmp_path: Path, name: str, data: bytes, found: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    for call in (lambda: decode(path, max_pixels=MAX), lambda: probe_size(path)):
+        with pytest.raises(InputError) as caught:
+            call()
+        text = str(caught.value)
+        assert text.startswith(name) and found in text and "allowed: JPEG" in text and "\n" not in text
+
+
+def test_ghostscript_is_never_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from PIL import EpsImagePlugin
+
+    started: list[object] = []
+    monkeypatch.setattr(subprocess, "check_call", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs", raising=False)
+    path = tmp_path / "vector.jpg"
+    path.write_bytes(_eps())
+    with pytest.raises(InputError, match="PostScript"):
+        decode(path, max_pixels=MAX)
+    assert started == []
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "says"),
+    [("photo.jpg", "PNG", "the name says JPEG"), ("photo.png", "JPEG", "the name says PNG"),
+     ("photo.webp", "TIFF", "the name says WebP"), ("photo.tiff", "WEBP", "the name says TIFF"),
+     ("photo.bmp", "PNG", "the extension .bmp is not one bgwatch reads"),
+     ("photo", "JPEG", "the extension (none)")],
+)
+def test_extension_must_match_the_content(tmp_path: Path, name: str, fmt: str, says: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(_pillow(fmt))
+    with pytest.raises(InputError) as caught:
+        decode(path, max_pixels=MAX)
+    text = str(caught.value)
+    assert says in text and "rename it to" in text and "\n" not in text
+
+
+def test_upper_case_and_long_extensions_are_the_same_format(tmp_path: Path) -> None:
+    for name, fmt in (("A.JPG", "JPEG"), ("b.jpeg", "JPEG"), ("c.TIF", "TIFF"), ("d.tiff", "TIFF")):
+        path = tmp_path / name
+        path.write_bytes(_pillow(fmt))
+        assert decode(path, max_pixels=MAX).width == 16
+
+
+def test_downloads_are_checked_by_content_and_pixel_limit() -> None:
+    with pytest.raises(InputError, match="PostScript"):
+        decode_bytes(_eps(), name="download", max_pixels=MAX)
+    with pytest.raises(InputError, match="max_pixels"):
+        decode_bytes(_pillow("PNG", (100, 100)), name="download", max_pixels=9_999)
+    with pytest.raises(InputError, match="no data"):
+        decode_bytes(b"", name="download", max_pixels=MAX)
+    assert decode_bytes(_pillow("WEBP"), name="download", max_pixels=MAX).rgb.shape == (16, 16, 3)
+
+
+def test_no_process_wide_pillow_setting_at_import() -> None:
+    import subprocess
+    import sys
+
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
+            "import bgwatch.pipeline.imageio, bgwatch.pipeline.stages, bgwatch.pipeline.backgrounds; "
+            "print(before is not None and Image.MAX_IMAGE_PIXELS == before)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"  # Pillow's bomb guard stays on

@@ -1,0 +1,157 @@
+"""Memory bounded by pixels: images past OpenCV's 32767-pixel limits, one job's peak RSS per pixel, and
+the pixel limit on every decode (backdrops, downloads)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bgwatch.errors import EngineError, InputError
+from bgwatch.jobs import JobSpec
+from bgwatch.pipeline.cleanup import cleanup
+from bgwatch.pipeline.masking import refine_mask, to_alpha8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wide_shot(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A long product (a rail, a ribbon) across a very wide frame, with a soft edge."""
+    import cv2
+
+    alpha = np.zeros((height, width), np.float32)
+    alpha[height // 4 : 3 * height // 4, 1000 : width - 1000] = 1.0
+    alpha = cv2.GaussianBlur(alpha, (0, 0), 1.5)
+    mixed = alpha[..., None] * np.array([40, 90, 160], np.float32) + (1 - alpha[..., None]) * 235
+    return np.round(mixed).astype(np.uint8), alpha
+
+
+@pytest.mark.parametrize("mode", ["transparent", "color", "soften"])
+def test_images_wider_than_shrt_max_are_cleaned(mode: str) -> None:
+    """cv2.remap refused maps and images over 32767 px a side (edge colours of a 10000x10000 or a
+    40000-px-wide image failed with '(-215) ... SHRT_MAX in function remap'); nothing uses it now."""
+    rgb, alpha = _wide_shot(64, 70_000)
+    out = cleanup(rgb, refine_mask(to_alpha8(alpha), post_process=True), JobSpec(mode=mode))
+    assert out.shape == (64, 70_000, 4 if mode == "transparent" else 3)
+    assert tuple(out[32, 35_000, :3]) == (40, 90, 160)  # the subject is untouched
+    if mode == "transparent":
+        assert out[2, 35_000, 3] == 0 and out[32, 35_000, 3] == 255
+        edge = out[15:17, 35_000]  # the soft edge has the subject's colour, not a mix with the white
+        assert 0 < int(edge[0, 3]) < 255 and 0 < int(edge[1, 3]) < 255
+        assert np.abs(edge[:, :3].astype(int) - (40, 90, 160)).max() <= 12
+    else:
+        assert abs(int(out[2, 35_000, 0]) - 235) < 40  # the background is a backdrop, not the subject
+
+
+def test_a_thin_image_past_shrt_max_goes_through_the_classical_engine() -> None:
+    from bgwatch.pipeline.masking import ClassicalMaskEngine
+
+    rgb, _ = _wide_shot(40, 40_000)
+    try:
+        alpha = ClassicalMaskEngine().predict(rgb)
+    except EngineError:
+        return  # refusing a frame it cannot read is fine; crashing in OpenCV is not
+    assert alpha.shape == (40, 40_000) and alpha.dtype == np.float32
+
+
+def test_mask_between_stages_is_uint8_and_refines_like_float() -> None:
+    rng = np.random.default_rng(1)
+    raw = np.clip(rng.random((120, 160)).astype(np.float32) * 0.2, 0, 1)
+    raw[30:90, 40:120] = 0.9
+    a8 = to_alpha8(raw)
+    assert a8.dtype == np.uint8 and int(a8[50, 60]) == round(0.9 * 255)
+    assert np.abs(refine_mask(a8, post_process=True) - refine_mask(raw, post_process=True)).max() <= 1 / 255 + 1e-6
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    import cv2, numpy as np
+    from bgwatch.config import Config
+    from bgwatch.jobs import Job, JobSpec, MaskSpec
+    from bgwatch.pipeline import classical, cleanup, imageio, masking, stages
+    import PIL.PngImagePlugin
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    path = Path(sys.argv[1])
+    spec = JobSpec(operation="cleanup", mode=sys.argv[2], mask=MaskSpec(engine="classical"))
+    job = Job(run_id=1, inbox="t", rel_path=path.name, source=path, spec=spec, input_sha256="", key="")
+    config = Config()
+    stages.run_all(job, config, stages.Engines(config, None))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"base": base, "peak": peak}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["transparent", "color"])
+def test_one_cleanup_job_stays_within_bytes_per_pixel(tmp_path: Path, mode: str) -> None:
+    """One 12 MP studio shot through decode, classical mask, refine, cleanup and PNG encode, in a fresh
+    process: its memory above the imports stays under 25 bytes a pixel (it was ~90 before)."""
+    import cv2
+
+    from bgwatch.samples import studio_shot
+
+    width, height = 4200, 2800
+    small = studio_shot(4, (1050, 700), "white_sweep").rgb
+    big = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    path = tmp_path / "studio.jpg"
+    Image.fromarray(big).save(path, quality=90)
+    del big
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(path), mode], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    usage = json.loads(done.stdout.strip().splitlines()[-1])
+    per_pixel = (usage["peak"] - usage["base"]) / (width * height)
+    assert per_pixel <= 25, f"{per_pixel:.1f} bytes a pixel above the imports"
+
+
+# ---------------------------------------------------------------- the pixel limit on every decode
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_backdrop_images_are_decoded_under_the_pixel_limit(tmp_path: Path) -> None:
+    from bgwatch.pipeline.backgrounds import load_backdrop
+
+    path = tmp_path / "oak.png"
+    path.write_bytes(_png(200, 100))
+    with pytest.raises(InputError) as caught:
+        load_backdrop(path, max_pixels=19_999)
+    assert "200x100" in str(caught.value) and "max_pixels" in str(caught.value)
+    assert load_backdrop(path, max_pixels=20_000).shape == (100, 200, 3)
+
+
+def test_backdrop_images_are_checked_by_content(tmp_path: Path) -> None:
+    from bgwatch.pipeline.backgrounds import load_backdrop
+
+    path = tmp_path / "oak.jpg"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    with pytest.raises(InputError, match="PostScript"):
+        load_backdrop(path, max_pixels=10**8)
+
+
+def test_downloaded_runway_images_are_decoded_under_the_pixel_limit() -> None:
+    from bgwatch.config import Config, Limits
+    from bgwatch.pipeline import runway
+
+    engine = runway.RunwayEngine(Config(limits=Limits(max_pixels=19_999)))
+    with pytest.raises(EngineError) as caught:
+        runway._decode(_png(200, 100), engine.max_pixels)
+    assert "200x100" in str(caught.value) and "max_pixels" in str(caught.value)
+    assert runway._decode(_png(200, 100), 20_000).shape == (100, 200, 3)
+    with pytest.raises(EngineError, match="PostScript"):
+        runway._decode(b"%!PS-Adobe-3.0\n", 10**8)
