@@ -328,6 +328,10 @@ class Custody:
         with self.root() as root:
             where: tuple[str, ...] = {"move": (DONE_DIR,), "failed": (FAILED_DIR,), "keep": ()}[disposition]
             with box.sub(*rel_dir) as src, root.sub(*where, *rel_dir, create=True) as dst:
+                if disposition == "keep":
+                    # Recorded before the original reappears (a rename keeps size and mtime): a host that
+                    # sees it back in the inbox knows at once that it was processed.
+                    self._remember_kept(src, "/".join(image), image[-1])
                 name = safefs.move_to_free_name(src, image[-1], dst, image[-1], unique_tag=self._tag())
                 if name is None:
                     return None
@@ -338,7 +342,7 @@ class Custody:
                 parked = self.inbox.joinpath(*where, *rel_dir, name)
                 if disposition == "failed":
                     dst.write_atomic(name + ERROR_NOTE, error_note(name, reason).encode(), owner=self.host)
-                if disposition == "keep":
+                if disposition == "keep" and name != image[-1]:  # the name was taken meanwhile: numbered
                     self._remember_kept(dst, "/".join((*rel_dir, name)), name)
         return parked
 
