@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             metrics.run_finished(result.state.value, report.inbox_of(config, result), engine, result.timings)
 
     daemon = Daemon(config, once=args.once,
-                    on_result=finished if progress is not None or metrics is not None else None)
+                    on_result=finished if progress is not None or metrics is not None else None, metrics=metrics)
     daemon.install_signal_handlers()
     try:
         code = daemon.run()

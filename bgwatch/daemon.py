@@ -26,14 +26,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from loguru import logger
 
 from bgwatch import safefs
 from bgwatch.config import Config, load_config
 from bgwatch.custody import Custody
-from bgwatch.errors import BgwatchError
+from bgwatch.errors import BgwatchError, ConfigError
 from bgwatch.intake import Intake, Site, Started, fail_job, share_away, superseded
 from bgwatch.jobs import Job, JobState, RunResult
 from bgwatch.liveness import Heartbeat, Liveness, new_epoch
@@ -42,6 +42,9 @@ from bgwatch.ratelimit import TokenBucket
 from bgwatch.recovery import recover
 from bgwatch.store import Store
 from bgwatch.text import shown
+
+if TYPE_CHECKING:
+    from bgwatch.metrics import Metrics
 
 T = TypeVar("T")
 STATUS_FILE = "status.json"
@@ -57,6 +60,7 @@ def sd_notify(message: str) -> None:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)  # a receiver that does not read must not hold the daemon
             sock.connect(address)
             sock.sendall(message.encode())
     except OSError as exc:
@@ -74,9 +78,8 @@ class InstanceLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._fd)
-            raise BgwatchError(
-                f"another bgwatch is already running with state folder {state_dir} (lock {self.path})"
-            ) from None
+            raise ConfigError(state_dir, "state_dir",
+                              f"another bgwatch is already running with this state folder (lock {self.path})") from None
         os.ftruncate(self._fd, 0)
         os.write(self._fd, str(os.getpid()).encode())
 
@@ -124,8 +127,9 @@ class Daemon:
     """One bgwatch process. `run()` blocks until stopped (or, with once=True, until the inboxes are empty)."""
 
     def __init__(self, config: Config, *, once: bool = False,
-                 on_result: Callable[[RunResult], None] | None = None) -> None:
+                 on_result: Callable[[RunResult], None] | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.once = once
         self.epoch = new_epoch()
         self.stop_event = threading.Event()  # stop taking work; drain
@@ -146,6 +150,9 @@ class Daemon:
         self.threads: list[threading.Thread] = []
         self._config_mtime = self._mtime(config.source)
         self._last_heartbeat = time.monotonic()
+        self._next_watchdog = 0.0
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        self._watchdog_every = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else 5.0
 
     @property
     def results(self) -> deque[RunResult]:
@@ -279,7 +286,12 @@ class Daemon:
             return
         if heartbeat_age > max(3 * self._heartbeat_interval(), 30.0):
             return
-        sd_notify("WATCHDOG=1")
+        if self.metrics is not None:
+            self.metrics.heartbeat()
+        now = time.monotonic()
+        if now >= self._next_watchdog:  # at half systemd's WatchdogSec, as sd_watchdog_enabled(3) advises
+            self._next_watchdog = now + self._watchdog_every
+            sd_notify("WATCHDOG=1")
 
     def _publish_status(self) -> None:
         """state_dir/status.json for `bgwatch status`, and systemd's STATUS line."""
@@ -292,6 +304,10 @@ class Daemon:
         inflight = len(self.intake.inflight)
         status = {"pid": os.getpid(), "host": self.config.host, "epoch": self.epoch, "updated_at": time.time(),
                   "in_flight": inflight, "waiting": len(self.intake.pending), "inboxes": inboxes}
+        if self.metrics is not None:
+            for stage, depth in (("prepare", self.prepare_q.qsize()), ("device", self.device_q.qsize()),
+                                 ("finish", self.finish_q.qsize())):
+                self.metrics.queue_depth(stage, depth)
         try:
             safefs.write_file_atomic(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=1).encode())
         except OSError as exc:
