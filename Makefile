@@ -20,10 +20,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check bgwatch tests bench
+	$(PY) -m mypy bgwatch
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check bgwatch tests bench
+	$(PY) -m mypy bgwatch
 
 bench: $(STAMP)
 	$(PY) bench/bench_cleanup.py
