@@ -245,7 +245,7 @@ class Custody:
                     marker = {"rel": claim.rel, "output": str(output), "sha256": safefs.sha256_at(out_dir, output.name),
                               "disposition": disposition, "run_id": run_id}
                     box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)
-                    return self.settle(self.host, token)
+                    return self._settle_own(token, marker)
                 tmp = safefs.temp_name(output.name, self.host)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                              dir_fd=out_dir.fd)
@@ -268,7 +268,7 @@ class Custody:
                     raise
                 out_dir.fsync()
             crash_point("delivered")
-        return self.settle(self.host, token)
+        return self._settle_own(token, marker)
 
     def fail(self, claim: Claim, run_id: int, reason: str) -> Settled | None:
         """File the original (and sidecar) in failed/ with NAME.error.txt, fenced. None: superseded."""
@@ -279,7 +279,19 @@ class Custody:
         with box:
             marker = {"rel": claim.rel, "disposition": "failed", "reason": reason, "run_id": run_id}
             box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)
-        return self.settle(self.host, token)
+        return self._settle_own(token, marker)
+
+    def _settle_own(self, token: str, marker: dict[str, object]) -> Settled:
+        """Park the original of this host's finished delivery. The marker is written, so the outcome is
+        decided: if the parking fails (done/ or failed/ unusable, the share gone), the original waits in
+        its delivering folder, filed at the next start (or by another host), and the run says so."""
+        try:
+            return self.settle(self.host, token)
+        except OSError as exc:
+            output = marker.get("output")
+            return Settled(token, True, str(marker["disposition"]), Path(str(output)) if output else None, None,
+                           f"the original could not be filed ({exc.strerror or exc}: {exc.filename}); it waits in "
+                           f"{WORK_DIR}/{DELIVERING}/{self.host}/{token}/ and is filed at the next start")
 
     def _drop_box(self, token: str, host: str | None = None) -> None:
         with contextlib.suppress(OSError), self._work(DELIVERING, host or self.host, create=False) as base:
@@ -341,7 +353,7 @@ class Custody:
                                                  unique_tag=self._tag())
                 parked = self.inbox.joinpath(*where, *rel_dir, name)
                 if disposition == "failed":
-                    dst.write_atomic(name + ERROR_NOTE, error_note(name, reason).encode(), owner=self.host)
+                    dst.write_atomic(note_name(name), error_note(name, reason).encode(), owner=self.host)
                 if disposition == "keep" and name != image[-1]:  # the name was taken meanwhile: numbered
                     self._remember_kept(dst, "/".join((*rel_dir, name)), name)
         return parked
@@ -460,7 +472,7 @@ class Custody:
                 if ext.lower() in SIDECAR_SUFFIXES and side_stem in (stem, src_parts[-1]) and stat.S_ISREG(est.st_mode):
                     safefs.move_to_free_name(src, entry, dst, _sidecar_name_for(entry, src_parts[-1], got),
                                              unique_tag=self._tag())
-            src.unlink(src_parts[-1] + ERROR_NOTE)
+            src.unlink(note_name(src_parts[-1]))
         return "/".join((*parts[:-1], got))
 
     def park_unclaimed(self, rel: str, where: str, reason: str = "") -> Path | None:
@@ -471,7 +483,7 @@ class Custody:
             if got is None:
                 return None
             if where == FAILED_DIR:
-                dst.write_atomic(got + ERROR_NOTE, error_note(got, reason).encode(), owner=self.host)
+                dst.write_atomic(note_name(got), error_note(got, reason).encode(), owner=self.host)
         return self.inbox.joinpath(where, *parts[:-1], got)
 
     def _tag(self) -> str:
@@ -516,6 +528,12 @@ def _has_bytes(path: Path, sha256: str) -> bool:
         return safefs.sha256_file(path) == sha256
     except OSError:
         return False
+
+
+def note_name(name: str) -> str:
+    """NAME.error.txt beside a failed original; for a name near the filesystem's limit, its stem is
+    shortened so that the note can always be written."""
+    return safefs.fit_name(name, ERROR_NOTE)
 
 
 def error_note(name: str, reason: str) -> str:

@@ -417,9 +417,12 @@ class Daemon:
         if settled is None:
             self.intake.outcomes.put(superseded(job.run_id))
             return
+        if settled.reason:
+            logger.error("{}: output written; {}", shown(job.rel_path), settled.reason)
         self.intake.outcomes.put(RunResult(
-            job.run_id, JobState.DONE, site.inbox.outbox / job.output_rel, mask_engine=finished.mask_engine,
-            bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings, parked=settled.parked))
+            job.run_id, JobState.DONE, site.inbox.outbox / job.output_rel, error=settled.reason,
+            mask_engine=finished.mask_engine, bg_engine=finished.bg_engine, seed=finished.seed,
+            timings=finished.timings, parked=settled.parked))
 
     def _guard(self, job: Job, work: Callable[[], None]) -> None:
         """Run one stage of a job; whatever goes wrong fails that job only, and the daemon carries on."""

@@ -481,4 +481,5 @@ def fail_job(custody: Custody, claim: Claim, run_id: int, reason: str) -> RunRes
                                f"{custody.inbox / '.bgwatch'} until the next start)")
     if settled is None:
         return superseded(run_id)
-    return RunResult(run_id, JobState.FAILED, error=reason, parked=settled.parked)
+    return RunResult(run_id, JobState.FAILED, error=f"{reason} ({settled.reason})" if settled.reason else reason,
+                     parked=settled.parked)

@@ -95,7 +95,7 @@ FIELDS: tuple[Field, ...] = (
           5.0, minimum=0, maximum=20),
     Field("seed", "seed", "sdxl, runway: generation seed; null draws one per run and records it", 42,
           minimum=0, maximum=SEED_MAX),
-    Field("background_image", "path", "replace engine image: the backdrop file", "backdrops/oak.jpg"),
+    Field("background_image", "path", "replace engine image: the backdrop file", "_assets/oak.jpg"),
     Field("background_fit", "choice", "replace engine image: fill and crop, or show it whole", "contain",
           choices=("cover", "contain")),
     Field("match_colors", "flag", "replace: shift the subject's colours toward the new light", False),

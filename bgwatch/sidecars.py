@@ -18,7 +18,9 @@ SIDECAR_SUFFIXES = frozenset({".yaml", ".yml"})
 def find_sidecar(image: Path) -> Path | None:
     """photo.yaml, photo.yml, photo.jpg.yaml or photo.jpg.yml beside the image; two of them: SpecError."""
     image = Path(image)
-    names = [base + s for base in (image.stem, image.name) for s in (".yaml", ".yml")]
+    # A name past the filesystem's limit cannot exist (and stat() would raise ENAMETOOLONG).
+    names = [n for n in (base + s for base in (image.stem, image.name) for s in (".yaml", ".yml"))
+             if len(os.fsencode(n)) <= 255]
     found = [image.with_name(n) for n in names if _is_file_or_link(image.with_name(n))]
     if len(found) > 1:
         listed = " and ".join(str(p) for p in found)

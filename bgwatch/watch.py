@@ -48,7 +48,10 @@ from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES
 from bgwatch.stability import StabilityTracker
 
 RULES_FILE_NAMES = frozenset({".bgwatch.yaml"})  # rules.FOLDER_FILE
-WORK_FOLDERS = frozenset({"done", "failed", ".bgwatch"})  # bgwatch's own, at the inbox root only
+# bgwatch's own, at the inbox root only; `_assets/` holds backdrops and other files that rules and sidecars
+# name (`background_image: _assets/oak.jpg`): never taken as input.
+ASSETS_DIR = "_assets"
+WORK_FOLDERS = frozenset({"done", "failed", ".bgwatch", ASSETS_DIR})
 
 FileKind = Literal["image", "sidecar", "rules"]
 

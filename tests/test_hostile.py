@@ -57,3 +57,47 @@ def test_symlinked_work_folders_are_refused(tmp_path: Path) -> None:
     os.symlink(outside, inbox / ".bgwatch" / "heartbeats")
     assert not Heartbeat(inbox, "ws1", "e1", 10).beat()
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+
+
+def test_assets_are_never_taken_as_input(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox = config.inboxes[0].path
+    backdrop = write_samples(inbox / "_assets", 1, size=(120, 90), seed=82)[0]
+    write_samples(inbox, 1, size=(120, 90), seed=83)
+    assert Daemon(config, once=True).run() == 0
+    assert backdrop.exists() and len(files_under(config.inboxes[0].outbox)) == 1
+
+
+def test_names_not_utf8_near_the_limit_or_with_control_characters_are_processed(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox = config.inboxes[0].path
+    [sample] = write_samples(tmp_path / "src", 1, size=(120, 90), seed=84)
+    odd = [os.fsencode(inbox) + b"/caf\xe9.jpg", os.fsencode(inbox) + b"/evil\x1b[2J\nname.jpg",
+           os.fsencode(inbox) + b"/" + b"x" * 247 + b".jpg"]
+    for name in odd:
+        with open(name, "wb") as handle:
+            handle.write(sample.read_bytes())
+    with open(os.fsencode(inbox) + b"/" + b"y" * 247 + b".jpg", "wb") as handle:
+        handle.write(b"not an image at all")
+    assert Daemon(config, once=True).run() == 1  # the broken one fails; the others are done
+    done = sorted(os.listdir(os.fsencode(inbox / "done")))
+    assert done == sorted(os.path.basename(n) for n in odd)
+    failed = sorted(os.listdir(os.fsencode(inbox / "failed")))
+    assert len(failed) == 2 and any(f.endswith(b".error.txt") for f in failed), "the note fits the name limit"
+    assert len(files_under(config.inboxes[0].outbox)) == 3
+    assert Daemon(config, once=True).run() == 0, "and the daemon starts again"
+
+
+def test_a_file_named_done_at_the_inbox_root_never_stops_the_daemon(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox = config.inboxes[0].path
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / "done").write_text("someone's notes, not a folder")
+    write_samples(inbox, 1, size=(120, 90), seed=85)
+    Daemon(config, once=True).run()
+    assert (inbox / "done").read_text() == "someone's notes, not a folder"
+    assert not files_under(inbox / ".bgwatch" / "claimed")
+    Daemon(config, once=True).run()  # starts again; the original waits where bgwatch left it
+    (inbox / "done").unlink()
+    assert Daemon(config, once=True).run() == 0
+    assert len(files_under(inbox / "done")) == 1 and len(files_under(config.inboxes[0].outbox)) == 1
