@@ -76,9 +76,9 @@ class BackgroundRequest:
         # an engine ignores (a colour for sdxl, steps for runway) never misses the cache.
         if engine in GENERATIVE_ENGINES:
             chosen = seed if seed is not None else spec.seed if spec.seed is not None else draw_seed()
-            common = dict(prompt=spec.prompt, seed=chosen, seed_drawn=spec.seed is None)
+            base = replace(base, prompt=spec.prompt, seed=chosen, seed_drawn=spec.seed is None)
             if engine == "runway":  # Runway takes a prompt, a ratio and a seed
-                return replace(base, model=spec.model or DEFAULT_RUNWAY_MODEL, **common)
+                return replace(base, model=spec.model or DEFAULT_RUNWAY_MODEL)
             return replace(
                 base,
                 model=spec.model or DEFAULT_SDXL_MODEL,
@@ -86,7 +86,6 @@ class BackgroundRequest:
                 steps=spec.steps,
                 guidance_scale=float(spec.guidance_scale),
                 scheduler=config.sdxl.scheduler if config is not None else "",
-                **common,
             )
         if engine == "color":
             return replace(base, color=spec.background_color)
@@ -156,7 +155,8 @@ def _engine_class(name: str) -> type:
     if name not in BACKGROUND_ENGINES:
         raise EngineError(name, f"unknown background engine (known: {', '.join(BACKGROUND_ENGINES)})")
     module_name, _, attr = BACKGROUND_ENGINES[name].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    cls: type = getattr(importlib.import_module(module_name), attr)
+    return cls
 
 
 def load_background_engine(name: str, config: Config) -> BackgroundEngine:
@@ -217,8 +217,8 @@ def fit_contain(image: np.ndarray, width: int, height: int) -> np.ndarray:
     inset = int(2 * seam)
     weight = np.zeros((height, width), np.float32)
     weight[y + inset : y + sh - inset, x + inset : x + sw - inset] = 1.0
-    weight = cv2.GaussianBlur(weight, (0, 0), seam)[..., None]
-    return np.clip(np.rint(sharp * weight + canvas * (1.0 - weight)), 0, 255).astype(np.uint8)
+    blend = np.asarray(cv2.GaussianBlur(weight, (0, 0), seam))[..., None]
+    return np.asarray(np.clip(np.rint(sharp * blend + canvas * (1.0 - blend)), 0, 255), np.uint8)
 
 
 # ---------------------------------------------------------------- plain engines
@@ -275,7 +275,7 @@ class GradientEngine:
         rng = np.random.default_rng(0)
         dither = rng.random((h, w, 1), np.float32) - rng.random((h, w, 1), np.float32)
         out = start + (end - start) * t[..., None] + dither
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return np.asarray(np.clip(np.rint(out), 0, 255), np.uint8)
 
 
 class ImageEngine:

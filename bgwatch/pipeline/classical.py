@@ -198,7 +198,7 @@ def _hysteresis(diff: np.ndarray, low: float, high: float) -> np.ndarray:
     keep = np.zeros(n, bool)
     keep[np.unique(labels[diff > high])] = True
     keep[0] = False
-    return keep[labels]
+    return np.asarray(keep[labels])
 
 
 def _close_small_gaps(subject: np.ndarray, diff: np.ndarray, low: float) -> np.ndarray:
@@ -220,7 +220,7 @@ def _close_small_gaps(subject: np.ndarray, diff: np.ndarray, low: float) -> np.n
         enclosed = float(subject[y0:y1, x0:x1][ring].mean()) if ring.any() else 0.0
         if enclosed > 0.6 and float(diff[y0:y1, x0:x1][part].mean()) > 0.5 * low:
             out[y0:y1, x0:x1] |= part
-    return out
+    return np.asarray(out)
 
 
 def _fill_between(subject: np.ndarray, raw: np.ndarray, low: float) -> np.ndarray:
@@ -243,7 +243,7 @@ def _fill_between(subject: np.ndarray, raw: np.ndarray, low: float) -> np.ndarra
         fill = sums / np.maximum(counts, 1) > low
         fill[0] = False
         out[y : y + hh, x : x + ww] |= fill[gaps]
-    return out
+    return np.asarray(out)
 
 
 def _keep_subjects(subject: np.ndarray) -> np.ndarray:
@@ -255,7 +255,7 @@ def _keep_subjects(subject: np.ndarray) -> np.ndarray:
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = np.zeros(n, bool)
     keep[1:] = (areas >= 0.08 * areas.max()) & (areas >= 0.0005 * subject.size)
-    return keep[labels]
+    return np.asarray(keep[labels])
 
 
 def _fill_holes(subject: np.ndarray, diff: np.ndarray, low: float) -> np.ndarray:
@@ -269,7 +269,7 @@ def _fill_holes(subject: np.ndarray, diff: np.ndarray, low: float) -> np.ndarray
     enclosed = (x > 0) & (y > 0) & (x + ww < w) & (y + hh < h)
     fill = enclosed & ((area < 0.0002 * subject.size) | (sums / np.maximum(area, 1) > 0.5 * low))
     fill[0] = False
-    return subject | fill[labels]
+    return np.asarray(subject | fill[labels])
 
 
 def _grabcut(small: np.ndarray, subject: np.ndarray, shadow: np.ndarray) -> np.ndarray:
@@ -297,7 +297,7 @@ def _grabcut(small: np.ndarray, subject: np.ndarray, shadow: np.ndarray) -> np.n
         return subject
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     try:
-        cv2.grabCut(np.ascontiguousarray(small[y0:y1, x0:x1, ::-1]), crop, None, bgd, fgd, 2,
+        cv2.grabCut(np.ascontiguousarray(small[y0:y1, x0:x1, ::-1]), crop, (0, 0, 0, 0), bgd, fgd, 2,
                     cv2.GC_INIT_WITH_MASK)
     except cv2.error:  # degenerate colour models (a flat crop): keep the threshold's answer
         return subject
@@ -320,4 +320,4 @@ def _guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) 
     cov = box(guide * src) - mean_i * mean_p
     a = cov / (var_i + eps)
     b = mean_p - a * mean_i
-    return box(a) * guide + box(b)
+    return np.asarray(box(a) * guide + box(b))

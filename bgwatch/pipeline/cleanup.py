@@ -100,7 +100,7 @@ def _alpha_rows(alpha: np.ndarray, y0: int, y1: int) -> np.ndarray:
     """Rows y0:y1 of a float [0, 1] or uint8 alpha as a fresh float32 array in [0, 1]."""
     rows = alpha[y0:y1]
     if rows.dtype == np.uint8:
-        return rows.astype(np.float32) * np.float32(1 / 255)
+        return np.asarray(rows.astype(np.float32) * np.float32(1 / 255))
     out = rows.astype(np.float32)  # a copy: callers scale it in place
     return np.clip(out, 0.0, 1.0, out=out)
 
@@ -162,8 +162,8 @@ def foreground_points(rgb: np.ndarray, alpha: np.ndarray,
 def _alpha_points(alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     values = alpha[ys, xs]
     if values.dtype == np.uint8:
-        return values.astype(np.float32) * np.float32(1 / 255)
-    return np.clip(values.astype(np.float32), 0.0, 1.0)
+        return np.asarray(values.astype(np.float32) * np.float32(1 / 255))
+    return np.asarray(np.clip(values.astype(np.float32), 0.0, 1.0))
 
 
 def _colour_fields(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int, int],
@@ -270,7 +270,7 @@ def enhance_foreground(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         enhanced += base
         np.round(enhanced, out=enhanced)
         out[y0 + s0 : y0 + s1, x0:x1] = np.clip(enhanced, 0, 255)
-    return out
+    return np.asarray(out)
 
 
 def denoise(rgb: np.ndarray) -> np.ndarray:

@@ -183,7 +183,7 @@ def light_wrap(fg: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, sigma: f
     small = cv2.resize(backdrop, (max(1, w // k), max(1, h // k)), interpolation=cv2.INTER_AREA)
     glow = cv2.GaussianBlur(small, (0, 0), sigma / k, borderType=cv2.BORDER_REPLICATE)
     glow = cv2.resize(glow, (w, h), interpolation=cv2.INTER_LINEAR)
-    return fg + rim * (glow - fg)
+    return np.asarray(fg + rim * (glow - fg))
 
 
 # ---------------------------------------------------------------- 5. contact shadow

@@ -381,6 +381,7 @@ def _pixels(im: Image.Image) -> np.ndarray:
 
 def _high_bit_to_l(im: Image.Image) -> Image.Image:
     data = np.asarray(im)
+    scaled: np.ndarray
     if im.mode == "F":
         top = 1.0 if float(np.nanmax(data, initial=0.0)) <= 1.0 else 255.0
         scaled = np.round(np.nan_to_num(data / top * 255.0))
@@ -388,7 +389,7 @@ def _high_bit_to_l(im: Image.Image) -> Image.Image:
         scaled = data  # an "I" image that only holds 8-bit values
     else:
         # 16-bit range to 8-bit in integers: (v + 128) // 257 rounds like v / 257, with no float copies
-        scaled = (data.astype(np.uint32) + 128) // 257
+        scaled = np.asarray((data.astype(np.uint32) + 128) // 257)
     return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
 
 

@@ -319,7 +319,8 @@ def load_mask_engine(spec: MaskSpec, device: str) -> MaskEngine:
             _engines[key] = engine
     if isinstance(engine, RembgMaskEngine) and engine.alpha_matting != spec.alpha_matting:
         return engine.with_alpha_matting(spec.alpha_matting)
-    return engine
+    loaded: MaskEngine = engine
+    return loaded
 
 
 def unload_mask_engines() -> None:
@@ -374,13 +375,13 @@ def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
         p0, p1 = max(y0 - pad, 0), min(y1 + pad, h)
         soft = cv2.GaussianBlur(_as_float(alpha[p0:p1]), (0, 0), sigma)[y0 - p0 : y1 - p0]
         out[y0:y1][rows] = soft[rows]
-    return out
+    return np.asarray(out)
 
 
 def _as_float(alpha: np.ndarray) -> np.ndarray:
     if alpha.dtype == np.uint8:
-        return alpha.astype(np.float32) * np.float32(1 / 255)
-    return alpha.astype(np.float32, copy=False)
+        return np.asarray(alpha.astype(np.float32) * np.float32(1 / 255))
+    return np.asarray(alpha, np.float32)
 
 
 def to_alpha8(alpha: np.ndarray) -> np.ndarray:
@@ -405,7 +406,7 @@ def _small_holes(solid: np.ndarray, max_area: float) -> np.ndarray:
     x, y, ww, hh, area = (stats[:, i] for i in range(5))
     inner = (x > 0) & (y > 0) & (x + ww < w) & (y + hh < h) & (area <= max_area)
     inner[0] = False
-    return inner[labels]
+    return np.asarray(inner[labels])
 
 
 def studio_mask(rgb: np.ndarray) -> np.ndarray:

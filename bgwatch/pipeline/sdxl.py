@@ -291,7 +291,7 @@ def _from_pretrained(model: str, dtype: Any, *, fp16_variant: bool) -> Any:
             )
         variant = "fp16" if fp16_variant and _has_fp16_variant(folder) else None
         try:
-            return StableDiffusionXLPipeline.from_pretrained(
+            return StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
                 str(folder), dtype=dtype, variant=variant, local_files_only=True
             )
         except (OSError, ValueError) as exc:
@@ -303,7 +303,7 @@ def _from_pretrained(model: str, dtype: Any, *, fp16_variant: bool) -> Any:
     last: BaseException | None = None
     for extra in attempts:
         try:
-            return StableDiffusionXLPipeline.from_pretrained(
+            return StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
                 model, dtype=dtype, local_files_only=False, **extra
             )
         except (OSError, ValueError) as exc:  # huggingface_hub's errors are OSError/ValueError subclasses

@@ -45,7 +45,7 @@ def upsample_window(field: np.ndarray, full: tuple[int, int], window: tuple[int,
     rows = rows_a + (field[iy1] - rows_a) * wy
     left = rows[:, ix0]
     left += (rows[:, ix1] - left) * wx
-    return left
+    return np.asarray(left, np.float32)
 
 
 def sample_points(field: np.ndarray, ys: np.ndarray, xs: np.ndarray, sx: float, sy: float) -> np.ndarray:
@@ -57,7 +57,7 @@ def sample_points(field: np.ndarray, ys: np.ndarray, xs: np.ndarray, sx: float, 
     wy, wx = wy[:, None], wx[:, None]
     top = field[y0, x0] + (field[y0, x1] - field[y0, x0]) * wx
     bottom = field[y1, x0] + (field[y1, x1] - field[y1, x0]) * wx
-    return (top + (bottom - top) * wy).astype(np.float32, copy=False)
+    return np.asarray(top + (bottom - top) * wy, np.float32)
 
 
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
@@ -71,4 +71,4 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
         spec = ((0, ph), (0, pw)) + ((0, 0),) * (image.ndim - 2)
         image = np.pad(image, spec, mode="edge")
     shape = (image.shape[0] // factor, factor, image.shape[1] // factor, factor, *image.shape[2:])
-    return image.reshape(shape).mean(axis=(1, 3), dtype=np.float32)
+    return np.asarray(image.reshape(shape).mean(axis=(1, 3), dtype=np.float32))
