@@ -212,6 +212,7 @@ class Daemon:
         lock = InstanceLock(self.config.state_dir)
         clean = False
         try:
+            self.store.check()
             self._make_outboxes()
             self._beat()  # before anything: a host back from a long stop must not look dead
             for job in recover(self.intake, self.config.host):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from bgwatch.errors import ConfigError
 from bgwatch.jobs import JobState
 from bgwatch.text import shown
 
@@ -103,8 +104,15 @@ BACKGROUND_COLUMNS: dict[str, type] = {
 }
 
 
+def damaged(path: Path, problem: object) -> ConfigError:
+    return ConfigError(path, "state_dir", f"the state database is damaged ({problem}); move it aside "
+                       f"(mv {path.name} {path.name}.damaged) and start again: bgwatch makes a new one, and the "
+                       "files on the shares are unaffected. Keep state_dir on local disk: SQLite is damaged "
+                       "by network filesystems")
+
+
 class Store:
-    """The runs and backgrounds tables; the clock is injected so leases can be tested."""
+    """The runs and backgrounds tables; the clock is injected so runs can be timed in tests."""
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         import sqlite_utils
@@ -115,11 +123,27 @@ class Store:
         self._lock = threading.RLock()
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
                                isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self.db = sqlite_utils.Database(conn)
-        self.db.enable_wal()
-        conn.execute("PRAGMA synchronous = NORMAL")
-        self._migrate()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self.db = sqlite_utils.Database(conn)
+            self.db.enable_wal()
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise damaged(path, exc) from None
+
+    def check(self) -> None:
+        """PRAGMA quick_check: a damaged database is refused at start with what to do, not a traceback."""
+        try:
+            with self._lock:
+                result = self.db.conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from None
+        if result != "ok":
+            raise damaged(self.path, result)
 
     def _migrate(self) -> None:
         with self._lock:

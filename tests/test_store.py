@@ -82,3 +82,14 @@ def test_backgrounds_lru_order_and_total(tmp_path: Path) -> None:
     assert store.get_background("a")["hits"] == 1
     store.delete_background("b")
     assert store.get_background("b") is None
+
+
+def test_a_damaged_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    import pytest
+
+    from bgwatch.errors import ConfigError
+
+    path = tmp_path / "bgwatch.db"
+    path.write_bytes(b"not a database" * 500)
+    with pytest.raises(ConfigError, match="damaged .*mv bgwatch.db bgwatch.db.damaged"):
+        Store(path)
