@@ -60,10 +60,20 @@ def child(path: Path, mode: str, engine: str, out: Path) -> None:
     from bgwatch.jobs import Job, JobSpec, MaskSpec
     from bgwatch.pipeline import classical, cleanup, composite, imageio, masking, stages  # noqa: F401
 
+    mask = MaskSpec(engine=engine)
+    if engine == "rembg-tiny":  # rembg's real session code with the tests' tiny ONNX net (no download)
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tinymodels import build_tiny_onnx
+
+        home = out.parent / "u2net_home"
+        os.environ["U2NET_HOME"] = str(home)
+        build_tiny_onnx(home)
+        mask = MaskSpec(engine="rembg", model="tiny.onnx")
+        masking.load_mask_engine(mask, "cpu")  # the model's own memory belongs to the base, not the job
     base = _rss_now()
-    spec = JobSpec(operation="cleanup", mode=mode, mask=MaskSpec(engine=engine))
+    spec = JobSpec(operation="cleanup", mode=mode, mask=mask)
     job = Job(run_id=1, inbox="bench", rel_path=path.name, source=path, spec=spec, input_sha256="", key="")
-    config = Config()
+    config = Config(device="cpu")
     start = time.perf_counter()
     finished = stages.run_all(job, config, stages.Engines(config, None))
     seconds = time.perf_counter() - start
@@ -92,7 +102,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sizes", default="6,25,100", help="megapixels, from: " + ", ".join(map(str, SIZES)))
     parser.add_argument("--modes", default="transparent", help="comma-separated cleanup modes")
-    parser.add_argument("--engine", default="classical", help="mask engine (classical; rembg needs weights)")
+    parser.add_argument("--engine", default="classical",
+                        help="mask engine: classical, rembg-tiny (the tests' tiny ONNX net through rembg)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "memory")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

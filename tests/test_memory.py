@@ -155,3 +155,18 @@ def test_downloaded_runway_images_are_decoded_under_the_pixel_limit() -> None:
     assert runway._decode(_png(200, 100), 20_000).shape == (100, 200, 3)
     with pytest.raises(EngineError, match="PostScript"):
         runway._decode(b"%!PS-Adobe-3.0\n", 10**8)
+
+
+def test_a_job_that_could_never_fit_the_memory_budget_fails_before_decoding() -> None:
+    from bgwatch.jobs import MaskSpec
+    from bgwatch.pipeline.stages import DEFAULT_MAX_MEMORY, check_job_memory, job_memory
+
+    cleanup_100mp = job_memory(10_000, 10_000, JobSpec(operation="cleanup"))
+    assert cleanup_100mp <= 2.5e9  # the goal: 25 bytes a pixel
+    assert job_memory(10_000, 10_000, JobSpec(operation="replace", engine="color")) > cleanup_100mp
+    assert job_memory(1000, 1000, JobSpec(mask=MaskSpec(alpha_matting=True))) > job_memory(1000, 1000, JobSpec())
+    check_job_memory(10_000, 10_000, JobSpec(operation="cleanup"), max_memory=DEFAULT_MAX_MEMORY)
+    with pytest.raises(InputError) as caught:
+        check_job_memory(10_000, 10_000, JobSpec(), max_memory=2**30, source="big.jpg")
+    text = str(caught.value)
+    assert text.startswith("big.jpg") and "limits.max_memory" in text and "10000x10000" in text

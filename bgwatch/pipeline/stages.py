@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bgwatch.errors import EngineError
+from bgwatch.errors import EngineError, InputError
 from bgwatch.jobs import Job, JobSpec
 
 if TYPE_CHECKING:
@@ -56,11 +57,43 @@ class Finished:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+# Peak working set of one job above the process's own footprint, in bytes a pixel of the input, measured
+# by bench/bench_memory.py (cleanup: 14-19 with the classical or a rembg engine; replace: ~100, its
+# compositing still works on full-size float planes), rounded up. limits.max_memory is checked with it.
+JOB_BYTES_PER_PIXEL = {"cleanup": 24, "replace": 110}
+DENOISE_BYTES_PER_PIXEL = 8  # LAB copy, the denoised lightness and the result
+MATTING_BYTES = 2 * 2**30  # rembg alpha matting runs at <= REMBG_WORK_SIDE px a side: a fixed cost
+DEFAULT_MAX_MEMORY = 12 * 2**30  # the daemon passes limits.max_memory; 12 GiB admits a 100 MP replace
+
+
+def job_memory(width: int, height: int, spec: JobSpec) -> int:
+    """Estimated peak bytes one job on a width x height input needs, above the daemon's own memory."""
+    per_pixel = JOB_BYTES_PER_PIXEL.get(spec.operation, max(JOB_BYTES_PER_PIXEL.values()))
+    if spec.denoise:
+        per_pixel += DENOISE_BYTES_PER_PIXEL
+    fixed = MATTING_BYTES if spec.mask.alpha_matting else 0
+    return per_pixel * width * height + fixed
+
+
+def check_job_memory(width: int, height: int, spec: JobSpec, *, max_memory: int = DEFAULT_MAX_MEMORY,
+                     source: str | Path = "input image") -> None:
+    """InputError when one job on this input could never fit in `max_memory` bytes (limits.max_memory)."""
+    need = job_memory(width, height, spec)
+    if need > max_memory:
+        raise InputError(
+            source, f"{width}x{height} ({width * height / 1e6:.0f} MP) needs about {need / 2**30:.1f} GiB for "
+            f"{spec.operation}, more than limits.max_memory ({max_memory / 2**30:.1f} GiB); scale it down, or "
+            "raise limits.max_memory in config.yaml"
+        )
+
+
 def _timed(timings: dict[str, float], name: str, start: float) -> None:
     timings[name] = round(time.perf_counter() - start, 4)
 
 
-def prepare(job: Job, config: Config) -> Prepared:
+def prepare(job: Job, config: Config, *, max_memory: int = DEFAULT_MAX_MEMORY) -> Prepared:
+    """Decode the job's image (pixel limit from config; `max_memory` is limits.max_memory in bytes): an
+    input whose job could never fit in that memory fails here, before a pixel is decoded."""
     from bgwatch.pipeline import backgrounds, imageio
 
     timings: dict[str, float] = {}
@@ -68,6 +101,7 @@ def prepare(job: Job, config: Config) -> Prepared:
     width, height = imageio.probe_size(job.source)
     if job.spec.operation == "replace":
         backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
+    check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
     image = imageio.decode(job.source, max_pixels=config.limits.max_pixels)
     _timed(timings, "prepare", start)
     return Prepared(job=job, image=image, timings=timings)
@@ -201,9 +235,10 @@ def finish(inferred: Inferred) -> Finished:
 
 
 def run_all(job: Job, config: Config, engines: Engines,
-            before_device: Callable[[], None] | None = None) -> Finished:
+            before_device: Callable[[], None] | None = None, *,
+            max_memory: int = DEFAULT_MAX_MEMORY) -> Finished:
     """The three stages in a row (for `bgwatch process` and tests)."""
-    prepared = prepare(job, config)
+    prepared = prepare(job, config, max_memory=max_memory)
     if before_device is not None:
         before_device()
     return finish(infer(prepared, engines))
