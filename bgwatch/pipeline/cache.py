@@ -86,20 +86,25 @@ class BackgroundCache:
     # ------------------------------------------------------------ files and rows
 
     def _read(self, key: str, request: BackgroundRequest) -> np.ndarray | None:
-        import cv2
+        from bgwatch.errors import InputError
+        from bgwatch.pipeline.imageio import decode
 
         row = self.store.get_background(key)
         if row is None:
             return None
         path = Path(row["path"])
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
-        if bgr is None or bgr.shape[:2] != (request.height, request.width):
+        rgb: np.ndarray | None = None
+        if path.is_file():
+            # bgwatch's one decoder, with the request's own size as the pixel limit.
+            with contextlib.suppress(InputError):
+                rgb = decode(path, max_pixels=request.width * request.height).rgb
+        if rgb is None or rgb.shape[:2] != (request.height, request.width):
             logger.warning("cache: background {} is missing or unreadable; generating it again", key[:12])
             self.store.delete_background(key)
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
-        return np.ascontiguousarray(bgr[:, :, ::-1])
+        return rgb
 
     def _write(self, key: str, request: BackgroundRequest, image: np.ndarray) -> None:
         import cv2
