@@ -36,7 +36,7 @@ from loguru import logger
 
 from bgwatch import safefs
 from bgwatch.safefs import Folder
-from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES
+from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.text import shown
 
 WORK_DIR = ".bgwatch"
@@ -60,7 +60,7 @@ def check_host(host: str) -> str:
 def is_user_file(name: str) -> bool:
     """Only images and sidecars are ever moved back into an inbox (never whatever a link led to)."""
     suffix = os.path.splitext(name)[1].lower()
-    return suffix in IMAGE_SUFFIXES or suffix in SIDECAR_SUFFIXES
+    return suffix in IMAGE_SUFFIXES or suffix in SIDECAR_SUFFIXES or suffix in UNREADABLE_IMAGE_SUFFIXES
 
 
 def _parts(rel: str | PurePosixPath) -> tuple[str, ...]:
@@ -94,8 +94,9 @@ class Settled:
     finished: bool
     disposition: str  # move | delete | keep | failed, or "" when returned
     output: Path | None
-    parked: Path | None  # where the original is now ("" for delete)
-    reason: str = ""
+    parked: Path | None  # where the original is now (None: deleted, or it could not be filed)
+    reason: str = ""  # why it failed (disposition "failed")
+    problem: str = ""  # the output is written but the original could not be filed: why
 
 
 def crash_point(name: str) -> None:
@@ -290,6 +291,7 @@ class Custody:
         except OSError as exc:
             output = marker.get("output")
             return Settled(token, True, str(marker["disposition"]), Path(str(output)) if output else None, None,
+                           str(marker.get("reason", "")),
                            f"the original could not be filed ({exc.strerror or exc}: {exc.filename}); it waits in "
                            f"{WORK_DIR}/{DELIVERING}/{self.host}/{token}/ and is filed at the next start")
 
@@ -306,7 +308,7 @@ class Custody:
         with self._work(DELIVERING, host, token, create=False) as box:
             marker = _read_marker(box)
             files = [p for p, _ in box.files(any_kind=True) if p != (MARKER,) and not _is_temp(p[-1])]
-            images = [p for p in files if os.path.splitext(p[-1])[1].lower() in IMAGE_SUFFIXES]
+            images = [p for p in files if os.path.splitext(p[-1])[1].lower() not in SIDECAR_SUFFIXES]
             marker = marker or {}
             disposition = str(marker.get("disposition", ""))
             output = Path(str(marker["output"])) if marker.get("output") else None

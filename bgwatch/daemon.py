@@ -254,7 +254,16 @@ class Daemon:
                 for site in self.sites.values():
                     site.heartbeat.remove()
             lock.release()
-        return 1 if self.once and self.failures else 0
+        return 1 if self.once and (self.failures or self.left_behind()) else 0
+
+    def left_behind(self) -> int:
+        """Inputs `--once` leaves in the inboxes (not files bgwatch reads, or waiting for a share): said once
+        each in the log; a script sees exit 1."""
+        left = len(self.intake.watcher.left()) if self.intake.watcher is not None else 0
+        left += len(self.intake.pending)
+        if left:
+            logger.warning("{} file(s) left in the inboxes, not processed (see the warnings above)", left)
+        return left
 
     def _make_outboxes(self) -> None:
         """Outboxes are the operator's folders, made at start when missing (inboxes never are). One that
@@ -304,7 +313,8 @@ class Daemon:
             for s in watcher.status()]
         inflight = len(self.intake.inflight)
         status = {"pid": os.getpid(), "host": self.config.host, "epoch": self.epoch, "updated_at": time.time(),
-                  "in_flight": inflight, "waiting": len(self.intake.pending), "inboxes": inboxes}
+                  "in_flight": inflight, "waiting": len(self.intake.pending),
+                  "left": len(watcher.left()) if watcher is not None else 0, "inboxes": inboxes}
         if self.metrics is not None:
             for stage, depth in (("prepare", self.prepare_q.qsize()), ("device", self.device_q.qsize()),
                                  ("finish", self.finish_q.qsize())):
@@ -418,10 +428,10 @@ class Daemon:
         if settled is None:
             self.intake.outcomes.put(superseded(job.run_id))
             return
-        if settled.reason:
-            logger.error("{}: output written; {}", shown(job.rel_path), settled.reason)
+        if settled.problem:
+            logger.error("{}: output written; {}", shown(job.rel_path), settled.problem)
         self.intake.outcomes.put(RunResult(
-            job.run_id, JobState.DONE, site.inbox.outbox / job.output_rel, error=settled.reason,
+            job.run_id, JobState.DONE, site.inbox.outbox / job.output_rel, error=settled.problem,
             mask_engine=finished.mask_engine, bg_engine=finished.bg_engine, seed=finished.seed,
             timings=finished.timings, parked=settled.parked))
 

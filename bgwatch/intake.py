@@ -29,7 +29,7 @@ from bgwatch.errors import BgwatchError, SpecError
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
 from bgwatch.liveness import Heartbeat
 from bgwatch.outbox import OutputNames
-from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES
+from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.store import Store
 from bgwatch.text import shown
 from bgwatch.watch import InboxWatcher
@@ -181,7 +181,7 @@ class Intake:
                 self.pending.setdefault(image, Waiting(site, now))
             if not images:
                 self.orphans.setdefault(path, Waiting(site, now))
-        elif suffix in IMAGE_SUFFIXES:
+        elif suffix in IMAGE_SUFFIXES or suffix in UNREADABLE_IMAGE_SUFFIXES:
             st = os.lstat(path)
             if site.inbox.on_success == "keep" and site.custody.is_kept(rel, st):
                 return
@@ -259,6 +259,13 @@ class Intake:
                            "bgwatch reads only files")
             return run_id
         sha = safefs.sha256_file(claim.path)
+        suffix = PurePosixPath(rel).suffix.lower()
+        if suffix in UNREADABLE_IMAGE_SUFFIXES:
+            run_id = self.store.add_run(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
+                                        input_sha256=sha, spec_json="{}", host=host)
+            self._fail_now(site, claim, run_id, f"{suffix[1:].upper()} is not a format bgwatch reads; allowed: "
+                           f"{', '.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} (convert it and drop it again)")
+            return run_id
         try:
             if sidecar_error:
                 raise SpecError(rel, "sidecar", sidecar_error)
@@ -481,5 +488,5 @@ def fail_job(custody: Custody, claim: Claim, run_id: int, reason: str) -> RunRes
                                f"{custody.inbox / '.bgwatch'} until the next start)")
     if settled is None:
         return superseded(run_id)
-    return RunResult(run_id, JobState.FAILED, error=f"{reason} ({settled.reason})" if settled.reason else reason,
+    return RunResult(run_id, JobState.FAILED, error=f"{reason} ({settled.problem})" if settled.problem else reason,
                      parked=settled.parked)

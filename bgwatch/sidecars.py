@@ -13,6 +13,10 @@ from bgwatch.errors import SpecError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
 SIDECAR_SUFFIXES = frozenset({".yaml", ".yml"})
+# Image formats people drop that bgwatch does not read: claimed and failed with a note saying so, never left
+# without a word.
+UNREADABLE_IMAGE_SUFFIXES = frozenset({".gif", ".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".eps",
+                                       ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".jp2"})
 
 
 def find_sidecar(image: Path) -> Path | None:

@@ -44,8 +44,9 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from bgwatch.config import InboxConfig, WatchSettings
-from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES
+from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.stability import StabilityTracker
+from bgwatch.text import shown
 
 RULES_FILE_NAMES = frozenset({".bgwatch.yaml"})  # rules.FOLDER_FILE
 # bgwatch's own, at the inbox root only; `_assets/` holds backdrops and other files that rules and sidecars
@@ -53,7 +54,8 @@ RULES_FILE_NAMES = frozenset({".bgwatch.yaml"})  # rules.FOLDER_FILE
 ASSETS_DIR = "_assets"
 WORK_FOLDERS = frozenset({"done", "failed", ".bgwatch", ASSETS_DIR})
 
-FileKind = Literal["image", "sidecar", "rules"]
+FileKind = Literal["image", "sidecar", "rules", "unreadable"]
+
 
 # Names no one means as input: OS litter, NAS metadata, and copy tools' names for unfinished files.
 # Dot names cover .DS_Store, ._* (macOS), .syncthing.*.tmp, rsync's `.photo.jpg.Ab12Cd`, .nfs*.
@@ -94,6 +96,8 @@ def file_kind(rel: PurePath) -> FileKind | None:
         return "image"
     if suffix in SIDECAR_SUFFIXES:
         return "sidecar"
+    if suffix in UNREADABLE_IMAGE_SUFFIXES:
+        return "unreadable"
     return None
 
 
@@ -228,6 +232,7 @@ class InboxWatcher:
         self._pending_lock = threading.Lock()
         self._pending_dirs: list[tuple[_Watch, Path]] = []
         self._started = False
+        self._left: dict[Path, str] = {}  # files seen and not taken, with why (for status and `--once`)
         roots = [Path(os.path.abspath(inbox.path)) for inbox in inboxes]
         self._watches = [
             _Watch(
@@ -292,11 +297,24 @@ class InboxWatcher:
                     if file_kind(rel) is None:
                         logger.warning(
                             "{}: not an image ({}) or a sidecar; left where it is",
-                            path, ", ".join(sorted(IMAGE_SUFFIXES)),
+                            shown(str(path)), ", ".join(sorted(IMAGE_SUFFIXES)),
                         )
+                        self._left[path] = "not an image or a sidecar"
                         continue
                     out.append((w.inbox, path))
             return out
+
+    def left(self) -> dict[Path, str]:
+        """Files bgwatch saw in the inboxes and will not take (that still exist), with the reason."""
+        with self._lock:
+            for path in [p for p in self._left if not os.path.lexists(p)]:
+                del self._left[path]
+            return dict(self._left)
+
+    def _leave(self, path: Path, why: str) -> None:
+        if path not in self._left and len(self._left) < 10_000:
+            logger.warning("{}: {}; left where it is", shown(str(path)), why)
+            self._left[path] = why
 
     def forget(self, path: Path) -> None:
         """The caller took `path` (claimed it) or set it aside: stop tracking it until it shows up again."""
@@ -450,7 +468,7 @@ class InboxWatcher:
 
     def _scan(self, w: _Watch, folder: Path) -> None:
         """Hint every file below `folder` that is ours; unreadable subfolders are skipped with a warning."""
-        for path in _walk_files(folder, w.root, w.nested):
+        for path in _walk_files(folder, w.root, w.nested, self._leave):
             w.tracker.hint(path)
 
 
@@ -471,7 +489,8 @@ def _dir_identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _walk_files(folder: Path, root: Path, nested: Iterable[Path]) -> list[Path]:
+def _walk_files(folder: Path, root: Path, nested: Iterable[Path],
+                leave: Callable[[Path, str], None] | None = None) -> list[Path]:
     nested = tuple(nested)
     found: list[Path] = []
     stack = [folder]
@@ -497,6 +516,9 @@ def _walk_files(folder: Path, root: Path, nested: Iterable[Path]) -> list[Path]:
                     stack.append(path)
                 elif entry.is_file(follow_symlinks=False):
                     found.append(path)
+                elif leave is not None and file_kind(rel) is not None:
+                    leave(path, "a symbolic link, pipe or device, not a file: bgwatch reads only regular files"
+                          if not entry.is_symlink() else "a symbolic link: bgwatch never follows links in an inbox")
             except OSError:
                 continue
     return found

@@ -174,7 +174,7 @@ def test_planted_symlinks_never_move_foreign_files(inbox: Path, tmp_path: Path) 
     claim = custody.claim("photo.jpg")
     assert claim is not None
     settled = custody.deliver(claim, 1, inbox.parent / "outbox", "photo.png", b"x", "move")
-    assert settled is not None and settled.parked is None and "symbolic link" in settled.reason
+    assert settled is not None and settled.parked is None and "symbolic link" in settled.problem
     assert files(private) == ["ws9/notes.txt", "ws9/secret.jpg"]
     assert files(inbox / ".bgwatch" / "delivering") == ["ws1/e1-1/marker.json", "ws1/e1-1/photo.jpg"]
     # only images and sidecars ever come back from a dead host's claims

@@ -101,3 +101,18 @@ def test_a_file_named_done_at_the_inbox_root_never_stops_the_daemon(tmp_path: Pa
     (inbox / "done").unlink()
     assert Daemon(config, once=True).run() == 0
     assert len(files_under(inbox / "done")) == 1 and len(files_under(config.inboxes[0].outbox)) == 1
+
+
+def test_every_file_not_taken_gets_a_word_and_once_exits_1(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    inbox = config.inboxes[0].path
+    [good] = write_samples(inbox, 1, size=(120, 90), seed=86)
+    (inbox / "anim.gif").write_bytes(b"GIF89a" + b"\0" * 64)
+    (inbox / "notes.txt").write_text("call the client")
+    os.symlink(good, inbox / "shortcut.jpg")
+    os.mkfifo(inbox / "pipe.png")
+    assert Daemon(config, once=True).run() == 1
+    note = (inbox / "failed" / "anim.gif.error.txt").read_text()
+    assert "GIF is not a format bgwatch reads" in note and "jpg" in note
+    assert (inbox / "notes.txt").exists() and os.path.islink(inbox / "shortcut.jpg")
+    assert files_under(config.inboxes[0].outbox) == [good.with_suffix(".png").name]

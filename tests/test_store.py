@@ -91,5 +91,5 @@ def test_a_damaged_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
 
     path = tmp_path / "bgwatch.db"
     path.write_bytes(b"not a database" * 500)
-    with pytest.raises(ConfigError, match="damaged .*mv bgwatch.db bgwatch.db.damaged"):
+    with pytest.raises(ConfigError, match=r"damaged .*mv bgwatch\.db bgwatch\.db\.damaged"):
         Store(path)
