@@ -12,6 +12,7 @@ from typing import Any
 
 from bgwatch.errors import ConfigError
 from bgwatch.jobs import RunResult
+from bgwatch.text import shown
 
 
 def _short(path: str, width: int) -> str:
@@ -46,9 +47,10 @@ def print_results(results: Sequence[RunResult], rows: dict[int, dict[str, Any]])
     for result in results:
         row = rows.get(result.run_id, {})
         engine = result.mask_engine + (f" + {result.bg_engine}" if result.bg_engine else "")
-        where = _short(os.path.relpath(result.output_path), 44) if result.output_path else _cut(result.error, 44)
+        where = (_short(shown(os.path.relpath(result.output_path)), 44) if result.output_path
+                 else _cut(shown(result.error), 44))
         seconds = sum(result.timings.values())
-        name = str(row.get("inbox", "")).rstrip("/").rsplit("/", 1)[-1] + "/" + str(row.get("rel_path", "?"))
+        name = shown(str(row.get("inbox", "")).rstrip("/").rsplit("/", 1)[-1] + "/" + str(row.get("rel_path", "?")))
         print(f"{_short(name, 34):34}  {result.state.value:7}  {where:44}  "
               f"{_short(engine, 26):26}  {seconds:5.2f}s")
     failed = sum(1 for r in results if r.state.value == "failed")
@@ -63,7 +65,8 @@ def print_history(rows: Sequence[dict[str, Any]]) -> None:
     for row in rows:
         engines = (row.get("mask_engine") or "") + (f" + {row['bg_engine']}" if row.get("bg_engine") else "")
         result = row.get("output_path") if row["status"] in ("done", "skipped") else row.get("error")
-        where = row["inbox"].rsplit("/", 1)[-1] + "/" + row["rel_path"]
+        where = shown(row["inbox"].rsplit("/", 1)[-1] + "/" + row["rel_path"])
+        result = shown(result) if result else result
         print(f"{row['id']:>5}  {row['status']:7}  {_when(row.get('created_at')):14}  {_duration(row):>7}  "
               f"{_short(where, 36):36}  {_short(engines, 28):28}  {(result or '').splitlines()[0] if result else ''}")
 

@@ -27,6 +27,7 @@ from bgwatch.jobs import (
     OutputSpec,
 )
 from bgwatch.sidecars import find_sidecar
+from bgwatch.text import shown
 from bgwatch.yamlsafe import load_yaml_mapping
 
 if TYPE_CHECKING:
@@ -230,9 +231,11 @@ def _check(field: Field, value: object, source: str, trusted: bool) -> SpecValue
     if not isinstance(value, str):
         raise SpecError(source, key, f"must be text, got {value!r} (put it in quotes)")
     if kind == "suffix":
-        if len(value) > 64 or any(c in value for c in "/\\") or any(ord(c) < 32 for c in value):
-            raise SpecError(source, key, f"{value!r} cannot be part of a file name",
-                            "up to 64 characters, no slashes or control characters")
+        # Letters, digits and - _ . + only: a suffix lands in every output name, where a right-to-left
+        # override (U+202E), a control character or a slash would disguise or misplace the file.
+        if len(value) > 64 or not all(c.isalnum() or c in "-_.+" for c in value) or not value.isprintable():
+            raise SpecError(source, key, f"{shown(value)!r} cannot be part of a file name",
+                            "up to 64 letters, digits, '-', '_', '.' or '+'")
     elif kind in ("path", "model"):
         if "\x00" in value or len(value) > 1024:
             raise SpecError(source, key, f"{value[:80]!r} is not a usable name")

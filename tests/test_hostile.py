@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from bgwatch.daemon import Daemon
 from bgwatch.liveness import Heartbeat
 from bgwatch.samples import write_samples
@@ -116,3 +118,13 @@ def test_every_file_not_taken_gets_a_word_and_once_exits_1(tmp_path: Path) -> No
     assert "GIF is not a format bgwatch reads" in note and "jpg" in note
     assert (inbox / "notes.txt").exists() and os.path.islink(inbox / "shortcut.jpg")
     assert files_under(config.inboxes[0].outbox) == [good.with_suffix(".png").name]
+
+
+def test_output_suffix_takes_only_safe_characters() -> None:
+    from bgwatch.errors import SpecError
+    from bgwatch.rules import validate_fragment
+
+    assert validate_fragment({"output": {"suffix": "_cutout-2"}}, "s.yaml", trusted=False)
+    for bad in ("a\u202egnp", "x/y", "tab\there", "\x1b[31m"):
+        with pytest.raises(SpecError, match="cannot be part of a file name"):
+            validate_fragment({"output": {"suffix": bad}}, "s.yaml", trusted=False)
