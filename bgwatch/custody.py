@@ -85,6 +85,10 @@ class Claim:
         """Where the bytes are while the claim holds (the pipeline decodes from here)."""
         return self.inbox / WORK_DIR / CLAIMED / self.host / self.name
 
+    @property
+    def sidecar_path(self) -> Path | None:
+        return self.inbox / WORK_DIR / CLAIMED / self.host / self.sidecar if self.sidecar else None
+
 
 @dataclass(frozen=True, slots=True)
 class Settled:

@@ -250,7 +250,7 @@ class Intake:
 
     def _record(self, site: Site, claim: Claim, path: Path, sidecar_error: str) -> int:
         inbox, rel, host = site.inbox, claim.rel, self.config.host
-        claimed_sidecar = site.custody.inbox / ".bgwatch" / "claimed" / host / claim.sidecar if claim.sidecar else None
+        claimed_sidecar = claim.sidecar_path
         st = os.lstat(claim.path)
         if not stat.S_ISREG(st.st_mode):  # swapped for a link or a FIFO while it waited
             run_id = self.store.add_run(key="-", inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
