@@ -92,6 +92,52 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The HTTP API (the original service's endpoints) served by the daemon; off unless `listen` is set."""
+
+    listen: str = ""  # host:port, e.g. 127.0.0.1:8089; "" = off. Beyond loopback an api_keys_file is required
+    api_keys_file: Path | None = None  # one bearer token a line ('#' comments); keys are never logged
+    max_upload_bytes: int = 50 * 1024**2  # a larger upload is refused with 413 while it streams in
+    max_wait: float = 30.0  # seconds a request may wait for a generation token; longer: 429 with Retry-After
+    keep_hours: float = 24.0  # results are downloadable this long, then removed
+    window: int = 8  # HTTP jobs accepted and not finished; beyond it: 503 with Retry-After
+
+    def api_keys(self) -> frozenset[str]:
+        """The keys in api_keys_file (none when unset). ConfigError when the file cannot be read."""
+        if self.api_keys_file is None:
+            return frozenset()
+        try:
+            text = self.api_keys_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(self.api_keys_file, "http.api_keys_file",
+                              f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        lines = (line.strip() for line in text.splitlines())
+        return frozenset(line for line in lines if line and not line.startswith("#"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_listen(where: Path | str, key: str, listen: str) -> tuple[str, int]:
+    """host:port (an IPv6 host in brackets) -> (host, port); ConfigError naming `key` otherwise."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(where, key, f"{listen!r} is not host:port",
+                          "e.g. 127.0.0.1:8089, [::1]:8089, or \"\" for off")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineSettings:
     window_per_worker: int = 4  # files claimed ahead per device worker; the rest stay in the inbox
     prepare_threads: int = 2
@@ -114,6 +160,7 @@ class Config:
     runway: RunwaySettings = field(default_factory=RunwaySettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     allowed_models: tuple[str, ...] = ()  # models sidecars/folder files may name beyond the configured
     defaults: Mapping[str, Any] = field(default_factory=dict)  # JobSpec fragment for every inbox
     inboxes: tuple[InboxConfig, ...] = ()
@@ -298,6 +345,23 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         raise ConfigError(where, "metrics.listen", f"{metrics.listen!r} is not host:port",
                           "e.g. 127.0.0.1:9464, [::1]:9464, or \"\" for off")
 
+    h = _Reader(where, "http", top.get("http", None))
+    http = HttpSettings(
+        listen=h.text("listen", ""),
+        api_keys_file=h.path("api_keys_file", None, base),
+        max_upload_bytes=h.number("max_upload_bytes", HttpSettings().max_upload_bytes, minimum=1, integer=True),
+        max_wait=h.number("max_wait", HttpSettings().max_wait),
+        keep_hours=h.number("keep_hours", HttpSettings().keep_hours),
+        window=h.number("window", HttpSettings().window, minimum=1, integer=True),
+    )
+    h.finish()
+    if http.listen:
+        listen_host, _port = split_listen(where, "http.listen", http.listen)
+        if not is_loopback(listen_host) and http.api_keys_file is None:
+            raise ConfigError(where, "http.listen", f"{http.listen!r} is reachable from other machines, which "
+                              "needs API keys: set http.api_keys_file (one bearer token a line)",
+                              "a loopback address (127.0.0.1:8089), or an api_keys_file")
+
     allowed_models = top.get("allowed_models", [])
     if not isinstance(allowed_models, list) or not all(isinstance(m, str) for m in allowed_models):
         raise ConfigError(where, "allowed_models", "must be a list of model names or folders")
@@ -340,6 +404,7 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         runway=runway,
         cache=cache,
         metrics=metrics,
+        http=http,
         allowed_models=tuple(allowed_models),
         defaults=default_fragment,
         inboxes=tuple(inboxes),

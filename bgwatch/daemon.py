@@ -34,6 +34,7 @@ from bgwatch import safefs
 from bgwatch.config import Config, load_config
 from bgwatch.custody import Custody
 from bgwatch.errors import BgwatchError, ConfigError
+from bgwatch.httpjobs import HTTP_INBOX, HttpDoor
 from bgwatch.intake import Intake, Site, Started, fail_job, share_away, superseded
 from bgwatch.jobs import Job, JobState, RunResult
 from bgwatch.liveness import Heartbeat, Liveness, new_epoch
@@ -127,7 +128,8 @@ class Daemon:
     """One bgwatch process. `run()` blocks until stopped (or, with once=True, until the inboxes are empty)."""
 
     def __init__(self, config: Config, *, once: bool = False,
-                 on_result: Callable[[RunResult], None] | None = None, metrics: Metrics | None = None) -> None:
+                 on_result: Callable[[RunResult], None] | None = None, metrics: Metrics | None = None,
+                 http: bool = False) -> None:
         self.config = config
         self.metrics = metrics
         self.once = once
@@ -141,13 +143,19 @@ class Daemon:
         self.generation_bucket = TokenBucket(config.limits.generations_per_minute)
         self.engines = stages.Engines(config, self.store, self.generation_bucket, self.abort_event)
         self.sites = self._sites(config, {})
-        self.intake = Intake(config, self.store, self.sites, self._submit, once=once, on_result=on_result)
+        self._on_result = on_result
+        self.intake = Intake(config, self.store, self.sites, self._submit, once=once,
+                             on_result=self._result_recorded if http else on_result)
         self.liveness = Liveness()
         self.progress = Progress()
         self.prepare_q: queue.Queue[Job | None] = queue.Queue()  # run ids' jobs: the window bounds it
         self.device_q: queue.Queue[stages.Prepared] = queue.Queue(maxsize=2)
         self.finish_q: queue.Queue[stages.Inferred] = queue.Queue(maxsize=2)
         self.threads: list[threading.Thread] = []
+        # The HTTP door (http.listen): its own window in the same queue; its runs are recorded by this thread.
+        self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
+                             depth=lambda: self.prepare_q.qsize() + self.device_q.qsize() + self.finish_q.qsize(),
+                             metrics=metrics) if http else None
         self._config_mtime = self._mtime(config.source)
         self._last_heartbeat = time.monotonic()
         self._next_watchdog = 0.0
@@ -182,6 +190,13 @@ class Daemon:
     def _submit(self, job: Job) -> None:
         self.prepare_q.put(job)
 
+    def _result_recorded(self, result: RunResult) -> None:
+        """With the HTTP door: the caller's on_result, then the door wakes the request waiting for it."""
+        if self._on_result is not None:
+            self._on_result(result)
+        if self.http is not None:
+            self.http.recorded(result)
+
     # ------------------------------------------------------------------ lifecycle
 
     def request_stop(self) -> None:
@@ -215,6 +230,8 @@ class Daemon:
             self.store.check()
             self._make_outboxes()
             self._beat()  # before anything: a host back from a long stop must not look dead
+            if self.http is not None:
+                self.http.open()  # settles its own leftovers first: recover() knows folder runs only
             for job in recover(self.intake, self.config.host):
                 self._submit(job)
             self._start_threads()
@@ -225,6 +242,8 @@ class Daemon:
             while not self.stop_event.is_set():
                 self._maybe_reload()
                 self.intake.tick()
+                if self.http is not None:
+                    self.http.tick()
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + STATUS_SECONDS
                     self._publish_status()
@@ -233,9 +252,13 @@ class Daemon:
                     break
                 self.stop_event.wait(0.1)
             sd_notify("STOPPING=1")
+            if self.http is not None:
+                self.http.stop_accepting()
             self._drain()
             clean = True
         finally:
+            if self.http is not None:
+                self.http.close()
             self.intake.stop()
             self.abort_event.set()
             for _ in self.threads:
@@ -280,7 +303,8 @@ class Daemon:
         if self.intake.busy():
             logger.info("draining {} job(s) in flight (at most {:g} s; signal again to leave now)",
                         len(self.intake.inflight), self.config.pipeline.stop_timeout)
-        while self.intake.busy() and not self.force_event.is_set() and time.monotonic() < deadline:
+        while (self.intake.busy() or (self.http is not None and self.http.busy())) and (
+                not self.force_event.is_set() and time.monotonic() < deadline):
             self.intake.apply_outcomes()
             self._watchdog()
             time.sleep(0.05)
@@ -409,6 +433,9 @@ class Daemon:
 
     def _deliver(self, finished: stages.Finished) -> None:
         job = finished.job
+        if job.claim is None and job.inbox == HTTP_INBOX and self.http is not None:
+            self.http.deliver(finished)
+            return
         assert job.claim is not None
         site = self._site(job)
         try:

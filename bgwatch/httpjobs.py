@@ -1,0 +1,526 @@
+"""The HTTP door: jobs that arrive over the API (api.py) instead of through a folder.
+
+They share the daemon's queue, loaded models, rate limits, background cache and run history; they have
+their own window (`http.window` jobs accepted and not finished; beyond it a request is answered 503), so
+a flood of uploads never takes the folders' room. A request goes through these hands:
+
+  API thread   `reserve()` a place in the window; the upload is streamed to state_dir/http/uploads/<token>/;
+               `admit()` checks it exactly as a folder job is checked (the JobSpec through rules.py, the
+               image header, max_pixels, the 4K rule) and, for a generation, whether a token comes within
+               `http.max_wait`. Refusals are `Refused` (the HTTP status and the one-line reason).
+  main thread  `tick()` records admitted jobs in the runs table (inbox "http") and queues them; the daemon's
+               main thread owns that table, as for folder jobs.
+  workers      prepare -> device -> finish as any job; `deliver()` writes the output to state_dir/http/results.
+  main thread  `recorded()` hears of each recorded result and wakes the request waiting for it.
+
+Results are kept `http.keep_hours`, then removed; uploads are removed when their run ends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import re
+import secrets
+import shutil
+import sqlite3
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from bgwatch import rules, safefs
+from bgwatch.config import Config, InboxConfig, is_loopback, split_listen
+from bgwatch.errors import BgwatchError, ConfigError, InputError, SpecError
+from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
+from bgwatch.ratelimit import TokenBucket
+from bgwatch.store import Store
+
+if TYPE_CHECKING:
+    from bgwatch.metrics import Metrics
+    from bgwatch.pipeline.stages import Finished
+
+HTTP_INBOX = "http"  # the runs table's inbox for jobs that came over HTTP
+REQUEST = "request"  # where a bad parameter came from, in its message (a sidecar's would name the file)
+PRUNE_SECONDS = 60.0
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
+_RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,100}\.(png|jpg|webp)")
+_SAFE_STEM = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class Refused(BgwatchError):
+    """The door does not take this request: `status` is the HTTP answer, with a Retry-After when it may
+    succeed later."""
+
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+        super().__init__(reason)
+
+
+# ---------------------------------------------------------------- form fields -> a JobSpec fragment
+
+
+@dataclass(frozen=True, slots=True)
+class FormField:
+    """One form field of an endpoint: the JobSpec key it sets, and the API's default where the original
+    service's differs from bgwatch's (enhance_fg: true)."""
+
+    name: str
+    key: str
+    default: object = None
+
+    @property
+    def spec_field(self) -> rules.Field:
+        return rules.FIELDS_BY_NAME[self.key]
+
+
+CLEANUP_FORM = (
+    FormField("mode", "mode"),
+    FormField("background_color", "background_color"),
+    FormField("enhance_fg", "enhance_fg", True),
+    FormField("denoise", "denoise"),
+    FormField("format", "output.format"),
+)
+REPLACE_FORM = (
+    FormField("prompt", "prompt"),
+    FormField("negative_prompt", "negative_prompt"),
+    FormField("steps", "steps"),
+    FormField("guidance_scale", "guidance_scale"),
+    FormField("seed", "seed"),
+    FormField("enhance_fg", "enhance_fg", True),
+    FormField("match_colors", "match_colors"),
+    FormField("feather_edges", "feather_edges"),
+    FormField("engine", "engine"),
+    FormField("background_color", "background_color"),
+    FormField("gradient", "gradient"),
+    FormField("gradient_direction", "gradient_direction"),
+    FormField("shadow", "shadow"),
+    FormField("format", "output.format"),
+)
+FORMS: dict[str, tuple[FormField, ...]] = {"cleanup": CLEANUP_FORM, "replace": REPLACE_FORM}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _typed(form_field: FormField, text: str) -> object:
+    """A form value as the JobSpec schema wants it; what does not parse is passed on as text, so that
+    rules.py refuses it with the message a sidecar would get."""
+    kind = form_field.spec_field.kind
+    value = text.strip()
+    if kind == "flag":
+        lowered = value.lower()
+        return True if lowered in _TRUE else False if lowered in _FALSE else text
+    if kind == "seed" and value.lower() in ("", "null", "none", "random"):
+        return None
+    if kind in ("int", "seed", "float"):
+        for parse in (int, float):
+            try:
+                return parse(value)
+            except ValueError:
+                continue
+        return text
+    if kind == "colours":
+        return [part.strip() for part in value.split(",")] if value else text
+    return text
+
+
+def form_fragment(operation: str, fields: Mapping[str, str]) -> rules.Fragment:
+    """The request's form fields as a checked JobSpec fragment (SpecError names `request` and the key)."""
+    form = {f.name: f for f in FORMS[operation]}
+    data: dict[str, Any] = {"operation": operation}
+    for name, text in fields.items():
+        form_field = form.get(name)
+        if form_field is None:
+            raise SpecError(REQUEST, name, "unknown form field", ", ".join(["file", *form]))
+        _put_key(data, form_field.key, _typed(form_field, text))
+    for form_field in form.values():
+        if form_field.name not in fields and form_field.default is not None:
+            _put_key(data, form_field.key, form_field.default)
+    return rules.validate_fragment(data, REQUEST, trusted=False)
+
+
+def _put_key(data: dict[str, Any], key: str, value: object) -> None:
+    group, dot, name = key.partition(".")
+    if dot:
+        data.setdefault(group, {})[name] = value
+    else:
+        data[key] = value
+
+
+def safe_upload_name(name: str | None) -> str:
+    """The client's file name, without folders or control characters (used in messages and history)."""
+    base = re.split(r"[/\\]", name or "")[-1]
+    base = "".join(c for c in base if c.isprintable()).strip()[:200]
+    if not base or base.startswith("."):
+        base = "upload" + (base if base.startswith(".") and "." not in base[1:] else "")
+    return base
+
+
+# ---------------------------------------------------------------- the door
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    path: Path  # state_dir/http/uploads/<token>/<name>
+    name: str  # the client's file name, made safe
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What a request waits on: its run id once recorded, then its result once recorded."""
+
+    recorded: Future[int] = field(default_factory=Future)
+    done: Future[RunResult] = field(default_factory=Future)
+
+
+@dataclass(slots=True)
+class _Admitted:
+    ticket: Ticket
+    upload: Upload
+    spec: JobSpec
+    sha: str
+    output_name: str
+    generative: bool
+    at: float
+
+
+class HttpDoor:
+    """The HTTP door of one daemon (see the module's docstring for which thread calls what)."""
+
+    def __init__(self, config: Config, store: Store, generation_bucket: TokenBucket, submit: Callable[[Job], None],
+                 outcomes: queue.SimpleQueue[Any], *, depth: Callable[[], int] = lambda: 0,
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.settings = config.http
+        self.store = store
+        self.generation_bucket = generation_bucket
+        self.submit = submit
+        self.outcomes = outcomes
+        self.depth = depth
+        self.metrics = metrics
+        self.clock = clock
+        root = Path(os.path.abspath(config.state_dir)) / "http"
+        self.uploads_dir = root / "uploads"
+        self.results_dir = root / "results"
+        self.keys: frozenset[str] = frozenset()
+        self.server: Any = None  # api.ApiServer once open
+        self._lock = threading.Lock()
+        self._slots = 0  # places taken in the window: from reserve() to the run's recorded end
+        self._generating = 0  # admitted generations not finished (each will need a token)
+        self._closing = False
+        self._submissions: queue.SimpleQueue[_Admitted] = queue.SimpleQueue()
+        self._open: dict[int, _Admitted] = {}
+        self._durations: deque[float] = deque(maxlen=20)
+        self._engines_seen: set[str] = set()
+        self._next_prune = 0.0
+
+    # ------------------------------------------------------------------ lifecycle (main thread)
+
+    def open(self) -> None:
+        """Make the folders, settle what a previous process left, then listen."""
+        host, port = split_listen(self.config.source or "(built-in config)", "http.listen", self.settings.listen)
+        self.keys = self.settings.api_keys()
+        if not self.keys and (self.settings.api_keys_file is not None or not is_loopback(host)):
+            raise ConfigError(self.settings.api_keys_file or "(none)", "http.api_keys_file",
+                              "holds no API key (one bearer token a line)")
+        for folder in (self.uploads_dir, self.results_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for leftover in os.scandir(self.uploads_dir):
+            shutil.rmtree(leftover.path, ignore_errors=True)
+        for row in self.store.runs_in((JobState.QUEUED, JobState.RUNNING), host=self.config.host):
+            if row.inbox == HTTP_INBOX:
+                self.store.finish_run(row.id, JobState.FAILED, error="bgwatch stopped before this HTTP request "
+                                      "finished; send it again")
+        self.prune_results()
+        from bgwatch.api import ApiServer
+
+        try:
+            self.server = ApiServer(self, host, port)
+        except OSError as exc:
+            raise ConfigError(self.config.source or "(built-in config)", "http.listen",
+                              f"cannot listen on {self.settings.listen}: {exc.strerror or exc}") from None
+        logger.info("HTTP API on {} (docs at /docs){}", self.server.url, "; API keys required" if self.keys else "")
+
+    def stop_accepting(self) -> None:
+        """Stopping: new requests are answered 503; those not yet recorded are refused now."""
+        with self._lock:
+            self._closing = True
+        self._refuse_submissions()
+
+    def close(self) -> None:
+        """Stop listening; requests still waiting are answered 503 (their runs are settled at the next start)."""
+        self.stop_accepting()
+        with self._lock:
+            left, self._open = list(self._open.values()), {}
+        for item in left:
+            self._abandon(item, Refused(503, "bgwatch stopped before this request finished; send it again",
+                                        retry_after=10))
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def busy(self) -> bool:
+        """HTTP jobs recorded and not finished (the daemon drains them on TERM)."""
+        with self._lock:
+            return bool(self._open)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.url) if self.server is not None else ""
+
+    # ------------------------------------------------------------------ admission (API threads)
+
+    def reserve(self) -> None:
+        """Take a place in the window, or refuse (503) when it is full or bgwatch is stopping."""
+        with self._lock:
+            if self._closing:
+                raise Refused(503, "bgwatch is stopping; send it again in a moment", retry_after=10)
+            if self._slots >= self.settings.window:
+                raise Refused(503, f"the HTTP queue is full ({self.settings.window} jobs in flight, "
+                              "http.window); send it again later", retry_after=self._retry_after())
+            self._slots += 1
+
+    def release(self) -> None:
+        """Give back a place taken by reserve() for a request that was not admitted."""
+        with self._lock:
+            self._slots = max(0, self._slots - 1)
+
+    def new_upload(self, name: str | None) -> Upload:
+        folder = self.uploads_dir / secrets.token_hex(8)
+        folder.mkdir(mode=0o700)
+        safe = safe_upload_name(name)
+        return Upload(folder / safe, safe)
+
+    def discard(self, upload: Upload) -> None:
+        shutil.rmtree(upload.path.parent, ignore_errors=True)
+
+    def admit(self, operation: str, upload: Upload, fields: Mapping[str, str]) -> Ticket:
+        """Check an uploaded image and its parameters as a folder job is checked; queue it for recording.
+        Refused: 422 a bad parameter or not an image, 413 over max_pixels or the 4K rule, 429 no generation
+        token within http.max_wait."""
+        from bgwatch.pipeline import backgrounds, imageio
+
+        try:
+            spec = self._resolve(upload, form_fragment(operation, fields))
+        except SpecError as exc:
+            raise Refused(422, str(exc)) from None
+        try:
+            width, height = imageio.probe_size(upload.path)
+        except InputError as exc:
+            raise Refused(422, str(exc)) from None
+        try:
+            if width * height > self.config.limits.max_pixels:  # decode refuses it from the header, in its words
+                imageio.decode(upload.path, max_pixels=self.config.limits.max_pixels)
+            backgrounds.check_input_size(spec, width, height, self.config.limits.allow_4k, source=upload.name)
+        except InputError as exc:
+            raise Refused(413, str(exc)) from None
+        sha = safefs.sha256_file(upload.path)
+        generative = spec.is_generative() and not self._cached(spec, width, height)
+        stem = _SAFE_STEM.sub("_", Path(upload.name).stem)[:60].strip("_") or "image"
+        output_name = f"{stem}-{secrets.token_hex(6)}{imageio.output_extension(spec.output)}"
+        item = _Admitted(Ticket(), upload, spec, sha, output_name, generative, self.clock())
+        with self._lock:
+            if generative:
+                wait = self._generation_wait()
+                if wait > self.settings.max_wait:
+                    raise Refused(429, f"the generation rate limit (limits.generations_per_minute "
+                                  f"{self.generation_bucket.per_minute:g}) has no token for about {wait:.0f} s, "
+                                  f"longer than http.max_wait ({self.settings.max_wait:g} s); send it again later",
+                                  retry_after=max(1, math.ceil(wait)))
+                self._generating += 1
+        self._submissions.put(item)
+        return item.ticket
+
+    def _resolve(self, upload: Upload, fragment: rules.Fragment) -> JobSpec:
+        """The JobSpec as a folder job's: built-in defaults < config defaults < the endpoint and the request."""
+        inbox = InboxConfig(path=self.uploads_dir, outbox=self.results_dir, rules={})
+        try:
+            return rules.resolve(upload.path, inbox, self.config, sidecar=None, overrides=fragment).spec
+        except SpecError as exc:
+            if exc.source == rules.OVERRIDES:
+                raise SpecError(REQUEST, exc.key, exc.problem, exc.allowed) from None
+            raise
+
+    def _cached(self, spec: JobSpec, width: int, height: int) -> bool:
+        """A generation whose background is in the cache needs no token."""
+        from bgwatch.pipeline.backgrounds import BackgroundRequest
+
+        request = BackgroundRequest.from_spec(spec, width, height, config=self.config)
+        return request.cacheable and self.store.get_background(request.cache_key()) is not None
+
+    def _generation_wait(self) -> float:
+        """Seconds until a generation admitted now gets its token: the bucket's wait, plus a token for each
+        admitted generation not finished yet (an upper bound: some may have taken theirs already)."""
+        bucket = self.generation_bucket
+        if bucket.unlimited:
+            return 0.0
+        return bucket.delay() + self._generating * 60.0 / bucket.per_minute
+
+    def _retry_after(self) -> int:
+        recent = list(self._durations)
+        return max(1, math.ceil(sum(recent) / len(recent))) if recent else 2
+
+    # ------------------------------------------------------------------ recording (main thread)
+
+    def tick(self) -> None:
+        """Record the admitted jobs and queue them; remove results past keep_hours."""
+        while True:
+            try:
+                item = self._submissions.get_nowait()
+            except queue.Empty:
+                break
+            self._record(item)
+        now = time.monotonic()
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_SECONDS
+            self.prune_results()
+
+    def _record(self, item: _Admitted) -> None:
+        key = job_key(item.sha, item.spec)
+        output = self.results_dir / item.output_name
+        try:
+            run_id = self.store.add_run(key=key, inbox=HTTP_INBOX, rel_path=item.upload.name,
+                                        source_path=str(item.upload.path), input_sha256=item.sha,
+                                        spec_json=item.spec.to_json(), host=self.config.host)
+            self.store.set_output(run_id, str(output))
+        except sqlite3.Error as exc:
+            logger.warning("{}: could not record an HTTP job ({}); the client is told to send it again",
+                           item.upload.name, exc)
+            self._abandon(item, Refused(503, "the database is busy; send it again", retry_after=2))
+            return
+        job = Job(run_id=run_id, inbox=HTTP_INBOX, rel_path=item.upload.name, source=item.upload.path,
+                  spec=item.spec, input_sha256=item.sha, key=key, output_rel=item.output_name)
+        with self._lock:
+            self._open[run_id] = item
+        logger.info("{}: queued as run {} (HTTP, {} {})", item.upload.name, run_id, item.spec.operation,
+                    item.spec.mode if item.spec.operation == "cleanup" else item.spec.engine)
+        item.ticket.recorded.set_result(run_id)
+        self.submit(job)
+
+    def recorded(self, result: RunResult) -> None:
+        """A run's end was recorded (Intake's on_result): wake its request, free its place."""
+        for label in (result.mask_engine, result.bg_engine):
+            if label:
+                self._engines_seen.add(label)
+        with self._lock:
+            item = self._open.pop(result.run_id, None)
+            if item is None:
+                return
+            self._slots = max(0, self._slots - 1)
+            if item.generative:
+                self._generating = max(0, self._generating - 1)
+            self._durations.append(max(0.0, self.clock() - item.at))
+        self.discard(item.upload)
+        if not item.ticket.done.done():
+            item.ticket.done.set_result(result)
+
+    def knows(self, run_id: int) -> bool:
+        with self._lock:
+            return run_id in self._open
+
+    def _refuse_submissions(self) -> None:
+        while True:
+            try:
+                item = self._submissions.get_nowait()
+            except queue.Empty:
+                return
+            self._abandon(item, Refused(503, "bgwatch is stopping; send it again in a moment", retry_after=10))
+
+    def _abandon(self, item: _Admitted, why: Refused) -> None:
+        with self._lock:
+            self._slots = max(0, self._slots - 1)
+            if item.generative:
+                self._generating = max(0, self._generating - 1)
+        self.discard(item.upload)
+        for future in (item.ticket.recorded, item.ticket.done):
+            if not future.done():
+                future.set_exception(why)
+
+    # ------------------------------------------------------------------ delivery (finish workers)
+
+    def deliver(self, finished: Finished) -> None:
+        """Write a finished HTTP job's output and report it (the main thread records it)."""
+        job = finished.job
+        target = self.results_dir / job.output_rel
+        safefs.write_file_atomic(target, finished.data)
+        self.outcomes.put(RunResult(job.run_id, JobState.DONE, target, mask_engine=finished.mask_engine,
+                                    bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings))
+
+    # ------------------------------------------------------------------ results
+
+    def prune_results(self, now: float | None = None) -> int:
+        """Remove results older than http.keep_hours; returns how many."""
+        limit = (self.clock() if now is None else now) - self.settings.keep_hours * 3600
+        removed = 0
+        try:
+            entries = list(os.scandir(self.results_dir))
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < limit:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            logger.info("removed {} HTTP result(s) older than {:g} h", removed, self.settings.keep_hours)
+        return removed
+
+    def result_bytes(self, name: str) -> tuple[bytes, str] | None:
+        """A result this door wrote, by its bare name, with its media type; None for anything else (another
+        folder, a link, a name this door never makes)."""
+        if not _RESULT_NAME.fullmatch(name):
+            return None
+        try:
+            fd = os.open(self.results_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            return f.read(), MEDIA_TYPES[Path(name).suffix]
+
+    def run_record(self, run_id: int) -> dict[str, Any] | None:
+        """An HTTP run as GET /runs/{id} shows it; None for a run that did not come over HTTP."""
+        import json
+
+        row = self.store.get_run(run_id)
+        if row is None or row.inbox != HTTP_INBOX:
+            return None
+        record: dict[str, Any] = {
+            "run_id": row.id, "status": row.status, "filename": row.rel_path, "error": row.error or None,
+            "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
+            "timings": json.loads(row.timings_json) if row.timings_json else {}, "seed": row.seed,
+            "mask_engine": row.mask_engine or None, "bg_engine": row.bg_engine or None,
+        }
+        name = Path(row.output_path).name if row.output_path else ""
+        if row.status == JobState.DONE.value and (self.results_dir / name).is_file():
+            record["download_url"] = f"/download/{name}"
+        return record
+
+    def health(self) -> dict[str, Any]:
+        from bgwatch import __version__
+
+        torch = sys.modules.get("torch")  # only if an engine loaded it
+        gpu = None
+        if torch is not None:
+            try:
+                gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+            except Exception:
+                gpu = None
+        with self._lock:
+            in_flight = self._slots
+        return {"status": "stopping" if self._closing else "ok", "version": __version__,
+                "device": self.config.device, "gpu": gpu, "engines_loaded": sorted(self._engines_seen),
+                "queue_depth": self.depth(), "http_in_flight": in_flight, "http_window": self.settings.window}
