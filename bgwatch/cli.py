@@ -69,11 +69,32 @@ def _setup_logs(config: Any, *, quiet: bool = False, to_files: bool = True) -> N
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bgwatch.daemon import Daemon
-
     config = _load(args)
     if not config.inboxes:
         raise ConfigError(config.source or "(built-in config)", "inboxes", "no inboxes configured")
+    return _run_daemon(args, config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from bgwatch.config import check_http
+
+    config = _load(args, required=False)
+    if args.listen:
+        config = replace(config, http=replace(config.http, listen=args.listen))
+        check_http("--listen", config.http)
+    if not config.http.listen:
+        raise ConfigError(config.source or "(built-in config)", "http.listen",
+                          "the HTTP API is off: set http.listen in config.yaml, or pass --listen HOST:PORT")
+    args.once = False
+    return _run_daemon(args, replace(config, inboxes=()))
+
+
+def _run_daemon(args: argparse.Namespace, config: Any) -> int:
+    """`run` and `serve`: the daemon, with its metrics and HTTP API when configured, until stopped."""
+    from bgwatch.daemon import Daemon
+
     warnings = _preflight(config)
     _setup_logs(config, quiet=args.once and not config.debug)
     from loguru import logger
@@ -94,6 +115,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.update(1)
 
     metrics, server = None, None
+    http = bool(config.http.listen) and not args.once
+    if http and not config.metrics.listen:  # the API serves /metrics
+        from bgwatch.metrics import Metrics
+
+        metrics = Metrics(status=lambda: report.live_status(config), stale_seconds=config.metrics.stale_seconds)
     if config.metrics.listen and not args.once:
         from bgwatch.metrics import Metrics
 
@@ -110,10 +136,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             advance(result)
         if metrics is not None:
             engine = "+".join(e for e in (result.mask_engine, result.bg_engine) if e) or "none"
-            metrics.run_finished(result.state.value, report.inbox_of(config, result), engine, result.timings)
+            inbox = "http" if daemon.http is not None and daemon.http.knows(result.run_id) else report.inbox_of(
+                config, result)
+            metrics.run_finished(result.state.value, inbox, engine, result.timings)
 
     daemon = Daemon(config, once=args.once,
-                    on_result=finished if progress is not None or metrics is not None else None, metrics=metrics)
+                    on_result=finished if progress is not None or metrics is not None else None, metrics=metrics,
+                    http=http)
     daemon.install_signal_handlers()
     try:
         code = daemon.run()
@@ -406,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="process what is in the inboxes now, then exit 0 if every file succeeded, else 1")
     p.add_argument("--no-progress", action="store_true", help="with --once: no progress bar")
+
+    p = add("serve", cmd_serve, "Serve the HTTP API (the original service's endpoints) without watching inboxes.")
+    p.add_argument("--listen", metavar="HOST:PORT", help="instead of http.listen (beyond loopback: keys required)")
 
     p = add("process", cmd_process, "Process one image now, without the daemon.")
     p.add_argument("image", help="the image file")

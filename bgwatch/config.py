@@ -137,6 +137,17 @@ def split_listen(where: Path | str, key: str, listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def check_http(where: Path | str, http: HttpSettings) -> None:
+    """http.listen is host:port, and beyond loopback it comes with API keys."""
+    if not http.listen:
+        return
+    listen_host, _port = split_listen(where, "http.listen", http.listen)
+    if not is_loopback(listen_host) and http.api_keys_file is None:
+        raise ConfigError(where, "http.listen", f"{http.listen!r} is reachable from other machines, which "
+                          "needs API keys: set http.api_keys_file (one bearer token a line)",
+                          "a loopback address (127.0.0.1:8089), or an api_keys_file")
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
     window_per_worker: int = 4  # files claimed ahead per device worker; the rest stay in the inbox
@@ -355,12 +366,7 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         window=h.number("window", HttpSettings().window, minimum=1, integer=True),
     )
     h.finish()
-    if http.listen:
-        listen_host, _port = split_listen(where, "http.listen", http.listen)
-        if not is_loopback(listen_host) and http.api_keys_file is None:
-            raise ConfigError(where, "http.listen", f"{http.listen!r} is reachable from other machines, which "
-                              "needs API keys: set http.api_keys_file (one bearer token a line)",
-                              "a loopback address (127.0.0.1:8089), or an api_keys_file")
+    check_http(where, http)
 
     allowed_models = top.get("allowed_models", [])
     if not isinstance(allowed_models, list) or not all(isinstance(m, str) for m in allowed_models):

@@ -256,6 +256,18 @@ def test_beyond_loopback_needs_a_key_and_the_key_is_checked(tmp_path: Path) -> N
     assert b"k-right-0123456789" not in config.db_path.read_bytes()
 
 
+def test_serve_wants_a_listen_address_and_keys_beyond_loopback(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from bgwatch.cli import main
+
+    config = api_config(tmp_path, http={"listen": ""})
+    assert config.source is not None
+    assert main(["-c", str(config.source), "serve"]) == 2
+    assert "http.listen" in capsys.readouterr().err
+    assert main(["-c", str(config.source), "serve", "--listen", "0.0.0.0:0"]) == 2
+    assert "api_keys_file" in capsys.readouterr().err
+
+
 def test_serve_runs_the_api_without_inboxes(tmp_path: Path) -> None:
     config = api_config(tmp_path, {"shop": {"rules": {"operation": "cleanup"}}})
     config = replace(config, inboxes=())
