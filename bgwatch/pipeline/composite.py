@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from bgwatch.jobs import JobSpec
+from bgwatch.pipeline.tiles import strips
 
 ALPHA_EPS = 1.0 / 512
 MAX_DELTA_L = 5.0  # CIELAB lightness units
@@ -40,7 +41,9 @@ SHADOW_PENUMBRA = 0.3
 
 
 def composite(rgb: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, spec: JobSpec) -> np.ndarray:
-    """The subject of `rgb` (coverage `alpha`, float [0,1] HxW) over `backdrop`, same size as `rgb`."""
+    """The subject of `rgb` (coverage `alpha`, float [0,1] or uint8 HxW) over `backdrop`, same size as
+    `rgb`. Float work is limited to the subject's box, one channel at a time where it can be; outside the
+    box the result is the (shaded) backdrop, written in strips."""
     import cv2
 
     h, w = rgb.shape[:2]
@@ -51,50 +54,83 @@ def composite(rgb: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, spec: Jo
         backdrop = fit_cover(backdrop, w, h)
     side = max(h, w)
     feather_sigma = max(0.6, side / 1024.0) if spec.feather_edges else 0.0
-    bd_full = backdrop.astype(np.float32) / 255.0
-    if spec.shadow:
-        bd_full *= (1.0 - contact_shadow(a_full))[..., None]
+    shade = contact_shadow(a_full) if spec.shadow else None
+    out = _shaded(backdrop, shade, (slice(0, h), slice(0, w)))
 
-    ys, xs = np.nonzero(a_full > ALPHA_EPS)
-    if ys.size == 0:
-        return _to_uint8(bd_full)
+    box = _box(a_full > ALPHA_EPS)
+    if box is None:
+        return out
     coarse, fine = max(3, round(0.09 * side)), max(1, round(0.006 * side))
     wrap_sigma = max(1.5, 0.006 * side)
     pad = coarse + int(3 * max(wrap_sigma, feather_sigma)) + 2
-    y0, y1 = max(0, ys.min() - pad), min(h, ys.max() + 1 + pad)
-    x0, x1 = max(0, xs.min() - pad), min(w, xs.max() + 1 + pad)
+    y0, y1 = max(0, box[0] - pad), min(h, box[1] + 1 + pad)
+    x0, x1 = max(0, box[2] - pad), min(w, box[3] + 1 + pad)
     region = (slice(y0, y1), slice(x0, x1))
 
     src = rgb[region]
     a = a_full[region]
     if spec.enhance_fg:
         src = _enhance(src, a)
-    image = src.astype(np.float32) / 255.0
-    fg, old_bg = estimate_foreground(image, a, radii=(coarse, fine))
-    bd = bd_full[region]
+    fg, old_bg = estimate_foreground(src, a, radii=(coarse, fine))
+    bd = _shaded_float(backdrop, shade, region)
     if spec.match_colors:
-        fg = match_colors(fg, a, old_bg, bd_full)
+        whole = _shaded_float(backdrop[::4, ::4], None if shade is None else shade[::4, ::4],
+                              (slice(None), slice(None)))
+        fg = match_colors(fg, a, old_bg, whole, sampled=True)
+    del old_bg
     if feather_sigma:
         a = cv2.GaussianBlur(a, (0, 0), feather_sigma, borderType=cv2.BORDER_REPLICATE)
     if spec.match_colors:
         fg = light_wrap(fg, a, bd, wrap_sigma)
-    a3 = a[..., None]
-    out = bd_full.copy()
-    out[region] = fg * a3 + bd * (1.0 - a3)
-    return _to_uint8(out)
+    fg -= bd  # fg * a + bd * (1 - a), in place
+    fg *= a[..., None]
+    fg += bd
+    out[region] = _to_uint8(fg)
+    return out
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the set pixels, inclusive; None when there are none."""
+    rows = np.nonzero(mask.any(axis=1))[0]
+    if rows.size == 0:
+        return None
+    cols = np.nonzero(mask.any(axis=0))[0]
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def _shaded_float(backdrop: np.ndarray, shade: np.ndarray | None,
+                  region: tuple[slice, slice]) -> np.ndarray:
+    bd = backdrop[region].astype(np.float32) / 255.0
+    if shade is not None:
+        bd *= (1.0 - shade[region])[..., None]
+    return np.asarray(bd)
+
+
+def _shaded(backdrop: np.ndarray, shade: np.ndarray | None, region: tuple[slice, slice]) -> np.ndarray:
+    """The backdrop as uint8, darkened by the contact shadow where there is one (strip by strip)."""
+    if shade is None:
+        return np.array(backdrop[region], np.uint8)
+    h = backdrop[region].shape[0]
+    out = np.empty(backdrop[region].shape, np.uint8)
+    for s0, s1 in strips(h, backdrop[region].shape[1]):
+        rows = (slice(region[0].start + s0, region[0].start + s1), region[1])
+        out[s0:s1] = _to_uint8(_shaded_float(backdrop, shade, rows))
+    return out
 
 
 def _as_alpha(alpha: np.ndarray) -> np.ndarray:
-    a = alpha.astype(np.float32)
+    if alpha.ndim == 3:
+        alpha = alpha[..., 0]
+    a = alpha.astype(np.float32)  # a fresh copy, scaled and clipped in place
     if alpha.dtype == np.uint8:
         a /= 255.0
-    if a.ndim == 3:
-        a = a[..., 0]
-    return np.clip(a, 0.0, 1.0)
+    return np.clip(a, 0.0, 1.0, out=a)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    image = image * 255.0
+    np.rint(image, out=image)
+    return np.asarray(np.clip(image, 0, 255, out=image), np.uint8)
 
 
 # ---------------------------------------------------------------- 1. foreground colours
@@ -105,21 +141,33 @@ def estimate_foreground(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(F, B_old): the subject's own colours and the old background's, from I = aF + (1-a)B.
 
-    image HxWx3 float32 [0,1]; alpha HxW float32. Blur fusion at each radius in turn (box filters, so
-    the cost does not grow with the radius)."""
+    image HxWx3 float32 [0,1] (or uint8, read as /255); alpha HxW float32. Blur fusion at each radius in
+    turn (box filters, so the cost does not grow with the radius), one colour channel at a time: the
+    temporaries are single planes."""
     import cv2
 
-    a = alpha[..., None]
-    fg, bg = image, image
+    a = alpha
+    inverse = 1.0 - a
+    means = []
     for r in radii:
         size = (2 * r + 1, 2 * r + 1)
-        mean_a = cv2.blur(alpha, size, borderType=cv2.BORDER_REPLICATE)[..., None]
-        mean_fg = cv2.blur(fg * a, size, borderType=cv2.BORDER_REPLICATE) / (mean_a + 1e-5)
-        mean_bg = cv2.blur(bg * (1.0 - a), size, borderType=cv2.BORDER_REPLICATE) / (1.0 - mean_a + 1e-5)
-        fg = mean_fg + a * (image - a * mean_fg - (1.0 - a) * mean_bg)
-        fg = np.clip(fg, 0.0, 1.0)
-        bg = mean_bg
-    return fg, np.clip(bg, 0.0, 1.0)
+        mean_a = cv2.blur(alpha, size, borderType=cv2.BORDER_REPLICATE)
+        means.append((size, mean_a + 1e-5, 1.0 - mean_a + 1e-5))
+    fg_out = np.empty((*alpha.shape, 3), np.float32)
+    bg_out = np.empty((*alpha.shape, 3), np.float32)
+    for c in range(3):
+        plane = image[..., c]
+        i_c = plane.astype(np.float32) / 255.0 if plane.dtype == np.uint8 else plane.astype(np.float32)
+        fg, bg = i_c, i_c
+        for size, fg_norm, bg_norm in means:
+            mean_fg = cv2.blur(fg * a, size, borderType=cv2.BORDER_REPLICATE) / fg_norm
+            mean_bg = cv2.blur(bg * inverse, size, borderType=cv2.BORDER_REPLICATE) / bg_norm
+            fg = mean_fg + a * (i_c - a * mean_fg - inverse * mean_bg)
+            fg = np.clip(fg, 0.0, 1.0)
+            bg = mean_bg
+        fg_out[..., c] = fg
+        bg_out[..., c] = np.clip(bg, 0.0, 1.0)
+    return fg_out, bg_out
 
 
 # ---------------------------------------------------------------- 2. enhancement
@@ -140,7 +188,8 @@ def _lab(rgb01: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(rgb01, dtype=np.float32), cv2.COLOR_RGB2LAB)
 
 
-def match_colors(fg: np.ndarray, alpha: np.ndarray, old_bg: np.ndarray, backdrop: np.ndarray) -> np.ndarray:
+def match_colors(fg: np.ndarray, alpha: np.ndarray, old_bg: np.ndarray, backdrop: np.ndarray, *,
+                 sampled: bool = False) -> np.ndarray:
     """Shift the subject's CIELAB means by a bounded share of the change in ambient light.
 
     Lightness follows the backdrop's mean lightness a little (old scene -> new scene); chroma follows the
@@ -159,7 +208,7 @@ def match_colors(fg: np.ndarray, alpha: np.ndarray, old_bg: np.ndarray, backdrop
     else:  # the subject fills the frame: no old background to read, assume a neutral one
         old_mean = _lab(fg[::4, ::4]).reshape(-1, 3).mean(0)
         old_mean[1:] = 0.0
-    new_mean = _lab(backdrop[::4, ::4]).reshape(-1, 3).mean(0)
+    new_mean = _lab(backdrop if sampled else backdrop[::4, ::4]).reshape(-1, 3).mean(0)
     delta_l = float(np.clip(L_GAIN * (new_mean[0] - old_mean[0]), -MAX_DELTA_L, MAX_DELTA_L))
     delta_ab = AB_GAIN * (new_mean[1:] - old_mean[1:])
     norm = float(np.hypot(*delta_ab))
@@ -183,7 +232,10 @@ def light_wrap(fg: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, sigma: f
     small = cv2.resize(backdrop, (max(1, w // k), max(1, h // k)), interpolation=cv2.INTER_AREA)
     glow = cv2.GaussianBlur(small, (0, 0), sigma / k, borderType=cv2.BORDER_REPLICATE)
     glow = cv2.resize(glow, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.asarray(fg + rim * (glow - fg))
+    glow -= fg  # fg + rim * (glow - fg), in place
+    glow *= rim
+    glow += fg
+    return np.asarray(glow)
 
 
 # ---------------------------------------------------------------- 5. contact shadow

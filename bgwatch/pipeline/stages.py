@@ -58,12 +58,13 @@ class Finished:
 
 
 # Peak working set of one job above the process's own footprint, in bytes a pixel of the input, measured
-# by bench/bench_memory.py (cleanup: 14-19 with the classical or a rembg engine; replace: ~100, its
-# compositing still works on full-size float planes), rounded up. limits.max_memory is checked with it.
-JOB_BYTES_PER_PIXEL = {"cleanup": 24, "replace": 110}
+# by bench/bench_memory.py (cleanup: 12-22 with the classical or a rembg engine; replace: ~46, its
+# compositing still holds a few float planes of the subject's box), rounded up. limits.max_memory is
+# checked with it.
+JOB_BYTES_PER_PIXEL = {"cleanup": 24, "replace": 55}
 DENOISE_BYTES_PER_PIXEL = 8  # LAB copy, the denoised lightness and the result
 MATTING_BYTES = 2 * 2**30  # rembg alpha matting runs at <= REMBG_WORK_SIDE px a side: a fixed cost
-DEFAULT_MAX_MEMORY = 12 * 2**30  # the daemon passes limits.max_memory; 12 GiB admits a 100 MP replace
+DEFAULT_MAX_MEMORY = 8 * 2**30  # the daemon passes limits.max_memory; 8 GiB admits a 100 MP replace
 
 
 def job_memory(width: int, height: int, spec: JobSpec) -> int:
