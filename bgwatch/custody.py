@@ -195,9 +195,33 @@ class Custody:
 
     def return_claimed(self, name: str) -> str | None:
         """A claimed file nobody works on (no run, or a run that could not be recorded): back to the inbox."""
-        if not is_user_file(name):
+        if not is_user_file(name) or self._drop_if_linked(self.host, name):
             return None
         return self._return(CLAIMED, name, name)
+
+    def _drop_if_linked(self, host: str, name: str) -> bool:
+        """A claim by link + unlink killed between the two leaves the file under two names: in the inbox
+        (or already taken on by another host) and in claimed/<host>/. Returning the second name would make
+        it two inputs. If the same file is found under its name elsewhere, this extra link is dropped."""
+        parts = _parts(name)
+        with self.root() as root, root.sub(WORK_DIR, CLAIMED, host, *parts[:-1]) as folder:
+            st = folder.lstat(parts[-1])
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+                return False
+            places = [(*parts[:-1],), (DONE_DIR, *parts[:-1]), (FAILED_DIR, *parts[:-1])]
+            places += [(WORK_DIR, CLAIMED, other, *parts[:-1]) for other in self._names(CLAIMED) if other != host]
+            for place in places:
+                try:
+                    with root.sub(*place) as there:
+                        if any(safefs.same_file(st, there.lstat(n)) for n, _ in there.entries()
+                               if n.startswith(os.path.splitext(parts[-1])[0])):
+                            folder.unlink(parts[-1])
+                            logger.info("{}: a half-finished claim (two links to one file); the extra one "
+                                        "was dropped", shown(name))
+                            return True
+                except OSError:
+                    continue
+        return False
 
     # ------------------------------------------------------------------ deliver and fail
 
@@ -387,6 +411,8 @@ class Custody:
             if not is_user_file(parts[-1]):
                 continue
             try:
+                if self._drop_if_linked(host, "/".join(parts)):
+                    continue
                 with self.root() as root, root.sub(WORK_DIR, CLAIMED, host, *parts[:-1]) as src, \
                         root.sub(*parts[:-1], create=True) as dst:
                     got = safefs.move_to_free_name(src, parts[-1], dst, parts[-1], unique_tag=self._tag())

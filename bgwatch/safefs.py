@@ -320,6 +320,11 @@ def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, uni
             try:
                 move_noreplace(src, src_name, dst, candidate)
             except FileExistsError:
+                if same_file(src.lstat(src_name), dst.lstat(candidate)):
+                    # A move by link + unlink that was killed between the two: finish it.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(src_name, dir_fd=src.fd)
+                    return candidate
                 continue
             except NoReplaceUnsupported:
                 break
@@ -337,6 +342,10 @@ def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, uni
     except FileNotFoundError:
         return None
     return candidate
+
+
+def same_file(a: os.stat_result | None, b: os.stat_result | None) -> bool:
+    return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def sha256_at(folder: Folder, name: str) -> str:

@@ -281,3 +281,32 @@ def test_output_names_never_clash_and_belong_to_their_input(tmp_path: Path) -> N
     names.release(tmp_path, "a/photo.png")
     # a different image dropped later under the same name never replaces the delivered output
     assert names.reserve(tmp_path, "a/photo.jpg", "other bytes", "", ".png") == "a/photo-3.png"
+
+
+def test_a_move_killed_between_link_and_unlink_is_finished_not_doubled(inbox: Path) -> None:
+    # claim killed after link(): the file is in the inbox and in claimed/ws1/ under one inode
+    drop(inbox / "a.jpg", b"A")
+    (inbox / ".bgwatch" / "claimed" / "ws1").mkdir(parents=True)
+    os.link(inbox / "a.jpg", inbox / ".bgwatch" / "claimed" / "ws1" / "a.jpg")
+    restarted = Custody(inbox, "ws1", "e2")
+    assert restarted.return_claimed("a.jpg") is None  # the extra link is dropped, not returned as a-2.jpg
+    assert files(inbox) == ["a.jpg"]
+    # ... and if another host had taken the inbox name on meanwhile, the same
+    os.link(inbox / "a.jpg", inbox / ".bgwatch" / "claimed" / "ws1" / "a.jpg")
+    assert Custody(inbox, "ws2", "e3").claim("a.jpg") is not None
+    assert Custody(inbox, "ws3", "e4").reclaim("ws1") == []
+    assert files(inbox) == [".bgwatch/claimed/ws2/a.jpg"]
+    # parking killed after link(): done/ already holds the original under its name
+    drop(inbox / "b.jpg", b"B")
+    custody = Custody(inbox, "ws1", "e5")
+    claim = custody.claim("b.jpg")
+    assert claim is not None
+    box = custody._fence(claim, custody.token(3))
+    assert box is not None
+    with box:
+        box.write_atomic("marker.json", b'{"disposition": "failed", "reason": "x"}')
+    (inbox / "failed").mkdir()
+    os.link(inbox / ".bgwatch" / "delivering" / "ws1" / "e5-3" / "b.jpg", inbox / "failed" / "b.jpg")
+    settled = Custody(inbox, "ws1", "e6").settle("ws1", "e5-3")
+    assert settled.parked == inbox / "failed" / "b.jpg"
+    assert sorted(p.name for p in (inbox / "failed").iterdir()) == ["b.jpg", "b.jpg.error.txt"]
