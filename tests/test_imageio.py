@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -181,17 +180,14 @@ def test_decompression_bomb_fails_fast_without_allocating(tmp_path: Path) -> Non
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_claiming(30000, 30000))
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         with pytest.raises(InputError) as caught:
             decode(path, max_pixels=MAX)
-        elapsed = time.perf_counter() - started
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     # Pillow's own guard (kept on) refuses it while reading the header, before bgwatch's limit is asked.
     assert "900 megapixels" in str(caught.value) and "limits.max_pixels" in str(caught.value)
-    assert elapsed < 1.0
     assert peak < 5 * 1024 * 1024  # 900 MP of RGB would be 2.7 GB
     with pytest.raises(InputError, match="900 megapixels"):
         probe_size(path)
@@ -307,10 +303,12 @@ def test_output_extension_and_unknown_format() -> None:
         encode(_rgba(False), OutputSpec(format="gif"))
 
 
-def test_png_encode_is_fast_enough_for_a_cpu_cleanup_run() -> None:
-    image = np.dstack([np.random.default_rng(4).integers(0, 256, (1024, 1024, 3), dtype=np.uint8),
-                       np.full((1024, 1024), 255, np.uint8)])
+def test_png_encode_uses_the_fast_compression_level() -> None:
+    """compress_level 6 (Pillow's default) takes ~4x longer than level 1 for ~10% smaller files; a CPU
+    cleanup run is bound by PNG encoding. zlib records the level class in its header (FLEVEL 0 = fastest)."""
+    image = np.dstack([np.random.default_rng(4).integers(0, 256, (256, 256, 3), dtype=np.uint8),
+                       np.full((256, 256), 255, np.uint8)])
     image[:100, :, 3] = 0
-    started = time.perf_counter()
-    encode(image, OutputSpec(format="png"))
-    assert time.perf_counter() - started < 1.0  # compress_level 6 takes ~4x longer than ours
+    data = encode(image, OutputSpec(format="png"))
+    idat = data.index(b"IDAT") + 4
+    assert data[idat] & 0x0F == 8 and data[idat + 1] >> 6 == 0  # deflate, fastest level class

@@ -3,7 +3,6 @@ shots with known masks, and refine_mask."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +96,8 @@ def test_rembg_tiny_model_through_the_real_code_path(u2net_home: Path) -> None:
 def test_rembg_sessions_stay_loaded(u2net_home: Path) -> None:
     spec = MaskSpec(engine="rembg", model="tiny.onnx")
     first = load_mask_engine(spec, "cpu")
-    started = time.perf_counter()
     again = load_mask_engine(spec, "cpu")
-    assert again is first and time.perf_counter() - started < 0.05
+    assert again is first  # the same loaded session, not a second load
     matting = load_mask_engine(MaskSpec(engine="rembg", model="tiny.onnx", alpha_matting=True), "cpu")
     assert matting.alpha_matting and matting._session is first._session  # one model in memory
 
@@ -113,11 +111,21 @@ def test_rembg_alpha_matting_passthrough(u2net_home: Path) -> None:
     assert iou(alpha, shot.mask) > 0.7
 
 
-def test_missing_weights_fail_fast_and_say_what_to_do(empty_model_home: Path) -> None:
-    started = time.perf_counter()
+def test_missing_weights_fail_fast_and_say_what_to_do(empty_model_home: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    attempts: list[object] = []
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     with pytest.raises(EngineError) as caught:
         load_mask_engine(MaskSpec(engine="rembg", model="isnet-general-use"), "cpu")
-    assert time.perf_counter() - started < 5.0  # no network wait, no download attempt
+    assert attempts == []  # no network wait, no download attempt
     message = str(caught.value)
     assert "bgwatch models pull isnet-general-use" in message
     assert str(rembg_weights_target("isnet-general-use")) in message
