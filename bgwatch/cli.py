@@ -43,7 +43,11 @@ def _load(args: argparse.Namespace, *, required: bool = True) -> Any:
     if path is None and required:
         raise ConfigError("config.yaml", "", "no configuration found: pass -c CONFIG, set BGWATCH_CONFIG, or "
                           f"run from the folder holding config.yaml (the service's is {SERVICE_CONFIG})")
-    return load_config(path)
+    config = load_config(path)
+    from bgwatch.models import use_model_locations
+
+    use_model_locations(config, downloads=True if getattr(args, "action", "") == "pull" else None)
+    return config
 
 
 def _print_json(value: Any) -> None:
@@ -351,7 +355,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         _print_json([{**asdict(s), "bytes": disk_size(Path(s.path)) if s.present else None}
                      for s in models.list_models(config, tuple(args.names))])
         return 0
-    text, ok = models_command(config, args.action, args.names)
+    text, ok = models_command(config, args.action, args.names, fp16=args.fp16)
     print(text)
     return 0 if ok else 1
 
@@ -476,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["ls", "pull"])
     p.add_argument("names", nargs="*", metavar="MODEL",
                    help="rembg model names or SDXL hub ids (default: the ones the config uses)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="fp16", action="store_true", default=None,
+                           help="pull: SDXL's half-precision weights (for a GPU; default when this machine has CUDA)")
+    precision.add_argument("--fp32", dest="fp16", action="store_false",
+                           help="pull: SDXL's full-precision weights (for the CPU)")
 
     p = add("report", cmd_report, "Write a self-contained HTML contact sheet of recent runs: input, mask and "
             "output thumbnails, status, engines, times, errors.")

@@ -164,6 +164,8 @@ class Config:
     device: str = "auto"  # env DEVICE
     debug: bool = False  # env DEBUG=1
     host: str = field(default_factory=socket.gethostname)
+    models_dir: Path | None = None  # weights: <models_dir>/rembg (U2NET_HOME) and <models_dir>/huggingface (HF_HOME)
+    allow_downloads: bool = False  # may an engine fetch missing weights at job time? (`models pull` always may)
     limits: Limits = field(default_factory=Limits)
     watch: WatchSettings = field(default_factory=WatchSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
@@ -403,6 +405,8 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         device=top.choice("device", "auto", DEVICES),
         debug=top.flag("debug", False),
         host=top.text("host", defaults.host) or defaults.host,
+        models_dir=top.path("models_dir", None, base),
+        allow_downloads=top.flag("allow_downloads", False),
         limits=limits,
         watch=watch,
         pipeline=pipeline,

@@ -41,6 +41,24 @@ class ModelStatus:
     detail: str = ""  # where the name comes from, or what went wrong
 
 
+# ---------------------------------------------------------------- where weights live
+
+
+def use_model_locations(config: Config, *, downloads: bool | None = None) -> None:
+    """Point rembg's model home and the Hugging Face cache at `models_dir` (when set), and keep the hub
+    offline unless downloads are allowed. The CLI calls this before any engine is imported, for every
+    command, so `bgwatch models pull` from an admin shell writes where the service reads."""
+    if config.models_dir is not None:
+        os.environ["U2NET_HOME"] = str(config.models_dir / "rembg")
+        os.environ["HF_HOME"] = str(config.models_dir / "huggingface")
+        os.environ.pop("HF_HUB_CACHE", None)  # derived from HF_HOME by huggingface_hub
+    allowed = config.allow_downloads if downloads is None else downloads
+    if allowed:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a job never starts a multi-GB download in the device worker
+
+
 # ---------------------------------------------------------------- what the configuration needs
 
 
@@ -218,13 +236,14 @@ def list_models(config: Config, names: Sequence[str] = ()) -> list[ModelStatus]:
     return out
 
 
-def pull_models(config: Config, names: Sequence[str] = ()) -> list[ModelStatus]:
+def pull_models(config: Config, names: Sequence[str] = (), *, fp16: bool | None = None) -> list[ModelStatus]:
     """Download what is missing into rembg's model home and the Hugging Face cache.
 
-    Every model is tried; if any could not be fetched, one BgwatchError (one line, for the CLI) says
-    which and why, after the others were pulled.
+    fp16: the half-precision SDXL weights (what a GPU runs; half the download); None: fp16 when this
+    machine has CUDA. Every model is tried; if any could not be fetched, one BgwatchError (one line, for
+    the CLI) says which and why, after the others were pulled.
     """
-    fp16 = _wants_fp16(config)
+    fp16 = _wants_fp16(config) if fp16 is None else fp16
     out = []
     failures: list[str] = []
     for kind, name, used_by in _wanted(config, names):

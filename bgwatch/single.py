@@ -176,12 +176,13 @@ def cache_command(config: Config, action: str) -> str:
         store.close()
 
 
-def models_command(config: Config, action: str, names: Sequence[str] = ()) -> tuple[str, bool]:
+def models_command(config: Config, action: str, names: Sequence[str] = (), *,
+                   fp16: bool | None = None) -> tuple[str, bool]:
     from bgwatch import models
 
     if action == "ls":
         return models.format_models(models.list_models(config, tuple(names))), True
     try:
-        return models.format_pull(models.pull_models(config, tuple(names))), True
+        return models.format_pull(models.pull_models(config, tuple(names), fp16=fp16)), True
     except BgwatchError as exc:
         return f"bgwatch: {exc}", False

@@ -102,3 +102,24 @@ def test_an_inbox_with_the_classical_mask_needs_no_rembg_weights(tmp_path: Path)
     config = config_with(tmp_path, {"operation": "cleanup", "mask": {"engine": "classical"}})
     assert configured_models(config) == []
     assert "no models needed" in format_models(list_models(config))
+
+
+def test_models_dir_is_where_the_cli_and_the_daemon_look(tmp_path: Path) -> None:
+    """`models_dir` in config.yaml: `models ls` (and pull, and the daemon) use it, whoever runs them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "models" / "rembg").mkdir(parents=True)
+    (tmp_path / "models" / "rembg" / "u2net.onnx").write_bytes(b"\0" * 2048)  # where rembg puts u2net
+    (tmp_path / "config.yaml").write_text(
+        "state_dir: ./state\nmodels_dir: ./models\ninboxes:\n  - path: ./in\n    outbox: ./out\n"
+        "    rules: {operation: cleanup, mask: {engine: rembg, model: u2net}}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("U2NET_HOME", "HF_HOME", "HF_HUB_OFFLINE")}
+    proc = subprocess.run([sys.executable, "-m", "bgwatch", "models", "ls", "--json", "-c", "config.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [u2net] = [m for m in json.loads(proc.stdout) if m["name"] == "u2net"]
+    assert u2net["present"] and u2net["path"].startswith(str(tmp_path / "models" / "rembg"))
+    assert u2net["bytes"] >= 2048
