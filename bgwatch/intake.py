@@ -231,6 +231,8 @@ class Intake:
         else:
             sidecar_error = ""
         claim = site.custody.claim(rel, rel_of(inbox, sidecar) if sidecar is not None else None)
+        logger.debug("{}: claim {} (window {}/{})", shown(rel), "won" if claim else "lost to another host",
+                     len(self.inflight), self.config.pipeline.window_per_worker)
         if claim is None:
             logger.debug("{}: another host took it", shown(rel))
             return None
@@ -368,6 +370,10 @@ class Intake:
         if held is not None and held.job.output_rel:
             self.names.release(held.site.inbox.outbox, held.job.output_rel)
         rel = held.job.rel_path if held is not None else f"run {result.run_id}"
+        if result.timings:
+            logger.debug("{}: stages {} ; engines {} {}", shown(rel),
+                         ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()),
+                         result.mask_engine or "-", result.bg_engine or "")
         if result.state == JobState.DONE:
             logger.info("{}: done -> {} ({:.2f} s)", shown(rel), result.output_path, sum(result.timings.values()))
         elif result.state == JobState.FAILED:
