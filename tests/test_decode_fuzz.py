@@ -197,3 +197,15 @@ def test_no_process_wide_pillow_setting_at_import() -> None:
             "print(before is not None and Image.MAX_IMAGE_PIXELS == before)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True"  # Pillow's bomb guard stays on
+
+
+def test_a_pipe_or_folder_in_place_of_an_image_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    for path in (fifo, folder):
+        with pytest.raises(InputError, match="not a regular file"):
+            decode(path, max_pixels=MAX)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
@@ -192,12 +193,16 @@ def _opened_file(path: Path) -> Iterator[tuple[IO[bytes], str]]:
     """The file, open for reading, and its format: found from its first bytes, allowed, and the one its
     extension names. Every refusal is an InputError naming the file, what was found and what is allowed."""
     try:
-        f = path.open("rb")
+        # Non-blocking: a FIFO put in place of the image must not hang the worker; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise InputError(path, "the file is gone (moved or deleted before it could be read)") from None
     except OSError as exc:
         raise InputError(path, f"cannot read the file: {exc.strerror}") from None
-    with f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(path, "not a regular file (a folder, pipe or device); drop an image file")
+    with os.fdopen(fd, "rb") as f:
         try:
             size = os.fstat(f.fileno()).st_size
             head = f.read(32)
