@@ -7,8 +7,8 @@ divided by the pixels, "net/px" the peak above that base. The issue's goal: peak
 (100 MP <= 2.5 GB, 25 MP <= 700 MB); the code before the change measured ~86 bytes a pixel (8.6 GB for
 10000x9999).
 
-    python bench/bench_memory.py [--sizes 6,25,100] [--modes transparent] [--engine classical]
-                                 [--workdir bench/out/memory]
+    python bench/bench_memory.py [--sizes 6,25,100] [--modes transparent,color,soften,replace:gradient]
+                                 [--engine classical|rembg-tiny] [--workdir bench/out/memory]
 
 Inputs are synthesised once (a product on a studio backdrop, bgwatch.samples, drawn at ~2 MP and scaled
 up, JPEG quality 90) and kept in the work folder. Prints a table; not a timed test.
@@ -71,7 +71,11 @@ def child(path: Path, mode: str, engine: str, out: Path) -> None:
         mask = MaskSpec(engine="rembg", model="tiny.onnx")
         masking.load_mask_engine(mask, "cpu")  # the model's own memory belongs to the base, not the job
     base = _rss_now()
-    spec = JobSpec(operation="cleanup", mode=mode, mask=mask)
+    if mode.startswith("replace"):  # replace:ENGINE, e.g. replace:gradient (engines that need no model)
+        engine_name = mode.partition(":")[2] or "gradient"
+        spec = JobSpec(operation="replace", engine=engine_name, mask=mask, shadow=True)
+    else:
+        spec = JobSpec(operation="cleanup", mode=mode, mask=mask)
     job = Job(run_id=1, inbox="bench", rel_path=path.name, source=path, spec=spec, input_sha256="", key="")
     config = Config(device="cpu")
     start = time.perf_counter()
@@ -101,7 +105,8 @@ def run_case(path: Path, mode: str, engine: str, out: Path) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sizes", default="6,25,100", help="megapixels, from: " + ", ".join(map(str, SIZES)))
-    parser.add_argument("--modes", default="transparent", help="comma-separated cleanup modes")
+    parser.add_argument("--modes", default="transparent",
+                        help="comma-separated: transparent, color, soften, or replace:gradient / replace:color")
     parser.add_argument("--engine", default="classical",
                         help="mask engine: classical, rembg-tiny (the tests' tiny ONNX net through rembg)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "memory")
@@ -112,7 +117,7 @@ def main() -> int:
         child(args.child, args.modes, args.engine, args.out)
         return 0
 
-    print(f"{'input':>18} {'mode':>11} {'engine':>9} {'base MB':>8} {'peak MB':>8} {'per px':>7} "
+    print(f"{'input':>18} {'mode':>16} {'engine':>9} {'base MB':>8} {'peak MB':>8} {'per px':>7} "
           f"{'net/px':>7} {'seconds':>8}  goal <= 25 B/px (before: ~86)")
     for mp in (int(s) for s in args.sizes.split(",")):
         width, height = SIZES[mp]
@@ -123,10 +128,10 @@ def main() -> int:
             r = run_case(source, mode, args.engine, args.workdir / f"out_{width}x{height}_{mode}.png")
             label = f"{width}x{height}"
             if "error" in r:
-                print(f"{label:>18} {mode:>11} {args.engine:>9}  FAILED: {r['reason']}")
+                print(f"{label:>18} {mode:>16} {args.engine:>9}  FAILED: {r['reason']}")
                 continue
             pixels = width * height
-            print(f"{label:>18} {mode:>11} {args.engine:>9} {r['base'] / 2**20:8.0f} {r['peak'] / 2**20:8.0f} "
+            print(f"{label:>18} {mode:>16} {args.engine:>9} {r['base'] / 2**20:8.0f} {r['peak'] / 2**20:8.0f} "
                   f"{r['peak'] / pixels:7.1f} {(r['peak'] - r['base']) / pixels:7.1f} {r['seconds']:8.1f}",
                   flush=True)
     return 0
