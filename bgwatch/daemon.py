@@ -376,6 +376,8 @@ class Daemon:
         self.generation_bucket.set_rate(new.limits.generations_per_minute)
         self.sites = self._sites(new, self.sites)
         self.intake.reconfigure(new, self.sites)
+        if self.http is not None:
+            self.http.reconfigure(new)
         self._make_outboxes()
         logger.info("config reloaded from {}", new.source)
 

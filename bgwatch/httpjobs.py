@@ -160,10 +160,14 @@ def _put_key(data: dict[str, Any], key: str, value: object) -> None:
 def safe_upload_name(name: str | None) -> str:
     """The client's file name, without folders or control characters (used in messages and history)."""
     base = re.split(r"[/\\]", name or "")[-1]
-    base = "".join(c for c in base if c.isprintable()).strip()[:200]
+    base = "".join(c for c in base if c.isprintable()).strip()
     if not base or base.startswith("."):
         base = "upload" + (base if base.startswith(".") and "." not in base[1:] else "")
-    return base
+    stem, suffix = os.path.splitext(base)
+    suffix = suffix if len(suffix.encode()) <= 16 else ""
+    while len((stem + suffix).encode()) > 200:  # a file name's limit is in bytes
+        stem = stem[:-1]
+    return (stem or "upload") + suffix
 
 
 # ---------------------------------------------------------------- the door
@@ -250,6 +254,13 @@ class HttpDoor:
             raise ConfigError(self.config.source or "(built-in config)", "http.listen",
                               f"cannot listen on {self.settings.listen}: {exc.strerror or exc}") from None
         logger.info("HTTP API on {} (docs at /docs){}", self.server.url, "; API keys required" if self.keys else "")
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: new defaults and limits apply to the next requests; the http: section itself
+        (address, keys, window) keeps its values until the next start."""
+        if config.http != self.settings:
+            logger.warning("http: settings change at the next start; keeping {}", self.settings.listen)
+        self.config = config
 
     def stop_accepting(self) -> None:
         """Stopping: new requests are answered 503; those not yet recorded are refused now."""

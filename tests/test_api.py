@@ -227,8 +227,12 @@ def test_download_serves_only_this_apis_results(tmp_path: Path) -> None:
         raw = httpx.get(f"{api.daemon.http.url}/download/..%2F..%2Fbgwatch.db")  # type: ignore[union-attr]
         assert raw.status_code == 404
         assert api.client.get(f"/download/{name}").status_code == 200
-        assert api.daemon.http is not None and api.daemon.http.prune_results(now=time.time() + 3601) == 1
+        long_name = post(api.client, "cleanup", image, name="../" + "é" * 300 + ".jpg").json()
+        assert long_name["filename"].startswith("image-") and len(rows(config, "http")[-1]["rel_path"].encode()) <= 200
+        assert api.daemon.http is not None and api.daemon.http.prune_results(now=time.time() + 3601) == 2
         assert api.client.get(f"/download/{name}").status_code == 404, "removed after keep_hours"
+        api.daemon.request_reload()  # a reload keeps the door (and its address) as they are
+        assert post(api.client, "cleanup", image).status_code == 200
 
 
 def test_beyond_loopback_needs_a_key_and_the_key_is_checked(tmp_path: Path) -> None:
