@@ -26,7 +26,8 @@ class Limits:
     generations_per_minute: float = 10.0  # env BG_REQS_PER_MIN; token bucket for sdxl/runway
     jobs_per_minute: float = 0.0  # 0 = unlimited
     allow_4k: bool = False  # env ALLOW_4K=1; sdxl refuses inputs over 4096 px on a side otherwise
-    max_pixels: int = 100_000_000  # larger inputs fail before their pixels are decoded
+    max_pixels: int = 100_000_000  # larger inputs fail before their pixels are decoded (Pillow caps at ~179 MP)
+    max_memory: int = 8 << 30  # bytes one job may use at most (estimated from its size before decoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +227,8 @@ class _Reader:
         self.used.add(name)
         return self.data.get(name, default)
 
-    def number(self, name: str, default: float, *, minimum: float = 0.0, integer: bool = False) -> Any:
+    def number(self, name: str, default: float, *, minimum: float = 0.0, maximum: float | None = None,
+               integer: bool = False) -> Any:
         value = self.get(name, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(self.source, self.key(name), f"must be a number, got {value!r}")
@@ -234,6 +236,8 @@ class _Reader:
             raise ConfigError(self.source, self.key(name), f"must be a whole number, got {value!r}")
         if value < minimum:
             raise ConfigError(self.source, self.key(name), f"must be >= {minimum:g}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(self.source, self.key(name), f"must be <= {maximum:g}, got {value!r}")
         return int(value) if integer else float(value)
 
     def flag(self, name: str, default: bool) -> bool:
@@ -300,7 +304,8 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         generations_per_minute=lim.number("generations_per_minute", Limits().generations_per_minute),
         jobs_per_minute=lim.number("jobs_per_minute", Limits().jobs_per_minute),
         allow_4k=lim.flag("allow_4k", Limits().allow_4k),
-        max_pixels=lim.number("max_pixels", Limits().max_pixels, minimum=1, integer=True),
+        max_pixels=lim.number("max_pixels", Limits().max_pixels, minimum=1, maximum=178_956_970, integer=True),
+        max_memory=lim.number("max_memory", Limits().max_memory, minimum=64 << 20, integer=True),
     )
     lim.finish()
 

@@ -418,7 +418,8 @@ class Daemon:
             self._guard(job, functools.partial(self._finish, inferred))
 
     def _prepare(self, job: Job) -> None:
-        _put(self.device_q, stages.prepare(job, self.config), self.abort_event)
+        prepared = stages.prepare(job, self.config, max_memory=self.config.limits.max_memory)
+        _put(self.device_q, prepared, self.abort_event)
 
     def _infer(self, prepared: stages.Prepared) -> None:
         _put(self.finish_q, stages.infer(prepared, self.engines), self.abort_event)

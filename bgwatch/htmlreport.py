@@ -77,8 +77,10 @@ def thumbnails(path: Path | None) -> tuple[str | None, str | None]:
         return None, None
     from PIL import Image, ImageOps
 
-    try:
-        with Image.open(path) as opened:
+    from bgwatch.pipeline.imageio import allowed_formats
+
+    try:  # only the formats bgwatch decodes: a file on a share may be anything (never Ghostscript)
+        with Image.open(path, formats=list(allowed_formats())) as opened:
             image = ImageOps.exif_transpose(opened)
             image.thumbnail((THUMB, THUMB))
             image.load()

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from bgwatch.errors import SpecError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+# What the decoder reads (pipeline/imageio.py checks the content too; AVIF where Pillow was built with it).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".avif"})
 SIDECAR_SUFFIXES = frozenset({".yaml", ".yml"})
 # Image formats people drop that bgwatch does not read: claimed and failed with a note saying so, never left
 # without a word.
-UNREADABLE_IMAGE_SUFFIXES = frozenset({".gif", ".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".eps",
+UNREADABLE_IMAGE_SUFFIXES = frozenset({".gif", ".bmp", ".heic", ".heif", ".jxl", ".psd", ".svg", ".eps",
                                        ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".jp2"})
 
 

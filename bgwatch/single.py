@@ -48,7 +48,7 @@ def _process_and_record(job: Job, config: Config, engines: Any, store: Any, imag
 
     spec = job.spec
     try:
-        finished = stages.run_all(job, config, engines)
+        finished = stages.run_all(job, config, engines, max_memory=config.limits.max_memory)
         target = out_dir / f"{image.stem}{spec.output.suffix}{finished.extension}"
         if target.resolve() == image:  # never overwrite the input itself
             target = out_dir / f"{image.stem}-bgwatch{finished.extension}"
