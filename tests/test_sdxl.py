@@ -3,7 +3,6 @@ loaded back by the same code users run (StableDiffusionXLPipeline.from_pretraine
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -149,12 +148,11 @@ def test_out_of_memory_becomes_advice_and_the_engine_carries_on(engine: SdxlEngi
     assert engine.render(request_for(tiny_sdxl)).shape == (200, 300, 3)
 
 
-def test_an_uncached_hub_id_fails_fast_with_what_to_do(engine: SdxlEngine) -> None:
-    started = time.monotonic()
+def test_an_uncached_hub_id_is_never_downloaded_at_job_time(engine: SdxlEngine) -> None:
     with pytest.raises(EngineError) as err:
         engine.render(request_for(Path("bgwatch-tests/not-a-real-sdxl")))
     assert "bgwatch models pull" in str(err.value) and "not-a-real-sdxl" in str(err.value)
-    assert time.monotonic() - started < 20
+    assert "allow_downloads is off" in str(err.value)
 
 
 def test_a_folder_that_is_not_a_pipeline(engine: SdxlEngine, tmp_path: Path) -> None:

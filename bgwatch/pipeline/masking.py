@@ -247,7 +247,13 @@ def _new_rembg_session(model: str, device: str) -> Any:
         session = new_session(session_name, providers=providers, **kwargs)
     except Exception as exc:
         raise EngineError("rembg", f"cannot load {weights}: {exc}") from exc
-    logger.info("mask engine rembg: loaded {} on {} ({})", model, device, providers[0])
+    inner = getattr(session, "inner_session", None)
+    in_use = list(inner.get_providers()) if inner is not None else providers
+    if device == "cuda" and "CUDAExecutionProvider" not in in_use:
+        raise EngineError("rembg", f"device is cuda but ONNX Runtime runs {model} on {', '.join(in_use)}: its CUDA "
+                          "libraries are missing (bgwatch doctor says which); set device: cpu to run on the CPU")
+    logger.info("mask engine rembg: loaded {} on {} (ONNX Runtime providers in use: {})", model, device,
+                ", ".join(in_use))
     return session
 
 

@@ -16,6 +16,7 @@ sizes the UNet can take. So the tiny test pipeline generates small images throug
 from __future__ import annotations
 
 import gc
+import importlib.util
 import math
 import threading
 import time
@@ -113,6 +114,7 @@ class SdxlEngine:
     def __init__(self, config: Config, *, bucket_scale: float | None = None) -> None:
         self.settings = config.sdxl
         self.requested_device = config.device
+        self.allow_downloads = config.allow_downloads
         self.bucket_scale = bucket_scale  # None: derived from the model's native size
         self.calls = 0  # pipeline invocations: generations actually run
         self._pipes: OrderedDict[str, _Loaded] = OrderedDict()
@@ -131,12 +133,16 @@ class SdxlEngine:
         while len(self._pipes) >= self.max_loaded_models:
             self._pipes.popitem(last=False)
             _free_memory()
+        missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise EngineError("sdxl", f"{', '.join(missing)} not installed: pip install 'bgwatch[sdxl]' "
+                              "(or 'bgwatch[gpu]' on a GPU workstation)")
         import torch
 
         device = _torch_device(self.requested_device)
         dtype = torch.float16 if device == "cuda" else torch.float32
         started = time.monotonic()
-        pipe = _from_pretrained(model, dtype, fp16_variant=device == "cuda")
+        pipe = _from_pretrained(model, dtype, fp16_variant=device == "cuda", downloads=self.allow_downloads)
         pipe.set_progress_bar_config(disable=True)
         s = self.settings
         if s.attention_slicing:
@@ -277,7 +283,7 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
 
 
-def _from_pretrained(model: str, dtype: Any, *, fp16_variant: bool) -> Any:
+def _from_pretrained(model: str, dtype: Any, *, fp16_variant: bool, downloads: bool = False) -> Any:
     try:
         from diffusers import StableDiffusionXLPipeline
     except ImportError:
@@ -297,21 +303,22 @@ def _from_pretrained(model: str, dtype: Any, *, fp16_variant: bool) -> Any:
         except (OSError, ValueError) as exc:
             raise EngineError("sdxl", f"cannot load model folder {folder}: {_first_line(exc)}") from None
 
-    # A hub id: the Hugging Face cache first; a download only where the hub answers. With no network this
-    # fails within milliseconds (an OSError naming the missing files), never a hang.
+    # A hub id: the Hugging Face cache only, unless allow_downloads (then a download where the hub answers;
+    # with no network that fails within milliseconds, never a hang).
     attempts = [{"variant": "fp16"}, {}] if fp16_variant else [{}]
     last: BaseException | None = None
     for extra in attempts:
         try:
             return StableDiffusionXLPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-                model, dtype=dtype, local_files_only=False, **extra
+                model, dtype=dtype, local_files_only=not downloads, **extra
             )
         except (OSError, ValueError) as exc:  # huggingface_hub's errors are OSError/ValueError subclasses
             last = exc
     raise EngineError(
         "sdxl",
-        f"model {model!r} is not in the local Hugging Face cache and could not be downloaded "
-        f"({_first_line(last)}); run `bgwatch models pull` where the hub is reachable, or set model to a "
+        f"model {model!r} is not in the local Hugging Face cache"
+        + (" and could not be downloaded" if downloads else " (allow_downloads is off: no download at job time)")
+        + f" ({_first_line(last)}); run `bgwatch models pull` where the hub is reachable, or set model to a "
         "local folder",
     ) from None
 
