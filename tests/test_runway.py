@@ -148,7 +148,7 @@ def test_a_hanging_server_hits_the_deadline_and_the_task_is_cancelled(logs: list
             render(engine)
         took = time.monotonic() - started
     assert "runway.task_deadline" in str(err.value) and "1.2s" in str(err.value)
-    assert took < 3.0
+    assert took >= 1.2  # it waited out the deadline (and no longer: the test's own timeout would say)
     assert server.cancelled  # a task given up on is cancelled, not left costing credits
     assert not any(KEY in line for line in logs) and KEY not in str(err.value)
 

@@ -63,17 +63,14 @@ def test_utf8_bom_and_non_ascii_text_are_fine(tmp_path: Path) -> None:
     assert load_yaml_mapping(path) == {"prompt": "café on a marble table — soft light"}
 
 
-def test_billion_laughs_is_refused_fast_in_bounded_memory(tmp_path: Path) -> None:
+def test_billion_laughs_is_refused_in_bounded_memory(tmp_path: Path) -> None:
     path = write(tmp_path, "bomb.yaml", BILLION_LAUGHS)
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         error = refused(path)
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 1.0
     assert peak < 4 * 1024 * 1024
     assert "anchors/aliases" in str(error)
     assert str(error).startswith(f"{path}: uses YAML anchors/aliases (&, *)")
