@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 from loguru import logger
 
 from bgwatch import safefs
+from bgwatch.budget import MemoryBudget
 from bgwatch.config import Config, load_config
 from bgwatch.custody import Custody
 from bgwatch.errors import BgwatchError, ConfigError
@@ -140,6 +141,7 @@ class Daemon:
         self._reload_requested = threading.Event()
         self.store = Store(config.db_path)
         self.job_bucket = TokenBucket(config.limits.jobs_per_minute)
+        self.budget = MemoryBudget(config.limits.max_memory)
         self.generation_bucket = TokenBucket(config.limits.generations_per_minute)
         self.engines = stages.Engines(config, self.store, self.generation_bucket, self.abort_event)
         self.sites = self._sites(config, {})
@@ -373,6 +375,7 @@ class Daemon:
         self.engines.reconfigure(new)
         self.config = new
         self.job_bucket.set_rate(new.limits.jobs_per_minute)
+        self.budget.set_total(new.limits.max_memory)
         self.generation_bucket.set_rate(new.limits.generations_per_minute)
         self.sites = self._sites(new, self.sites)
         self.intake.reconfigure(new, self.sites)
@@ -418,14 +421,24 @@ class Daemon:
             self._guard(job, functools.partial(self._finish, inferred))
 
     def _prepare(self, job: Job) -> None:
-        prepared = stages.prepare(job, self.config, max_memory=self.config.limits.max_memory)
+        from bgwatch.pipeline.imageio import probe_size
+
+        max_memory = self.config.limits.max_memory
+        width, height = probe_size(job.source)  # the header only: admission before a pixel is decoded
+        stages.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
+        if not self.budget.acquire(job.run_id, stages.job_memory(width, height, job.spec), self.abort_event):
+            raise _Aborted
+        prepared = stages.prepare(job, self.config, max_memory=max_memory)
         _put(self.device_q, prepared, self.abort_event)
 
     def _infer(self, prepared: stages.Prepared) -> None:
         _put(self.finish_q, stages.infer(prepared, self.engines), self.abort_event)
 
     def _finish(self, inferred: stages.Inferred) -> None:
-        self._deliver(stages.finish(inferred))
+        try:
+            self._deliver(stages.finish(inferred))
+        finally:
+            self.budget.release(inferred.prepared.job.run_id)
 
     def _site(self, job: Job) -> Site:
         site = self.sites.get(job.inbox)
@@ -487,6 +500,7 @@ class Daemon:
 
     def _fail(self, job: Job, reason: str) -> None:
         """File the original in failed/ and report it; the worker survives whatever happens here."""
+        self.budget.release(job.run_id)
         try:
             if job.claim is None:
                 self.intake.outcomes.put(RunResult(job.run_id, JobState.FAILED, error=reason))
