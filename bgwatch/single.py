@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -118,23 +119,55 @@ def retry_runs(config: Config, run_ids: Sequence[int], *, all_failed: bool) -> t
 
 
 def validate_paths(paths: Sequence[Path], config_path: Path | None) -> dict[Path, list[str]]:
-    """Every problem in each file; a config.yaml is recognised by its top-level keys."""
+    """Every problem in each file, as the daemon would see it. A config.yaml is recognised by its top-level
+    keys. A sidecar or folder file inside a configured inbox is resolved as the daemon resolves it (same
+    reader, same 64 KiB cap, the inbox's rules, trust and limits), for the image it belongs to."""
     from bgwatch import rules
-    from bgwatch.yamlsafe import load_yaml_mapping
+    from bgwatch.yamlsafe import DEFAULT_MAX_BYTES, load_yaml_mapping
 
+    config: Config | None = None
+    if config_path is not None and config_path.is_file():
+        try:
+            config = load_config(config_path)
+        except BgwatchError:
+            config = None  # reported when the config itself is validated
     problems: dict[Path, list[str]] = {}
     for path in paths:
         errors: list[str] = []
         try:
-            data = load_yaml_mapping(path, max_bytes=1024 * 1024)
+            try:
+                data = load_yaml_mapping(path)
+            except BgwatchError:
+                data = load_yaml_mapping(path, max_bytes=16 * DEFAULT_MAX_BYTES)  # a config.yaml may be bigger
+                if "inboxes" not in data and "state_dir" not in data:
+                    raise
             if "inboxes" in data or "state_dir" in data:
                 load_config(path)
             else:
                 errors = [str(e) for e in rules.validate_fragment_all(data, str(path), trusted=False)]
+                if not errors and config is not None:
+                    _validate_in_inbox(path, config)
         except BgwatchError as exc:
             errors = [str(exc)]
         problems[path] = errors
     return problems
+
+
+def _validate_in_inbox(path: Path, config: Config) -> None:
+    """Resolve a sidecar or folder file in its inbox as the daemon would (SpecError if it would fail)."""
+    from bgwatch import rules, sidecars
+
+    absolute = Path(os.path.abspath(path))
+    inbox = config.inbox_for(absolute)
+    if inbox is None:
+        return  # not in an inbox: only its own keys and values can be checked
+    if path.name == ".bgwatch.yaml":
+        rules.resolve(absolute.parent / "any-image.jpg", inbox, config, sidecar=None)
+        return
+    images = sidecars.sidecar_images(absolute)
+    stem = absolute.name[: -len(absolute.suffix)]
+    image = images[0] if images else absolute.with_name(stem if "." in stem else stem + ".jpg")
+    rules.resolve(image, inbox, config, sidecar=absolute)
 
 
 def explain(image: Path, config: Config) -> str:

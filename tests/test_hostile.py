@@ -128,3 +128,30 @@ def test_output_suffix_takes_only_safe_characters() -> None:
     for bad in ("a\u202egnp", "x/y", "tab\there", "\x1b[31m"):
         with pytest.raises(SpecError, match="cannot be part of a file name"):
             validate_fragment({"output": {"suffix": bad}}, "s.yaml", trusted=False)
+
+
+def test_validate_judges_a_sidecar_in_its_inbox_as_the_daemon_would(tmp_path: Path) -> None:
+    from bgwatch.single import validate_paths
+
+    config = make_config(tmp_path)  # a cleanup inbox: transparent PNGs
+    inbox = config.inboxes[0].path
+    inbox.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\ninboxes:\n  - path: {inbox}\n    outbox: {tmp_path / 'out'}\n"
+                   "    rules: {operation: cleanup, mode: transparent}\n")
+    cases = {"gen.yaml": "operation: replace\nengine: sdxl\nprompt: a table\n",
+             "model.yaml": "mask: {model: ../../etc/passwd}\n",
+             "jpg.yaml": "output: {format: jpg}\n",
+             "backdrop.yaml": "operation: replace\nengine: image\nbackground_image: missing.jpg\n",
+             "big.yaml": "prompt: '" + "x" * 70_000 + "'\n",
+             "fine.yaml": "mode: color\n"}
+    for name, text in cases.items():
+        (inbox / name).write_text(text)
+    problems = validate_paths([inbox / n for n in cases], cfg)
+    said = {p.name: " ".join(e) for p, e in problems.items()}
+    assert "not an engine this inbox allows" in said["gen.yaml"]
+    assert "not a model this inbox allows" in said["model.yaml"]
+    assert "cannot hold a transparent background" in said["jpg.yaml"]
+    assert "no such file" in said["backdrop.yaml"]
+    assert "at most 65536" in said["big.yaml"]
+    assert said["fine.yaml"] == ""
