@@ -18,6 +18,7 @@ from bgwatch.errors import ConfigError, SpecError
 
 DEVICES = ("auto", "cuda", "cpu")
 ON_SUCCESS = ("move", "delete", "keep")
+LATE_SIDECARS = ("fail", "redo")
 SCHEDULERS = ("", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "lcm", "unipc")
 
 
@@ -45,6 +46,9 @@ class InboxConfig:
     outbox: Path
     poll: bool = False  # polling observer: network drives, where inotify misses other hosts' writes
     on_success: str = "move"  # move (to the inbox's done/) | delete | keep
+    # A sidecar dropped after its image was processed: fail (to failed/, with a note: a delivered output is
+    # never re-rendered by whoever writes a file later) | redo (the image is processed again with it).
+    late_sidecars: str = "fail"
     rules: Mapping[str, Any] = field(default_factory=dict)  # a validated JobSpec fragment
 
     @property
@@ -399,6 +403,7 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
                 outbox=outbox,
                 poll=ib.flag("poll", False),
                 on_success=ib.choice("on_success", "move", ON_SUCCESS),
+                late_sidecars=ib.choice("late_sidecars", "fail", LATE_SIDECARS),
                 rules=_fragment(ib.get("rules", None), where, f"inboxes[{i}].rules"),
             )
         )

@@ -463,6 +463,13 @@ class Intake:
             site.custody.park_unclaimed(rel_of(inbox, sidecar), DONE_DIR)
             logger.info("{}: sidecar changes nothing; filed beside its image in done/", shown(rel_of(inbox, sidecar)))
             return
+        if inbox.late_sidecars != "redo":
+            reason = (f"its image {done_image.name} was already processed, and a delivered output is not re-rendered "
+                      "by a sidecar dropped later; to redo it, move the image from done/ back into the inbox "
+                      "with this sidecar (or set late_sidecars: redo on this inbox in config.yaml)")
+            site.custody.park_unclaimed(rel_of(inbox, sidecar), FAILED_DIR, reason)
+            logger.warning("{}: {}", shown(rel_of(inbox, sidecar)), reason)
+            return
         logger.info("{}: sidecar arrived after its image; processing it again", shown(image_rel))
         back = site.custody.restore(DONE_DIR, rel_of(inbox, done_image)[len(DONE_DIR) + 1:], image_rel)
         if back is not None:

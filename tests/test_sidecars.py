@@ -30,8 +30,21 @@ def test_sidecar_before_the_image_steers_it(tmp_path: Path) -> None:
     assert not shot.exists()
 
 
-def test_sidecar_after_the_image_reprocesses_when_the_spec_changes(tmp_path: Path) -> None:
+def test_a_late_sidecar_never_re_renders_a_delivered_output_by_default(tmp_path: Path) -> None:
     config = make_config(tmp_path)
+    inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox
+    with DaemonThread(config) as daemon:
+        write_samples(inbox, 1, size=(200, 160), seed=9)[0].rename(inbox / "late.jpg")
+        wait_for(lambda: len(daemon.results) == 1)
+        before = (outbox / "late.png").read_bytes()
+        (inbox / "late.yaml").write_text("mode: color\nbackground_color: '#0000ff'\n")
+        wait_for(lambda: (inbox / "failed" / "late.yaml.error.txt").exists(), timeout=30)
+    assert "already processed" in (inbox / "failed" / "late.yaml.error.txt").read_text()
+    assert (outbox / "late.png").read_bytes() == before and len(daemon.results) == 1
+
+
+def test_sidecar_after_the_image_reprocesses_when_the_inbox_allows_it(tmp_path: Path) -> None:
+    config = make_config(tmp_path, {"cleanup": {"late_sidecars": "redo"}})
     inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox
     with DaemonThread(config) as daemon:
         write_samples(inbox, 1, size=(200, 160), seed=9)[0].rename(inbox / "late.jpg")
