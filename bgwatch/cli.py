@@ -72,7 +72,20 @@ def _setup_logs(config: Any, *, quiet: bool = False, to_files: bool = True) -> N
 # ---------------------------------------------------------------------- commands
 
 
+_early_stop: list[int] = []  # signals that arrived while the daemon was still starting
+
+
+def _catch_stop_early() -> None:
+    """TERM during start-up (imports, pre-flight) must not kill the daemon mid-recovery: it is kept and
+    handed to the daemon, which then starts, settles what it left last time, drains and exits 0."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: _early_stop.append(number))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _catch_stop_early()
     config = _load(args)
     if not config.inboxes:
         raise ConfigError(config.source or "(built-in config)", "inboxes", "no inboxes configured")
@@ -84,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from bgwatch.config import check_http
 
+    _catch_stop_early()
     config = _load(args, required=False)
     if args.listen:
         config = replace(config, http=replace(config.http, listen=args.listen))
@@ -148,6 +162,8 @@ def _run_daemon(args: argparse.Namespace, config: Any) -> int:
                     on_result=finished if progress is not None or metrics is not None else None, metrics=metrics,
                     http=http)
     daemon.install_signal_handlers()
+    for _ in _early_stop:
+        daemon.request_stop()
     try:
         code = daemon.run()
     finally:

@@ -329,9 +329,9 @@ def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, uni
             except NoReplaceUnsupported:
                 break
             except FileNotFoundError:
-                if src.lstat(src_name) is None:
-                    return None
-                raise
+                # The source is gone: another host moved it first. (Not re-checked with lstat: a FUSE or
+                # NFS client may still show the name from its attribute cache for a moment.)
+                return None
             return candidate
         else:
             raise FileExistsError(errno.EEXIST, "no free name after 10000 tries", str(dst.path / name))

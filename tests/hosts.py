@@ -120,6 +120,17 @@ class Host:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
                                          env=self.env(env), start_new_session=True)
 
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Until this start's daemon says it is watching (systemd's READY), or it ended; False on timeout."""
+        deadline = time.monotonic() + timeout
+        marker = f"=== start {self.starts} "
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            if "bgwatch watching" in text[text.rfind(marker):] or not self.alive:
+                return True
+            time.sleep(0.1)
+        return False
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -298,6 +309,9 @@ class Cluster:
     def stop(self) -> None:
         """SIGTERM every daemon at once, then wait for each drain."""
         live = [h for h in self.hosts if h.alive]
+        for host in live:  # as systemctl stop after a start: the daemon is up (Type=notify READY) first
+            if not host.wait_ready():
+                self.violations.append(f"{host.name} did not get ready within 30 s; log:\n{host.log_tail()}")
         for host in live:
             host.terminate()
         deadline = time.monotonic() + STOP_TIMEOUT + 15
