@@ -401,6 +401,7 @@ class Intake:
         for name_of_inbox, site in list(self.sites.items()):
             if site.heartbeat.twin:
                 continue  # another daemon of this name may hold them
+            self._settle_left_deliveries(name_of_inbox, site, seen)
             for name in site.custody.own_claims():
                 key = (name_of_inbox, name)
                 if key in held or key in self.stuck:
@@ -417,6 +418,26 @@ class Intake:
                     if back is not None:
                         logger.warning("{}: claimed but held by no job; returned to the inbox", shown(back))
         self._unheld = seen
+
+    def _settle_left_deliveries(self, name_of_inbox: str, site: Site, seen: dict[tuple[str, str], int]) -> None:
+        """A delivery whose original could not be filed (its share went away just after the output was
+        written) is finished here once the share is back, rather than at the next start."""
+        for token in site.custody.own_deliveries():
+            run = token.rsplit("-", 1)[-1]
+            if run.isdigit() and int(run) in self.inflight:
+                continue  # a worker is delivering it right now
+            key = (name_of_inbox, f"delivering/{token}")
+            seen[key] = self._unheld.get(key, 0) + 1
+            if seen[key] < 2 or key in self.stuck:
+                continue
+            try:
+                settled = site.custody.settle(site.custody.host, token)
+            except OSError as exc:
+                logger.error("{}: cannot settle delivery {} yet: {}", site.inbox.path, shown(token), exc)
+                continue
+            del seen[key]
+            logger.info("{}: delivery {} {}", site.inbox.path, token,
+                        f"finished (original in {settled.parked})" if settled.finished else "undone: back in the inbox")
 
     # ------------------------------------------------------------------ sidecars on their own
 

@@ -155,3 +155,18 @@ def test_validate_judges_a_sidecar_in_its_inbox_as_the_daemon_would(tmp_path: Pa
     assert "no such file" in said["backdrop.yaml"]
     assert "at most 65536" in said["big.yaml"]
     assert said["fine.yaml"] == ""
+
+
+def test_an_original_that_could_not_be_filed_is_filed_by_the_running_daemon_once_it_can(tmp_path: Path) -> None:
+    from tests.helpers import DaemonThread, wait_for
+
+    config = make_config(tmp_path, watch={"lease_seconds": 2})
+    inbox = config.inboxes[0].path
+    (inbox / "done").write_text("someone's notes, not a folder")
+    with DaemonThread(config) as daemon:
+        write_samples(inbox, 1, size=(120, 90), seed=87)
+        wait_for(lambda: len(daemon.results) == 1)
+        assert daemon.results[0].state.value == "done" and "could not be filed" in daemon.results[0].error
+        (inbox / "done").unlink()  # someone tidied up: the original is filed without a restart
+        wait_for(lambda: len(files_under(inbox / "done")) == 1, timeout=30)
+    assert not files_under(inbox / ".bgwatch" / "delivering")
