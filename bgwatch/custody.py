@@ -46,6 +46,7 @@ KEPT = "kept"
 DONE_DIR = "done"
 FAILED_DIR = "failed"
 MARKER = "marker.json"
+TAKEN = "~from-"  # a silent host's delivery taken over by this one: delivering/<me>/<token>~from-<host>
 ERROR_NOTE = ".error.txt"
 
 DISPOSITIONS = ("move", "delete", "keep", "failed")
@@ -156,7 +157,7 @@ class Custody:
             st = src.lstat(parts[-1])
             if st is None:
                 return None
-            name = safefs.move_to_free_name(src, parts[-1], dst, parts[-1], unique_tag=self._tag())
+            name = safefs.move_into_own(src, parts[-1], dst, parts[-1])
             if name is None:
                 return None
             claimed = "/".join((*parts[:-1], name))
@@ -164,7 +165,7 @@ class Custody:
             if sidecar_rel is not None:
                 side_parts = _parts(sidecar_rel)
                 side_name = _sidecar_name_for(side_parts[-1], parts[-1], name)
-                got = safefs.move_to_free_name(src, side_parts[-1], dst, side_name, unique_tag=self._tag())
+                got = safefs.move_into_own(src, side_parts[-1], dst, side_name)
                 sidecar = "/".join((*parts[:-1], got)) if got is not None else None
         return Claim(self.inbox, self.host, "/".join(parts), claimed, sidecar)
 
@@ -390,16 +391,29 @@ class Custody:
 
     def reclaim(self, host: str) -> list[str]:
         """A silent host's files: settle its deliveries, return its claims to the inbox. Only regular
-        image and sidecar files, only from real folders: a planted link leads nowhere."""
+        image and sidecar files, only from real folders: a planted link leads nowhere.
+
+        Each is first taken over by one atomic rename into this host's own folders, so that if the silent
+        host wakes up mid-way (a paused VM), either its fence or this takeover wins, never both."""
         check_host(host)
         if host == self.host:
             raise ValueError("a host does not reclaim its own files while it runs")
         back: list[str] = []
         for token in self._names(DELIVERING, host):
+            mine = f"{token}{TAKEN}{host}"
             try:
-                settled = self.settle(host, token)
+                with self._work(DELIVERING, host, create=False) as src, \
+                        self._work(DELIVERING, self.host, create=True) as dst:
+                    safefs.move_noreplace(src, token, dst, mine, unique=True)
+            except FileNotFoundError:
+                continue  # another host took it over first
             except OSError as exc:
-                logger.error("cannot settle {}'s delivery {} in {}: {}", host, token, self.inbox, exc)
+                logger.error("cannot take over {}'s delivery {} in {}: {}", host, shown(token), self.inbox, exc)
+                continue
+            try:
+                settled = self.settle(self.host, mine)
+            except OSError as exc:
+                logger.error("cannot settle {}'s delivery {} in {}: {}", host, shown(token), self.inbox, exc)
                 continue
             back.append(f"{token}: {'finished' if settled.finished else 'returned'}")
         try:
@@ -414,15 +428,16 @@ class Custody:
                 if self._drop_if_linked(host, "/".join(parts)):
                     continue
                 with self.root() as root, root.sub(WORK_DIR, CLAIMED, host, *parts[:-1]) as src, \
-                        root.sub(*parts[:-1], create=True) as dst:
-                    got = safefs.move_to_free_name(src, parts[-1], dst, parts[-1], unique_tag=self._tag())
+                        root.sub(WORK_DIR, CLAIMED, self.host, *parts[:-1], create=True) as dst:
+                    taken = safefs.move_into_own(src, parts[-1], dst, parts[-1])
                 with self._work(CLAIMED, host, create=False) as base:
                     base.prune(*parts[:-1])
+                got = self._return(CLAIMED, "/".join((*parts[:-1], taken)), "/".join(parts)) if taken else None
             except OSError as exc:
                 logger.error("cannot return {}'s claim {} to {}: {}", host, shown("/".join(parts)), self.inbox, exc)
                 continue
             if got is not None:
-                back.append("/".join((*parts[:-1], got)))
+                back.append(got)
         return back
 
     def other_hosts(self) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from loguru import logger
 
 from bgwatch import safefs, sidecars
-from bgwatch.custody import CLAIMED, WORK_DIR, Claim, Settled
+from bgwatch.custody import CLAIMED, TAKEN, WORK_DIR, Claim, Settled
 from bgwatch.errors import BgwatchError
 from bgwatch.intake import InFlight, Intake, Site
 from bgwatch.jobs import Job, JobSpec, JobState
@@ -39,7 +39,8 @@ def recover(intake: Intake, host: str) -> list[Job]:
         for token in site.custody.own_deliveries():
             try:
                 result = site.custody.settle(host, token)
-                settled[int(token.rsplit("-", 1)[1])] = (site, result)
+                if TAKEN not in token:  # taken over from another host: its run ids are not ours
+                    settled[int(token.rsplit("-", 1)[1])] = (site, result)
                 logger.info("{}: delivery {} {} after the restart", site.inbox.path, token,
                             "finished" if result.finished else "undone (its file is back in the inbox)")
             except (*_RECOVERABLE,) as exc:

@@ -277,6 +277,9 @@ def move_noreplace(src: Folder, src_name: str, dst: Folder, dst_name: str, *, un
 
     NoReplaceUnsupported where the filesystem offers no way to do that, unless the caller vouches that
     `dst_name` is unique by construction (`unique=True`)."""
+    if unique:  # the caller vouches that nobody else creates this name: a plain rename is atomic and enough
+        os.rename(src_name, dst_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        return
     strategy = _strategy_for(dst)
     if strategy == RENAMEAT2 and _renameat2 is not None:
         rc = _renameat2(src.fd, os.fsencode(src_name), dst.fd, os.fsencode(dst_name), _RENAME_NOREPLACE)
@@ -295,18 +298,13 @@ def move_noreplace(src: Folder, src_name: str, dst: Folder, dst_name: str, *, un
                 raise
             _demote(dst, UNIQUE)
         else:
-            try:
+            # ENOENT here: the source name went (a concurrent mover of the same file, or an NFS retransmit
+            # of an unlink that did happen). Our link is kept either way: removing it could leave the file
+            # with no name at all. A second name for one file is resolved where it is met (same_file).
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(src_name, dir_fd=src.fd)
-            except FileNotFoundError:
-                # Someone moved the same source at the same moment (they linked it too, and unlinked it
-                # first): the file is theirs to place. Take back our link, so that one name remains.
-                os.unlink(dst_name, dir_fd=dst.fd)
-                raise
             return
-    if not unique:
-        raise NoReplaceUnsupported(errno.ENOTSUP, "no rename without replace and no hard links here",
-                                   str(dst.path))
-    os.rename(src_name, dst_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+    raise NoReplaceUnsupported(errno.ENOTSUP, "no rename without replace and no hard links here", str(dst.path))
 
 
 def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, unique_tag: str) -> str | None:
@@ -342,6 +340,24 @@ def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, uni
     except FileNotFoundError:
         return None
     return candidate
+
+
+def move_into_own(src: Folder, src_name: str, dst: Folder, name: str) -> str | None:
+    """Move into a folder only this process writes to (this host's claimed folder): `name`, or `name-N`
+    while an older file holds it. A plain rename: when several hosts race for one source, exactly one
+    rename finds it; the others get None. Returns the name used."""
+    for n in range(1, 10_000):
+        candidate = numbered(name, n)
+        if dst.lstat(candidate) is not None:
+            continue
+        try:
+            os.rename(src_name, candidate, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        except FileNotFoundError:
+            # NFS may answer a retransmitted rename that did succeed with ENOENT: if the file is now at our
+            # (free, ours alone) candidate, we won.
+            return candidate if dst.lstat(candidate) is not None else None
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no free name after 10000 tries", str(dst.path / name))
 
 
 def same_file(a: os.stat_result | None, b: os.stat_result | None) -> bool:
