@@ -4,7 +4,9 @@ Starts `bgwatch run` (a real daemon, classical masks, transparent cleanup) on a 
 `--count` product shots of `--mp` megapixels at once, samples the daemon's RSS every 0.2 s until every
 file is done, then for `--after` seconds more. Prints a table; not a timed test.
 
-    python bench/bench_burst.py [--count 6] [--mp 25] [--after 20]
+    python bench/bench_burst.py [--count 6] [--mp 25] [--after 20] [--no-trim]
+
+--no-trim runs the same daemon with its idle malloc_trim switched off (the A/B for that choice).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=6)
     parser.add_argument("--mp", type=float, default=25.0)
     parser.add_argument("--after", type=float, default=20.0)
+    parser.add_argument("--no-trim", action="store_true", help="switch off the daemon's idle malloc_trim")
     args = parser.parse_args()
 
     import psutil
@@ -41,7 +44,10 @@ def main() -> int:
     width = int(math.sqrt(args.mp * 1e6 * 3 / 2))
     staging = work / "staging"
     shots = write_samples(staging, args.count, size=(width, width * 2 // 3), seed=1)
-    daemon = subprocess.Popen([sys.executable, "-m", "bgwatch", "run", "-c", str(config)], cwd=ROOT,
+    launch = ("import sys; import bgwatch.daemon as d; d.trim_memory = (lambda: None) if sys.argv[1] == 'off' "
+              "else d.trim_memory; from bgwatch.cli import main; sys.exit(main(sys.argv[2:]))")
+    daemon = subprocess.Popen([sys.executable, "-c", launch, "off" if args.no_trim else "on", "run", "-c", str(config)],
+                              cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc = psutil.Process(daemon.pid)
     time.sleep(3)
@@ -62,7 +68,8 @@ def main() -> int:
     daemon.terminate()
     daemon.wait(timeout=60)
     mb = 1024 * 1024
-    print(f"{args.count} x {width}x{width * 2 // 3} ({args.mp:g} MP) JPEGs, cleanup transparent, classical masks")
+    print(f"{args.count} x {width}x{width * 2 // 3} ({args.mp:g} MP) JPEGs, cleanup transparent, classical masks, "
+          f"idle malloc_trim {'off' if args.no_trim else 'on'}")
     print("| idle before | peak in burst | burst s | 5 s after | " + f"{args.after:g} s after |")
     print("|---|---|---|---|---|")
     five = after[min(9, len(after) - 1)]
