@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from loguru import logger
 
 from bgwatch import safefs
+from bgwatch.kept import KeptRecords
 from bgwatch.safefs import Folder
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.text import shown
@@ -42,7 +43,6 @@ from bgwatch.text import shown
 WORK_DIR = ".bgwatch"
 CLAIMED = "claimed"
 DELIVERING = "delivering"
-KEPT = "kept"
 DONE_DIR = "done"
 FAILED_DIR = "failed"
 MARKER = "marker.json"
@@ -128,6 +128,7 @@ class Custody:
         self.inbox = Path(inbox)
         self.host = check_host(host)
         self.epoch = epoch
+        self.kept = KeptRecords(self._work, self.host)
 
     # ------------------------------------------------------------------ folders
 
@@ -374,7 +375,7 @@ class Custody:
                 if disposition == "keep":
                     # Recorded before the original reappears (a rename keeps size and mtime): a host that
                     # sees it back in the inbox knows at once that it was processed.
-                    self._remember_kept(src, "/".join(image), image[-1])
+                    self.kept.remember(src, "/".join(image), image[-1])
                 name = safefs.move_to_free_name(src, image[-1], dst, image[-1], unique_tag=self._tag())
                 if name is None:
                     return None
@@ -386,7 +387,7 @@ class Custody:
                 if disposition == "failed":
                     dst.write_atomic(note_name(name), error_note(name, reason).encode(), owner=self.host)
                 if disposition == "keep" and name != image[-1]:  # the name was taken meanwhile: numbered
-                    self._remember_kept(dst, "/".join((*rel_dir, name)), name)
+                    self.kept.remember(dst, "/".join((*rel_dir, name)), name)
         return parked
 
     def reclaim(self, host: str) -> list[str]:
@@ -460,42 +461,6 @@ class Custody:
         except (safefs.FolderMissing, safefs.UnsafeFolder, NotADirectoryError):
             return []
 
-    # ------------------------------------------------------------------ kept originals
-
-    def _remember_kept(self, folder: Folder, rel: str, name: str) -> None:
-        st = folder.lstat(name)
-        if st is None:
-            return
-        stem = os.path.splitext(name)[0]
-        sides = {entry: [est.st_size, est.st_mtime_ns] for entry, est in folder.entries()
-                 if os.path.splitext(entry)[1].lower() in SIDECAR_SUFFIXES
-                 and os.path.splitext(entry)[0] in (stem, name)}
-        record = {"rel": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sidecars": sides}
-        with self._work(KEPT, create=True) as kept:
-            kept.write_atomic(_kept_key(rel), json.dumps(record).encode(), owner=self.host)
-
-    def kept_record(self, rel: str) -> dict[str, object] | None:
-        try:
-            with self._work(KEPT, create=False) as kept:
-                data = json.loads(kept.read_bytes(_kept_key(rel), 1 << 16))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) and data.get("rel") == rel else None
-
-    def is_kept(self, rel: str, st: os.stat_result) -> bool:
-        """This image was processed and put back unchanged (by any host): not input again."""
-        record = self.kept_record(rel)
-        return record is not None and [record.get("size"), record.get("mtime_ns")] == [st.st_size, st.st_mtime_ns]
-
-    def kept_sidecar_unchanged(self, image_rel: str, sidecar_name: str, st: os.stat_result) -> bool:
-        record = self.kept_record(image_rel)
-        sides = record.get("sidecars") if record else None
-        return isinstance(sides, dict) and sides.get(sidecar_name) == [st.st_size, st.st_mtime_ns]
-
-    def forget_kept(self, rel: str) -> None:
-        with contextlib.suppress(OSError), self._work(KEPT, create=False) as kept:
-            kept.unlink(_kept_key(rel))
-
     # ------------------------------------------------------------------ done/ back to the inbox
 
     def restore(self, area: str, parked_rel: str, rel: str) -> str | None:
@@ -552,10 +517,6 @@ def _sibling(image_rel: str, sidecar_name: str, image_name: str) -> str:
     parts = PurePosixPath(image_rel)
     side = PurePosixPath(sidecar_name).name
     return str(parts.parent / _sidecar_name_for(side, PurePosixPath(image_name).name, parts.name))
-
-
-def _kept_key(rel: str) -> str:
-    return hashlib.sha256(os.fsencode(rel)).hexdigest()[:40] + ".json"
 
 
 def _is_temp(name: str) -> bool:

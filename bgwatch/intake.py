@@ -175,15 +175,15 @@ class Intake:
             images = sidecars.sidecar_images(path)
             st = os.lstat(path)
             for image in images:
-                if site.custody.kept_sidecar_unchanged(rel_of(site.inbox, image), name, st):
+                if site.custody.kept.sidecar_unchanged(rel_of(site.inbox, image), name, st):
                     continue  # put back beside its kept image, unchanged
-                site.custody.forget_kept(rel_of(site.inbox, image))  # a new or changed sidecar: redo it
+                site.custody.kept.forget(rel_of(site.inbox, image))  # a new or changed sidecar: redo it
                 self.pending.setdefault(image, Waiting(site, now))
             if not images:
                 self.orphans.setdefault(path, Waiting(site, now))
         elif suffix in IMAGE_SUFFIXES or suffix in UNREADABLE_IMAGE_SUFFIXES:
             st = os.lstat(path)
-            if site.inbox.on_success == "keep" and site.custody.is_kept(rel, st):
+            if site.inbox.on_success == "keep" and site.custody.kept.is_kept(rel, st):
                 return
             self.pending.setdefault(path, Waiting(site, now))
 
@@ -238,7 +238,7 @@ class Intake:
             return None
         if self.watcher is not None:
             self.watcher.forget(path)
-        if inbox.on_success == "keep" and site.custody.is_kept(rel, os.lstat(claim.path)):
+        if inbox.on_success == "keep" and site.custody.kept.is_kept(rel, os.lstat(claim.path)):
             site.custody.unclaim(claim)  # put back by the host that processed it while this one waited
             return None
         try:

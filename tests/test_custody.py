@@ -106,13 +106,13 @@ def test_keep_puts_the_original_back_and_every_host_knows_it_was_done(inbox: Pat
     assert files(inbox) == sorted([f".bgwatch/kept/{p.name}" for p in (inbox / ".bgwatch/kept").iterdir()]
                                   + ["a.jpg", "a.yaml"])
     other = Custody(inbox, "ws2", "e2")
-    assert other.is_kept("a.jpg", os.lstat(inbox / "a.jpg"))
-    assert other.kept_sidecar_unchanged("a.jpg", "a.yaml", os.lstat(inbox / "a.yaml"))
+    assert other.kept.is_kept("a.jpg", os.lstat(inbox / "a.jpg"))
+    assert other.kept.sidecar_unchanged("a.jpg", "a.yaml", os.lstat(inbox / "a.yaml"))
     (inbox / "a.yaml").write_text("background_color: '#000000'\n")
     os.utime(inbox / "a.yaml", ns=(1, 1))
-    assert not other.kept_sidecar_unchanged("a.jpg", "a.yaml", os.lstat(inbox / "a.yaml"))
+    assert not other.kept.sidecar_unchanged("a.jpg", "a.yaml", os.lstat(inbox / "a.yaml"))
     (inbox / "a.jpg").write_bytes(b"a new photo under the old name")
-    assert not other.is_kept("a.jpg", os.lstat(inbox / "a.jpg"))
+    assert not other.kept.is_kept("a.jpg", os.lstat(inbox / "a.jpg"))
 
 
 _CRASHING_DELIVERY = """
