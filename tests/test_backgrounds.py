@@ -195,6 +195,29 @@ def test_gradient_is_smooth_without_bands() -> None:
     assert np.all(np.diff(np.convolve(rows, np.ones(50) / 50, mode="valid")) > -0.02)
 
 
+@pytest.mark.parametrize("direction", ["vertical", "horizontal", "radial"])
+def test_gradient_in_strips_is_the_whole_frame_gradient(direction: str) -> None:
+    """Rendered strip by strip (the dither drawn as two streams), the pixels are those of the one-piece
+    render: an odd pixel count over more than one strip, so the second stream starts mid-step."""
+    width, height = 1201, 901
+    spec = replace_spec(engine="gradient", gradient=("#102030", "#f0e0d0"), gradient_direction=direction)
+    out = load_background_engine("gradient", CPU).render(BackgroundRequest.from_spec(spec, width, height))
+    start, end = np.array([16, 32, 48], np.float32), np.array([240, 224, 208], np.float32)
+    t: np.ndarray
+    if direction == "vertical":
+        t = np.broadcast_to(np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None], (height, width))
+    elif direction == "horizontal":
+        t = np.broadcast_to(np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :], (height, width))
+    else:
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        cx, cy = (width - 1) / 2, (height - 1) / 2
+        t = np.hypot(xx - cx, yy - cy) / max(np.hypot(cx, cy), 1.0)
+    rng = np.random.default_rng(0)
+    dither = rng.random((height, width, 1), np.float32) - rng.random((height, width, 1), np.float32)
+    whole = np.clip(np.rint(start + (end - start) * t[..., None] + dither), 0, 255).astype(np.uint8)
+    assert np.array_equal(out, whole)
+
+
 @pytest.mark.parametrize("direction", ["horizontal", "radial"])
 def test_gradient_directions(direction: str) -> None:
     spec = replace_spec(engine="gradient", gradient=("#000000", "#ffffff"), gradient_direction=direction)

@@ -193,6 +193,18 @@ def test_parts_above_the_base_cast_no_shadow_of_their_own() -> None:
     assert shade[handle_bottom + 2 : handle_bottom + 20, handle_cols].max() < 0.02
 
 
+def test_the_shadow_read_in_windows_is_the_whole_shadow() -> None:
+    from bgwatch.pipeline.composite import _shadow_stamps
+
+    scene = bottle_scene(size=(320, 300), with_handle=True)
+    shadow = _shadow_stamps(scene.alpha)
+    whole = contact_shadow(scene.alpha)
+    assert whole.shape == scene.alpha.shape and whole.max() > 0.2
+    pieces = np.concatenate([shadow.rows((y0, min(y0 + 37, 300), 0, 320)) for y0 in range(0, 300, 37)])
+    assert np.abs(pieces - whole).max() < 1e-6
+    assert np.abs(shadow.rows((150, 290, 40, 250)) - whole[150:290, 40:250]).max() < 1e-6
+
+
 def test_no_subject_gives_the_backdrop() -> None:
     backdrop = np.full((40, 50, 3), 77, np.uint8)
     out = composite(

@@ -23,6 +23,7 @@ import numpy as np
 
 from bgwatch.errors import EngineError, InputError
 from bgwatch.jobs import DEFAULT_RUNWAY_MODEL, DEFAULT_SDXL_MODEL, GENERATIVE_ENGINES, JobSpec
+from bgwatch.pipeline.tiles import strips
 
 if TYPE_CHECKING:
     from bgwatch.config import Config
@@ -210,15 +211,36 @@ def fit_contain(image: np.ndarray, width: int, height: int) -> np.ndarray:
     sigma = max(width, height) / 30
     canvas = cv2.GaussianBlur(canvas, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
     x, y = (width - sw) // 2, (height - sh) // 2
-    sharp = canvas.copy()
-    sharp[y : y + sh, x : x + sw] = _resize(image, sw, sh)
-    # Fade the image's own border into the blurred margin over a few pixels: no hard seam.
+    inner = _resize(image, sw, sh)
+    # Fade the image's own border into the blurred margin over a few pixels: no hard seam. The fade is the
+    # Gaussian blur of a rectangle, a product of a blurred row and a blurred column: made in strips of rows
+    # straight into the canvas, never a full-size float image.
     seam = max(1.0, max(width, height) / 300)
     inset = int(2 * seam)
-    weight = np.zeros((height, width), np.float32)
-    weight[y + inset : y + sh - inset, x + inset : x + sw - inset] = 1.0
-    blend = np.asarray(cv2.GaussianBlur(weight, (0, 0), seam))[..., None]
-    return np.asarray(np.clip(np.rint(sharp * blend + canvas * (1.0 - blend)), 0, 255), np.uint8)
+    fade_y = _blurred_step(height, y + inset, y + sh - inset, seam)
+    fade_x = _blurred_step(width, x + inset, x + sw - inset, seam)[None, :, None]
+    for s0, s1 in strips(height, width):
+        sharp = canvas[s0:s1].copy()
+        r0, r1 = max(s0, y), min(s1, y + sh)
+        if r1 > r0:
+            sharp[r0 - s0 : r1 - s0, x : x + sw] = inner[r0 - y : r1 - y]
+        blend = fade_y[s0:s1, None, None] * fade_x
+        rows = sharp * blend + canvas[s0:s1] * (1.0 - blend)
+        canvas[s0:s1] = np.clip(np.rint(rows), 0, 255)
+    return canvas
+
+
+def _blurred_step(length: int, start: int, stop: int, sigma: float) -> np.ndarray:
+    """1 on start:stop and 0 elsewhere, Gaussian-blurred as cv2.GaussianBlur blurs a float image (its kernel
+    size, its reflect-101 border): one axis of the blurred rectangle."""
+    import cv2
+
+    step = np.zeros(length, np.float32)
+    step[max(0, start) : max(0, stop)] = 1.0
+    size = round(sigma * 8 + 1) | 1
+    kernel = cv2.getGaussianKernel(size, sigma, cv2.CV_32F)[:, 0]
+    padded = np.pad(step, size // 2, mode="reflect")
+    return np.asarray(np.convolve(padded, kernel, mode="valid"), np.float32)
 
 
 # ---------------------------------------------------------------- plain engines
@@ -254,28 +276,41 @@ class GradientEngine:
         pass
 
     def render(self, request: BackgroundRequest) -> np.ndarray:
+        """Rendered strip by strip into the uint8 result: the ramp is a row or a column (radial: one strip's
+        distances), never a full-size float image."""
+        from bgwatch.pipeline.tiles import strips
+
         w, h = request.width, request.height
         start = np.array(parse_color(request.gradient[0], "gradient"), np.float32)
         end = np.array(parse_color(request.gradient[1], "gradient"), np.float32)
         direction = request.gradient_direction
-        if direction == "vertical":
-            t = np.broadcast_to(np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None], (h, w))
-        elif direction == "horizontal":
-            t = np.broadcast_to(np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :], (h, w))
-        elif direction == "radial":
-            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-            cx, cy = (w - 1) / 2, (h - 1) / 2
-            t = np.hypot(xx - cx, yy - cy) / max(np.hypot(cx, cy), 1.0)
-        else:
+        if direction not in ("vertical", "horizontal", "radial"):
             raise EngineError(
                 "gradient", f"gradient_direction {direction!r} (allowed: vertical, horizontal, radial)"
             )
         # A triangular dither of +-1 level (seeded: a request always gives the same pixels) breaks up the
-        # 8-bit steps of a long, shallow ramp, which otherwise show as bands.
-        rng = np.random.default_rng(0)
-        dither = rng.random((h, w, 1), np.float32) - rng.random((h, w, 1), np.float32)
-        out = start + (end - start) * t[..., None] + dither
-        return np.asarray(np.clip(np.rint(out), 0, 255), np.uint8)
+        # 8-bit steps of a long, shallow ramp, which otherwise show as bands. The two uniform fields are
+        # one stream each, drawn strip by strip: the second starts where h * w draws of the first end.
+        later = np.random.PCG64(0)  # default_rng(0)'s bit generator
+        later.advance((h * w) // 2)  # two float32 draws a step
+        first, second = np.random.default_rng(0), np.random.Generator(later)
+        if (h * w) % 2:
+            second.random(1, np.float32)
+        out = np.empty((h, w, 3), np.uint8)
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        for y0, y1 in strips(h, w):
+            t: np.ndarray
+            if direction == "vertical":
+                t = np.linspace(0.0, 1.0, h, dtype=np.float32)[y0:y1, None]
+            elif direction == "horizontal":
+                t = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
+            else:
+                yy, xx = np.mgrid[y0:y1, 0:w].astype(np.float32)
+                t = np.hypot(xx - cx, yy - cy) / max(np.hypot(cx, cy), 1.0)
+            dither = first.random((y1 - y0, w, 1), np.float32) - second.random((y1 - y0, w, 1), np.float32)
+            rows = start + (end - start) * t[..., None] + dither
+            out[y0:y1] = np.clip(np.rint(rows), 0, 255)
+        return out
 
 
 class ImageEngine:
