@@ -32,6 +32,10 @@ class Prepared:
     job: Job
     image: DecodedImage
     timings: dict[str, float] = field(default_factory=dict)
+    # A mask that needs no model (classical) is made here, in the CPU pool, not on the single device
+    # worker: a big image's mask then never holds up the small images queued behind it.
+    alpha: np.ndarray | None = None  # uint8 HxW
+    mask_engine: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +109,15 @@ def prepare(job: Job, config: Config, *, max_memory: int = DEFAULT_MAX_MEMORY) -
     check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
     image = imageio.decode(job.source, max_pixels=config.limits.max_pixels)
     _timed(timings, "prepare", start)
-    return Prepared(job=job, image=image, timings=timings)
+    from bgwatch.pipeline import masking
+
+    if masking.resolve_mask_engine_name(job.spec.mask) != "classical":
+        return Prepared(job=job, image=image, timings=timings)
+    start = time.perf_counter()
+    engine = masking.load_mask_engine(job.spec.mask, config.device)
+    alpha = masking.to_alpha8(engine.predict(image.rgb))
+    _timed(timings, "mask", start)
+    return Prepared(job=job, image=image, timings=timings, alpha=alpha, mask_engine=engine.name)
 
 
 class Engines:
@@ -184,10 +196,13 @@ def infer(prepared: Prepared, engines: Engines) -> Inferred:
     start = time.perf_counter()
     from bgwatch.pipeline.masking import to_alpha8
 
-    raw, mask_label = engines.mask(prepared.image.rgb, spec)
-    alpha = to_alpha8(raw)
-    del raw
-    _timed(timings, "mask", start)
+    if prepared.alpha is not None:
+        alpha, mask_label = prepared.alpha, prepared.mask_engine
+    else:
+        raw, mask_label = engines.mask(prepared.image.rgb, spec)
+        alpha = to_alpha8(raw)
+        del raw
+        _timed(timings, "mask", start)
     backdrop = None
     bg_label = ""
     seed = spec.seed
