@@ -277,14 +277,8 @@ class Custody:
                               "disposition": disposition, "run_id": run_id}
                     box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)
                     return self._settle_own(token, marker)
-                tmp = safefs.temp_name(output.name, self.host)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                             dir_fd=out_dir.fd)
+                tmp = out_dir.write_temp(output.name, data, owner=self.host)
                 try:
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(data)
-                        handle.flush()
-                        os.fsync(handle.fileno())
                     marker = {"rel": claim.rel, "output": str(output), "sha256": hashlib.sha256(data).hexdigest(),
                               "disposition": disposition, "run_id": run_id}
                     box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)

@@ -187,8 +187,9 @@ class Folder:
                 raise OSError(errno.EINVAL, "not a regular file", str(self.path / name))
             return handle.read(limit)
 
-    def write_atomic(self, name: str, data: bytes, *, owner: str = "") -> None:
-        """Readers see the old file or the whole new one: temp name, fsync, rename over `name`."""
+    def write_temp(self, name: str, data: bytes, *, owner: str = "") -> str:
+        """Write `data` under a fresh temp name for `name` and fsync it; returns the temp name (removed
+        again if the write fails). The caller renames it into place."""
         tmp = temp_name(name, owner)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                      dir_fd=self.fd)
@@ -197,6 +198,15 @@ class Folder:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+        except BaseException:
+            self.unlink(tmp)
+            raise
+        return tmp
+
+    def write_atomic(self, name: str, data: bytes, *, owner: str = "") -> None:
+        """Readers see the old file or the whole new one: temp name, fsync, rename over `name`."""
+        tmp = self.write_temp(name, data, owner=owner)
+        try:
             os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except BaseException:
             self.unlink(tmp)
