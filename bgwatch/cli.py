@@ -188,7 +188,7 @@ def _preflight(config: Any) -> list[str]:
     """The folder checks of `bgwatch doctor` before anything starts: an error refuses to start (exit 2,
     which the unit does not restart), warnings go to the log once logging is set up."""
     from bgwatch import doctor
-    from bgwatch.daemon import InstanceLock
+    from bgwatch.service import InstanceLock
 
     if InstanceLock.held(config.state_dir):
         raise ConfigError(config.source or "(built-in config)", "state_dir",

@@ -140,13 +140,6 @@ class Custody:
         with self.root() as root:
             return root.sub(WORK_DIR, *names, create=create)
 
-    def present(self) -> bool:
-        try:
-            self.root().close()
-        except OSError:
-            return False
-        return True
-
     # ------------------------------------------------------------------ claim
 
     def claim(self, rel: str, sidecar_rel: str | None = None) -> Claim | None:
@@ -155,9 +148,6 @@ class Custody:
         parts = _parts(rel)
         with self.root() as root, root.sub(*parts[:-1]) as src, \
                 root.sub(WORK_DIR, CLAIMED, self.host, *parts[:-1], create=True) as dst:
-            st = src.lstat(parts[-1])
-            if st is None:
-                return None
             name = safefs.move_into_own(src, parts[-1], dst, parts[-1])
             if name is None:
                 return None

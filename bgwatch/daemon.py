@@ -13,14 +13,11 @@ leaving the open jobs for the next start), HUP reloads config.yaml.
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import functools
 import json
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from collections import deque
@@ -35,7 +32,7 @@ from bgwatch import safefs
 from bgwatch.budget import MemoryBudget
 from bgwatch.config import Config, load_config
 from bgwatch.custody import Custody
-from bgwatch.errors import BgwatchError, ConfigError
+from bgwatch.errors import BgwatchError
 from bgwatch.httpjobs import HTTP_INBOX, HttpDoor
 from bgwatch.intake import Intake, Site, Started, fail_job, share_away, superseded
 from bgwatch.jobs import Job, JobState, RunResult
@@ -43,6 +40,7 @@ from bgwatch.liveness import Heartbeat, Liveness, new_epoch
 from bgwatch.pipeline import stages
 from bgwatch.ratelimit import TokenBucket
 from bgwatch.recovery import recover
+from bgwatch.service import STATUS_FILE, InstanceLock, Progress, sd_notify, trim_memory
 from bgwatch.store import Store
 from bgwatch.text import shown
 
@@ -50,90 +48,7 @@ if TYPE_CHECKING:
     from bgwatch.metrics import Metrics
 
 T = TypeVar("T")
-STATUS_FILE = "status.json"
 STATUS_SECONDS = 2.0
-
-
-def trim_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc malloc_trim): the decoded images of a burst
-    leave freed-but-kept arenas in every worker thread; a no-op where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        return
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) how we are; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)  # a receiver that does not read must not hold the daemon
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        logger.debug("sd_notify failed: {}", exc)
-
-
-class InstanceLock:
-    """One daemon per state folder: its open rows are then orphans after a crash, by definition."""
-
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "bgwatch.lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise ConfigError(state_dir, "state_dir",
-                              f"another bgwatch is already running with this state folder (lock {self.path})") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        os.close(self._fd)
-
-    @staticmethod
-    def held(state_dir: Path) -> bool:
-        path = state_dir / "bgwatch.lock"
-        if not path.exists():
-            return False
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-
-class Progress:
-    """When each worker thread last made progress, and whether it is inside a job (for the watchdog)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._busy_since: dict[str, float | None] = {}
-
-    def idle(self) -> None:
-        with self._lock:
-            self._busy_since[threading.current_thread().name] = None
-
-    def busy(self) -> None:
-        with self._lock:
-            self._busy_since[threading.current_thread().name] = self.clock()
-
-    def stalled(self, limit: float) -> list[str]:
-        now = self.clock()
-        with self._lock:
-            return [name for name, since in self._busy_since.items() if since is not None and now - since > limit]
 
 
 class Daemon:

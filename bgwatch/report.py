@@ -109,7 +109,7 @@ def waiting(inbox: Any) -> int:
 
 
 def status_of(config: Any) -> dict[str, Any]:
-    from bgwatch.daemon import InstanceLock
+    from bgwatch.service import InstanceLock
 
     running = InstanceLock.held(config.state_dir)
     counts: dict[str, int] = {}
@@ -154,7 +154,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def live_status(config: Any) -> dict[str, Any] | None:
-    from bgwatch.daemon import STATUS_FILE
+    from bgwatch.service import STATUS_FILE
 
     try:
         return dict(json.loads((config.state_dir / STATUS_FILE).read_text()))

@@ -14,9 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from bgwatch.daemon import Daemon, InstanceLock
+from bgwatch.daemon import Daemon
 from bgwatch.errors import BgwatchError
 from bgwatch.samples import write_samples
+from bgwatch.service import InstanceLock
 from tests.helpers import DaemonThread, files_under, make_config, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -179,7 +179,7 @@ def test_run_exits_2_on_a_config_error_and_on_a_second_daemon(tmp_path: Path) ->
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
     config = _config(tmp_path)
-    from bgwatch.daemon import InstanceLock
+    from bgwatch.service import InstanceLock
 
     lock = InstanceLock(tmp_path / "state")  # another daemon holds this state folder
     try:

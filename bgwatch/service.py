@@ -1,0 +1,105 @@
+"""How a bgwatch process lives as a service, apart from what it does: one daemon per state folder
+(InstanceLock), systemd's notify protocol (sd_notify), the progress the watchdog is judged by (Progress),
+handing memory back after a burst (trim_memory), and the live status file.
+
+Kept light (no pipeline import): `bgwatch status` reads the lock and the status file through it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from loguru import logger
+
+from bgwatch.errors import ConfigError
+
+STATUS_FILE = "status.json"
+
+
+def trim_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim): the decoded images of a burst
+    leave freed-but-kept arenas in every worker thread; a no-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how we are; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)  # a receiver that does not read must not hold the daemon
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        logger.debug("sd_notify failed: {}", exc)
+
+
+class InstanceLock:
+    """One daemon per state folder: its open rows are then orphans after a crash, by definition."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "bgwatch.lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise ConfigError(state_dir, "state_dir",
+                              f"another bgwatch is already running with this state folder (lock {self.path})") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+    @staticmethod
+    def held(state_dir: Path) -> bool:
+        path = state_dir / "bgwatch.lock"
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+class Progress:
+    """When each worker thread last made progress, and whether it is inside a job (for the watchdog)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._busy_since: dict[str, float | None] = {}
+
+    def idle(self) -> None:
+        with self._lock:
+            self._busy_since[threading.current_thread().name] = None
+
+    def busy(self) -> None:
+        with self._lock:
+            self._busy_since[threading.current_thread().name] = self.clock()
+
+    def stalled(self, limit: float) -> list[str]:
+        now = self.clock()
+        with self._lock:
+            return [name for name, since in self._busy_since.items() if since is not None and now - since > limit]
