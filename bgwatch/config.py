@@ -157,6 +157,8 @@ def check_http(where: Path | str, http: HttpSettings) -> None:
 class PipelineSettings:
     window_per_worker: int = 4  # files claimed ahead per device worker; the rest stay in the inbox
     prepare_threads: int = 2
+    mask_threads: int = 1  # model masks on the CPU (ONNX Runtime); on CUDA they run on the device worker
+    remote_threads: int = 2  # Runway tasks in flight at once (each polls for up to runway.task_deadline)
     finish_threads: int = 2
     stop_timeout: float = 120.0  # SIGTERM drains in-flight jobs this long at most; the rest wait for the next start
     stall_seconds: float = 900.0  # a worker busy with one job longer than this stops the systemd watchdog pings
@@ -327,6 +329,8 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
     pipeline = PipelineSettings(
         window_per_worker=p.number("window_per_worker", 4, minimum=1, integer=True),
         prepare_threads=p.number("prepare_threads", 2, minimum=1, integer=True),
+        mask_threads=p.number("mask_threads", PipelineSettings().mask_threads, minimum=1, integer=True),
+        remote_threads=p.number("remote_threads", PipelineSettings().remote_threads, minimum=1, integer=True),
         finish_threads=p.number("finish_threads", 2, minimum=1, integer=True),
         stop_timeout=p.number("stop_timeout", PipelineSettings().stop_timeout, minimum=0),
         stall_seconds=p.number("stall_seconds", PipelineSettings().stall_seconds, minimum=1),

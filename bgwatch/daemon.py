@@ -1,8 +1,8 @@
-"""The daemon: wires watcher -> intake -> prepare -> device -> finish -> custody, and keeps going.
+"""The daemon: wires watcher -> intake -> workers (prepare, mask, gate, device, finish) -> custody.
 
 Threads: the main thread runs the intake (claims, records runs, records outcomes) and the signal flags;
-a pool prepares, one worker per device infers with its models loaded, a pool finishes, writes the output
-and files the original (fenced, through custody). Workers hand outcomes back on the intake's queue and
+the stage workers (workers.py) prepare, mask, generate and finish; the finish pool writes the output and
+files the original (fenced, through custody). Workers hand outcomes back on the intake's queue and
 never touch the runs table. A heartbeat thread beats and returns silent hosts' claims; it never touches
 SQLite and never dies of an exception. systemd's watchdog is pinged by the main loop only while every
 busy worker has made progress within `pipeline.stall_seconds`.
@@ -13,10 +13,8 @@ leaving the open jobs for the next start), HUP reloads config.yaml.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import queue
 import signal
 import threading
 import time
@@ -24,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -43,11 +41,11 @@ from bgwatch.recovery import recover
 from bgwatch.service import STATUS_FILE, InstanceLock, Progress, sd_notify, trim_memory
 from bgwatch.store import Store
 from bgwatch.text import shown
+from bgwatch.workers import Workers
 
 if TYPE_CHECKING:
     from bgwatch.metrics import Metrics
 
-T = TypeVar("T")
 STATUS_SECONDS = 2.0
 
 
@@ -65,6 +63,7 @@ class Daemon:
         self.force_event = threading.Event()  # a second signal: leave now
         self.abort_event = threading.Event()  # workers exit now
         self._reload_requested = threading.Event()
+        self._signals: deque[int] = deque()  # noted by the signal handlers, acted on by the main loop
         self.store = Store(config.db_path)
         self.job_bucket = TokenBucket(config.limits.jobs_per_minute)
         self.budget = MemoryBudget(config.limits.max_memory)
@@ -76,14 +75,13 @@ class Daemon:
                              on_result=self._result_recorded if http else on_result)
         self.liveness = Liveness()
         self.progress = Progress()
-        self.prepare_q: queue.Queue[Job | None] = queue.Queue()  # run ids' jobs: the window bounds it
-        self.device_q: queue.Queue[stages.Prepared] = queue.Queue(maxsize=2)
-        self.finish_q: queue.Queue[stages.Inferred] = queue.Queue(maxsize=2)
-        self.threads: list[threading.Thread] = []
+        self.workers = Workers(config, self.engines, budget=self.budget, job_bucket=self.job_bucket,
+                               progress=self.progress, abort=self.abort_event, started=self._started,
+                               deliver=self._deliver, fail=self._fail)
+        self.heartbeat_thread: threading.Thread | None = None
         # The HTTP door (http.listen): its own window in the same queue; its runs are recorded by this thread.
         self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
-                             depth=lambda: self.prepare_q.qsize() + self.device_q.qsize() + self.finish_q.qsize(),
-                             metrics=metrics) if http else None
+                             depth=lambda: sum(self.workers.depths().values()), metrics=metrics) if http else None
         self._config_mtime = self._mtime(config.source)
         self._last_heartbeat = time.monotonic()
         self._next_watchdog = 0.0
@@ -116,7 +114,10 @@ class Daemon:
             return None
 
     def _submit(self, job: Job) -> None:
-        self.prepare_q.put(job)
+        self.workers.submit(job)
+
+    def _started(self, job: Job) -> None:
+        self.intake.outcomes.put(Started(job.run_id, time.time()))
 
     def _result_recorded(self, result: RunResult) -> None:
         """With the HTTP door: the caller's on_result, then the door wakes the request waiting for it."""
@@ -131,25 +132,30 @@ class Daemon:
         if self.stop_event.is_set():
             self.force_event.set()
         self.stop_event.set()
+        self.intake.wake.set()
 
     def request_reload(self) -> None:
         self._reload_requested.set()
+        self.intake.wake.set()
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
-        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
-        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        """Handlers only note the signal (a deque append takes no lock: a handler that set an Event could
+        deadlock on the lock the interrupted main thread holds); the main loop acts on it within 0.1 s."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda number, _frame: self._signals.append(number))
+
+    def _take_signals(self) -> None:
+        while self._signals:
+            if self._signals.popleft() == signal.SIGHUP:
+                self.request_reload()
+            else:
+                self.request_stop()
 
     def _start_threads(self) -> None:
-        specs = [("prepare", self._prepare_loop, self.config.pipeline.prepare_threads),
-                 ("device", self._device_loop, 1),
-                 ("finish", self._finish_loop, self.config.pipeline.finish_threads),
-                 ("heartbeat", self._heartbeat_loop, 1)]
-        for name, target, count in specs:
-            for i in range(count):
-                thread = threading.Thread(target=target, name=f"bgwatch-{name}-{i}", daemon=True)
-                thread.start()
-                self.threads.append(thread)
+        self.workers.start()
+        self.heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="bgwatch-heartbeat-0",
+                                                 daemon=True)
+        self.heartbeat_thread.start()
 
     def run(self) -> int:
         lock = InstanceLock(self.config.state_dir)
@@ -168,7 +174,11 @@ class Daemon:
             logger.info("bgwatch watching {} inbox(es) as host {}", len(self.config.inboxes), self.config.host)
             next_status = 0.0
             was_busy = False
-            while not self.stop_event.is_set():
+            while True:
+                self.intake.wake.clear()  # before the tick: a wake during it is not lost
+                self._take_signals()
+                if self.stop_event.is_set():
+                    break
                 self._maybe_reload()
                 self.intake.tick()
                 busy = self.intake.busy()
@@ -183,7 +193,9 @@ class Daemon:
                 self._watchdog()
                 if self.once and self.intake.idle() and not self.intake.busy():
                     break
-                self.stop_event.wait(0.1)
+                # A close-after-write, an outcome or a signal wakes the loop at once; rescans, settle
+                # waits and the status tick need no more than a tenth of a second.
+                self.intake.wake.wait(0.1)
             sd_notify("STOPPING=1")
             if self.http is not None:
                 self.http.stop_accepting()
@@ -194,12 +206,11 @@ class Daemon:
                 self.http.close()
             self.intake.stop()
             self.abort_event.set()
-            for _ in self.threads:
-                self.prepare_q.put(None)
-            deadline = time.monotonic() + 5
-            for thread in self.threads:
-                thread.join(timeout=max(0.0, deadline - time.monotonic()))
-            alive = [t.name for t in self.threads if t.is_alive()]
+            alive = self.workers.stop(timeout=5)
+            if self.heartbeat_thread is not None:
+                self.heartbeat_thread.join(timeout=1)
+                if self.heartbeat_thread.is_alive():
+                    alive.append(self.heartbeat_thread.name)
             self.intake.apply_outcomes()
             if alive:  # stuck in a job (a hung GPU call): the store stays open for it; the process ends anyway
                 logger.warning("leaving with {} still busy; their jobs are taken again at the next start",
@@ -241,6 +252,7 @@ class Daemon:
             self.intake.apply_outcomes()
             self._watchdog()
             time.sleep(0.05)
+            self._take_signals()
         if self.intake.inflight:
             logger.warning("stopping with {} job(s) unfinished; they are taken again at the next start",
                            len(self.intake.inflight))
@@ -271,10 +283,10 @@ class Daemon:
         inflight = len(self.intake.inflight)
         status = {"pid": os.getpid(), "host": self.config.host, "epoch": self.epoch, "updated_at": time.time(),
                   "in_flight": inflight, "waiting": len(self.intake.pending),
+                  "stages": {"handled": self.workers.handled(), "waiting": self.workers.depths()},
                   "left": len(watcher.left()) if watcher is not None else 0, "inboxes": inboxes}
         if self.metrics is not None:
-            for stage, depth in (("prepare", self.prepare_q.qsize()), ("device", self.device_q.qsize()),
-                                 ("finish", self.finish_q.qsize())):
+            for stage, depth in self.workers.depths().items():
                 self.metrics.queue_depth(stage, depth)
         try:
             safefs.write_file_atomic(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=1).encode())
@@ -304,6 +316,7 @@ class Daemon:
             logger.warning("host changes need a restart; keeping {}", self.config.host)
             new = replace(new, host=self.config.host)
         self.engines.reconfigure(new)
+        self.workers.reconfigure(new)
         self.config = new
         self.job_bucket.set_rate(new.limits.jobs_per_minute)
         self.budget.set_total(new.limits.max_memory)
@@ -315,61 +328,7 @@ class Daemon:
         self._make_outboxes()
         logger.info("config reloaded from {}", new.source)
 
-    # ------------------------------------------------------------------ stage workers
-
-    def _prepare_loop(self) -> None:
-        while not self.abort_event.is_set():
-            self.progress.idle()
-            job = self.prepare_q.get()
-            if job is None or self.abort_event.is_set():
-                return
-            if not self.job_bucket.acquire(self.abort_event):
-                return
-            self.progress.busy()
-            self.intake.outcomes.put(Started(job.run_id, time.time()))
-            self._guard(job, functools.partial(self._prepare, job))
-
-    def _device_loop(self) -> None:
-        while not self.abort_event.is_set():
-            self.progress.idle()
-            self.engines.between_jobs()
-            try:
-                prepared = self.device_q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            self.progress.busy()
-            self._guard(prepared.job, functools.partial(self._infer, prepared))
-
-    def _finish_loop(self) -> None:
-        while not self.abort_event.is_set():
-            self.progress.idle()
-            try:
-                inferred = self.finish_q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            self.progress.busy()
-            job = inferred.prepared.job
-            self._guard(job, functools.partial(self._finish, inferred))
-
-    def _prepare(self, job: Job) -> None:
-        from bgwatch.pipeline.imageio import probe_size
-
-        max_memory = self.config.limits.max_memory
-        width, height = probe_size(job.source)  # the header only: admission before a pixel is decoded
-        stages.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
-        if not self.budget.acquire(job.run_id, stages.job_memory(width, height, job.spec), self.abort_event):
-            raise _Aborted
-        prepared = stages.prepare(job, self.config, max_memory=max_memory)
-        _put(self.device_q, prepared, self.abort_event)
-
-    def _infer(self, prepared: stages.Prepared) -> None:
-        _put(self.finish_q, stages.infer(prepared, self.engines), self.abort_event)
-
-    def _finish(self, inferred: stages.Inferred) -> None:
-        try:
-            self._deliver(stages.finish(inferred))
-        finally:
-            self.budget.release(inferred.prepared.job.run_id)
+    # ------------------------------------------------------------------ results from the workers
 
     def _site(self, job: Job) -> Site:
         site = self.sites.get(job.inbox)
@@ -408,26 +367,6 @@ class Daemon:
             job.run_id, JobState.DONE, site.inbox.outbox / job.output_rel, error=settled.problem,
             mask_engine=finished.mask_engine, bg_engine=finished.bg_engine, seed=finished.seed,
             timings=finished.timings, parked=settled.parked))
-
-    def _guard(self, job: Job, work: Callable[[], None]) -> None:
-        """Run one stage of a job; whatever goes wrong fails that job only, and the daemon carries on."""
-        try:
-            work()
-        except _Aborted:
-            return  # stopping: the run stays open and the next start takes it again
-        except BgwatchError as exc:
-            if self.abort_event.is_set():
-                logger.warning("run {}: interrupted by shutdown; it will be taken again at the next start",
-                               job.run_id)
-                return
-            self._fail(job, str(exc))
-        except MemoryError:
-            self._fail(job, "out of memory while processing this image; try a smaller image")
-        except OSError as exc:
-            self._fail(job, f"file system error: {exc}")
-        except Exception as exc:  # a bug must cost one job, not the daemon: logged with its traceback
-            logger.exception("run {}: unexpected error", job.run_id)
-            self._fail(job, f"internal error ({type(exc).__name__}: {exc}); see logs/error.log")
 
     def _fail(self, job: Job, reason: str) -> None:
         """File the original in failed/ and report it; the worker survives whatever happens here."""
@@ -468,18 +407,3 @@ class Daemon:
                 self._beat()
             except Exception:  # the heartbeat must never die: a dead heartbeat gets this host's claims taken
                 logger.exception("heartbeat: unexpected error; beating again in {:g} s", self._heartbeat_interval())
-
-
-class _Aborted(Exception):
-    """The daemon is leaving while a stage waited to hand on its result."""
-
-
-def _put(q: queue.Queue[T], item: T, abort: threading.Event) -> None:
-    """Hand a result to the next stage; bounded, so a full stage holds this one (backpressure)."""
-    while not abort.is_set():
-        try:
-            q.put(item, timeout=0.2)
-            return
-        except queue.Full:
-            continue
-    raise _Aborted

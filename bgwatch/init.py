@@ -35,6 +35,8 @@ watch:
 pipeline:
   window_per_worker: 4
   prepare_threads: 2
+  mask_threads: 1
+  remote_threads: 2
   finish_threads: 2
   stop_timeout: 120
   stall_seconds: 900

@@ -14,6 +14,7 @@ import os
 import queue
 import sqlite3
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -80,10 +81,23 @@ def rel_of(inbox: InboxConfig, path: Path) -> str:
     return PurePosixPath(*Path(os.path.abspath(path)).relative_to(os.path.abspath(inbox.path)).parts).as_posix()
 
 
+class Outcomes(queue.SimpleQueue[Outcome]):
+    """The workers' outcomes for the main thread; each one wakes it, so a finished job frees its room in
+    the window at once."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self.wake = wake
+
+    def put(self, item: Outcome, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake.set()
+
+
 class Intake:
     def __init__(self, config: Config, store: Store, sites: dict[str, Site], submit: Callable[[Job], None], *,
                  once: bool = False, on_result: Callable[[RunResult], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wake: threading.Event | None = None) -> None:
         self.config = config
         self.store = store
         self.sites = sites
@@ -91,7 +105,9 @@ class Intake:
         self.once = once
         self.on_result = on_result
         self.clock = clock
-        self.outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        # Set by the watcher on a close-after-write and by every outcome: the main thread's tick is due.
+        self.wake = wake if wake is not None else threading.Event()
+        self.outcomes = Outcomes(self.wake)
         self.watcher: InboxWatcher | None = None
         self.pending: dict[Path, Waiting] = {}  # stable images not yet claimed (no room, or awaiting sidecar)
         self.orphans: dict[Path, Waiting] = {}  # stable sidecars whose image is not in the inbox
@@ -110,7 +126,7 @@ class Intake:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.watcher = InboxWatcher(self.config.inboxes, self.config.watch)
+        self.watcher = InboxWatcher(self.config.inboxes, self.config.watch, wake=self.wake)
         self.watcher.start()
 
     def stop(self) -> None:

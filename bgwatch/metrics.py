@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bgwatch import __version__
@@ -38,13 +38,19 @@ class _LiveCollector(Collector):
     def __init__(self, status: Status | None) -> None:
         self.status = status
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         live = self.status() if self.status is not None else None
         if live is not None:
             yield GaugeMetricFamily("bgwatch_jobs_in_flight", "Jobs claimed by this host and not finished",
                                     value=float(live.get("in_flight", 0)))
             yield GaugeMetricFamily("bgwatch_files_waiting", "Stable files waiting for room in this host's window",
                                     value=float(live.get("waiting", 0)))
+            stages = live.get("stages") or {}
+            handled = CounterMetricFamily("bgwatch_stage_jobs", "Jobs each pipeline stage took in hand since the start",
+                                          labels=["stage"])
+            for stage, n in (stages.get("handled") or {}).items():
+                handled.add_metric([str(stage)], float(n))
+            yield handled
             watched = GaugeMetricFamily("bgwatch_inbox_watched", "1 while the inbox is present and watched",
                                         labels=["inbox"])
             for inbox in live.get("inboxes", []):

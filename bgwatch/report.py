@@ -138,6 +138,11 @@ def format_status(status: dict[str, Any]) -> str:
     live = status["live"]
     if live is not None:
         lines.append(f"work:     {live.get('in_flight', 0)} in flight, {live.get('waiting', 0)} waiting to be claimed")
+        stages = live.get("stages") or {}
+        if stages.get("handled"):
+            waiting = stages.get("waiting", {})
+            lines.append("stages:   " + ", ".join(f"{name} {n} ({waiting.get(name, 0)} waiting)"
+                                                  for name, n in stages["handled"].items()))
         for name in ("mask_engine", "engines", "device"):
             if live.get(name):
                 lines.append(f"{name + ':':9} {live[name]}")

@@ -1,8 +1,10 @@
 """When is a file complete? Size and mtime unchanged for settle_seconds, judged with an injected clock.
 
 Pure logic over os.stat: the watcher feeds it paths (events are hints) and asks which are ready. A
-close-after-write or moved-in event may shorten the wait on local disks, never below quick_seconds, and a
-write seen after that close cancels the short-cut, so a file written in chunks is never taken early.
+close-after-write or moved-in event (inotify: local writers) makes a file ready at its next look
+(quick_seconds, 0 by default): a local writer's close is proof the file is whole. A write seen after that
+close, or a second close before the look, cancels the short-cut and the full settle time applies. A writer
+that closes and reopens a file to append must write under a temporary name and rename (see README).
 """
 
 from __future__ import annotations
@@ -54,12 +56,15 @@ class StabilityTracker:
         check_seconds: float | None = None,
     ) -> None:
         self.settle_seconds = float(settle_seconds)
-        self.quick_seconds = min(self.settle_seconds, 0.5) if quick_seconds is None else float(quick_seconds)
+        # A close-after-write seen by inotify is a local writer's proof that the file is whole: taken at the
+        # next look. The settle wait stays for polling (no close events), for a file written again after
+        # its close (closed_sig changes) and for a second close before the look (closes > 1).
+        self.quick_seconds = 0.0 if quick_seconds is None else float(quick_seconds)
         # Between events, a settling file is stat'ed at most this often: a thousand files dropped on a share
         # at once must not cost ten thousand stats a second. Checking less often is never less safe: a write
         # between two looks still shows in the next one, and the settle time counts from that look.
         self.check_seconds = (
-            min(self.settle_seconds / 4, self.quick_seconds) if check_seconds is None else check_seconds
+            min(self.settle_seconds / 4, 0.5) if check_seconds is None else check_seconds
         )
         self._clock = clock
         self._lock = threading.Lock()

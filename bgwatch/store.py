@@ -288,10 +288,10 @@ class Store:
         with self._tx():
             self.db.table("backgrounds").upsert(data, pk="key")
 
-    def touch_background(self, key: str) -> None:
+    def touch_background(self, key: str, hits: int = 1) -> None:
         with self._tx() as conn:
-            conn.execute("UPDATE backgrounds SET last_used_at = ?, hits = hits + 1 WHERE key = ?",
-                         (self.clock(), key))
+            conn.execute("UPDATE backgrounds SET last_used_at = ?, hits = hits + ? WHERE key = ?",
+                         (self.clock(), hits, key))
 
     def delete_background(self, key: str) -> None:
         with self._tx() as conn:

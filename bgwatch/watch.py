@@ -148,9 +148,11 @@ class _Watch:
 class _InboxEvents(FileSystemEventHandler):
     """Turns one inbox's watchdog events into hints. Never raises: that would kill the observer thread."""
 
-    def __init__(self, watch: _Watch, rescan_dir: Callable[[_Watch, Path], None]) -> None:
+    def __init__(self, watch: _Watch, rescan_dir: Callable[[_Watch, Path], None],
+                 wake: threading.Event | None = None) -> None:
         self.watch = watch
         self.rescan_dir = rescan_dir
+        self.wake = wake
 
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
@@ -167,9 +169,11 @@ class _InboxEvents(FileSystemEventHandler):
                 w.tracker.forget(src)
             if dest is not None and w.rel(dest) is not None:
                 w.tracker.hint(dest, closed=True)  # a rename delivers a whole file
+                self._wake()
         elif isinstance(event, FileClosedEvent):
             if src is not None and w.rel(src) is not None:
                 w.tracker.hint(src, closed=True)
+                self._wake()
         elif isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileAttribEvent)):
             if src is not None and w.rel(src) is not None:
                 w.tracker.hint(src)
@@ -191,6 +195,12 @@ class _InboxEvents(FileSystemEventHandler):
                 self.rescan_dir(w, dest)
         elif isinstance(event, DirCreatedEvent) and src is not None and w.rel(src) is not None:
             self.rescan_dir(w, src)  # files may land in it before its watch exists
+
+
+    def _wake(self) -> None:
+        """A file may be ready now: the intake need not wait for its next tick."""
+        if self.wake is not None:
+            self.wake.set()
 
 
 def _polling_interval(settle_seconds: float) -> float:
@@ -225,9 +235,12 @@ class InboxWatcher:
         inboxes: Sequence[InboxConfig],
         settings: WatchSettings,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        wake: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
+        self._wake = wake  # set when an event says a file may be ready (the intake's main loop waits on it)
         self._lock = threading.RLock()
         self._pending_lock = threading.Lock()
         self._pending_dirs: list[tuple[_Watch, Path]] = []
@@ -418,7 +431,7 @@ class InboxWatcher:
         w.problem = problem
 
     def _start_observer(self, w: _Watch) -> tuple[BaseObserver, str]:
-        handler = _InboxEvents(w, self._queue_dir_scan)
+        handler = _InboxEvents(w, self._queue_dir_scan, self._wake)
         while True:
             if w.inbox.poll or w.force_polling:
                 from watchdog.observers.polling import PollingObserver

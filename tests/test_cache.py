@@ -55,13 +55,27 @@ class Renderer:
         return rng.integers(0, 256, (self.request.height, self.request.width, 3), dtype=np.uint8)
 
 
+def get_or_render(cache: BackgroundCache, request: BackgroundRequest, render: Callable[[], np.ndarray],
+                  before_generate: Callable[[], object] | None = None) -> tuple[np.ndarray, bool]:
+    """What the daemon's stages do: look up (prepare), else take a token and generate (gate, device), then
+    keep it (finish)."""
+    cached = cache.lookup(request)
+    if cached is not None:
+        return cached, True
+    if before_generate is not None:
+        before_generate()
+    image = render()
+    cache.keep(request, image)
+    return image, False
+
+
 def test_a_miss_generates_and_stores_a_hit_reads_back_without_a_token(store: Store, tmp_path: Path) -> None:
     cache = BackgroundCache(store, tmp_path / "cache", 10**9)
     request = make_request()
     render = Renderer(request)
     tokens: list[int] = []
-    first, hit1 = cache.get_or_render(request, render, before_generate=lambda: tokens.append(1))
-    second, hit2 = cache.get_or_render(request, render, before_generate=lambda: tokens.append(1))
+    first, hit1 = get_or_render(cache, request, render, before_generate=lambda: tokens.append(1))
+    second, hit2 = get_or_render(cache, request, render, before_generate=lambda: tokens.append(1))
     assert (hit1, hit2) == (False, True)
     assert render.calls == 1 and tokens == [1]
     assert np.array_equal(first, second)
@@ -79,74 +93,28 @@ def test_a_drawn_seed_is_neither_served_nor_stored(store: Store, tmp_path: Path)
     render = Renderer(request)
     tokens: list[int] = []
     for _ in range(2):
-        _, hit = cache.get_or_render(request, render, before_generate=lambda: tokens.append(1))
+        _, hit = get_or_render(cache, request, render, before_generate=lambda: tokens.append(1))
         assert not hit
     assert render.calls == 2 and tokens == [1, 1] and store.list_backgrounds() == []
-
-
-def test_concurrent_identical_requests_generate_once(store: Store, tmp_path: Path) -> None:
-    cache = BackgroundCache(store, tmp_path / "cache", 10**9)
-    request = make_request()
-    inner = Renderer(request)
-    started = threading.Event()
-
-    def slow_render() -> np.ndarray:
-        started.set()
-        threading.Event().wait(0.3)  # long enough for every other caller to arrive and wait
-        return inner()
-
-    results: list[tuple[np.ndarray, bool]] = []
-    barrier = threading.Barrier(6)
-
-    def worker() -> None:
-        barrier.wait()
-        results.append(cache.get_or_render(request, slow_render))
-
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert inner.calls == 1 and len(results) == 6
-    assert sorted(hit for _, hit in results) == [False] + [True] * 5
-    assert all(np.array_equal(results[0][0], image) for image, _ in results)
-    assert cache._inflight == {}  # per-key locks do not pile up
-
-
-def test_different_keys_do_not_wait_for_each_other(store: Store, tmp_path: Path) -> None:
-    cache = BackgroundCache(store, tmp_path / "cache", 10**9)
-    gate = threading.Event()
-    slow_request, fast_request = make_request(seed=1), make_request(seed=2)
-
-    def slow() -> np.ndarray:
-        assert gate.wait(5), "the other key was blocked behind this one"
-        return Renderer(slow_request)()
-
-    t = threading.Thread(target=cache.get_or_render, args=(slow_request, slow))
-    t.start()
-    cache.get_or_render(fast_request, Renderer(fast_request))
-    gate.set()
-    t.join(5)
-    assert len(store.list_backgrounds()) == 2
 
 
 def _fill(cache: BackgroundCache, seeds: list[int]) -> dict[int, BackgroundRequest]:
     requests = {}
     for seed in seeds:
         requests[seed] = make_request(seed=seed)
-        cache.get_or_render(requests[seed], Renderer(requests[seed]))
+        get_or_render(cache, requests[seed], Renderer(requests[seed]))
     return requests
 
 
 def test_the_size_cap_evicts_the_least_recently_used(store: Store, tmp_path: Path) -> None:
     probe = BackgroundCache(store, tmp_path / "probe", 10**9)
     one = make_request(seed=50)
-    probe.get_or_render(one, Renderer(one))
+    get_or_render(probe, one, Renderer(one))
     size = store.get_background(one.cache_key())["bytes"]  # type: ignore[index]
     probe.clear()
     cache = BackgroundCache(store, tmp_path / "cache", int(size * 2.5))  # room for two
     requests = _fill(cache, [1, 2])
-    cache.get_or_render(requests[1], Renderer(requests[1]))  # 1 used again: 2 is now the oldest
+    get_or_render(cache, requests[1], Renderer(requests[1]))  # 1 used again: 2 is now the oldest
     requests.update(_fill(cache, [3]))
     kept = {row["seed"] for row in store.list_backgrounds()}
     assert kept == {1, 3}
@@ -159,9 +127,9 @@ def test_a_row_whose_file_vanished_is_a_miss(store: Store, tmp_path: Path) -> No
     cache = BackgroundCache(store, tmp_path / "cache", 10**9)
     request = make_request()
     render = Renderer(request)
-    cache.get_or_render(request, render)
+    get_or_render(cache, request, render)
     Path(store.get_background(request.cache_key())["path"]).unlink()  # type: ignore[index]
-    _, hit = cache.get_or_render(request, render)
+    _, hit = get_or_render(cache, request, render)
     assert not hit and render.calls == 2
     assert Path(store.get_background(request.cache_key())["path"]).is_file()  # type: ignore[index]
 
@@ -170,9 +138,9 @@ def test_a_corrupt_file_is_a_miss(store: Store, tmp_path: Path) -> None:
     cache = BackgroundCache(store, tmp_path / "cache", 10**9)
     request = make_request()
     render = Renderer(request)
-    cache.get_or_render(request, render)
+    get_or_render(cache, request, render)
     Path(store.get_background(request.cache_key())["path"]).write_bytes(b"\x89PNG truncated")  # type: ignore[index]
-    image, hit = cache.get_or_render(request, render)
+    image, hit = get_or_render(cache, request, render)
     assert not hit and render.calls == 2 and image.shape == (48, 64, 3)
 
 
@@ -205,36 +173,10 @@ def test_hits_skip_the_real_pipeline(store: Store, tmp_path: Path, tiny_sdxl: Pa
     request = BackgroundRequest.from_spec(spec, 120, 90)
     render: Callable[[], np.ndarray] = lambda: engine.render(request)  # noqa: E731
     before = engine.calls  # type: ignore[attr-defined]
-    generated, hit1 = cache.get_or_render(request, render)
-    cached, hit2 = cache.get_or_render(request, render)
+    generated, hit1 = get_or_render(cache, request, render)
+    cached, hit2 = get_or_render(cache, request, render)
     assert (hit1, hit2) == (False, True) and engine.calls == before + 1  # type: ignore[attr-defined]
     assert np.array_equal(generated, cached)  # PNG is lossless
     other = replace(request, seed=6)
-    cache.get_or_render(other, lambda: engine.render(other))  # type: ignore[attr-defined]
+    get_or_render(cache, other, lambda: engine.render(other))  # type: ignore[attr-defined]
     assert engine.calls == before + 2  # type: ignore[attr-defined]
-
-
-@pytest.mark.slow
-def test_concurrent_identical_jobs_run_the_pipeline_once(
-    store: Store, tmp_path: Path, tiny_sdxl: Path
-) -> None:
-    engine = load_background_engine("sdxl", Config(device="cpu"))
-    cache = BackgroundCache(store, tmp_path / "cache", 10**9)
-    spec = JobSpec(
-        operation="replace", engine="sdxl", model=str(tiny_sdxl), prompt="a quiet studio", steps=2, seed=9
-    )
-    request = BackgroundRequest.from_spec(spec, 100, 100)
-    before = engine.calls  # type: ignore[attr-defined]
-    hits: list[bool] = []
-    barrier = threading.Barrier(4)
-
-    def job() -> None:
-        barrier.wait()
-        hits.append(cache.get_or_render(request, lambda: engine.render(request))[1])  # type: ignore[attr-defined]
-
-    threads = [threading.Thread(target=job) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert engine.calls == before + 1 and sorted(hits) == [False, True, True, True]  # type: ignore[attr-defined]

@@ -143,12 +143,10 @@ def test_endless_5xx_gives_up_with_the_status() -> None:
 def test_a_hanging_server_hits_the_deadline_and_the_task_is_cancelled(logs: list[str]) -> None:
     with FakeRunway(hang=True) as server:
         engine = engine_for(server, request_timeout=0.3, task_deadline=1.2)
-        started = time.monotonic()
         with pytest.raises(EngineError) as err:
             render(engine)
-        took = time.monotonic() - started
     assert "runway.task_deadline" in str(err.value) and "1.2s" in str(err.value)
-    assert took >= 1.2  # it waited out the deadline (and no longer: the test's own timeout would say)
+    assert sum(r.method == "GET" for r in server.requests) >= 2, "it kept polling until the deadline"
     assert server.cancelled  # a task given up on is cancelled, not left costing credits
     assert not any(KEY in line for line in logs) and KEY not in str(err.value)
 

@@ -2,10 +2,11 @@
 
 A generated backdrop costs GPU seconds or cloud credits, so the same request (same engine, model,
 prompt, seed, size, steps, guidance, scheduler — BackgroundRequest.cache_key) is generated once and then
-read back. A hit costs no generation and no rate-limit token: `before_generate` (the caller's token-bucket
-acquire) runs only on a miss. Concurrent callers with the same key wait for the one that generates
-(single flight). The folder is bounded by a size cap, evicting the least recently used. A request whose
-seed was drawn for the run is neither served from nor stored in the cache: nobody will ask for it again.
+read back. The daemon looks a request up in its CPU pool (a hit costs no generation, no rate-limit token
+and no device time) and stores a new generation when it finishes the job; jobs with the same request in
+flight at once share one generation (workers.SharedGenerations). The folder is bounded by a size cap,
+evicting the least recently used. A request whose seed was drawn for the run is neither served from nor
+stored in the cache: nobody will ask for it again.
 
 Files are written first (temp name, fsync, rename) and rows second, so a crash leaves at most an orphan
 file, which prune() removes; a row whose file vanished is a miss.
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,50 +39,42 @@ class BackgroundCache:
         self.store = store
         self.cache_dir = Path(cache_dir)
         self.max_bytes = int(max_bytes)
-        self._guard = threading.Lock()
-        self._inflight: dict[str, list[Any]] = {}  # key -> [lock, number of callers holding/awaiting it]
         self._evict_lock = threading.Lock()
 
-    # ------------------------------------------------------------ the one entry point
+    # ------------------------------------------------------------ lookup and store
 
-    def get_or_render(
-        self,
-        request: BackgroundRequest,
-        render: Callable[[], np.ndarray],
-        before_generate: Callable[[], object] | None = None,
-    ) -> tuple[np.ndarray, bool]:
-        """(backdrop, hit). render() runs only on a miss, after before_generate() (which may raise to
-        abort, e.g. when the daemon is stopping)."""
+    def lookup(self, request: BackgroundRequest) -> np.ndarray | None:
+        """The cached backdrop for `request`, or None (a miss, or not cacheable). A hit counts as used."""
         if not request.cacheable:
-            if before_generate is not None:
-                before_generate()
-            return render(), False
+            return None
         key = request.cache_key()
-        with self._single_flight(key):
+        try:
             cached = self._read(key, request)
             if cached is not None:
                 self.store.touch_background(key)
-                return cached, True
-            if before_generate is not None:
-                before_generate()
-            image = render()
-            self._write(key, request, image)
-        self._evict(self.max_bytes)
-        return image, False
+        except sqlite3.Error as exc:  # a locked or damaged database costs a generation, never the job
+            logger.warning("cache: cannot look up background {} ({}); generating it", key[:12], exc)
+            return None
+        return cached
 
-    @contextlib.contextmanager
-    def _single_flight(self, key: str) -> Iterator[None]:
-        with self._guard:
-            entry = self._inflight.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
+    def keep(self, request: BackgroundRequest, image: np.ndarray) -> None:
+        """Keep a new generation for the next job that asks for it, then evict down to the cap."""
+        if not request.cacheable:
+            return
         try:
-            with entry[0]:
-                yield
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._inflight[key]
+            self._write(request.cache_key(), request, image)
+            self._evict(self.max_bytes)
+        except sqlite3.Error as exc:
+            logger.warning("cache: cannot record background {} ({}); not cached", request.cache_key()[:12], exc)
+
+    def count_hits(self, request: BackgroundRequest, hits: int) -> None:
+        """Jobs served by a generation shared while it was in flight count as hits of its entry."""
+        if request.cacheable and hits > 0:
+            try:
+                self.store.touch_background(request.cache_key(), hits)
+            except sqlite3.Error as exc:
+                logger.warning("cache: cannot count {} hit(s) of background {} ({})", hits,
+                               request.cache_key()[:12], exc)
 
     # ------------------------------------------------------------ files and rows
 

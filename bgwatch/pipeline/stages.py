@@ -1,9 +1,12 @@
-"""The three stages a job passes through, and the engines they share.
+"""The stages a job passes through, and the engines they share.
 
-prepare (CPU pool): decode, orientation, colour, limits.  infer (one worker per GPU, models loaded):
-mask, background (cache first).  finish (CPU pool): refine, enhance, composite, encode.
-Each stage takes the previous stage's frozen result and returns its own, so the daemon can run them on
-different threads joined by bounded queues, and `bgwatch process` can run them in a row.
+prepare (CPU): decode, orientation, colour, limits; a mask that needs no model (classical); a backdrop that
+needs no generation (colour, gradient, image, or a cached generation).
+mask (CPU, or the device when ONNX Runtime runs there): the model's mask.
+generate (the device for sdxl, a small pool for Runway; a generation token taken before): the backdrop.
+finish (CPU): refine, enhance, composite, encode; a new generation is stored in the cache here.
+Each stage takes a frozen `Prepared` and returns a new one, so the daemon can run them on different threads
+(workers.py routes a job to the next stage it needs), and `bgwatch process` can run them in a row (run_all).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from bgwatch.config import Config
+    from bgwatch.pipeline.backgrounds import BackgroundRequest
     from bgwatch.pipeline.imageio import DecodedImage
     from bgwatch.ratelimit import TokenBucket
     from bgwatch.store import Store
@@ -29,25 +33,31 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
+    """A job on its way: its decoded image and what the stages so far have made for it."""
+
     job: Job
     image: DecodedImage
     timings: dict[str, float] = field(default_factory=dict)
-    # A mask that needs no model (classical) is made here, in the CPU pool, not on the single device
-    # worker: a big image's mask then never holds up the small images queued behind it.
-    alpha: np.ndarray | None = None  # uint8 HxW
+    alpha: np.ndarray | None = None  # uint8 HxW (a quarter of float32's memory); None until masked
     mask_engine: str = ""
+    request: BackgroundRequest | None = None  # replace: the backdrop it asks for
+    backdrop: np.ndarray | None = None  # HxWx3 uint8: None until rendered, generated or read from the cache
+    bg_engine: str = ""
+    cache_hit: bool = False
+    to_cache: bool = False  # generated for this job and cacheable: finish() stores it
 
+    @property
+    def seed(self) -> int | None:
+        """The seed a generated backdrop used (recorded on the run); None for other backdrops."""
+        return self.request.seed if self.request is not None and self.request.generative else None
 
-@dataclass(frozen=True, slots=True)
-class Inferred:
-    prepared: Prepared
-    alpha: np.ndarray  # uint8 HxW (0..255), raw from the mask engine (a quarter of float32's memory)
-    backdrop: np.ndarray | None  # HxWx3 uint8 for replace, None for cleanup
-    mask_engine: str
-    bg_engine: str
-    seed: int | None
-    cache_hit: bool
-    timings: dict[str, float] = field(default_factory=dict)
+    @property
+    def needs_mask(self) -> bool:
+        return self.alpha is None
+
+    @property
+    def needs_generation(self) -> bool:
+        return self.request is not None and self.backdrop is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +106,13 @@ def _timed(timings: dict[str, float], name: str, start: float) -> None:
     timings[name] = round(time.perf_counter() - start, 4)
 
 
-def prepare(job: Job, config: Config, *, max_memory: int = DEFAULT_MAX_MEMORY) -> Prepared:
+def prepare(job: Job, config: Config, engines: Engines | None = None, *,
+            max_memory: int = DEFAULT_MAX_MEMORY) -> Prepared:
     """Decode the job's image (pixel limit from config; `max_memory` is limits.max_memory in bytes): an
-    input whose job could never fit in that memory fails here, before a pixel is decoded."""
-    from bgwatch.pipeline import backgrounds, imageio
+    input whose job could never fit in that memory fails here, before a pixel is decoded. A classical mask
+    and a backdrop that needs no generation (`engines` given) are made here too, in the CPU pool, so a big
+    image never holds up the device worker and a cache hit never reaches it."""
+    from bgwatch.pipeline import backgrounds, imageio, masking
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -109,15 +122,42 @@ def prepare(job: Job, config: Config, *, max_memory: int = DEFAULT_MAX_MEMORY) -
     check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
     image = imageio.decode(job.source, max_pixels=config.limits.max_pixels)
     _timed(timings, "prepare", start)
+    prepared = Prepared(job=job, image=image, timings=timings)
+    if masking.resolve_mask_engine_name(job.spec.mask) == "classical":
+        prepared = mask(prepared, config)
+    if job.spec.operation == "replace":
+        seed = job.spec.seed
+        if seed is None and job.spec.is_generative():
+            seed = backgrounds.draw_seed()
+        request = backgrounds.BackgroundRequest.from_spec(job.spec, image.width, image.height, seed, config=config)
+        prepared = replace(prepared, request=request)
+        if engines is not None:
+            prepared = engines.backdrop_without_generation(prepared)
+    return prepared
+
+
+def mask(prepared: Prepared, config: Config) -> Prepared:
+    """The mask stage: the configured engine's mask of the image, as uint8."""
     from bgwatch.pipeline import masking
 
-    if masking.resolve_mask_engine_name(job.spec.mask) != "classical":
-        return Prepared(job=job, image=image, timings=timings)
+    timings = dict(prepared.timings)
     start = time.perf_counter()
-    engine = masking.load_mask_engine(job.spec.mask, config.device)
-    alpha = masking.to_alpha8(engine.predict(image.rgb))
+    engine = masking.load_mask_engine(prepared.job.spec.mask, config.device)
+    raw = engine.predict(prepared.image.rgb)
+    alpha = masking.to_alpha8(raw)
+    del raw
     _timed(timings, "mask", start)
-    return Prepared(job=job, image=image, timings=timings, alpha=alpha, mask_engine=engine.name)
+    label = f"{engine.name}:{engine.model}" if engine.model else engine.name
+    return replace(prepared, alpha=alpha, mask_engine=label, timings=timings)
+
+
+def mask_on_device(spec: JobSpec, config: Config) -> bool:
+    """Whether this job's mask runs on the accelerator (ONNX Runtime with CUDA); otherwise it is CPU work."""
+    from bgwatch.pipeline import masking
+
+    if masking.resolve_mask_engine_name(spec.mask) == "classical":
+        return False
+    return masking.resolve_onnx_device(config.device) == "cuda"
 
 
 class Engines:
@@ -159,85 +199,109 @@ class Engines:
             self._cache = BackgroundCache(self.store, self.config.cache_dir, self.config.cache.max_bytes)
         return self._cache
 
-    def _acquire_generation(self) -> None:
+    def take_generation_token(self) -> None:
+        """Wait for the generation rate limit (limits.generations_per_minute); before the device stage."""
         if self.generation_bucket is not None and not self.generation_bucket.acquire(self.stop):
             raise EngineError("rate limit", "bgwatch is stopping; the job will be taken again at the next start")
 
-    def mask(self, rgb: np.ndarray, spec: JobSpec) -> tuple[np.ndarray, str]:
-        from bgwatch.pipeline import masking
-
-        engine = masking.load_mask_engine(spec.mask, self.config.device)
-        label = f"{engine.name}:{engine.model}" if engine.model else engine.name
-        return engine.predict(rgb), label
-
-    def background(self, spec: JobSpec, width: int, height: int,
-                   seed: int | None) -> tuple[np.ndarray, str, bool]:
+    def backdrop_without_generation(self, prepared: Prepared) -> Prepared:
+        """A colour, gradient or image backdrop rendered now, or a generation read from the cache; a
+        generation that is not cached is left for generate()."""
         from bgwatch.pipeline import backgrounds
 
-        request = backgrounds.BackgroundRequest.from_spec(spec, width, height, seed, config=self.config)
-        engine = backgrounds.load_background_engine(spec.engine, self.config)
-        label = f"{spec.engine}:{request.model}" if getattr(request, "model", "") else spec.engine
-
-        def render() -> np.ndarray:
-            return engine.render(request)
-
-        if not request.generative:
-            return render(), label, False
-        if self.cache is None or not request.cacheable:
-            self._acquire_generation()
-            return render(), label, False
-        image, hit = self.cache.get_or_render(request, render, before_generate=self._acquire_generation)
-        return image, label, hit
-
-
-def infer(prepared: Prepared, engines: Engines) -> Inferred:
-    spec = prepared.job.spec
-    timings = dict(prepared.timings)
-    start = time.perf_counter()
-    from bgwatch.pipeline.masking import to_alpha8
-
-    if prepared.alpha is not None:
-        alpha, mask_label = prepared.alpha, prepared.mask_engine
-    else:
-        raw, mask_label = engines.mask(prepared.image.rgb, spec)
-        alpha = to_alpha8(raw)
-        del raw
-        _timed(timings, "mask", start)
-    backdrop = None
-    bg_label = ""
-    seed = spec.seed
-    hit = False
-    if spec.operation == "replace":
-        from bgwatch.pipeline import backgrounds
-
-        if seed is None and spec.is_generative():
-            seed = backgrounds.draw_seed()
+        request = prepared.request
+        assert request is not None
+        timings = dict(prepared.timings)
         start = time.perf_counter()
-        backdrop, bg_label, hit = engines.background(spec, prepared.image.width, prepared.image.height, seed)
+        if not request.generative:
+            backdrop = backgrounds.load_background_engine(request.engine, self.config).render(request)
+        elif request.cacheable and self.cache is not None:
+            backdrop = self.cache.lookup(request)
+            if backdrop is None:
+                return prepared
+        else:
+            return prepared
         _timed(timings, "background", start)
-    return Inferred(prepared=prepared, alpha=alpha, backdrop=backdrop, mask_engine=mask_label,
-                    bg_engine=bg_label, seed=seed if spec.is_generative() else None, cache_hit=hit,
-                    timings=timings)
+        return replace(prepared, backdrop=backdrop, bg_engine=background_label(request),
+                       cache_hit=request.generative, timings=timings)
+
+    def generate(self, prepared: Prepared) -> Prepared:
+        """The generation stage (its token already taken): the backdrop from sdxl or runway."""
+        from bgwatch.pipeline import backgrounds
+
+        request = prepared.request
+        assert request is not None
+        timings = dict(prepared.timings)
+        start = time.perf_counter()
+        engine = backgrounds.load_background_engine(request.engine, self.config)
+        backdrop = engine.render(request)
+        _timed(timings, "background", start)
+        return generated(prepared, backdrop, timings)
+
+    def start_generation(self, prepared: Prepared) -> Callable[[], Prepared]:
+        """Start a device generation (its token already taken) and return what waits for its pixels. An
+        engine with `start()` (sdxl) queues the work on the accelerator and returns at once, so the device
+        worker can start the next job while another thread waits here; others generate now."""
+        from bgwatch.pipeline import backgrounds
+
+        request = prepared.request
+        assert request is not None
+        engine = backgrounds.load_background_engine(request.engine, self.config)
+        start = getattr(engine, "start", None)
+        if start is None:
+            done = self.generate(prepared)
+            return lambda: done
+        began = time.perf_counter()
+        pending = start(request)
+
+        def result() -> Prepared:
+            backdrop = pending.result()
+            timings = dict(prepared.timings)
+            _timed(timings, "background", began)
+            return generated(prepared, backdrop, timings)
+
+        return result
 
 
-def finish(inferred: Inferred) -> Finished:
+def background_label(request: BackgroundRequest) -> str:
+    """The engine as recorded on the run: `sdxl:<model>`, `runway:<model>`, `gradient`..."""
+    return f"{request.engine}:{request.model}" if request.model else request.engine
+
+
+def generated(prepared: Prepared, backdrop: np.ndarray, timings: dict[str, float] | None = None, *,
+              shared: bool = False) -> Prepared:
+    """`prepared` with its generated backdrop; `shared`: another job with the same request generated it."""
+    request = prepared.request
+    assert request is not None
+    backdrop.flags.writeable = False  # one generation may serve several jobs: nobody paints on it
+    return replace(prepared, backdrop=backdrop, bg_engine=background_label(request), cache_hit=shared,
+                   to_cache=request.cacheable and not shared,
+                   timings=prepared.timings if timings is None else timings)
+
+
+def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
+    """Store a new generation in the cache (`engines` given), then refine, composite and encode."""
     from bgwatch.pipeline import cleanup, composite, imageio, masking
 
-    job = inferred.prepared.job
+    job = prepared.job
     spec = job.spec
-    image = inferred.prepared.image
-    timings = dict(inferred.timings)
+    image = prepared.image
+    timings = dict(prepared.timings)
+    assert prepared.alpha is not None
+    if prepared.to_cache and engines is not None and engines.cache is not None:
+        assert prepared.request is not None and prepared.backdrop is not None
+        engines.cache.keep(prepared.request, prepared.backdrop)
     start = time.perf_counter()
-    alpha = masking.refine_mask(inferred.alpha, post_process=spec.mask.post_process)
+    alpha = masking.refine_mask(prepared.alpha, post_process=spec.mask.post_process)
     if image.alpha is not None:
         # A cut-out dropped in keeps its own transparency: the subject is at most what it already was.
-        if not alpha.flags.writeable or alpha is inferred.alpha:
+        if not alpha.flags.writeable or alpha is prepared.alpha:
             alpha = alpha.copy()
         alpha *= image.alpha
         alpha *= 1 / 255
     if spec.operation == "replace":
-        assert inferred.backdrop is not None
-        result = composite.composite(image.rgb, alpha, inferred.backdrop, spec)
+        assert prepared.backdrop is not None
+        result = composite.composite(image.rgb, alpha, prepared.backdrop, spec)
     else:
         result = cleanup.cleanup(image.rgb, alpha, spec)
     del alpha  # freed before the encoder makes its own copy
@@ -246,15 +310,20 @@ def finish(inferred: Inferred) -> Finished:
     data = imageio.encode(result, spec.output)
     _timed(timings, "encode", start)
     return Finished(job=job, data=data, extension=imageio.output_extension(spec.output),
-                    mask_engine=inferred.mask_engine, bg_engine=inferred.bg_engine, seed=inferred.seed,
+                    mask_engine=prepared.mask_engine, bg_engine=prepared.bg_engine, seed=prepared.seed,
                     timings=timings)
 
 
 def run_all(job: Job, config: Config, engines: Engines,
             before_device: Callable[[], None] | None = None, *,
             max_memory: int = DEFAULT_MAX_MEMORY) -> Finished:
-    """The three stages in a row (for `bgwatch process` and tests)."""
-    prepared = prepare(job, config, max_memory=max_memory)
+    """The stages in a row (for `bgwatch process` and tests)."""
+    prepared = prepare(job, config, engines, max_memory=max_memory)
     if before_device is not None:
         before_device()
-    return finish(infer(prepared, engines))
+    if prepared.needs_mask:
+        prepared = mask(prepared, config)
+    if prepared.needs_generation:
+        engines.take_generation_token()
+        prepared = engines.generate(prepared)
+    return finish(prepared, engines)
