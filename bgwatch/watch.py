@@ -208,12 +208,28 @@ def _polling_interval(settle_seconds: float) -> float:
     return min(max(settle_seconds / 2, 0.25), 2.0)
 
 
+# watchdog holds every event behind a rename's IN_MOVED_FROM for 0.5 s, waiting for its IN_MOVED_TO; the
+# kernel queues the two together, so a few milliseconds pair them. Each claim and delivery is a rename, so
+# with the default a file dropped while others are processed waited up to half a second to be seen.
+MOVE_PAIRING_SECONDS = 0.02
+
+
 def _native_observer() -> tuple[BaseObserver, str]:
     if sys.platform.startswith("linux"):
-        from watchdog.observers.inotify import InotifyObserver
+        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
+
+        class QuickPairingEmitter(InotifyFullEmitter):
+            def on_thread_start(self) -> None:
+                super().on_thread_start()
+                # watchdog 7's grouper keeps its delay on its queue; another layout keeps watchdog's delay.
+                queue = getattr(getattr(self._inotify, "_move_event_grouper", None), "_queue", None)
+                if queue is not None and hasattr(queue, "delay"):
+                    queue.delay = MOVE_PAIRING_SECONDS
 
         # Full events: a file moved in from outside arrives as a move (a whole file), not a create.
-        return InotifyObserver(generate_full_events=True), "inotify"
+        observer = InotifyObserver(generate_full_events=True)
+        observer._emitter_class = QuickPairingEmitter
+        return observer, "inotify"
     from watchdog.observers import Observer
 
     return Observer(), "native"

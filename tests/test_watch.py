@@ -190,6 +190,30 @@ def test_a_close_wakes_whoever_waits_for_ready_files(tmp_path: Path) -> None:
         assert [path for _, path in watcher.poll_ready()] == [inbox / "a.jpg"]
 
 
+def test_a_rename_holds_the_events_behind_it_for_milliseconds_not_half_a_second(tmp_path: Path) -> None:
+    """watchdog waits 0.5 s by default to pair a rename's two halves, holding back every event behind it;
+    claims and deliveries are renames. This fails if a watchdog release moves the delay elsewhere."""
+    from bgwatch.watch import MOVE_PAIRING_SECONDS
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    watcher = InboxWatcher([inbox_config(inbox, False)], WatchSettings(settle_seconds=2.0))
+    with watcher:
+        [w] = watcher._watches
+        assert w.observer is not None
+        [emitter] = w.observer.emitters
+        queue = emitter._inotify._move_event_grouper._queue  # type: ignore[attr-defined]
+        assert queue.delay == MOVE_PAIRING_SECONDS
+        (inbox / "a.jpg").write_bytes(b"whole")
+        os.rename(inbox / "a.jpg", inbox / "b.jpg")  # still paired: one move, taken under its new name
+        deadline = time.monotonic() + 10
+        got: list[Path] = []
+        while not got and time.monotonic() < deadline:
+            got = [path for _, path in watcher.poll_ready()]
+            time.sleep(0.02)
+        assert got == [inbox / "b.jpg"]
+
+
 def test_close_after_write_shortens_the_wait(tmp_path: Path) -> None:
     clock = Clock()
     tracker = StabilityTracker(5.0, clock, quick_seconds=0.5)
