@@ -246,7 +246,13 @@ class Workers:
             self.remote_q.put(prepared)
 
     def _device_loop(self) -> None:
-        """The accelerator's work only: masks on CUDA, then generations, started one after another."""
+        """The accelerator's work only: masks on CUDA, then generations, started one after another. First,
+        the models the configuration names are loaded, while the first jobs are claimed and prepared."""
+        self.progress.busy()
+        try:
+            self.engines.warm()
+        except Exception:  # a model that cannot load fails its jobs with the reason; the daemon runs on
+            logger.exception("loading the configured models at start failed; they load with their first job")
         while not self.abort.is_set():
             self.progress.idle()
             self.engines.between_jobs()

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bgwatch.errors import EngineError, InputError
+from loguru import logger
+
+from bgwatch.errors import BgwatchError, EngineError, InputError
 from bgwatch.jobs import Job, JobSpec
 
 if TYPE_CHECKING:
@@ -199,6 +201,30 @@ class Engines:
             self._cache = BackgroundCache(self.store, self.config.cache_dir, self.config.cache.max_bytes)
         return self._cache
 
+    def warm(self) -> list[str]:
+        """At start, on the device worker: load the SDXL models the configuration's rules name, so the first
+        generation does not wait behind a model load (folder rules and sidecars may name others: those load
+        with their first job). A model that cannot load is reported by its jobs; here it is a warning.
+        Returns the models loaded."""
+        from bgwatch.pipeline import backgrounds
+
+        models = sdxl_models(self.config)
+        if not models:
+            return []
+        engine = backgrounds.load_background_engine("sdxl", self.config)
+        warm: Callable[[str], object] | None = getattr(engine, "warm", None)
+        if warm is None:
+            return []
+        loaded = []
+        for model in models:
+            try:
+                warm(model)
+                loaded.append(model)
+            except BgwatchError as exc:
+                logger.warning("sdxl: {} not loaded at start ({}); its jobs will say why if it still fails",
+                               model, exc)
+        return loaded
+
     def take_generation_token(self) -> None:
         """Wait for the generation rate limit (limits.generations_per_minute); before the device stage."""
         if self.generation_bucket is not None and not self.generation_bucket.acquire(self.stop):
@@ -261,6 +287,21 @@ class Engines:
             return generated(prepared, backdrop, timings)
 
         return result
+
+
+def sdxl_models(config: Config) -> list[str]:
+    """The SDXL models config.yaml's defaults and inbox rules generate with."""
+    from bgwatch.jobs import DEFAULT_SDXL_MODEL
+
+    models: list[str] = []
+    defaults = JobSpec()
+    for rules in [config.defaults, *(inbox.rules for inbox in config.inboxes)]:
+        merged = {**config.defaults, **rules}
+        if merged.get("operation", defaults.operation) == "replace" and merged.get("engine", defaults.engine) == "sdxl":
+            model = str(merged.get("model") or DEFAULT_SDXL_MODEL)
+            if model not in models:
+                models.append(model)
+    return models
 
 
 def background_label(request: BackgroundRequest) -> str:
