@@ -3,7 +3,7 @@ bgwatch's engine and the bgwatch daemon, on the full-size SDXL-base architecture
 configs with random weights (the same FLOPs and memory as the real model), fp16.
 
     bench/gpu_setup.sh download                  # here, once: the wheels the GPU machine lacks (~9 MB)
-    bench/gpu_setup.sh install && PYTHONPATH=$PWD/bench/.site:$PWD python bench/gpu_sdxl.py --compile blocks
+    bench/gpu_setup.sh install && PYTHONPATH=$PWD/bench/.site:$PWD python3 bench/gpu_sdxl.py --compile blocks
     python bench/gpu_sdxl.py --tiny --device cpu  # every section end to end on cpu (toy widths, 256 px, 2 steps)
 
 Sections, each timed as seconds per image (median) with the ratio to plain eager diffusers:

@@ -6,13 +6,14 @@
 #
 #   bench/gpu_setup.sh download      # here, with network: ~7 MB into bench/.wheels
 #   bench/gpu_setup.sh install       # there: pip install --no-index --no-deps --target bench/.site
-#   PYTHONPATH=$PWD/bench/.site:$PWD python bench/gpu_sdxl.py ...
+#   PYTHONPATH=$PWD/bench/.site:$PWD python3 bench/gpu_sdxl.py ...
 #
 # rpds-py is the one compiled wheel: download fetches it for CPython 3.10 to 3.13 and install picks the
 # one that fits (--find-links, not a list of files).
 set -euo pipefail
 cd "$(dirname "$0")"
-PIP="${PIP:-python -m pip}"
+PYTHON="${PYTHON:-python3}"
+PIP="${PIP:-$PYTHON -m pip}"
 PURE=(diffusers==0.42.1 rembg==2.0.86 watchdog==7.1.0 sqlite-utils==4.2.1 sqlite-fts4==1.0.3
       click-default-group==1.2.4 click==8.5.1 tabulate==0.10.0 python-dateutil==4.0.0 pluggy==1.7.0
       loguru==0.7.3 pymatting==1.1.16 pooch==1.9.0 platformdirs==4.14.8 jsonschema==4.26.0
@@ -40,7 +41,7 @@ case "${1:-}" in
         prometheus-client) module=prometheus_client ;; click-default-group) module=click_default_group ;;
         jsonschema-specifications) module=jsonschema_specifications ;; rpds-py) module=rpds ;;
       esac
-      python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is not None)" \
+      $PYTHON -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$module') is not None)" \
         && missing+=("$name")
     done
     if ((${#missing[@]})); then
