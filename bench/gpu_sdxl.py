@@ -1,25 +1,42 @@
-"""SDXL generation speed on an NVIDIA GPU with no network: the full-size SDXL-base architecture built from
-its published configs with random weights (the same FLOPs and memory as the real model), fp16.
+"""SDXL generation speed on an NVIDIA GPU with no network, in one run: plain diffusers, its best settings,
+bgwatch's engine and the bgwatch daemon, on the full-size SDXL-base architecture built from its published
+configs with random weights (the same FLOPs and memory as the real model), fp16.
 
-    python bench/gpu_sdxl.py                          # 1024x1024, 30 and 4 steps, 3 images each
-    python bench/gpu_sdxl.py --via-engine             # also save_pretrained + load through bgwatch's engine
-    python bench/gpu_sdxl.py --tiny --device cpu --steps 1 --size 256   # check the construction path on CPU
+    bench/gpu_setup.sh download                  # here, once: the wheels the GPU machine lacks (~9 MB)
+    bench/gpu_setup.sh install && PYTHONPATH=$PWD/bench/.site:$PWD python3 bench/gpu_sdxl.py --compile blocks
+    python bench/gpu_sdxl.py --tiny --device cpu  # every section end to end on cpu (toy widths, 256 px, 2 steps)
 
-Prints seconds per image and peak GPU memory for each step count. Random weights make noise, not
-pictures (fp16 may even overflow to NaN): the timings are what matter, and they equal the real model's
-because the architecture, the resolution and the number of steps are the same. --tiny keeps the
-structure (three UNet levels, 8x VAE, two text encoders, text_time conditioning) at toy widths.
+Sections, each timed as seconds per image (median) with the ratio to plain eager diffusers:
+1. build the pipeline on the device and save_pretrained it (the fp16 variant) to a local folder;
+2. plain eager diffusers (output_type="np": its fp32 VAE upcast included, as users run it);
+3. diffusers' best plain settings: fused QKV projections and channels_last in the UNet and the VAE;
+4. bgwatch's SdxlEngine loading that folder: warm() (load + a 1-step warm-up), render(), and
+   start()/result() back to back with the results collected on another thread (the daemon's pattern),
+   with the GPU's idle time between generations from CUDA events;
+5. --compile MODE: the engine with sdxl.compile in two fresh processes, the first compiling into an empty
+   cache, the second from the cache (what a restart costs);
+6. the daemon: `python -m bgwatch run --once` on --jobs replace jobs (classical masks, drawn seeds so the
+   background cache never serves one), with GPU utilisation sampled every 100 ms (nvidia-smi), the time
+   from its start to the first busy sample, and the largest GPU idle gap between generations (the
+   engine's debug log).
+Random weights make noise, not pictures: the timings are what matter. --tiny keeps the structure (three
+UNet levels, 8x VAE, two text encoders, text_time conditioning) at toy widths.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -171,77 +188,321 @@ def build_pipeline(configs: dict[str, dict[str, Any]], device: str, dtype: Any, 
     return pipe
 
 
+
+PROMPT = "a marble table in soft window light"
+NEGATIVE = "people, text, watermark"
+
+
 def count_params(module: Any) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e9
 
 
-def time_images(pipe: Any, device: str, size: int, steps: int, repeats: int) -> tuple[list[float], float]:
+def sync(device: str) -> None:
     import torch
 
-    cuda = device.startswith("cuda")
-    if cuda:
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+
+
+def time_images(pipe: Any, device: str, size: int, steps: int, repeats: int) -> list[float]:
+    """Plain diffusers, as its users call it: one image a call, numpy out."""
+    import torch
+
     times = []
     for i in range(repeats):
         generator = torch.Generator(device=device).manual_seed(i)
         started = time.perf_counter()
         pipe(
-            prompt="a marble table in soft window light",
-            negative_prompt="people, text, watermark",
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
             num_inference_steps=steps,
-            guidance_scale=7.5 if steps > 8 else 0.0,
+            guidance_scale=7.5,
             width=size,
             height=size,
             generator=generator,
             output_type="np",
         )
-        if cuda:
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return times, peak
+    return times
 
 
-def via_engine(pipe: Any, work: Path, device: str, size: int, steps: int) -> float:
-    """save_pretrained (fp16 variant) and generate once through bgwatch's own sdxl engine."""
-    from bgwatch.config import Config
-    from bgwatch.jobs import JobSpec
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float | None, str]] = []
+        self.eager: float | None = None
+
+    def add(self, name: str, per_image: float | None, note: str = "") -> None:
+        self.rows.append((name, per_image, note))
+        print(f"  {name}: {'-' if per_image is None else f'{per_image:.3f} s/image'} {note}", flush=True)
+
+    def print(self) -> None:
+        print(f"\n{'':44} {'s/image':>8} {'x eager':>8}  notes")
+        for name, value, note in self.rows:
+            ratio = f"{value / self.eager:8.2f}" if value is not None and self.eager else f"{'':8}"
+            shown = f"{value:8.3f}" if value is not None else f"{'-':>8}"
+            print(f"{name:44} {shown} {ratio}  {note}")
+
+
+def request_for(folder: Path, size: int, steps: int, seed: int) -> Any:
     from bgwatch.pipeline.backgrounds import BackgroundRequest
+
+    return BackgroundRequest(
+        engine="sdxl", width=size, height=size, model=str(folder), prompt=PROMPT, negative_prompt=NEGATIVE,
+        seed=seed, steps=steps, guidance_scale=7.5,
+    )
+
+
+def engine_section(folder: Path, work: Path, args: argparse.Namespace, table: Table) -> None:
+    from bgwatch.config import Config
     from bgwatch.pipeline.sdxl import SdxlEngine
 
-    folder = work / "sdxl-random"
-    pipe.save_pretrained(str(folder), variant="fp16" if device.startswith("cuda") else None)
-    engine = SdxlEngine(Config(device="cuda" if device.startswith("cuda") else "cpu"))
-    spec = JobSpec(
-        operation="replace", engine="sdxl", model=str(folder), prompt="a studio", steps=steps, seed=1
-    )
-    request = BackgroundRequest.from_spec(spec, size, size)
-    engine.render(request)  # load + warm-up
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    engine = SdxlEngine(Config(device=device, state_dir=work / "engine-state"))
     started = time.perf_counter()
-    out = engine.render(request)
-    took = time.perf_counter() - started
-    assert out.shape == (size, size, 3)
-    print(f"through bgwatch's SdxlEngine ({engine.generation_size(request)} generated): {took:.2f} s/image")
-    return took
+    engine.warm(str(folder))
+    warm_s = time.perf_counter() - started
+    applied = engine._load(str(folder)).applied
+    table.add("bgwatch warm() (load + 1-step warm-up)", None, f"{warm_s:.1f} s; {', '.join(applied.values())}")
+    times = []
+    for i in range(args.repeats):
+        started = time.perf_counter()
+        engine.render(request_for(folder, args.size, args.steps, i))
+        times.append(time.perf_counter() - started)
+    table.add("bgwatch render()", statistics.median(times), f"min {min(times):.3f}")
+
+    count = args.repeats + 2
+    pending: list[Any] = []
+    ready = threading.Semaphore(0)
+    images: list[Any] = []
+
+    def collect() -> None:  # the daemon's other thread: waits on job N while job N+1 is started
+        for _ in range(count):
+            ready.acquire()
+            images.append(pending[len(images)].result())
+
+    collector = threading.Thread(target=collect)
+    started = time.perf_counter()
+    collector.start()
+    for i in range(count):
+        pending.append(engine.start(request_for(folder, args.size, args.steps, 100 + i)))
+        ready.release()
+    collector.join()
+    wall = time.perf_counter() - started
+    idle = [p.idle_before for p in pending[1:] if p.idle_before is not None]
+    gpu = [p.gpu_seconds for p in pending if p.gpu_seconds is not None]
+    note = f"{count} images in {wall:.2f} s"
+    if idle:
+        note += (f"; GPU idle between generations max {max(idle) * 1000:.1f} ms, "
+                 f"median {statistics.median(idle) * 1000:.1f} ms")
+    if gpu:
+        note += f"; GPU {statistics.median(gpu):.3f} s/image"
+    table.add("bgwatch start()/result() back to back", wall / count, note)
+
+
+def compile_child(args: argparse.Namespace) -> int:
+    """One fresh process: the engine with sdxl.compile; prints a JSON line (warm-up and s/image)."""
+    from bgwatch.config import Config, SdxlSettings
+    from bgwatch.pipeline.sdxl import SdxlEngine
+
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    engine = SdxlEngine(
+        Config(device=device, state_dir=Path(args.state), sdxl=SdxlSettings(compile=args.compile_child))
+    )
+    started = time.perf_counter()
+    engine.warm(args.model)  # compiles the native square with guidance, or loads it from the cache
+    warm_s = time.perf_counter() - started
+    times = []
+    for i in range(args.repeats):
+        started = time.perf_counter()
+        engine.render(request_for(Path(args.model), args.size, args.steps, i))
+        times.append(time.perf_counter() - started)
+    print(json.dumps({"warm_s": warm_s, "per_image": statistics.median(times)}), flush=True)
+    return 0
+
+
+def compile_section(folder: Path, work: Path, args: argparse.Namespace, table: Table) -> None:
+    state = work / "compile-state"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the engine's own cache folder, under state
+    for label, timeout in (("cold cache", args.compile_timeout), ("from the cache", args.compile_timeout)):
+        command = [
+            sys.executable, str(Path(__file__).resolve()), "--compile-child", args.compile, "--model", str(folder),
+            "--state", str(state), "--device", args.device, "--size", str(args.size), "--steps", str(args.steps),
+            "--repeats", str(args.repeats),
+        ]
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            table.add(f"bgwatch compile={args.compile}, {label}", None, f"not done within {timeout} s")
+            return
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            table.add(f"bgwatch compile={args.compile}, {label}", None, f"failed: {done.stderr.strip()[-300:]}")
+            return
+        result = json.loads(lines[-1])
+        table.add(
+            f"bgwatch compile={args.compile}, {label}",
+            result["per_image"],
+            f"warm() {result['warm_s']:.1f} s; process {time.perf_counter() - started:.1f} s",
+        )
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+class GpuSampler:
+    """GPU utilisation every 100 ms from nvidia-smi, with its own timestamps (read after it stops)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            with open(self.out, "wb") as sink:
+                self.process = subprocess.Popen(
+                    ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits",
+                     "-i", "0", "-lms", "100"],
+                    stdout=sink, stderr=subprocess.DEVNULL,
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(5)
+
+    def samples(self) -> list[tuple[float, float]]:
+        found = []
+        if not self.out.exists():
+            return found
+        for line in self.out.read_text().splitlines():
+            stamp, _, busy = line.rpartition(",")
+            try:
+                when = datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                found.append((when, float(busy)))
+            except ValueError:
+                continue
+        return found
+
+
+def log_times(log: Path, needle: str) -> list[tuple[float, str]]:
+    """(time, message) of the app.log lines holding `needle`."""
+    found = []
+    if log.exists():
+        for line in log.read_text(errors="replace").splitlines():
+            if needle in line:
+                try:
+                    when = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+                except ValueError:
+                    continue
+                found.append((when, line.rsplit(" | ", 1)[-1]))
+    return found
+
+
+def daemon_section(folder: Path, work: Path, args: argparse.Namespace, table: Table) -> None:
+    import yaml
+
+    from bgwatch.samples import write_samples
+
+    root = work / "daemon"
+    inbox = root / "inbox" / "replace"
+    inbox.mkdir(parents=True)
+    write_samples(inbox, args.jobs, size=(args.size, args.size), seed=3)
+    config = {
+        "state_dir": str(root / "state"),
+        "device": "cuda" if args.device.startswith("cuda") else "cpu",
+        "debug": True,  # the engine's per-generation line (GPU time, idle before it) is a DEBUG line
+        "limits": {"generations_per_minute": 100000},
+        "watch": {"settle_seconds": 0.2},
+        "defaults": {"mask": {"engine": "classical"}},
+        "inboxes": [{
+            "path": str(inbox),
+            "outbox": str(root / "outbox" / "replace"),
+            "rules": {"operation": "replace", "engine": "sdxl", "model": str(folder), "prompt": PROMPT,
+                      "steps": args.steps, "guidance_scale": 7.5, "seed": None, "output": {"format": "jpg"}},
+        }],
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "bgwatch", "run", "--once", "--no-progress", "-c", str(root / "config.yaml")]
+    with GpuSampler(root / "gpu.csv") as sampler:
+        started = time.time()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.daemon_timeout)
+        ended = time.time()
+    wall = ended - started
+    outputs = list((root / "outbox" / "replace").rglob("*.jpg"))
+    if done.returncode != 0 or len(outputs) != args.jobs:
+        print(done.stderr[-3000:], file=sys.stderr)
+        table.add("bgwatch daemon run --once", None, f"exit {done.returncode}, {len(outputs)}/{args.jobs} outputs")
+        return
+    log = root / "state" / "logs" / "app.log"
+    generations = log_times(log, "from start()")
+    loaded = log_times(log, "sdxl: loaded")
+    notes = [f"{args.jobs} jobs in {wall:.1f} s"]
+    per_image = None
+    if len(generations) >= 2:
+        first, last = generations[0][0], generations[-1][0]
+        per_image = (last - first) / (len(generations) - 1)
+        notes.append(f"start to 1st image done {first - started:.1f} s")
+    if loaded:
+        notes.append(f"start to model loaded {loaded[0][0] - started:.1f} s")
+    idle = []
+    for _, message in generations[1:]:
+        if "idle before it" in message:
+            idle.append(float(message.rsplit("idle before it ", 1)[1].split()[0]))
+    if idle:
+        notes.append(f"GPU idle between generations max {max(idle):.0f} ms, median {statistics.median(idle):.0f} ms")
+    samples = [(t, u) for t, u in sampler.samples() if started <= t <= ended]
+    busy = [t for t, u in samples if u > 0]
+    if busy:
+        span = [u for t, u in samples if busy[0] <= t <= busy[-1]]
+        notes.append(f"start to first GPU busy {busy[0] - started:.1f} s")
+        notes.append(f"GPU busy {sum(1 for u in span if u > 0) / len(span):.0%} of samples after that "
+                     f"(mean util {statistics.mean(span):.0f}%)")
+    elif args.device.startswith("cuda"):
+        notes.append("no GPU samples (nvidia-smi missing?)")
+    table.add("bgwatch daemon run --once (steady s/image)", per_image, "; ".join(notes))
+
+
+# ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--steps", default="30,4", help="comma-separated step counts")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tiny", action="store_true", help="toy widths (checks the construction path)")
+    parser.add_argument("--size", type=int, help="image side (default 1024; --tiny 256)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 30; --tiny 2)")
+    parser.add_argument("--repeats", type=int, default=4, help="images timed per section")
+    parser.add_argument("--jobs", type=int, help="replace jobs through the daemon (default 12; --tiny 4)")
+    parser.add_argument("--tiny", action="store_true", help="toy widths (checks every section on cpu)")
     parser.add_argument("--fp32", action="store_true", help="float32 instead of fp16")
-    parser.add_argument("--via-engine", action="store_true", help="also time bgwatch's SdxlEngine")
+    parser.add_argument("--compile", default="none", choices=("none", "blocks", "unet"),
+                        help="also time the engine with sdxl.compile (cold, then from the cache)")
+    parser.add_argument("--compile-timeout", type=int, default=200, help="seconds for each compile process")
+    parser.add_argument("--daemon-timeout", type=int, default=240)
+    parser.add_argument("--no-daemon", action="store_true", help="skip the daemon section")
+    parser.add_argument("--work", type=Path, help="keep the model and the daemon's files here")
     parser.add_argument("--write-configs", type=Path, help="write the component configs as JSON here")
+    parser.add_argument("--compile-child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--state", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.size = args.size or (256 if args.tiny else 1024)
+    args.steps = args.steps or (2 if args.tiny else 30)
+    args.jobs = args.jobs or (4 if args.tiny else 12)
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # random fp16 weights may overflow to NaN
+    if args.compile_child:
+        return compile_child(args)
 
     import diffusers
     import torch
 
     configs = sdxl_base_configs(tiny=args.tiny)
+    # The engine generates at the model's native size (its nearest bucket): make that --size (1024: SDXL's own).
+    configs["unet"]["sample_size"] = args.size // 8
     if args.write_configs:
         args.write_configs.mkdir(parents=True, exist_ok=True)
         for name, cfg in configs.items():
@@ -252,29 +513,57 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if args.fp32 or args.device == "cpu" else torch.float16
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, {gpu}, {str(dtype)[6:]}"
-        f"{', TINY configs' if args.tiny else ''}"
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, {gpu}, {str(dtype)[6:]}, "
+        f"{args.size}x{args.size}, {args.steps} steps, guidance 7.5{', TINY configs' if args.tiny else ''}",
+        flush=True,
     )
-    warnings.filterwarnings("ignore", category=RuntimeWarning)  # random fp16 weights may overflow to NaN
+    run_started = time.perf_counter()
+    table = Table()
     with tempfile.TemporaryDirectory(prefix="gpu-sdxl-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         pipe = build_pipeline(configs, args.device, dtype, work)
+        sync(args.device)
+        built = time.perf_counter() - started
+        folder = work / "sdxl-random"
+        started = time.perf_counter()
+        pipe.save_pretrained(str(folder), variant="fp16" if dtype == torch.float16 else None)
         print(
-            f"built in {time.perf_counter() - started:.1f} s: unet {count_params(pipe.unet):.2f} B params, "
-            f"text encoders {count_params(pipe.text_encoder) + count_params(pipe.text_encoder_2):.2f} B, "
-            f"vae {count_params(pipe.vae):.3f} B"
+            f"built in {built:.1f} s (unet {count_params(pipe.unet):.2f} B params, text encoders "
+            f"{count_params(pipe.text_encoder) + count_params(pipe.text_encoder_2):.2f} B, vae "
+            f"{count_params(pipe.vae):.3f} B), saved in {time.perf_counter() - started:.1f} s",
+            flush=True,
         )
         time_images(pipe, args.device, args.size, 1, 1)  # warm-up: kernels, allocator
-        print(f"{'steps':>5}  {'size':>9}  {'s/image (median)':>16}  {'min':>6}  {'peak GPU GiB':>12}")
-        for steps in (int(s) for s in args.steps.split(",")):
-            times, peak = time_images(pipe, args.device, args.size, steps, args.repeats)
-            print(
-                f"{steps:5d}  {args.size}x{args.size:<4}  {statistics.median(times):16.2f}  "
-                f"{min(times):6.2f}  {peak:12.1f}"
-            )
-        if args.via_engine:
-            via_engine(pipe, work, args.device, args.size, int(args.steps.split(",")[-1]))
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = time_images(pipe, args.device, args.size, args.steps, args.repeats)
+        table.eager = statistics.median(times)
+        peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.startswith("cuda") else ""
+        table.add("diffusers eager", table.eager, f"min {min(times):.3f}{peak}")
+
+        pipe.unet.fuse_qkv_projections()
+        pipe.vae.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        time_images(pipe, args.device, args.size, 1, 1)
+        times = time_images(pipe, args.device, args.size, args.steps, args.repeats)
+        table.add("diffusers fused QKV + channels_last", statistics.median(times), f"min {min(times):.3f}")
+        del pipe
+        import gc
+
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+        engine_section(folder, work, args, table)
+        if not args.no_daemon:
+            daemon_section(folder, work, args, table)
+        if args.compile != "none":
+            compile_section(folder, work, args, table)
+    table.print()
+    print(f"\nwhole run {time.perf_counter() - run_started:.0f} s")
     return 0
 
 

@@ -20,6 +20,8 @@ DEVICES = ("auto", "cuda", "cpu")
 ON_SUCCESS = ("move", "delete", "keep")
 LATE_SIDECARS = ("fail", "redo")
 SCHEDULERS = ("", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "lcm", "unipc")
+VAE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("none", "blocks", "unet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,10 @@ class SdxlSettings:
     vae_tiling: bool = False
     cpu_offload: bool = False  # needs an accelerator; ignored (with a warning) on cpu
     scheduler: str = ""  # "" keeps the checkpoint's own scheduler
+    fuse_qkv: bool = True  # fused attention projections in the UNet and the VAE (not with attention_slicing)
+    channels_last: bool = True  # NHWC memory layout for the UNet's and the VAE's convolutions
+    vae_dtype: str = "auto"  # the VAE decode's dtype; auto: no fp32 upcast on a GPU (bfloat16 for force_upcast VAEs)
+    compile: str = "none"  # torch.compile: none | blocks (the UNet's transformer blocks) | unet; cached on disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +350,10 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         vae_tiling=s.flag("vae_tiling", False),
         cpu_offload=s.flag("cpu_offload", False),
         scheduler=s.choice("scheduler", "", SCHEDULERS),
+        fuse_qkv=s.flag("fuse_qkv", True),
+        channels_last=s.flag("channels_last", True),
+        vae_dtype=s.choice("vae_dtype", "auto", VAE_DTYPES),
+        compile=s.choice("compile", "none", COMPILE_MODES),
     )
     s.finish()
 

@@ -47,6 +47,10 @@ sdxl:
   vae_tiling: false
   cpu_offload: false
   scheduler: ""
+  fuse_qkv: true
+  channels_last: true
+  vae_dtype: auto                 # auto | float32 | bfloat16 | float16
+  compile: none                   # none | blocks | unet (compiled kernels cached under state_dir/torch-compile)
 
 runway:
   base_url: https://api.dev.runwayml.com

@@ -174,5 +174,7 @@ def test_the_gpu_benchmark_builds_and_runs_its_sdxl_architecture_on_cpu(
     full = bench.sdxl_base_configs()
     assert full["unet"]["block_out_channels"] == [320, 640, 1280]
     assert full["unet"]["projection_class_embeddings_input_dim"] == 6 * 256 + 1280
-    assert bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--size", "128", "--repeats", "1"]) == 0
-    assert "128x128" in capsys.readouterr().out
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--size", "128", "--repeats", "1", "--no-daemon"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "128x128" in out and "bgwatch start()/result() back to back" in out
