@@ -17,7 +17,7 @@ from bgwatch.config import Config
 from bgwatch.daemon import Daemon
 from bgwatch.jobs import Job, JobSpec
 from bgwatch.pipeline import stages
-from bgwatch.pipeline.backgrounds import BackgroundRequest, load_background_engine
+from bgwatch.pipeline.backgrounds import BackgroundRequest, load_background_engine, unload_background_engines
 from bgwatch.pipeline.imageio import DecodedImage
 from bgwatch.ratelimit import TokenBucket
 from bgwatch.samples import write_samples
@@ -157,3 +157,18 @@ def test_a_runway_task_never_holds_up_the_device(tmp_path: Path, tiny_sdxl: Path
             wait_for(lambda: files_under(local_box.outbox), timeout=60)
             assert not files_under(cloud_box.outbox), "the Runway task is still hanging"
             assert daemon.workers.handled()["remote"] == 1
+
+
+@pytest.mark.slow
+def test_the_configured_sdxl_model_is_loaded_at_start_before_any_job(tmp_path: Path, tiny_sdxl: Path) -> None:
+    rules = {"operation": "replace", "engine": "sdxl", "model": str(tiny_sdxl), "prompt": "oak", "steps": 1}
+    config = make_config(tmp_path, {"gen": {"rules": rules}}, device="cpu")
+    unload_background_engines()  # as in a new process: no model loaded yet
+    engine = load_background_engine("sdxl", config)
+    loads, calls = engine.loads, engine.calls  # type: ignore[attr-defined]
+    with DaemonThread(config):
+        wait_for(lambda: engine.loads == loads + 1, timeout=60)  # type: ignore[attr-defined]
+        assert engine.calls == calls, "on cpu the warm-up loads the model, no generation"  # type: ignore[attr-defined]
+        write_samples(config.inboxes[0].path, 1, size=(96, 64), seed=8)
+        wait_for(lambda: files_under(config.inboxes[0].outbox), timeout=60)
+    assert (engine.loads, engine.calls) == (loads + 1, calls + 1)  # type: ignore[attr-defined]

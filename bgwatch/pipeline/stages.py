@@ -204,21 +204,26 @@ class Engines:
     def warm(self) -> list[str]:
         """At start, on the device worker: load the SDXL models the configuration's rules name, so the first
         generation does not wait behind a model load (folder rules and sidecars may name others: those load
-        with their first job). A model that cannot load is reported by its jobs; here it is a warning.
-        Returns the models loaded."""
+        with their first job); on a GPU also one 1-step generation, which initialises its kernels (and
+        compiles, with sdxl.compile). A model that cannot load is reported by its jobs; here it is a
+        warning. Returns the models loaded."""
+        import importlib.util
+
+        from bgwatch.models import configured_models
         from bgwatch.pipeline import backgrounds
 
-        models = sdxl_models(self.config)
-        if not models:
+        models = [name for kind, name, _ in configured_models(self.config) if kind == "sdxl"]
+        if not models or importlib.util.find_spec("torch") is None:  # without torch, each job says so
             return []
+        from bgwatch.pipeline.sdxl import SdxlEngine
+        from bgwatch.pipeline.sdxl_load import torch_device
+
         engine = backgrounds.load_background_engine("sdxl", self.config)
-        warm: Callable[[str], object] | None = getattr(engine, "warm", None)
-        if warm is None:
-            return []
+        assert isinstance(engine, SdxlEngine)
         loaded = []
         for model in models:
             try:
-                warm(model)
+                engine.warm(model, generate=torch_device(self.config.device) == "cuda")
                 loaded.append(model)
             except BgwatchError as exc:
                 logger.warning("sdxl: {} not loaded at start ({}); its jobs will say why if it still fails",
@@ -287,21 +292,6 @@ class Engines:
             return generated(prepared, backdrop, timings)
 
         return result
-
-
-def sdxl_models(config: Config) -> list[str]:
-    """The SDXL models config.yaml's defaults and inbox rules generate with."""
-    from bgwatch.jobs import DEFAULT_SDXL_MODEL
-
-    models: list[str] = []
-    defaults = JobSpec()
-    for rules in [config.defaults, *(inbox.rules for inbox in config.inboxes)]:
-        merged = {**config.defaults, **rules}
-        if merged.get("operation", defaults.operation) == "replace" and merged.get("engine", defaults.engine) == "sdxl":
-            model = str(merged.get("model") or DEFAULT_SDXL_MODEL)
-            if model not in models:
-                models.append(model)
-    return models
 
 
 def background_label(request: BackgroundRequest) -> str:
