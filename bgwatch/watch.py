@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +43,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from bgwatch.config import InboxConfig, WatchSettings
+from bgwatch.observers import INOTIFY_LIMITS, halt, native_observer, polling_observer
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.stability import StabilityTracker
 from bgwatch.text import shown
@@ -203,39 +203,6 @@ class _InboxEvents(FileSystemEventHandler):
             self.wake.set()
 
 
-def _polling_interval(settle_seconds: float) -> float:
-    """How often a polling observer looks: discovery latency only; stability is the tracker's job."""
-    return min(max(settle_seconds / 2, 0.25), 2.0)
-
-
-# watchdog holds every event behind a rename's IN_MOVED_FROM for 0.5 s, waiting for its IN_MOVED_TO; the
-# kernel queues the two together, so a few milliseconds pair them. Each claim and delivery is a rename, so
-# with the default a file dropped while others are processed waited up to half a second to be seen.
-MOVE_PAIRING_SECONDS = 0.02
-
-
-def _native_observer() -> tuple[BaseObserver, str]:
-    if sys.platform.startswith("linux"):
-        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
-
-        class QuickPairingEmitter(InotifyFullEmitter):
-            def on_thread_start(self) -> None:
-                super().on_thread_start()
-                # watchdog 7's grouper keeps its delay on its queue; another layout keeps watchdog's delay.
-                queue = getattr(getattr(self._inotify, "_move_event_grouper", None), "_queue", None)
-                if queue is not None and hasattr(queue, "delay"):
-                    queue.delay = MOVE_PAIRING_SECONDS
-
-        # Full events: a file moved in from outside arrives as a move (a whole file), not a create.
-        observer = InotifyObserver(generate_full_events=True)
-        observer._emitter_class = QuickPairingEmitter
-        return observer, "inotify"
-    from watchdog.observers import Observer
-
-    return Observer(), "native"
-
-
-_INOTIFY_LIMITS = {errno.ENOSPC, errno.EMFILE, errno.ENFILE}  # watch / instance / descriptor limits
 
 
 class InboxWatcher:
@@ -450,17 +417,13 @@ class InboxWatcher:
         handler = _InboxEvents(w, self._queue_dir_scan, self._wake)
         while True:
             if w.inbox.poll or w.force_polling:
-                from watchdog.observers.polling import PollingObserver
-
-                observer: BaseObserver = PollingObserver(
-                    timeout=_polling_interval(self.settings.settle_seconds)
-                )
+                observer: BaseObserver = polling_observer(self.settings.settle_seconds)
                 kind = "polling"
             else:
                 try:
-                    observer, kind = _native_observer()
+                    observer, kind = native_observer()
                 except OSError as exc:
-                    if exc.errno not in _INOTIFY_LIMITS:
+                    if exc.errno not in INOTIFY_LIMITS:
                         raise
                     self._fall_back_to_polling(w, exc)
                     continue
@@ -469,8 +432,8 @@ class InboxWatcher:
                 w.observed = observer.schedule(handler, str(w.root), recursive=True)
                 observer.start()
             except OSError as exc:
-                _halt(observer)
-                if kind == "polling" or exc.errno not in _INOTIFY_LIMITS:
+                halt(observer)
+                if kind == "polling" or exc.errno not in INOTIFY_LIMITS:
                     raise
                 self._fall_back_to_polling(w, exc)
                 continue
@@ -487,7 +450,7 @@ class InboxWatcher:
     def _stop_observer(self, w: _Watch) -> None:
         observer, w.observer = w.observer, None
         if observer is not None:
-            _halt(observer)
+            halt(observer)
 
     # -------------------------------------------------------------- scanning
 
@@ -499,16 +462,6 @@ class InboxWatcher:
         """Hint every file below `folder` that is ours; unreadable subfolders are skipped with a warning."""
         for path in _walk_files(folder, w.root, w.nested, self._leave):
             w.tracker.hint(path)
-
-
-def _halt(observer: BaseObserver) -> None:
-    """Stop an observer and wait for it briefly; it may be half-started, stopped, or dead."""
-    try:
-        observer.stop()
-        if observer.is_alive():
-            observer.join(timeout=5)
-    except Exception:  # a broken observer must not stop the watcher from replacing it
-        logger.exception("error stopping an observer; dropping it")
 
 
 def _dir_identity(path: Path) -> tuple[int, int]:

@@ -193,7 +193,7 @@ def test_a_close_wakes_whoever_waits_for_ready_files(tmp_path: Path) -> None:
 def test_a_rename_holds_the_events_behind_it_for_milliseconds_not_half_a_second(tmp_path: Path) -> None:
     """watchdog waits 0.5 s by default to pair a rename's two halves, holding back every event behind it;
     claims and deliveries are renames. This fails if a watchdog release moves the delay elsewhere."""
-    from bgwatch.watch import MOVE_PAIRING_SECONDS
+    from bgwatch.observers import MOVE_PAIRING_SECONDS
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()
