@@ -214,3 +214,15 @@ def test_transparent_cleanup_keeps_colour_near_the_subject_and_black_further_out
     assert not out[~reach][:, :3].any()  # black away from the subject
     solid = a8 == 255
     assert np.array_equal(out[solid][:, :3], shot.rgb[solid])  # the subject's own pixels untouched
+
+
+def test_an_engine_for_parallel_runs_is_loaded_once_with_its_own_threads(u2net_home: Path) -> None:
+    spec = MaskSpec(engine="rembg", model="tiny.onnx")
+    one_at_a_time = masking.load_mask_engine(spec, "cpu")
+    lanes = masking.load_mask_engine(spec, "cpu", threads=1)
+    assert isinstance(lanes, masking.RembgMaskEngine) and isinstance(one_at_a_time, masking.RembgMaskEngine)
+    assert lanes is masking.load_mask_engine(spec, "cpu", threads=1) and lanes is not one_at_a_time
+    assert lanes._session.inner_session.get_session_options().intra_op_num_threads == 1
+    assert lanes.parallel_runs == masking.cpu_cores()
+    classical = masking.load_mask_engine(MaskSpec(engine="classical"), "cpu", threads=1)
+    assert classical is masking.load_mask_engine(MaskSpec(engine="classical"), "cpu")

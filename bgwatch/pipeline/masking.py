@@ -421,21 +421,27 @@ def resolve_mask_engine_name(spec: MaskSpec) -> str:
     return chosen
 
 
-_engines: dict[tuple[str, str, str, str], Any] = {}
+_engines: dict[tuple[str, str, str, str, int], Any] = {}
 _engines_lock = threading.Lock()
 
 
-def load_mask_engine(spec: MaskSpec, device: str) -> MaskEngine:
-    """The engine for a spec, loaded once per (engine, model, device) and kept loaded. EngineError when
-    the engine is unknown or its model cannot be loaded (the message says how to fix it)."""
+def load_mask_engine(spec: MaskSpec, device: str, *, threads: int | None = None) -> MaskEngine:
+    """The engine for a spec, loaded once per (engine, model, device, threads) and kept loaded. EngineError
+    when the engine is unknown or its model cannot be loaded (the message says how to fix it).
+
+    `threads`: ONNX Runtime intra-op threads of a rembg engine's session (default: all the cores, for one
+    mask at a time). A caller that runs N masks at once on the CPU asks for cores // N, and gets an engine
+    whose `parallel_runs` says so; the classical engine ignores it."""
     name = resolve_mask_engine_name(spec)
     model = spec.model if name == "rembg" else ""
+    threads = threads if name == "rembg" and threads else 0
     # The weights' location is part of the key: another model home (U2NET_HOME) is another model.
-    key = (name, model, device, str(rembg_weights_path(model)) if name == "rembg" else "")
+    key = (name, model, device, str(rembg_weights_path(model)) if name == "rembg" else "", threads)
     with _engines_lock:  # one load at a time: two workers asking together must not load a model twice
         engine = _engines.get(key)
         if engine is None:
-            engine = MASK_ENGINES[name](model, device)
+            engine = (RembgMaskEngine(model, device, threads=threads) if name == "rembg" and threads
+                      else MASK_ENGINES[name](model, device))
             _engines[key] = engine
     if isinstance(engine, RembgMaskEngine) and engine.alpha_matting != spec.alpha_matting:
         return engine.with_alpha_matting(spec.alpha_matting)
