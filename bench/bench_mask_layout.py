@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# (label, prepare threads, mask lanes, intra-op threads a lane, spinning)
+# (label, prepare threads, mask lanes, intra-op threads a lane, spinning, OpenCV threads or 0 for its default)
 LAYOUTS = (
-    ("before: 1 lane, intra 2, spinning", 2, 1, 2, True),
-    ("1 lane, intra 2, no spinning", 2, 1, 2, False),
-    ("2 lanes, intra 1 each", 2, 2, 1, False),
+    ("before: 1 lane, intra 2, spinning", 2, 1, 2, True, 0),
+    ("1 lane, intra 2, no spinning", 2, 1, 2, False, 0),
+    ("2 lanes, intra 1 each", 2, 2, 1, False, 0),
+    ("2 lanes, intra 1 each, cv2 1 thread", 2, 2, 1, False, 1),
 )
 
 
@@ -116,11 +117,15 @@ def main() -> int:
 
     logger.remove()
     paths = sorted(images.glob("*.jpg"))[: args.count]
+    import cv2
+
+    default_cv2_threads = cv2.getNumThreads()
     print(f"\n{len(paths)} images 1024x1024, model {args.model}, {args.finish} finish threads, "
           f"{os.cpu_count()} cores\n")
     for round_ in range(args.rounds):
         shift = round_ % len(LAYOUTS)  # each round starts with another layout: load drifts
-        for label, prepare, lanes, intra, spinning in LAYOUTS[shift:] + LAYOUTS[:shift]:
+        for label, prepare, lanes, intra, spinning, cv2_threads in LAYOUTS[shift:] + LAYOUTS[:shift]:
+            cv2.setNumThreads(cv2_threads or default_cv2_threads)
             before = resource.getrusage(resource.RUSAGE_SELF)
             rate = run_layout(paths, model, prepare, lanes, intra, spinning, args.finish)
             after = resource.getrusage(resource.RUSAGE_SELF)
