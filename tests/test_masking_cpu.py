@@ -32,7 +32,7 @@ def test_session_options_are_set(u2net_home: Path) -> None:
     options = engine._session.inner_session.get_session_options()
     assert options.intra_op_num_threads == masking.cpu_cores() == engine.threads
     assert options.inter_op_num_threads == 1
-    assert options.enable_cpu_mem_arena is False
+    assert options.enable_cpu_mem_arena is True and options.enable_mem_pattern is False
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert engine.parallel_runs == 1  # the threads fill the cores: one run at a time
 
