@@ -28,17 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# (label, prepare threads, mask lanes, intra-op threads a lane, spinning, OpenCV threads or 0 for its default)
+# (label, prepare threads, mask lanes, intra-op threads a lane, spinning, OpenCV threads or 0 for its
+# default, nice of the prepare and finish threads: above 0 they yield the cores to the mask first)
 LAYOUTS = (
-    ("before: 1 lane, intra 2, spinning", 2, 1, 2, True, 0),
-    ("1 lane, intra 2, no spinning", 2, 1, 2, False, 0),
-    ("2 lanes, intra 1 each", 2, 2, 1, False, 0),
-    ("2 lanes, intra 1 each, cv2 1 thread", 2, 2, 1, False, 1),
+    ("before: 1 lane, intra 2, spinning", 2, 1, 2, True, 0, 0),
+    ("1 lane, intra 2, no spinning", 2, 1, 2, False, 0, 0),
+    ("1 lane, intra 2, pools at nice 10", 2, 1, 2, False, 0, 10),
+    ("2 lanes, intra 1 each", 2, 2, 1, False, 0, 0),
+    ("2 lanes, intra 1 each, cv2 1 thread", 2, 2, 1, False, 1, 0),
 )
 
 
 def run_layout(paths: list[Path], model: str, prepare: int, lanes: int, intra: int, spinning: bool,
-               finish: int) -> float:
+               finish: int, nice: int = 0) -> float:
     from bgwatch.jobs import JobSpec, MaskSpec
     from bgwatch.pipeline import cleanup, imageio, masking
 
@@ -58,7 +60,12 @@ def run_layout(paths: list[Path], model: str, prepare: int, lanes: int, intra: i
     for path in paths:
         todo.put(path)
 
+    def lower() -> None:
+        if nice:  # this thread only (Linux: a thread id is a process id for setpriority)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
     def prepare_loop() -> None:
+        lower()
         while True:
             try:
                 path = todo.get_nowait()
@@ -73,6 +80,7 @@ def run_layout(paths: list[Path], model: str, prepare: int, lanes: int, intra: i
             masked.put((image, masking.to_alpha8(engine.predict(image.rgb))))  # type: ignore[attr-defined]
 
     def finish_loop() -> None:
+        lower()
         while (item := masked.get()) is not None:
             image, alpha = item  # type: ignore[misc]
             refined = masking.refine_mask(alpha, post_process=True)
@@ -124,10 +132,10 @@ def main() -> int:
           f"{os.cpu_count()} cores\n")
     for round_ in range(args.rounds):
         shift = round_ % len(LAYOUTS)  # each round starts with another layout: load drifts
-        for label, prepare, lanes, intra, spinning, cv2_threads in LAYOUTS[shift:] + LAYOUTS[:shift]:
+        for label, prepare, lanes, intra, spinning, cv2_threads, nice in LAYOUTS[shift:] + LAYOUTS[:shift]:
             cv2.setNumThreads(cv2_threads or default_cv2_threads)
             before = resource.getrusage(resource.RUSAGE_SELF)
-            rate = run_layout(paths, model, prepare, lanes, intra, spinning, args.finish)
+            rate = run_layout(paths, model, prepare, lanes, intra, spinning, args.finish, nice)
             after = resource.getrusage(resource.RUSAGE_SELF)
             cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / len(paths)
             print(f"round {round_ + 1}  {label:36} {rate:6.2f} images/s  {cpu * 1000:6.0f} CPU ms/image  "
