@@ -147,23 +147,89 @@ def _gpu_present() -> bool:
 
 
 class RembgMaskEngine:
-    """A rembg session; the ONNX model stays loaded for the life of the engine."""
+    """A rembg session; the ONNX model stays loaded for the life of the engine.
+
+    `predict` is thread-safe (ONNX Runtime runs one session from several threads at once). On the CPU
+    the session runs `threads` intra-op threads, never spinning while idle, so that the pool threads
+    decoding and finishing other images get the cores between its operators. `parallel_runs` is how
+    many predicts a caller should run at once to keep every core busy: cores // threads.
+    """
 
     name = "rembg"
 
-    def __init__(self, model: str, device: str, *, alpha_matting: bool = False, session: Any = None) -> None:
+    def __init__(self, model: str, device: str, *, alpha_matting: bool = False, session: Any = None,
+                 threads: int | None = None) -> None:
         self.model = model
         self.device = resolve_onnx_device(device)
         self.alpha_matting = alpha_matting
-        self._session = session if session is not None else _new_rembg_session(model, self.device)
+        cores = cpu_cores()
+        self.threads = max(1, min(threads or cores, cores))
+        self.parallel_runs = 1 if self.device == "cuda" else max(1, cores // self.threads)
+        self._session = (session if session is not None
+                         else _new_rembg_session(model, self.device, threads=self.threads))
 
     def with_alpha_matting(self, alpha_matting: bool) -> RembgMaskEngine:
         """The same loaded session with another matting setting (no second copy of the model)."""
-        return RembgMaskEngine(self.model, self.device, alpha_matting=alpha_matting, session=self._session)
+        return RembgMaskEngine(self.model, self.device, alpha_matting=alpha_matting, session=self._session,
+                               threads=self.threads)
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """The model sees the image at most REMBG_WORK_SIDE pixels on its long side (it works at 320 to
         1024 px itself); its mask is scaled to full resolution once, from uint8."""
+        if not self.alpha_matting and _is_u2net_style(self._session):
+            height, width = rgb.shape[:2]
+            try:
+                raw = self.run(self.preprocess(rgb))
+            except Exception as exc:
+                raise EngineError("rembg", f"model {self.model} failed on this image: {exc}") from exc
+            return self.postprocess(raw, height, width)
+        return self._predict_with_remove(rgb)
+
+    # The u2net family (u2net, u2netp, u2net_human_seg, silueta, custom .onnx) is run here step by step,
+    # as rembg's session.predict does, without rembg.remove: no PIL image of the input beyond the 320x320
+    # one, no PIL mask at full size, no float64 copies. The model's input is built exactly as rembg builds
+    # it (Pillow's Lanczos to 320x320, x / max(x), ImageNet mean and std), so the net's output is the same.
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 -> the net's 1x3x320x320 float32 input, as rembg's BaseSession.normalize makes it."""
+        import cv2
+        from PIL import Image
+
+        height, width = rgb.shape[:2]
+        small = np.ascontiguousarray(rgb[..., :3])
+        scale = min(1.0, REMBG_WORK_SIDE / max(height, width, 1))
+        if scale < 1.0:  # a big photo is area-averaged to REMBG_WORK_SIDE first (Lanczos from 25 MP is slow)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
+        image = Image.fromarray(small).resize(_U2NET_SIDE, Image.Resampling.LANCZOS)
+        pixels = np.asarray(image, np.float64)
+        pixels /= max(float(pixels.max()), 1e-6)
+        pixels -= _U2NET_MEAN
+        pixels /= _U2NET_STD
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None], np.float32)
+
+    def run(self, feed: np.ndarray) -> np.ndarray:
+        """The net on one preprocessed input -> its first output's mask plane (320x320 float32)."""
+        inner = self._session.inner_session
+        out = inner.run(None, {inner.get_inputs()[0].name: feed})[0]
+        return np.asarray(out[0, 0], np.float32)
+
+    def postprocess(self, raw: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The net's mask plane, min-max scaled and quantised to uint8 as rembg does, scaled to
+        height x width with cv2's bicubic (rembg uses Pillow's Lanczos) -> HxW float32 in [0, 1]."""
+        import cv2
+
+        low, high = float(raw.min()), float(raw.max())
+        scaled = (raw - np.float32(low)) * np.float32(255 / max(high - low, 1e-12))
+        mask8 = np.clip(scaled, 0, 255).astype(np.uint8)  # truncated, as rembg's astype("uint8")
+        if mask8.shape != (height, width):
+            mask8 = np.asarray(cv2.resize(mask8, (width, height), interpolation=cv2.INTER_CUBIC))
+        out: np.ndarray = mask8.astype(np.float32)
+        out *= np.float32(1 / 255)
+        return out
+
+    def _predict_with_remove(self, rgb: np.ndarray) -> np.ndarray:
+        """Any other rembg session, and alpha matting: through rembg.remove with a PIL image."""
         import cv2
         from PIL import Image
         from rembg import remove
@@ -194,6 +260,55 @@ class RembgMaskEngine:
         return out
 
 
+_U2NET_SIDE = (320, 320)
+_U2NET_MEAN = np.array([0.485, 0.456, 0.406])
+_U2NET_STD = np.array([0.229, 0.224, 0.225])
+# rembg 2.0.86 session classes whose predict is u2net's (320x320, ImageNet mean/std, min-max output);
+# checked by name so that a rembg that changes them is not silently run the old way (a test holds it).
+_U2NET_SESSIONS = frozenset({"U2netSession", "U2netpSession", "U2netCustomSession", "U2netHumanSegSession",
+                             "SiluetaSession"})
+
+
+def _is_u2net_style(session: Any) -> bool:
+    return type(session).__name__ in _U2NET_SESSIONS and hasattr(session, "inner_session")
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def rembg_session_options(threads: int) -> Any:
+    """ONNX Runtime options for a mask session that shares the CPU with bgwatch's other threads.
+
+    - `threads` intra-op threads, one inter-op thread and sequential execution: the nets are chains of
+      convolutions with nothing to run side by side, and a second pool would only compete for the cores.
+    - No spinning: by default ORT's idle pool threads spin for a while after each operator, burning the
+      cores that the decode and finish threads need; with a busy neighbour a spinning pool is slower too,
+      as every operator waits for its slowest thread.
+    - The CPU memory arena without the memory pattern: with the pattern, each run takes one planned
+      block for all its activations and the arena keeps it (u2net: 968 MB peak RSS for load + run); without
+      it the arena reuses freed tensors' chunks (767 MB) at the same speed. No arena at all is as small but
+      12-20% slower (every run maps and faults its buffers in afresh). Measured on u2net, 2 threads.
+    - Full graph optimisation (the default, set so that it stays so).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = True
+    options.enable_mem_pattern = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 def _rembg_model_names() -> list[str]:
     from rembg.sessions import sessions_class
 
@@ -213,7 +328,7 @@ def _import_rembg() -> None:
         raise EngineError("rembg", f"rembg cannot be imported ({exc}); install rembg[gpu]") from None
 
 
-def _new_rembg_session(model: str, device: str) -> Any:
+def _new_rembg_session(model: str, device: str, *, threads: int) -> Any:
     _import_rembg()
     from rembg import new_session
 
@@ -244,7 +359,7 @@ def _new_rembg_session(model: str, device: str) -> Any:
         kwargs = {}
         session_name = model
     try:
-        session = new_session(session_name, providers=providers, **kwargs)
+        session = new_session(session_name, providers=providers, sess_opts=rembg_session_options(threads), **kwargs)
     except Exception as exc:
         raise EngineError("rembg", f"cannot load {weights}: {exc}") from exc
     inner = getattr(session, "inner_session", None)
@@ -307,21 +422,27 @@ def resolve_mask_engine_name(spec: MaskSpec) -> str:
     return chosen
 
 
-_engines: dict[tuple[str, str, str, str], Any] = {}
+_engines: dict[tuple[str, str, str, str, int], Any] = {}
 _engines_lock = threading.Lock()
 
 
-def load_mask_engine(spec: MaskSpec, device: str) -> MaskEngine:
-    """The engine for a spec, loaded once per (engine, model, device) and kept loaded. EngineError when
-    the engine is unknown or its model cannot be loaded (the message says how to fix it)."""
+def load_mask_engine(spec: MaskSpec, device: str, *, threads: int | None = None) -> MaskEngine:
+    """The engine for a spec, loaded once per (engine, model, device, threads) and kept loaded. EngineError
+    when the engine is unknown or its model cannot be loaded (the message says how to fix it).
+
+    `threads`: ONNX Runtime intra-op threads of a rembg engine's session (default: all the cores, for one
+    mask at a time). A caller that runs N masks at once on the CPU asks for cores // N, and gets an engine
+    whose `parallel_runs` says so; the classical engine ignores it."""
     name = resolve_mask_engine_name(spec)
     model = spec.model if name == "rembg" else ""
+    threads = threads if name == "rembg" and threads else 0
     # The weights' location is part of the key: another model home (U2NET_HOME) is another model.
-    key = (name, model, device, str(rembg_weights_path(model)) if name == "rembg" else "")
+    key = (name, model, device, str(rembg_weights_path(model)) if name == "rembg" else "", threads)
     with _engines_lock:  # one load at a time: two workers asking together must not load a model twice
         engine = _engines.get(key)
         if engine is None:
-            engine = MASK_ENGINES[name](model, device)
+            engine = (RembgMaskEngine(model, device, threads=threads) if name == "rembg" and threads
+                      else MASK_ENGINES[name](model, device))
             _engines[key] = engine
     if isinstance(engine, RembgMaskEngine) and engine.alpha_matting != spec.alpha_matting:
         return engine.with_alpha_matting(spec.alpha_matting)
@@ -354,16 +475,22 @@ def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
     if not post_process or alpha.size == 0:
         return _as_float(alpha)
     h, w = alpha.shape
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(solid, connectivity=8)
-    if n <= 1:  # nothing over one half: no subject
+    box = _box(solid)
+    if box is None:  # nothing over one half: no subject
         return np.zeros((h, w), np.float32)
+    # Components, specks and holes are found in the box around everything solid (often half the frame):
+    # the same components as in the whole frame, in less time.
+    top, bottom, left, right = box
+    inside = solid[top:bottom, left:right]
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = np.zeros(n, bool)
     # A speck is small both for the frame and next to the subject; a second product is not a speck.
     keep[1:] = (areas >= 0.002 * h * w) | (areas >= 0.05 * areas.max())
-    kept = keep[labels]
-    del labels, solid
-    kept |= _small_holes(kept, max_area=0.0002 * h * w)
+    kept = np.zeros((h, w), bool)
+    kept[top:bottom, left:right] = inside.view(bool) if keep[1:].all() else keep[labels]
+    del labels, solid, inside
+    kept |= _small_holes(kept, max_area=0.0002 * h * w, box=box)
     radius = max(2, round(min(h, w) / 400))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     k8 = kept.view(np.uint8)
@@ -404,15 +531,37 @@ def to_alpha8(alpha: np.ndarray) -> np.ndarray:
     return out
 
 
-def _small_holes(solid: np.ndarray, max_area: float) -> np.ndarray:
+def _box(solid: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right), bottom and right exclusive, of the nonzero pixels; None if none."""
+    rows = np.flatnonzero(solid.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(solid.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _small_holes(solid: np.ndarray, max_area: float, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The background's 4-connected pieces of at most max_area pixels that do not reach the frame's edge.
+
+    With `box` (holding every solid pixel) they are found in it, grown by one pixel a side: that ring is
+    all background, so a piece reaching the grown box's edge reaches the frame's edge too (everything
+    outside the box is background and runs to the frame's edge), and a piece that does not is the same
+    piece it is in the whole frame."""
     import cv2
 
     h, w = solid.shape
-    _, labels, stats, _ = cv2.connectedComponentsWithStats((~solid).astype(np.uint8), connectivity=4)
+    top, bottom, left, right = (0, h, 0, w) if box is None else box
+    top, bottom, left, right = max(top - 1, 0), min(bottom + 1, h), max(left - 1, 0), min(right + 1, w)
+    inside = solid[top:bottom, left:right]
+    bh, bw = inside.shape
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((~inside).astype(np.uint8), connectivity=4)
     x, y, ww, hh, area = (stats[:, i] for i in range(5))
-    inner = (x > 0) & (y > 0) & (x + ww < w) & (y + hh < h) & (area <= max_area)
+    inner = (x > 0) & (y > 0) & (x + ww < bw) & (y + hh < bh) & (area <= max_area)
     inner[0] = False
-    return np.asarray(inner[labels])
+    holes = np.zeros((h, w), bool)
+    if inner.any():
+        holes[top:bottom, left:right] = inner[labels]
+    return holes
 
 
 def studio_mask(rgb: np.ndarray) -> np.ndarray:

@@ -1,0 +1,228 @@
+"""The rembg engine on the CPU: its ONNX Runtime session options, the u2net family run without
+rembg.remove (and the same mask as rembg.remove makes), predicts from several threads at once."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bgwatch.jobs import MaskSpec
+from bgwatch.pipeline import masking
+from bgwatch.pipeline.tiles import block_mean
+
+
+def _photo() -> np.ndarray:
+    from skimage import data
+
+    return np.ascontiguousarray(data.coffee())  # a real photograph: 400x600, a cup on a table
+
+
+def _engine() -> masking.RembgMaskEngine:
+    engine = masking.load_mask_engine(MaskSpec(engine="rembg", model="tiny.onnx"), "cpu")
+    assert isinstance(engine, masking.RembgMaskEngine)
+    return engine
+
+
+def test_session_options_are_set(u2net_home: Path) -> None:
+    engine = _engine()
+    options = engine._session.inner_session.get_session_options()
+    assert options.intra_op_num_threads == masking.cpu_cores() == engine.threads
+    assert options.inter_op_num_threads == 1
+    assert options.enable_cpu_mem_arena is True and options.enable_mem_pattern is False
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert engine.parallel_runs == 1  # the threads fill the cores: one run at a time
+
+
+def test_fewer_threads_a_run_allow_parallel_runs(u2net_home: Path) -> None:
+    engine = masking.RembgMaskEngine("tiny.onnx", "cpu", threads=1)
+    assert engine._session.inner_session.get_session_options().intra_op_num_threads == 1
+    assert engine.parallel_runs == masking.cpu_cores()
+    again = engine.with_alpha_matting(True)
+    assert again._session is engine._session and again.threads == 1
+
+
+def test_same_mask_as_rembg_remove_on_a_real_photo(u2net_home: Path) -> None:
+    from PIL import Image
+    from rembg import remove
+
+    engine = _engine()
+    rgb = _photo()
+    ours = engine.predict(rgb)
+    theirs = np.asarray(remove(Image.fromarray(rgb), session=engine._session, only_mask=True), np.float32) / 255
+    assert ours.shape == theirs.shape == rgb.shape[:2] and ours.dtype == np.float32
+    # The net's input and output are rembg's; only the upscaling differs (bicubic, not Pillow's Lanczos).
+    assert float(np.abs(ours - theirs).mean()) < 0.002
+    assert float(np.abs(ours - theirs).max()) < 0.1
+    assert float(((ours > 0.5) == (theirs > 0.5)).mean()) > 0.998
+    net_input = engine.preprocess(rgb)
+    reference = engine._session.normalize(Image.fromarray(rgb), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                          (320, 320))
+    assert np.allclose(net_input, next(iter(reference.values())), atol=1e-6)  # the same net input
+
+
+def test_u2net_family_runs_without_rembg_remove_or_pil_masks(u2net_home: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import rembg
+
+    engine = _engine()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the u2net family must not go through rembg.remove or session.predict")
+
+    monkeypatch.setattr(rembg, "remove", refused)
+    monkeypatch.setattr(engine._session, "predict", refused)
+    alpha = engine.predict(_photo())
+    assert alpha.shape == (400, 600) and float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0
+
+
+def test_large_image_mask_is_scaled_to_full_size(u2net_home: Path) -> None:
+    import cv2
+
+    engine = _engine()
+    rgb = cv2.resize(_photo(), (3000, 2000), interpolation=cv2.INTER_CUBIC)  # over REMBG_WORK_SIDE
+    big = engine.predict(rgb)
+    small = engine.predict(_photo())
+    assert big.shape == (2000, 3000)
+    back = cv2.resize(big, (600, 400), interpolation=cv2.INTER_AREA)
+    assert float(np.abs(back - small).mean()) < 0.02
+
+
+def test_u2net_family_names_match_rembg_sessions() -> None:
+    """The sessions run step by step here must still be rembg's u2net recipe: 320x320, ImageNet mean and
+    std, min-max scaled output. A rembg that changes one of them fails this test."""
+    from rembg.sessions import sessions_class
+
+    found = {cls.__name__: cls for cls in sessions_class if cls.__name__ in masking._U2NET_SESSIONS}
+    assert set(found) == masking._U2NET_SESSIONS
+    for cls in found.values():
+        source = inspect.getsource(cls.predict)
+        assert "(0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320)" in " ".join(source.split())
+        assert "(pred - mi) / (ma - mi)" in source and "ort_outs[0][:, 0, :, :]" in source
+
+
+def test_predict_from_several_threads_at_once(u2net_home: Path) -> None:
+    engine = masking.RembgMaskEngine("tiny.onnx", "cpu", threads=1)
+    from bgwatch.samples import studio_shot
+
+    shots = [studio_shot(seed, size=(256, 192)).rgb for seed in range(6)]
+    alone = [engine.predict(rgb) for rgb in shots]
+    together: list[np.ndarray | None] = [None] * len(shots)
+
+    def work(i: int) -> None:
+        together[i] = engine.predict(shots[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(shots))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together, strict=True):
+        assert b is not None and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(1023, 1021, 3), (64, 50), (7, 9, 3), (5, 5, 6)])
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_block_mean_is_the_mean_of_edge_padded_blocks(shape: tuple[int, ...], factor: int) -> None:
+    image = np.random.default_rng(0).random(shape, dtype=np.float32) * 255
+    h, w = shape[:2]
+    padded = np.pad(image, ((0, -h % factor), (0, -w % factor)) + ((0, 0),) * (len(shape) - 2), mode="edge")
+    blocks = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor, *shape[2:])
+    expected = blocks.mean(axis=(1, 3), dtype=np.float64)
+    got = block_mean(image, factor)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert float(np.abs(got - expected).max()) < 1e-3
+
+
+# ---------------------------------------------------------------- refinement in the subject's box
+
+
+def _whole_frame_solid(alpha: np.ndarray) -> np.ndarray:
+    """refine_mask's solid set (specks dropped, small holes filled) found over the whole frame, as
+    refine_mask did before it worked in the subject's box: the reference the box must reproduce."""
+    import cv2
+
+    h, w = alpha.shape
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((alpha > 0.5).astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return np.zeros((h, w), bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.zeros(n, bool)
+    keep[1:] = (areas >= 0.002 * h * w) | (areas >= 0.05 * areas.max())
+    kept = keep[labels]
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((~kept).astype(np.uint8), connectivity=4)
+    x, y, ww, hh, area = (stats[:, i] for i in range(5))
+    inner = (x > 0) & (y > 0) & (x + ww < w) & (y + hh < h) & (area <= 0.0002 * h * w)
+    inner[0] = False
+    return np.asarray(kept | inner[labels])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_refine_in_the_box_finds_what_the_whole_frame_finds(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(120, 400)), int(rng.integers(120, 400))
+    alpha = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(1, 4))):  # subjects, some touching or crossing the frame's edge
+        y0, x0 = int(rng.integers(-h // 2, h - 10)), int(rng.integers(-w // 2, w - 10))
+        alpha[max(y0, 0) : y0 + int(rng.integers(20, 2 * h)), max(x0, 0) : x0 + int(rng.integers(20, 2 * w))] = 1
+    for _ in range(60):  # pinholes, specks, bigger holes, and notches in the frame's edge
+        y, x, r = int(rng.integers(0, h)), int(rng.integers(0, w)), int(rng.integers(0, 6))
+        if rng.random() < 0.3:
+            y = int(rng.choice([0, h - 1])) if rng.random() < 0.5 else y
+            x = int(rng.choice([0, w - 1])) if y not in (0, h - 1) else x
+        alpha[max(y - r, 0) : y + r + 1, max(x - r, 0) : x + r + 1] = float(rng.integers(0, 2))
+    alpha += rng.normal(0, 0.05, alpha.shape).astype(np.float32)
+    refined = refine_mask_clip(alpha)
+    expected = _whole_frame_solid(np.clip(alpha, 0, 1))
+    # Away from the outline refine_mask is exactly the solid set; on the outline it keeps soft values.
+    import cv2
+
+    k8 = expected.astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    band = (cv2.dilate(k8, kernel) - cv2.erode(k8, kernel)).astype(bool)
+    assert np.array_equal(refined[~band] > 0.5, expected[~band])
+
+
+def refine_mask_clip(alpha: np.ndarray) -> np.ndarray:
+    return masking.refine_mask(alpha, post_process=True)
+
+
+def test_refine_of_an_empty_mask_is_empty() -> None:
+    assert not masking.refine_mask(np.zeros((50, 60), np.float32), post_process=True).any()
+
+
+def test_transparent_cleanup_keeps_colour_near_the_subject_and_black_further_out() -> None:
+    from bgwatch.jobs import JobSpec
+    from bgwatch.pipeline.cleanup import cleanup, foreground_points
+    from bgwatch.samples import studio_shot
+
+    shot = studio_shot(3, size=(320, 256))
+    alpha = masking.refine_mask(shot.mask, post_process=True)
+    out = cleanup(shot.rgb, alpha, JobSpec(mode="transparent"))
+    a8 = masking.to_alpha8(alpha)
+    assert np.array_equal(out[..., 3], a8)
+    near = out[..., 3] > 0
+    ys, xs, colours = foreground_points(shot.rgb, alpha, None)
+    expected = shot.rgb.copy()
+    expected[ys, xs] = colours
+    import cv2
+
+    reach = cv2.dilate(near.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)  # radius 2 at this size
+    assert not out[~reach][:, :3].any()  # black away from the subject
+    solid = a8 == 255
+    assert np.array_equal(out[solid][:, :3], shot.rgb[solid])  # the subject's own pixels untouched
+
+
+def test_an_engine_for_parallel_runs_is_loaded_once_with_its_own_threads(u2net_home: Path) -> None:
+    spec = MaskSpec(engine="rembg", model="tiny.onnx")
+    one_at_a_time = masking.load_mask_engine(spec, "cpu")
+    lanes = masking.load_mask_engine(spec, "cpu", threads=1)
+    assert isinstance(lanes, masking.RembgMaskEngine) and isinstance(one_at_a_time, masking.RembgMaskEngine)
+    assert lanes is masking.load_mask_engine(spec, "cpu", threads=1) and lanes is not one_at_a_time
+    assert lanes._session.inner_session.get_session_options().intra_op_num_threads == 1
+    assert lanes.parallel_runs == masking.cpu_cores()
+    classical = masking.load_mask_engine(MaskSpec(engine="classical"), "cpu", threads=1)
+    assert classical is masking.load_mask_engine(MaskSpec(engine="classical"), "cpu")
