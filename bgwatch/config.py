@@ -163,7 +163,7 @@ def check_http(where: Path | str, http: HttpSettings) -> None:
 class PipelineSettings:
     window_per_worker: int = 4  # files claimed ahead per device worker; the rest stay in the inbox
     prepare_threads: int = 2
-    mask_threads: int = 1  # model masks on the CPU (ONNX Runtime); on CUDA they run on the device worker
+    mask_threads: int = 2  # model masks run at once on the CPU, sharing the cores; on CUDA: the device worker
     remote_threads: int = 2  # Runway tasks in flight at once (each polls for up to runway.task_deadline)
     finish_threads: int = 2
     stop_timeout: float = 120.0  # SIGTERM drains in-flight jobs this long at most; the rest wait for the next start

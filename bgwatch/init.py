@@ -35,7 +35,7 @@ watch:
 pipeline:
   window_per_worker: 4
   prepare_threads: 2
-  mask_threads: 1
+  mask_threads: 2
   remote_threads: 2
   finish_threads: 2
   stop_timeout: 120

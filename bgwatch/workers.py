@@ -147,6 +147,7 @@ class Workers:
 
     def start(self) -> None:
         pipeline = self.config.pipeline
+        _share_cores_with_opencv(pipeline.prepare_threads + pipeline.finish_threads)
         loops: list[tuple[str, Callable[[], None], int]] = [
             ("prepare", self._prepare_loop, pipeline.prepare_threads),
             ("mask", functools.partial(self._serve, "mask", self.mask_q, self._mask), pipeline.mask_threads),
@@ -221,7 +222,12 @@ class Workers:
         self.route(stages.prepare(job, self.config, self.engines, max_memory=max_memory))
 
     def _mask(self, prepared: stages.Prepared) -> None:
-        self.route(stages.mask(prepared, self.config))
+        from bgwatch.pipeline.masking import cpu_cores
+
+        # The mask lane's threads share the cores: two single-threaded runs at once beat one on two threads
+        # (bench/bench_mask_layout.py), as ONNX Runtime's operators do not keep two cores busy.
+        threads = max(1, cpu_cores() // self.config.pipeline.mask_threads)
+        self.route(stages.mask(prepared, self.config, threads=threads))
 
     def _gate(self, prepared: stages.Prepared) -> None:
         """The generation rate limit, and one generation per request in flight; then the device or Runway."""
@@ -351,6 +357,17 @@ class Workers:
         except Exception as exc:  # a bug must cost one job, not the daemon: logged with its traceback
             logger.exception("run {}: unexpected error", job.run_id)
             self._fail(job, f"internal error ({type(exc).__name__}: {exc}); see logs/error.log")
+
+
+def _share_cores_with_opencv(pool_threads: int) -> None:
+    """OpenCV runs its own thread pool inside each call; the stage pools already run images in parallel,
+    so each call gets its share of the cores, not all of them (on 2 cores: 1; measured +5% images/s with
+    the real U²-Net, bench/bench_mask_layout.py). The daemon owns its process: this is set when it starts."""
+    import cv2
+
+    from bgwatch.pipeline.masking import cpu_cores
+
+    cv2.setNumThreads(max(1, cpu_cores() // max(1, pool_threads)))
 
 
 def _put(q: queue.Queue[tuple[stages.Prepared, Callable[[], stages.Prepared]]],
