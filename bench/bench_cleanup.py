@@ -154,6 +154,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--window", type=int, default=4, help="pipeline.window_per_worker for bgwatch")
     parser.add_argument("--threads", type=int, default=2, help="pipeline.prepare_threads and finish_threads")
+    parser.add_argument("--mask-threads", type=int, default=None, help="pipeline.mask_threads (default: bgwatch's)")
     parser.add_argument("--skip-rembg", action="store_true", help="measure bgwatch only")
     args = parser.parse_args()
 
@@ -171,6 +172,7 @@ def main() -> int:
         "device": "cpu",
         "watch": {"settle_seconds": 0.2, "rescan_seconds": 60},
         "pipeline": {"window_per_worker": args.window, "prepare_threads": args.threads,
+                     **({"mask_threads": args.mask_threads} if args.mask_threads else {}),
                      "finish_threads": args.threads},
         "inboxes": [{"path": str(run / "inbox"), "outbox": str(run / "outbox"),
                      "rules": {"operation": "cleanup", "mode": "transparent",
