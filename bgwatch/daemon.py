@@ -81,7 +81,8 @@ class Daemon:
         self.heartbeat_thread: threading.Thread | None = None
         # The HTTP door (http.listen): its own window in the same queue; its runs are recorded by this thread.
         self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
-                             depth=lambda: sum(self.workers.depths().values()), metrics=metrics) if http else None
+                             depth=lambda: sum(self.workers.depths().values()), metrics=metrics,
+                             wake=self.intake.wake) if http else None
         self._config_mtime = self._mtime(config.source)
         self._last_heartbeat = time.monotonic()
         self._next_watchdog = 0.0

@@ -203,7 +203,8 @@ class HttpDoor:
 
     def __init__(self, config: Config, store: Store, generation_bucket: TokenBucket, submit: Callable[[Job], None],
                  outcomes: queue.SimpleQueue[Any], *, depth: Callable[[], int] = lambda: 0,
-                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time) -> None:
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
+                 wake: threading.Event | None = None) -> None:
         self.config = config
         self.settings = config.http
         self.store = store
@@ -213,6 +214,7 @@ class HttpDoor:
         self.depth = depth
         self.metrics = metrics
         self.clock = clock
+        self.wake = wake  # the main thread's: an admitted request is recorded at once, not at the next tick
         root = Path(os.path.abspath(config.state_dir)) / "http"
         self.uploads_dir = root / "uploads"
         self.results_dir = root / "results"
@@ -350,6 +352,8 @@ class HttpDoor:
                                   retry_after=max(1, math.ceil(wait)))
                 self._generating += 1
         self._submissions.put(item)
+        if self.wake is not None:
+            self.wake.set()
         return item.ticket
 
     def _resolve(self, upload: Upload, fragment: rules.Fragment) -> JobSpec:
