@@ -42,7 +42,7 @@ LAYOUTS = (
 def run_layout(paths: list[Path], model: str, prepare: int, lanes: int, intra: int, spinning: bool,
                finish: int, nice: int = 0) -> float:
     from bgwatch.jobs import JobSpec, MaskSpec
-    from bgwatch.pipeline import cleanup, imageio, masking
+    from bgwatch.pipeline import cleanup, imageio, masking, refine
 
     spec = JobSpec(mask=MaskSpec(engine="rembg", model=model))
     session = None
@@ -77,13 +77,13 @@ def run_layout(paths: list[Path], model: str, prepare: int, lanes: int, intra: i
 
     def lane_loop() -> None:
         while (image := decoded.get()) is not None:
-            masked.put((image, masking.to_alpha8(engine.predict(image.rgb))))  # type: ignore[attr-defined]
+            masked.put((image, refine.to_alpha8(engine.predict(image.rgb))))  # type: ignore[attr-defined]
 
     def finish_loop() -> None:
         lower()
         while (item := masked.get()) is not None:
             image, alpha = item  # type: ignore[misc]
-            refined = masking.refine_mask(alpha, post_process=True)
+            refined = refine.refine_mask(alpha, post_process=True)
             imageio.encode(cleanup.cleanup(image.rgb, refined, spec), spec.output)
 
     engine.predict(imageio.decode(paths[0], max_pixels=10**8).rgb)  # warm-up

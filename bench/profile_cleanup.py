@@ -41,7 +41,7 @@ def main() -> int:
     os.environ["U2NET_HOME"] = str(home)
 
     from bgwatch.jobs import JobSpec, MaskSpec
-    from bgwatch.pipeline import cleanup, imageio, masking
+    from bgwatch.pipeline import cleanup, imageio, masking, refine
 
     spec = JobSpec(mask=MaskSpec(engine="rembg", model=model))
     engine = masking.load_mask_engine(spec.mask, "cpu", threads=args.threads or None)
@@ -59,7 +59,7 @@ def main() -> int:
         t = (time.perf_counter(), time.process_time())
         image = imageio.decode(path, max_pixels=10**8)
         t = timed("decode", t)
-        alpha = masking.to_alpha8(engine.predict(image.rgb))
+        alpha = refine.to_alpha8(engine.predict(image.rgb))
         t = timed("mask (predict + to_alpha8)", t)
         pre = engine.preprocess(image.rgb)
         t = timed("  mask: 320x320 input", t)
@@ -67,7 +67,7 @@ def main() -> int:
         t = timed("  mask: ONNX Runtime run", t)
         engine.postprocess(raw, image.height, image.width)
         t = timed("  mask: scale back up", t)
-        refined = masking.refine_mask(alpha, post_process=True)
+        refined = refine.refine_mask(alpha, post_process=True)
         t = timed("refine_mask", t)
         out = cleanup.cleanup(image.rgb, refined, spec)
         t = timed("cleanup (transparent)", t)

@@ -137,7 +137,8 @@ def test_cleanup_rejects_unknown_mode_and_mismatched_mask() -> None:
 
 
 def test_all_modes_on_a_studio_shot_with_every_option() -> None:
-    from bgwatch.pipeline.masking import refine_mask, studio_mask
+    from bgwatch.pipeline.masking import studio_mask
+    from bgwatch.pipeline.refine import refine_mask
     from bgwatch.samples import studio_shot
 
     shot = studio_shot(11, size=(480, 360))

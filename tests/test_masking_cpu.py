@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bgwatch.jobs import MaskSpec
-from bgwatch.pipeline import masking
+from bgwatch.pipeline import masking, refine
 from bgwatch.pipeline.tiles import block_mean
 
 
@@ -187,11 +187,11 @@ def test_refine_in_the_box_finds_what_the_whole_frame_finds(seed: int) -> None:
 
 
 def refine_mask_clip(alpha: np.ndarray) -> np.ndarray:
-    return masking.refine_mask(alpha, post_process=True)
+    return refine.refine_mask(alpha, post_process=True)
 
 
 def test_refine_of_an_empty_mask_is_empty() -> None:
-    assert not masking.refine_mask(np.zeros((50, 60), np.float32), post_process=True).any()
+    assert not refine.refine_mask(np.zeros((50, 60), np.float32), post_process=True).any()
 
 
 def test_transparent_cleanup_keeps_colour_near_the_subject_and_black_further_out() -> None:
@@ -200,9 +200,9 @@ def test_transparent_cleanup_keeps_colour_near_the_subject_and_black_further_out
     from bgwatch.samples import studio_shot
 
     shot = studio_shot(3, size=(320, 256))
-    alpha = masking.refine_mask(shot.mask, post_process=True)
+    alpha = refine.refine_mask(shot.mask, post_process=True)
     out = cleanup(shot.rgb, alpha, JobSpec(mode="transparent"))
-    a8 = masking.to_alpha8(alpha)
+    a8 = refine.to_alpha8(alpha)
     assert np.array_equal(out[..., 3], a8)
     near = out[..., 3] > 0
     ys, xs, colours = foreground_points(shot.rgb, alpha, None)

@@ -18,7 +18,7 @@ from PIL import Image
 from bgwatch.errors import EngineError, InputError
 from bgwatch.jobs import JobSpec
 from bgwatch.pipeline.cleanup import cleanup
-from bgwatch.pipeline.masking import refine_mask, to_alpha8
+from bgwatch.pipeline.refine import refine_mask, to_alpha8
 
 ROOT = Path(__file__).resolve().parents[1]
 

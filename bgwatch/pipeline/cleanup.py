@@ -62,7 +62,7 @@ def cleanup(rgb: np.ndarray, alpha: np.ndarray, spec: JobSpec) -> np.ndarray:
     if spec.mode == "transparent":
         import cv2
 
-        from bgwatch.pipeline.masking import to_alpha8
+        from bgwatch.pipeline.refine import to_alpha8
 
         a8 = to_alpha8(alpha)
         # Fully transparent pixels keep the subject's colour near the edge (premultiplication-safe for

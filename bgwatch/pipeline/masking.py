@@ -20,7 +20,6 @@ from loguru import logger
 
 from bgwatch.errors import EngineError
 from bgwatch.jobs import MaskSpec
-from bgwatch.pipeline.tiles import strips
 
 # rembg session names that are not a model one can name (they need a path, or prompts).
 _REMBG_NON_MODELS = frozenset({"u2net_custom", "dis_custom", "ben_custom", "sam"})
@@ -456,112 +455,6 @@ def unload_mask_engines() -> None:
         _engines.clear()
     with _announce_lock:
         _announced.clear()
-
-
-# ---------------------------------------------------------------- refinement
-
-
-def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
-    """Clean a raw alpha (float in [0, 1], or uint8 0..255) into float32 HxW in [0, 1]: specks removed,
-    small holes filled, edges kept soft (never grown: no halo). Full-size work is in uint8 planes and one
-    int32 label plane at a time; the soft edge is blurred in strips of rows."""
-    import cv2
-
-    if alpha.dtype == np.uint8:
-        solid = (alpha > 127).astype(np.uint8)
-    else:
-        alpha = np.clip(np.nan_to_num(alpha.astype(np.float32, copy=False)), 0.0, 1.0)
-        solid = (alpha > 0.5).astype(np.uint8)
-    if not post_process or alpha.size == 0:
-        return _as_float(alpha)
-    h, w = alpha.shape
-    box = _box(solid)
-    if box is None:  # nothing over one half: no subject
-        return np.zeros((h, w), np.float32)
-    # Components, specks and holes are found in the box around everything solid (often half the frame):
-    # the same components as in the whole frame, in less time.
-    top, bottom, left, right = box
-    inside = solid[top:bottom, left:right]
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=8)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = np.zeros(n, bool)
-    # A speck is small both for the frame and next to the subject; a second product is not a speck.
-    keep[1:] = (areas >= 0.002 * h * w) | (areas >= 0.05 * areas.max())
-    kept = np.zeros((h, w), bool)
-    kept[top:bottom, left:right] = inside.view(bool) if keep[1:].all() else keep[labels]
-    del labels, solid, inside
-    kept |= _small_holes(kept, max_area=0.0002 * h * w, box=box)
-    radius = max(2, round(min(h, w) / 400))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    k8 = kept.view(np.uint8)
-    band = cv2.dilate(k8, kernel)
-    np.subtract(band, cv2.erode(k8, kernel), out=band)  # 1 on the outline's band, 0 elsewhere
-    out = kept.astype(np.float32)
-    del kept, k8
-    # Near the outline keep the engine's own soft values, lightly smoothed so stair steps don't show.
-    sigma = max(0.6, min(h, w) / 1600)
-    pad = int(4 * sigma) + 2
-    for y0, y1 in strips(h, w):
-        rows = band[y0:y1].astype(bool)
-        if not rows.any():
-            continue
-        p0, p1 = max(y0 - pad, 0), min(y1 + pad, h)
-        soft = cv2.GaussianBlur(_as_float(alpha[p0:p1]), (0, 0), sigma)[y0 - p0 : y1 - p0]
-        out[y0:y1][rows] = soft[rows]
-    return np.asarray(out)
-
-
-def _as_float(alpha: np.ndarray) -> np.ndarray:
-    if alpha.dtype == np.uint8:
-        return np.asarray(alpha.astype(np.float32) * np.float32(1 / 255))
-    return np.asarray(alpha, np.float32)
-
-
-def to_alpha8(alpha: np.ndarray) -> np.ndarray:
-    """A float alpha in [0, 1] (NaN as 0) as uint8 0..255, rounded; converted in strips of rows."""
-    if alpha.dtype == np.uint8:
-        return alpha
-    h, w = alpha.shape
-    out = np.empty((h, w), np.uint8)
-    for y0, y1 in strips(h, w):
-        rows = np.nan_to_num(alpha[y0:y1].astype(np.float32))
-        rows *= 255.0
-        np.round(rows, out=rows)
-        out[y0:y1] = np.clip(rows, 0, 255)
-    return out
-
-
-def _box(solid: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right), bottom and right exclusive, of the nonzero pixels; None if none."""
-    rows = np.flatnonzero(solid.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(solid.any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def _small_holes(solid: np.ndarray, max_area: float, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """The background's 4-connected pieces of at most max_area pixels that do not reach the frame's edge.
-
-    With `box` (holding every solid pixel) they are found in it, grown by one pixel a side: that ring is
-    all background, so a piece reaching the grown box's edge reaches the frame's edge too (everything
-    outside the box is background and runs to the frame's edge), and a piece that does not is the same
-    piece it is in the whole frame."""
-    import cv2
-
-    h, w = solid.shape
-    top, bottom, left, right = (0, h, 0, w) if box is None else box
-    top, bottom, left, right = max(top - 1, 0), min(bottom + 1, h), max(left - 1, 0), min(right + 1, w)
-    inside = solid[top:bottom, left:right]
-    bh, bw = inside.shape
-    _, labels, stats, _ = cv2.connectedComponentsWithStats((~inside).astype(np.uint8), connectivity=4)
-    x, y, ww, hh, area = (stats[:, i] for i in range(5))
-    inner = (x > 0) & (y > 0) & (x + ww < bw) & (y + hh < bh) & (area <= max_area)
-    inner[0] = False
-    holes = np.zeros((h, w), bool)
-    if inner.any():
-        holes[top:bottom, left:right] = inner[labels]
-    return holes
 
 
 def studio_mask(rgb: np.ndarray) -> np.ndarray:

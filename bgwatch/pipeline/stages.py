@@ -141,13 +141,13 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
 def mask(prepared: Prepared, config: Config, *, threads: int | None = None) -> Prepared:
     """The mask stage: the configured engine's mask of the image, as uint8. `threads`: ONNX Runtime threads
     a CPU mask may use (the cores shared among the masks run at once; None: all of them)."""
-    from bgwatch.pipeline import masking
+    from bgwatch.pipeline import masking, refine
 
     timings = dict(prepared.timings)
     start = time.perf_counter()
     engine = masking.load_mask_engine(prepared.job.spec.mask, config.device, threads=threads)
     raw = engine.predict(prepared.image.rgb)
-    alpha = masking.to_alpha8(raw)
+    alpha = refine.to_alpha8(raw)
     del raw
     _timed(timings, "mask", start)
     label = f"{engine.name}:{engine.model}" if engine.model else engine.name
@@ -313,7 +313,7 @@ def generated(prepared: Prepared, backdrop: np.ndarray, timings: dict[str, float
 
 def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
     """Store a new generation in the cache (`engines` given), then refine, composite and encode."""
-    from bgwatch.pipeline import cleanup, composite, imageio, masking
+    from bgwatch.pipeline import cleanup, composite, imageio, refine
 
     job = prepared.job
     spec = job.spec
@@ -324,7 +324,7 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
         assert prepared.request is not None and prepared.backdrop is not None
         engines.cache.keep(prepared.request, prepared.backdrop)
     start = time.perf_counter()
-    alpha = masking.refine_mask(prepared.alpha, post_process=spec.mask.post_process)
+    alpha = refine.refine_mask(prepared.alpha, post_process=spec.mask.post_process)
     if image.alpha is not None:
         # A cut-out dropped in keeps its own transparency: the subject is at most what it already was.
         if not alpha.flags.writeable or alpha is prepared.alpha:
