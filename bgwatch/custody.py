@@ -124,10 +124,13 @@ def crash_point(name: str) -> None:
 class Custody:
     """One inbox's files as one host handles them. Thread-safe: every operation opens its own folders."""
 
-    def __init__(self, inbox: Path, host: str, epoch: str) -> None:
+    def __init__(self, inbox: Path, host: str, epoch: str, outbox: Path | None = None) -> None:
         self.inbox = Path(inbox)
         self.host = check_host(host)
         self.epoch = epoch
+        # The inbox's outbox: the one folder where a taken-over delivery's temp output may be renamed into
+        # place (a marker on the share names it; one naming anything else is not trusted with a rename).
+        self.outbox = Path(os.path.abspath(outbox)) if outbox is not None else None
         self.kept = KeptRecords(self._work, self.host)
 
     # ------------------------------------------------------------------ folders
@@ -268,13 +271,21 @@ class Custody:
                     box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)
                     return self._settle_own(token, marker)
                 tmp = out_dir.write_temp(output.name, data, owner=self.host)
+                sha = hashlib.sha256(data).hexdigest()
                 try:
-                    marker = {"rel": claim.rel, "output": str(output), "sha256": hashlib.sha256(data).hexdigest(),
-                              "disposition": disposition, "run_id": run_id}
+                    # The marker names the temp output too: a host that took this delivery over after the
+                    # marker was written finishes it with that very file (see settle), never undoes it.
+                    marker = {"rel": claim.rel, "output": str(output), "sha256": sha, "disposition": disposition,
+                              "run_id": run_id, "outbox": str(outbox), "output_rel": output_rel, "temp": tmp}
                     box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)
-                    if os.fstat(box.fd).st_nlink == 0:  # settled by another host while this one was paused
+                    if not self._holds(token, box):  # taken over while this host was paused: the taker decides
                         raise _Superseded
-                    os.rename(tmp, output.name, src_dir_fd=out_dir.fd, dst_dir_fd=out_dir.fd)
+                    try:
+                        os.rename(tmp, output.name, src_dir_fd=out_dir.fd, dst_dir_fd=out_dir.fd)
+                    except FileNotFoundError:
+                        if _has_bytes(output, sha):  # the taker finished it with our temp output
+                            return None
+                        raise
                 except _Superseded:
                     out_dir.unlink(tmp)
                     return None
@@ -284,6 +295,35 @@ class Custody:
                 out_dir.fsync()
             crash_point("delivered")
         return self._settle_own(token, marker)
+
+    def _holds(self, token: str, box: Folder) -> bool:
+        """Whether this host's delivering folder `token` is still where it put it (another host takes a
+        silent host's deliveries over by renaming them away; the box's descriptor follows the rename)."""
+        try:
+            with self._work(DELIVERING, self.host, create=False) as mine:
+                there = mine.lstat(token)
+        except (safefs.FolderMissing, safefs.UnsafeFolder):
+            return False
+        here = os.fstat(box.fd)
+        return there is not None and here.st_nlink > 0 and (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+    def _finish_output(self, marker: dict[str, object]) -> bool:
+        """A delivery taken over between its marker and its output's rename: the marker's temp output,
+        whole and fsynced before the marker was written, is renamed into place here. True if the output
+        now holds the marker's bytes (renamed here, or by its owner meanwhile)."""
+        outbox, rel, temp, sha = (str(marker.get(k) or "") for k in ("outbox", "output_rel", "temp", "sha256"))
+        if not (outbox and rel and sha and _is_temp(temp) and "/" not in temp) or self.outbox is None or (
+                Path(os.path.abspath(outbox)) != self.outbox):
+            return False
+        try:
+            parts = _parts(rel)
+            with Folder.open_root(self.outbox) as root, root.sub(*parts[:-1]) as out_dir:
+                with contextlib.suppress(FileNotFoundError):  # the owner renamed (or removed) it meanwhile
+                    if safefs.sha256_at(out_dir, temp) == sha:
+                        os.rename(temp, parts[-1], src_dir_fd=out_dir.fd, dst_dir_fd=out_dir.fd)
+                return safefs.sha256_at(out_dir, parts[-1]) == sha
+        except (OSError, ValueError):
+            return False
 
     def fail(self, claim: Claim, run_id: int, reason: str) -> Settled | None:
         """File the original (and sidecar) in failed/ with NAME.error.txt, fenced. None: superseded."""
@@ -327,7 +367,8 @@ class Custody:
             disposition = str(marker.get("disposition", ""))
             output = Path(str(marker["output"])) if marker.get("output") else None
             finished = disposition == "failed" or (
-                disposition in DISPOSITIONS and output is not None and _has_bytes(output, str(marker.get("sha256"))))
+                disposition in DISPOSITIONS and output is not None and (
+                    _has_bytes(output, str(marker.get("sha256"))) or self._finish_output(marker)))
             parked: Path | None = None
             reason = str(marker.get("reason", ""))
             if finished and images:

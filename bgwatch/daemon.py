@@ -104,7 +104,7 @@ class Daemon:
             heartbeat = before.heartbeat if before is not None else Heartbeat(
                 inbox.path, config.host, self.epoch, config.watch.lease_seconds)
             heartbeat.lease_seconds = config.watch.lease_seconds
-            sites[inbox.name] = Site(inbox, Custody(inbox.path, config.host, self.epoch), heartbeat)
+            sites[inbox.name] = Site(inbox, Custody(inbox.path, config.host, self.epoch, inbox.outbox), heartbeat)
         return sites
 
     @staticmethod

@@ -142,6 +142,61 @@ def test_a_kill_after_the_output_is_written_is_finished_by_another_host(inbox: P
     assert [p for p in files(inbox) if not p.startswith("done/")] == []
 
 
+@pytest.mark.parametrize("when", ["after the marker", "after the owner's last check"])
+def test_a_delivery_taken_over_mid_way_is_finished_once_by_the_taker(inbox: Path, when: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """ws1 stalls (a paused VM, a starved heartbeat) between writing its marker and renaming its output into
+    place; ws2 finds it silent and takes the delivery over. Exactly one of them finishes it, with ws1's
+    own output: the original is not returned to the inbox to be processed a second time."""
+    outbox = inbox.parent / "outbox"
+    drop(inbox / "shot.jpg", b"original")
+    owner = Custody(inbox, "ws1", "e1", outbox)
+    taker = Custody(inbox, "ws2", "e2", outbox)
+    claim = owner.claim("shot.jpg")
+    assert claim is not None
+    real_holds = Custody._holds
+    taken: list[list[str]] = []
+
+    def holds_then_taken_over(self: Custody, token: str, box: safefs.Folder) -> bool:
+        if when == "after the marker":
+            taken.append(taker.reclaim("ws1"))
+            return real_holds(self, token, box)
+        held = real_holds(self, token, box)
+        taken.append(taker.reclaim("ws1"))
+        return held
+
+    monkeypatch.setattr(Custody, "_holds", holds_then_taken_over)
+    assert owner.deliver(claim, 5, outbox, "shot.png", b"the output", "move") is None  # superseded
+    assert taken == [["e1-5: finished"]]
+    assert files(outbox) == ["shot.png"] and (outbox / "shot.png").read_bytes() == b"the output"
+    assert (inbox / "done" / "shot.jpg").read_bytes() == b"original"
+    assert [p for p in files(inbox) if not p.startswith("done/")] == []
+
+
+def test_a_forged_marker_cannot_rename_files_outside_the_outbox(inbox: Path, tmp_path: Path) -> None:
+    """A marker is a file on the share: one naming another folder as its outbox is not trusted."""
+    elsewhere = tmp_path / "elsewhere"
+    drop(elsewhere / ".ws1.0123456789ab.bgw-tmp", b"x")
+    drop(inbox / "shot.jpg", b"original")
+    owner = Custody(inbox, "ws1", "e1", inbox.parent / "outbox")
+    claim = owner.claim("shot.jpg")
+    assert claim is not None
+    box = owner._fence(claim, owner.token(3))
+    assert box is not None
+    import hashlib
+    import json
+
+    forged = {"rel": "shot.jpg", "output": str(elsewhere / "victim"), "sha256": hashlib.sha256(b"x").hexdigest(),
+              "disposition": "move", "outbox": str(elsewhere), "output_rel": "victim",
+              "temp": ".ws1.0123456789ab.bgw-tmp"}
+    with box:
+        box.write_atomic("marker.json", json.dumps(forged).encode())
+    settled = Custody(inbox, "ws2", "e2", inbox.parent / "outbox").reclaim("ws1")
+    assert settled == ["e1-3: returned"]
+    assert files(elsewhere) == [".ws1.0123456789ab.bgw-tmp"]
+    assert files(inbox) == ["shot.jpg"]
+
+
 def test_a_kill_before_the_output_is_written_returns_the_original(inbox: Path) -> None:
     drop(inbox / "shot.jpg", b"original")
     custody = Custody(inbox, "ws1", "e1")
