@@ -135,6 +135,7 @@ class Workers:
         self.remote_q: queue.Queue[stages.Prepared] = queue.Queue()
         self.finish_q: queue.Queue[stages.Prepared] = queue.Queue()
         self._order = itertools.count()  # FIFO among the device's jobs of one priority
+        self._mask_lanes = config.pipeline.mask_threads  # as started: thread counts change at a restart
         self._handled: Counter[str] = Counter()  # jobs each stage took in hand (bgwatch status shows them)
         self._handled_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
@@ -147,6 +148,7 @@ class Workers:
 
     def start(self) -> None:
         pipeline = self.config.pipeline
+        self._mask_lanes = pipeline.mask_threads
         _share_cores_with_opencv(pipeline.prepare_threads + pipeline.finish_threads)
         loops: list[tuple[str, Callable[[], None], int]] = [
             ("prepare", self._prepare_loop, pipeline.prepare_threads),
@@ -226,7 +228,7 @@ class Workers:
 
         # The mask lane's threads share the cores: two single-threaded runs at once beat one on two threads
         # (bench/bench_mask_layout.py), as ONNX Runtime's operators do not keep two cores busy.
-        threads = max(1, cpu_cores() // self.config.pipeline.mask_threads)
+        threads = max(1, cpu_cores() // self._mask_lanes)
         self.route(stages.mask(prepared, self.config, threads=threads))
 
     def _gate(self, prepared: stages.Prepared) -> None:
