@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -189,3 +190,43 @@ def test_a_job_that_could_never_fit_the_memory_budget_fails_before_decoding() ->
         check_job_memory(10_000, 10_000, JobSpec(), max_memory=2**30, source="big.jpg")
     text = str(caught.value)
     assert text.startswith("big.jpg") and "limits.max_memory" in text and "10000x10000" in text
+
+
+_ARENAS = """
+import ctypes, sys, tempfile, threading
+if sys.argv[1] == "limited":
+    from bgwatch.service import limit_malloc_arenas
+    assert limit_malloc_arenas(2)
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()
+    keep = [bytearray(2000) for _ in range(2000)]
+    barrier.wait()  # all eight alive with their blocks: none hands its arena on to another
+def main():
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    libc = ctypes.CDLL(None)
+    libc.fopen.restype = ctypes.c_void_p
+    with tempfile.NamedTemporaryFile("r") as report:
+        fp = ctypes.c_void_p(libc.fopen(report.name.encode(), b"w"))
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        print(report.read().count("<heap nr="))
+main()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and malloc_info are glibc's")
+def test_the_daemons_threads_share_at_most_one_c_heap_arena_a_core() -> None:
+    """Eight threads allocating at once get eight arenas of their own by default; limited, they share two
+    (in a child: the setting is process-wide, and the daemon owns its process)."""
+    def arenas(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    assert arenas("default") > 2
+    assert arenas("limited") <= 2
