@@ -38,7 +38,7 @@ from bgwatch.liveness import Heartbeat, Liveness, new_epoch
 from bgwatch.pipeline import stages
 from bgwatch.ratelimit import TokenBucket
 from bgwatch.recovery import recover
-from bgwatch.service import STATUS_FILE, InstanceLock, Progress, limit_malloc_arenas, sd_notify, trim_memory
+from bgwatch.service import STATUS_FILE, InstanceLock, Progress, sd_notify, share_cores, trim_memory
 from bgwatch.store import Store
 from bgwatch.text import shown
 from bgwatch.workers import Workers
@@ -164,7 +164,10 @@ class Daemon:
         try:
             self.store.check()
             self._make_outboxes()
-            limit_malloc_arenas(os.cpu_count() or 1)
+            from bgwatch.pipeline.masking import cpu_cores
+
+            pipeline = self.config.pipeline
+            share_cores(cpu_cores(), pipeline.prepare_threads + pipeline.finish_threads)
             self._beat()  # before anything: a host back from a long stop must not look dead
             if self.http is not None:
                 self.http.open()  # settles its own leftovers first: recover() knows folder runs only

@@ -36,11 +36,24 @@ def trim_memory() -> None:
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
+def share_cores(cores: int, pool_threads: int) -> None:
+    """Process-wide settings for a daemon whose stage pools already run images in parallel (the daemon owns
+    its process: set when it starts, before the workers).
+
+    - OpenCV runs its own thread pool inside each call: each call gets the cores' share of the pool threads
+      (on 2 cores: 1; +5% images/s with the real U²-Net, bench/bench_mask_layout.py).
+    - At most one C-heap arena a core (glibc's default is eight a core): the threads' freed images and the
+      mask runs' buffers reuse each other's pages instead of each thread keeping its own (about 100 MB
+      less peak RSS with the real U²-Net on 2 cores, bench/bench_cleanup.py); a no-op without glibc.
+    """
+    import cv2
+
+    cv2.setNumThreads(max(1, cores // max(1, pool_threads)))
+    limit_malloc_arenas(cores)
+
+
 def limit_malloc_arenas(cores: int) -> bool:
-    """At most one C-heap arena a core (glibc's default is eight a core): the stage threads' freed images
-    and the mask runs' buffers then reuse each other's pages instead of each thread keeping its own (about
-    100 MB less peak RSS with the real U²-Net on 2 cores, bench/bench_cleanup.py). Called before the
-    workers start; a no-op where there is no glibc. The daemon owns its process: set when it starts."""
+    """glibc's mallopt(M_ARENA_MAX): at most max(2, cores) arenas; False where there is no glibc."""
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(M_ARENA_MAX, max(2, cores)))

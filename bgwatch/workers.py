@@ -149,7 +149,6 @@ class Workers:
     def start(self) -> None:
         pipeline = self.config.pipeline
         self._mask_lanes = pipeline.mask_threads
-        _share_cores_with_opencv(pipeline.prepare_threads + pipeline.finish_threads)
         loops: list[tuple[str, Callable[[], None], int]] = [
             ("prepare", self._prepare_loop, pipeline.prepare_threads),
             ("mask", functools.partial(self._serve, "mask", self.mask_q, self._mask), pipeline.mask_threads),
@@ -359,17 +358,6 @@ class Workers:
         except Exception as exc:  # a bug must cost one job, not the daemon: logged with its traceback
             logger.exception("run {}: unexpected error", job.run_id)
             self._fail(job, f"internal error ({type(exc).__name__}: {exc}); see logs/error.log")
-
-
-def _share_cores_with_opencv(pool_threads: int) -> None:
-    """OpenCV runs its own thread pool inside each call; the stage pools already run images in parallel,
-    so each call gets its share of the cores, not all of them (on 2 cores: 1; measured +5% images/s with
-    the real U²-Net, bench/bench_mask_layout.py). The daemon owns its process: this is set when it starts."""
-    import cv2
-
-    from bgwatch.pipeline.masking import cpu_cores
-
-    cv2.setNumThreads(max(1, cpu_cores() // max(1, pool_threads)))
 
 
 def _put(q: queue.Queue[tuple[stages.Prepared, Callable[[], stages.Prepared]]],

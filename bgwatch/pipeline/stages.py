@@ -202,34 +202,28 @@ class Engines:
             self._cache = BackgroundCache(self.store, self.config.cache_dir, self.config.cache.max_bytes)
         return self._cache
 
-    def warm(self) -> list[str]:
-        """At start, on the device worker: load the SDXL models the configuration's rules name, so the first
-        generation does not wait behind a model load (folder rules and sidecars may name others: those load
-        with their first job); on a GPU also one 1-step generation, which initialises its kernels (and
-        compiles, with sdxl.compile). A model that cannot load is reported by its jobs; here it is a
-        warning. Returns the models loaded."""
+    def warm(self) -> str | None:
+        """At start, on the device worker: load the SDXL model the configuration's rules name (the engine
+        keeps one loaded; folder rules and sidecars may name others, which load with their first job), so
+        the first generation does not wait behind a model load; on a GPU also one 1-step generation, which
+        initialises its kernels (and compiles, with sdxl.compile). A model that cannot load is reported by
+        its jobs; here it is a warning. Returns the model loaded."""
         import importlib.util
 
-        from bgwatch.models import configured_models
         from bgwatch.pipeline import backgrounds
-
-        models = [name for kind, name, _ in configured_models(self.config) if kind == "sdxl"]
-        if not models or importlib.util.find_spec("torch") is None:  # without torch, each job says so
-            return []
         from bgwatch.pipeline.sdxl import SdxlEngine
         from bgwatch.pipeline.sdxl_load import torch_device
 
         engine = backgrounds.load_background_engine("sdxl", self.config)
         assert isinstance(engine, SdxlEngine)
-        loaded = []
-        for model in models:
-            try:
-                engine.warm(model, generate=torch_device(self.config.device) == "cuda")
-                loaded.append(model)
-            except BgwatchError as exc:
-                logger.warning("sdxl: {} not loaded at start ({}); its jobs will say why if it still fails",
-                               model, exc)
-        return loaded
+        model = engine.default_model()
+        if model is None or importlib.util.find_spec("torch") is None:  # without torch, each job says so
+            return None
+        try:
+            return engine.warm(model, generate=torch_device(self.config.device) == "cuda")
+        except BgwatchError as exc:
+            logger.warning("sdxl: {} not loaded at start ({}); its jobs will say why if it still fails", model, exc)
+            return None
 
     def take_generation_token(self) -> None:
         """Wait for the generation rate limit (limits.generations_per_minute); before the device stage."""
@@ -271,20 +265,18 @@ class Engines:
         return generated(prepared, backdrop, timings)
 
     def start_generation(self, prepared: Prepared) -> Callable[[], Prepared]:
-        """Start a device generation (its token already taken) and return what waits for its pixels. An
-        engine with `start()` (sdxl) queues the work on the accelerator and returns at once, so the device
-        worker can start the next job while another thread waits here; others generate now."""
+        """Start a device generation (sdxl; its token already taken) and return what waits for its pixels:
+        the work is queued on the accelerator and this returns at once, so the device worker can start the
+        next job while another thread waits on the result."""
         from bgwatch.pipeline import backgrounds
+        from bgwatch.pipeline.sdxl import SdxlEngine
 
         request = prepared.request
         assert request is not None
         engine = backgrounds.load_background_engine(request.engine, self.config)
-        start = getattr(engine, "start", None)
-        if start is None:
-            done = self.generate(prepared)
-            return lambda: done
+        assert isinstance(engine, SdxlEngine), f"{request.engine} does not generate on the device"
         began = time.perf_counter()
-        pending = start(request)
+        pending = engine.start(request)
 
         def result() -> Prepared:
             backdrop = pending.result()
