@@ -32,9 +32,10 @@ from bgwatch.config import Config, load_config
 from bgwatch.custody import Custody
 from bgwatch.errors import BgwatchError
 from bgwatch.httpjobs import HTTP_INBOX, HttpDoor
-from bgwatch.intake import Intake, Site, Started, fail_job, share_away, superseded
+from bgwatch.intake import Intake, Site
 from bgwatch.jobs import Job, JobState, RunResult
 from bgwatch.liveness import Heartbeat, Liveness, new_epoch
+from bgwatch.outcomes import Started, fail_job, share_away, superseded
 from bgwatch.pipeline import stages
 from bgwatch.ratelimit import TokenBucket
 from bgwatch.recovery import recover

@@ -30,6 +30,7 @@ from bgwatch.errors import BgwatchError, SpecError
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
 from bgwatch.liveness import Heartbeat
 from bgwatch.outbox import OutputNames
+from bgwatch.outcomes import Outcome, Outcomes, Started, fail_job, superseded
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.store import Store
 from bgwatch.text import shown
@@ -37,17 +38,6 @@ from bgwatch.watch import InboxWatcher
 
 RULES_FILE = ".bgwatch.yaml"
 RECENT_RESULTS = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    """A worker began a job (the run row goes 'running')."""
-
-    run_id: int
-    at: float
-
-
-Outcome = Started | RunResult
 
 
 @dataclass(slots=True)
@@ -79,19 +69,6 @@ class Counters:
 
 def rel_of(inbox: InboxConfig, path: Path) -> str:
     return PurePosixPath(*Path(os.path.abspath(path)).relative_to(os.path.abspath(inbox.path)).parts).as_posix()
-
-
-class Outcomes(queue.SimpleQueue[Outcome]):
-    """The workers' outcomes for the main thread; each one wakes it, so a finished job frees its room in
-    the window at once."""
-
-    def __init__(self, wake: threading.Event) -> None:
-        super().__init__()
-        self.wake = wake
-
-    def put(self, item: Outcome, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self.wake.set()
 
 
 class Intake:
@@ -511,32 +488,3 @@ class Intake:
         back = site.custody.restore(DONE_DIR, rel_of(inbox, done_image)[len(DONE_DIR) + 1:], image_rel)
         if back is not None:
             self.pending.setdefault(inbox.path / back, Waiting(site, self.clock()))
-
-
-def superseded(run_id: int) -> RunResult:
-    return RunResult(run_id, JobState.SUPERSEDED,
-                     error="its claim was taken back by another host (this one was silent longer than the lease); "
-                           "that host processes the file, so this result was dropped")
-
-
-def share_away(run_id: int) -> RunResult:
-    return RunResult(run_id, JobState.SUPERSEDED,
-                     error="the inbox's share went away while this file was processed; it stays claimed on the "
-                           "share, where another host (or this one, when the share is back) takes it again")
-
-
-def fail_job(custody: Custody, claim: Claim, run_id: int, reason: str) -> RunResult:
-    """File a failed job's original in failed/ (fenced) and say how the run ended. Never raises OSError:
-    a failed/ that cannot be written leaves the original where it is, and says so."""
-    try:
-        settled = custody.fail(claim, run_id, reason)
-    except safefs.FolderMissing:
-        return share_away(run_id)
-    except OSError as exc:
-        return RunResult(run_id, JobState.FAILED,
-                         error=f"{reason} (and the original could not be moved to failed/: {exc}; it stays in "
-                               f"{custody.inbox / '.bgwatch'} until the next start)")
-    if settled is None:
-        return superseded(run_id)
-    return RunResult(run_id, JobState.FAILED, error=f"{reason} ({settled.problem})" if settled.problem else reason,
-                     parked=settled.parked)
