@@ -42,11 +42,12 @@ def test_a_big_job_waits_while_small_ones_that_fit_go_first_then_it_is_not_starv
     wait_for(lambda: budget._next == 2)
     later = start_acquire(budget, 4, 5, stop)  # would fit, but waits for the big one now
     budget.release(1)
+    assert later == [] and budget._next == 2  # 5 fits beside 30, but the big one is next: nothing passes it
     budget.release(3)
     wait_for(lambda: big == [True])
-    assert budget.in_use == 90 and later == []
+    wait_for(lambda: later == [True])  # fits beside the big one, once the big one is in
+    assert budget.in_use == 95 and list(budget._held) == [2, 4]  # the big one first
     budget.release(2)
-    wait_for(lambda: later == [True])
     stop.set()
 
 
