@@ -6,11 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build (see constraints.txt).
+# torch first, pinned by constraints.txt (its one torch line, so the two never disagree): an unpinned
+# torch pulls a multi-GB CUDA build. rembg 2.0.86 needs Python 3.11+: say so before pip does.
 # The first `import rembg` compiles pymatting's numba code (~45 s): paid here, once.
+TORCH_PIN := $(shell grep -E '^torch==' constraints.txt)
+
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "bgwatch needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1) (make PYTHON=python3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt '$(TORCH_PIN)'
 	$(PY) -m pip install -q -c constraints.txt -e '.[sdxl,dev]'
 	$(PY) -c "import rembg"
 	touch $(STAMP)

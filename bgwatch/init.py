@@ -2,6 +2,8 @@
 
 The sample config.yaml in the source tree uses paths relative to itself (for `make demo`); a service reads
 /etc/bgwatch/config.yaml, where a relative state_dir would land under /etc (read-only to the service).
+It names models_dir (under the state folder): `sudo bgwatch models pull` and `sudo bgwatch doctor` then use
+the weights the service uses, not root's home.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ TEMPLATE = """\
 # Every setting is shown with its default; the sample config.yaml in the source documents each one.
 # Environment overrides: DEVICE, BG_ENGINE, MODEL_ID, OUTPUT_DIR, RUNWAY_API_KEY, BG_REQS_PER_MIN, ALLOW_4K, DEBUG
 state_dir: {state_dir}   # local disk only (SQLite, background cache, logs); the unit's StateDirectory
+models_dir: {models_dir}   # weights: <models_dir>/rembg and <models_dir>/huggingface, for every user who runs bgwatch
 device: auto                    # auto | cuda | cpu: cuda refuses to start without a working GPU
 debug: false
 
@@ -93,8 +96,8 @@ def render(config: Path, state_dir: Path, inbox_root: Path, outbox_root: Path | 
     outbox_root = Path(os.path.abspath(outbox_root)) if outbox_root else inbox_root.parent / "outbox"
     if outbox_root == inbox_root or inbox_root in outbox_root.parents:
         raise ConfigError("--outbox-root", str(outbox_root), "must not be inside the inbox root")
-    return TEMPLATE.format(config=Path(os.path.abspath(config)), state_dir=state_dir, inbox_root=inbox_root,
-                           outbox_root=outbox_root)
+    return TEMPLATE.format(config=Path(os.path.abspath(config)), state_dir=state_dir, models_dir=state_dir / "models",
+                           inbox_root=inbox_root, outbox_root=outbox_root)
 
 
 def write_config(target: Path, *, state_dir: Path, inbox_root: Path, outbox_root: Path | None = None,

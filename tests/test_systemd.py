@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "bgwatch.service"
 SYSUSERS = ROOT / "systemd" / "bgwatch.sysusers.conf"
 TMPFILES = ROOT / "systemd" / "bgwatch.tmpfiles.conf"
+README = ROOT / "README.md"
 EXPOSURE_LIMIT = 3.0
 
 
@@ -91,6 +92,11 @@ def test_unit_exposure_is_at_most_3(systemd_tools: None) -> None:
     score = float(found.group(1))
     print(f"systemd-analyze security: exposure {score}")
     assert score <= EXPOSURE_LIMIT, proc.stdout
+    # What the operator reads must be what systemd says: the unit's own comment and the README.
+    [in_unit] = re.findall(r"rates this unit (\d+\.\d+)", UNIT.read_text())
+    [in_readme] = re.findall(r"`systemd-analyze security bgwatch` rates it (\d+\.\d+)", README.read_text())
+    assert float(in_unit) == score and float(in_readme) == score, (
+        f"systemd-analyze says {score}; the unit's comment says {in_unit}, the README {in_readme}")
 
 
 def test_unit_semantics() -> None:
@@ -140,10 +146,12 @@ def test_sysusers_and_tmpfiles_apply_into_a_root(systemd_tools: None, tmp_path: 
     files = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(TMPFILES)], capture_output=True,
                            text=True, timeout=60)
     assert files.returncode == 0, files.stderr
-    for folder in ("var/lib/bgwatch/models", "var/lib/bgwatch/huggingface", "var/cache/bgwatch/numba"):
-        assert (root / folder).stat().st_uid == uid, folder
     env = dict(v.split("=", 1) for v in values("Environment"))
-    assert env["U2NET_HOME"] == "/var/lib/bgwatch/models" and env["HF_HOME"] == "/var/lib/bgwatch/huggingface"
+    for folder in (env["U2NET_HOME"], env["HF_HOME"], env["NUMBA_CACHE_DIR"]):
+        assert (root / folder.lstrip("/")).stat().st_uid == uid, folder
+    # The unit's fallbacks are the folders `bgwatch init`'s models_dir names (models.use_model_locations).
+    assert env["U2NET_HOME"] == "/var/lib/bgwatch/models/rembg"
+    assert env["HF_HOME"] == "/var/lib/bgwatch/models/huggingface"
     assert env["NUMBA_CACHE_DIR"] == "/var/cache/bgwatch/numba"
 
 
@@ -158,6 +166,11 @@ def test_init_writes_a_service_ready_config(tmp_path: Path) -> None:
     assert config.state_dir == Path(state), "state_dir is the unit's StateDirectory, not relative to /etc"
     assert all(ib.path.is_absolute() and ib.outbox.is_absolute() for ib in config.inboxes)
     assert all(str(ib.path).startswith(str(tmp_path / "srv" / "inbox")) for ib in config.inboxes)
+    # models_dir: `sudo bgwatch doctor` / `models pull` use the service's weights, not root's home.
+    env = dict(v.split("=", 1) for v in values("Environment"))
+    assert config.models_dir == Path(state) / "models"
+    assert Path(env["U2NET_HOME"]) == config.models_dir / "rembg"
+    assert Path(env["HF_HOME"]) == config.models_dir / "huggingface"
     again = bgwatch("init", str(target))
     assert again.returncode == 2 and "--force" in again.stderr, "never overwrites a config silently"
     assert bgwatch("validate", str(target)).returncode == 0
