@@ -22,6 +22,8 @@ LATE_SIDECARS = ("fail", "redo")
 SCHEDULERS = ("", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "lcm", "unipc")
 VAE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_MODES = ("none", "blocks", "unet")
+HTTP_LIMITS = ("", "requests", "generations")
+SEED_LISTEN = ("0.0.0.0", 8089)  # the original service's HOST and PORT defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,23 @@ class HttpSettings:
     max_upload_bytes: int = 50 * 1024**2  # a larger upload is refused with 413 while it streams in
     max_wait: float = 30.0  # seconds a request may wait for a generation token; longer: 429 with Retry-After
     keep_hours: float = 24.0  # results are downloadable this long, then removed
-    window: int = 8  # HTTP jobs accepted and not finished; beyond it: 503 with Retry-After
+    window: int = 8  # HTTP jobs in the pipeline at once; the next requests wait in the queue
+    queue: int = 64  # requests waiting for the window (their uploads on disk); beyond it: 503 with Retry-After
+    # What the rate limit counts for HTTP requests: generations (replace with sdxl/runway takes a token of
+    # limits.generations_per_minute) or requests (every /background/* request takes one, the original
+    # service's meaning). "": requests when BG_REQS_PER_MIN is set, else generations.
+    limit: str = ""
+    cors: tuple[str, ...] = ()  # origins a browser page may call the API from; "*" = any (the original's)
+    results_dir: Path | None = None  # None: state_dir/http/results; env OUTPUT_DIR sets it
+    max_connections: int = 1000  # open connections at most (kept below the open-file limit); oldest idle go first
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
+    body_timeout: float = 30.0  # the longest pause while an upload's body arrives
+    upload_timeout: float = 600.0  # seconds a whole upload may take
+
+    @property
+    def counts_requests(self) -> bool:
+        """Whether every /background/* request takes a rate-limit token (the original service's meaning)."""
+        return self.limit == "requests"
 
     def api_keys(self) -> frozenset[str]:
         """The keys in api_keys_file (none when unset). ConfigError when the file cannot be read."""
@@ -146,6 +164,30 @@ def split_listen(where: Path | str, key: str, listen: str) -> tuple[str, int]:
         raise ConfigError(where, key, f"{listen!r} is not host:port",
                           "e.g. 127.0.0.1:8089, [::1]:8089, or \"\" for off")
     return host.strip("[]"), int(port)
+
+
+def _origins(where: Path | str, value: Any) -> tuple[str, ...]:
+    """http.cors: "*", one origin, or a list of them (scheme://host[:port])."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(o, str) and o for o in items):
+        raise ConfigError(where, "http.cors", f"must be \"*\" or a list of origins, got {value!r}",
+                          '"*", or like ["https://shop.example.com"]')
+    for origin in items:
+        if origin != "*" and ("://" not in origin or origin.endswith("/")):
+            raise ConfigError(where, "http.cors", f"{origin!r} is not an origin",
+                              '"*", or scheme://host[:port] without a path, like "https://shop.example.com"')
+    return tuple(items)
+
+
+def check_metrics(where: Path | str, metrics: MetricsSettings, http: HttpSettings) -> None:
+    """metrics.listen beyond loopback is served only with the API's keys (it tells what the daemon does)."""
+    if not metrics.listen:
+        return
+    host, _port = split_listen(where, "metrics.listen", metrics.listen)
+    if not is_loopback(host) and http.api_keys_file is None:
+        raise ConfigError(where, "metrics.listen", f"{metrics.listen!r} is reachable from other machines, which "
+                          "needs the API's keys: set http.api_keys_file (one bearer token a line)",
+                          "a loopback address (127.0.0.1:9464), or an http.api_keys_file")
 
 
 def check_http(where: Path | str, http: HttpSettings) -> None:
@@ -389,9 +431,18 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         max_wait=h.number("max_wait", HttpSettings().max_wait),
         keep_hours=h.number("keep_hours", HttpSettings().keep_hours),
         window=h.number("window", HttpSettings().window, minimum=1, integer=True),
+        queue=h.number("queue", HttpSettings().queue, minimum=0, integer=True),
+        limit=h.choice("limit", HttpSettings().limit, HTTP_LIMITS),
+        cors=_origins(where, h.get("cors", [])),
+        results_dir=h.path("results_dir", None, base),
+        max_connections=h.number("max_connections", HttpSettings().max_connections, minimum=8, integer=True),
+        header_timeout=h.number("header_timeout", HttpSettings().header_timeout, minimum=0.1),
+        body_timeout=h.number("body_timeout", HttpSettings().body_timeout, minimum=0.1),
+        upload_timeout=h.number("upload_timeout", HttpSettings().upload_timeout, minimum=0.1),
     )
     h.finish()
     check_http(where, http)
+    check_metrics(where, metrics, http)
 
     allowed_models = top.get("allowed_models", [])
     if not isinstance(allowed_models, list) or not all(isinstance(m, str) for m in allowed_models):
@@ -511,17 +562,31 @@ def apply_env(config: Config, env: Mapping[str, str]) -> Config:
         env_fragment["engine"] = env["BG_ENGINE"]
     if env.get("MODEL_ID"):
         env_fragment["model"] = env["MODEL_ID"]
+    if _env_flag(env, "BG_FALLBACK_LOCAL") and "fallback_engine" not in defaults:
+        env_fragment["fallback_engine"] = "sdxl"  # the original's: a failed Runway generation is made locally
     if env_fragment:
-        defaults.update(_fragment(env_fragment, "environment", "BG_ENGINE/MODEL_ID"))
+        defaults.update(_fragment(env_fragment, "environment", "BG_ENGINE/MODEL_ID/BG_FALLBACK_LOCAL"))
 
     inboxes = config.inboxes
+    http = config.http
     if env.get("OUTPUT_DIR"):
         root = Path(env["OUTPUT_DIR"]).expanduser()
         inboxes = tuple(replace(ib, outbox=root / ib.path.name) for ib in inboxes)
+        # The original service wrote its results into OUTPUT_DIR and answered their paths: so does the door.
+        http = replace(http, results_dir=Path(os.path.abspath(root)))
+    if not http.limit:
+        http = replace(http, limit="requests" if env.get("BG_REQS_PER_MIN") else "generations")
+    http = _env_listen(http, env)
 
     runway = config.runway
     if env.get("RUNWAY_API_KEY"):
         runway = replace(runway, api_key=env["RUNWAY_API_KEY"])
+    if env.get("RUNWAY_TIMEOUT_MS"):
+        text = env["RUNWAY_TIMEOUT_MS"]
+        if not text.isdigit() or int(text) < 100:
+            raise ConfigError("environment RUNWAY_TIMEOUT_MS", "RUNWAY_TIMEOUT_MS",
+                              f"{text!r} is not a time in milliseconds", "a whole number >= 100, like 180000")
+        runway = replace(runway, task_deadline=int(text) / 1000)
 
     debug = _env_flag(env, "DEBUG")
     return replace(
@@ -531,8 +596,28 @@ def apply_env(config: Config, env: Mapping[str, str]) -> Config:
         defaults=defaults,
         inboxes=inboxes,
         runway=runway,
+        http=http,
         debug=config.debug if debug is None else debug,
     )
+
+
+def _env_listen(http: HttpSettings, env: Mapping[str, str]) -> HttpSettings:
+    """The original service's HOST and PORT: either one turns the HTTP API on. What is not given comes from
+    http.listen, else the original's 0.0.0.0:8089; 0.0.0.0 only with API keys (else 127.0.0.1: the API is
+    never open to the network without keys unless HOST says so, and then check_http asks for them)."""
+    host_env, port_env = env.get("HOST", "").strip(), env.get("PORT", "").strip()
+    if not host_env and not port_env:
+        return http
+    if port_env and (not port_env.isdigit() or not 0 <= int(port_env) <= 65535):
+        raise ConfigError("environment PORT", "PORT", f"{port_env!r} is not a port", "0 to 65535, like 8089")
+    host, port = SEED_LISTEN[0] if http.api_keys_file is not None else "127.0.0.1", SEED_LISTEN[1]
+    if http.listen:
+        host, port = split_listen("http.listen", "http.listen", http.listen)
+    host = host_env.strip("[]") or host
+    port = int(port_env) if port_env else port
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    check_http(f"environment HOST/PORT ({listen})", replace(http, listen=listen))
+    return replace(http, listen=listen)
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:

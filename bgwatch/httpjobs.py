@@ -1,17 +1,23 @@
 """The HTTP door: jobs that arrive over the API (api.py) instead of through a folder.
 
 They share the daemon's queue, loaded models, rate limits, background cache and run history; they have
-their own window (`http.window` jobs accepted and not finished; beyond it a request is answered 503), so
-a flood of uploads never takes the folders' room. A request goes through these hands:
+their own window (`http.window` jobs in the pipeline at once), so a flood of uploads never takes the
+folders' room, and a line in front of it (`http.queue` requests, their uploads on disk) where the rest wait
+their turn. A request goes through these hands:
 
-  API thread   `reserve()` a place in the window; the upload is streamed to state_dir/http/uploads/<token>/;
-               `admit()` checks it exactly as a folder job is checked (the JobSpec through rules.py, the
-               image header, max_pixels, the 4K rule) and, for a generation, whether a token comes within
-               `http.max_wait`. Refusals are `Refused` (the HTTP status and the one-line reason).
-  main thread  `tick()` records admitted jobs in the runs table (inbox "http") and queues them; the daemon's
-               main thread owns that table, as for folder jobs.
-  workers      prepare -> device -> finish as any job; `deliver()` writes the output to state_dir/http/results.
-  main thread  `recorded()` hears of each recorded result and wakes the request waiting for it.
+  API thread   `reserve()` a place (window + queue; none free, or stopping: 503 with Retry-After); with
+               http.limit requests, `book_request()` a rate-limit slot (429 at once when it is further away
+               than http.max_wait); the upload is streamed to state_dir/http/uploads/<token>/; `admit()`
+               checks it exactly as a folder job is checked (the JobSpec through rules.py, the image header,
+               max_pixels, the 4K rule) and, for a generation, whether a token comes within http.max_wait.
+               Refusals are `Refused` (the HTTP status and the one-line reason).
+  main thread  `tick()` records admitted jobs in the runs table (inbox "http") and hands them to the workers
+               while the window has room; the others wait, in order. The daemon's main thread owns that
+               table, as for folder jobs.
+  workers      prepare -> device -> finish as any job; `deliver()` writes the output to the results folder
+               (state_dir/http/results, or OUTPUT_DIR as the original service's).
+  main thread  `recorded()` hears of each recorded result, wakes the request waiting for it and lets the
+               next waiting job in.
 
 Results are kept `http.keep_hours`, then removed; uploads are removed when their run ends.
 """
@@ -41,133 +47,76 @@ from loguru import logger
 from bgwatch import rules, safefs
 from bgwatch.config import Config, InboxConfig, is_loopback, split_listen
 from bgwatch.errors import BgwatchError, ConfigError, InputError, SpecError
+from bgwatch.httpforms import FORMS, REQUEST, FormField, form_fragment, safe_upload_name
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
 from bgwatch.ratelimit import TokenBucket
 from bgwatch.store import Store
+from bgwatch.text import shown
 
 if TYPE_CHECKING:
     from bgwatch.metrics import Metrics
     from bgwatch.pipeline.stages import Finished
 
+__all__ = ["FORMS", "HTTP_INBOX", "FormField", "HttpDoor", "Refused", "Ticket", "Upload", "form_fragment",
+           "safe_upload_name"]
+
 HTTP_INBOX = "http"  # the runs table's inbox for jobs that came over HTTP
-REQUEST = "request"  # where a bad parameter came from, in its message (a sidecar's would name the file)
 PRUNE_SECONDS = 60.0
+MAX_REASON = 600  # characters of a refusal's reason: a 60 KB form value is not echoed whole
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
-_RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,100}\.(png|jpg|webp)")
+# The names this door gives its results (stem-<12 hex>.ext): /download serves and the pruning removes
+# nothing else, so a results folder shared with other files (OUTPUT_DIR) keeps them.
+_RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,80}-[0-9a-f]{12}\.(png|jpg|webp)")
 _SAFE_STEM = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 class Refused(BgwatchError):
     """The door does not take this request: `status` is the HTTP answer, with a Retry-After when it may
-    succeed later."""
+    succeed later. The reason is one line, its length capped (it may quote what a client sent)."""
 
     def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
+        reason = shown(reason)
+        if len(reason) > MAX_REASON:
+            reason = reason[: MAX_REASON - 1] + "…"
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
         super().__init__(reason)
 
 
-# ---------------------------------------------------------------- form fields -> a JobSpec fragment
+class RequestSchedule:
+    """http.limit requests: every request books the next free slot of `per_minute` a minute, with a burst
+    of `burst` (the original service's bucket starts full: burst = per_minute). Booking in order is fair
+    (first come, first served) and needs no polling: the caller sleeps until its slot."""
 
+    def __init__(self, per_minute: float, *, burst: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 60.0 / per_minute if per_minute > 0 else 0.0
+        self.burst = max(1, burst)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._next = clock()  # the theoretical arrival time of the next request (GCRA)
 
-@dataclass(frozen=True, slots=True)
-class FormField:
-    """One form field of an endpoint: the JobSpec key it sets, and the API's default where the original
-    service's differs from bgwatch's (enhance_fg: true)."""
+    def book(self, max_wait: float) -> float | None:
+        """Seconds to wait for this request's slot (booked); None when that is more than max_wait (nothing
+        booked)."""
+        if not self.interval:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            start = max(self._next, now)
+            wait = max(0.0, start - now - (self.burst - 1) * self.interval)
+            if wait > max_wait:
+                return None
+            self._next = start + self.interval
+            return wait
 
-    name: str
-    key: str
-    default: object = None
-
-    @property
-    def spec_field(self) -> rules.Field:
-        return rules.FIELDS_BY_NAME[self.key]
-
-
-CLEANUP_FORM = (
-    FormField("mode", "mode"),
-    FormField("background_color", "background_color"),
-    FormField("enhance_fg", "enhance_fg", True),
-    FormField("denoise", "denoise"),
-    FormField("format", "output.format"),
-)
-REPLACE_FORM = (
-    FormField("prompt", "prompt"),
-    FormField("negative_prompt", "negative_prompt"),
-    FormField("steps", "steps"),
-    FormField("guidance_scale", "guidance_scale"),
-    FormField("seed", "seed"),
-    FormField("enhance_fg", "enhance_fg", True),
-    FormField("match_colors", "match_colors"),
-    FormField("feather_edges", "feather_edges"),
-    FormField("engine", "engine"),
-    FormField("background_color", "background_color"),
-    FormField("gradient", "gradient"),
-    FormField("gradient_direction", "gradient_direction"),
-    FormField("shadow", "shadow"),
-    FormField("format", "output.format"),
-)
-FORMS: dict[str, tuple[FormField, ...]] = {"cleanup": CLEANUP_FORM, "replace": REPLACE_FORM}
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _typed(form_field: FormField, text: str) -> object:
-    """A form value as the JobSpec schema wants it; what does not parse is passed on as text, so that
-    rules.py refuses it with the message a sidecar would get."""
-    kind = form_field.spec_field.kind
-    value = text.strip()
-    if kind == "flag":
-        lowered = value.lower()
-        return True if lowered in _TRUE else False if lowered in _FALSE else text
-    if kind == "seed" and value.lower() in ("", "null", "none", "random"):
-        return None
-    if kind in ("int", "seed", "float"):
-        for parse in (int, float):
-            try:
-                return parse(value)
-            except ValueError:
-                continue
-        return text
-    if kind == "colours":
-        return [part.strip() for part in value.split(",")] if value else text
-    return text
-
-
-def form_fragment(operation: str, fields: Mapping[str, str]) -> rules.Fragment:
-    """The request's form fields as a checked JobSpec fragment (SpecError names `request` and the key)."""
-    form = {f.name: f for f in FORMS[operation]}
-    data: dict[str, Any] = {"operation": operation}
-    for name, text in fields.items():
-        form_field = form.get(name)
-        if form_field is None:
-            raise SpecError(REQUEST, name, "unknown form field", ", ".join(["file", *form]))
-        _put_key(data, form_field.key, _typed(form_field, text))
-    for form_field in form.values():
-        if form_field.name not in fields and form_field.default is not None:
-            _put_key(data, form_field.key, form_field.default)
-    return rules.validate_fragment(data, REQUEST, trusted=False)
-
-
-def _put_key(data: dict[str, Any], key: str, value: object) -> None:
-    group, dot, name = key.partition(".")
-    if dot:
-        data.setdefault(group, {})[name] = value
-    else:
-        data[key] = value
-
-
-def safe_upload_name(name: str | None) -> str:
-    """The client's file name, without folders or control characters (used in messages and history)."""
-    base = re.split(r"[/\\]", name or "")[-1]
-    base = "".join(c for c in base if c.isprintable()).strip()
-    if not base or base.startswith("."):
-        base = "upload" + (base if base.startswith(".") and "." not in base[1:] else "")
-    stem, suffix = os.path.splitext(base)
-    suffix = suffix if len(suffix.encode()) <= 16 else ""
-    while len((stem + suffix).encode()) > 200:  # a file name's limit is in bytes
-        stem = stem[:-1]
-    return (stem or "upload") + suffix
+    def delay(self) -> float:
+        """Seconds a request arriving now would wait (nothing booked)."""
+        if not self.interval:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            return max(0.0, max(self._next, now) - now - (self.burst - 1) * self.interval)
 
 
 # ---------------------------------------------------------------- the door
@@ -196,6 +145,8 @@ class _Admitted:
     output_name: str
     generative: bool
     at: float
+    job: Job | None = None  # once recorded
+    submitted: bool = False  # handed to the workers (it holds a place in the window)
 
 
 class HttpDoor:
@@ -217,14 +168,20 @@ class HttpDoor:
         self.wake = wake  # the main thread's: an admitted request is recorded at once, not at the next tick
         root = Path(os.path.abspath(config.state_dir)) / "http"
         self.uploads_dir = root / "uploads"
-        self.results_dir = root / "results"
+        self.results_dir = Path(os.path.abspath(self.settings.results_dir or root / "results"))
+        per_minute = config.limits.generations_per_minute
+        self.requests = RequestSchedule(per_minute if self.settings.counts_requests else 0.0,
+                                        burst=max(1, int(per_minute)))
         self.keys: frozenset[str] = frozenset()
+        self.device = config.device  # resolved at open()
         self.server: Any = None  # api.ApiServer once open
         self._lock = threading.Lock()
-        self._slots = 0  # places taken in the window: from reserve() to the run's recorded end
+        self._places = 0  # requests between reserve() and their end: receiving, waiting or in the window
+        self._in_window = 0  # jobs handed to the workers and not finished
         self._generating = 0  # admitted generations not finished (each will need a token)
         self._closing = False
         self._submissions: queue.SimpleQueue[_Admitted] = queue.SimpleQueue()
+        self._waiting: deque[_Admitted] = deque()  # recorded, waiting for room in the window (main thread)
         self._open: dict[int, _Admitted] = {}
         self._durations: deque[float] = deque(maxlen=20)
         self._engines_seen: set[str] = set()
@@ -234,13 +191,16 @@ class HttpDoor:
 
     def open(self) -> None:
         """Make the folders, settle what a previous process left, then listen."""
+        from bgwatch.service import raise_open_file_limit
+
         host, port = split_listen(self.config.source or "(built-in config)", "http.listen", self.settings.listen)
         self.keys = self.settings.api_keys()
         if not self.keys and (self.settings.api_keys_file is not None or not is_loopback(host)):
             raise ConfigError(self.settings.api_keys_file or "(none)", "http.api_keys_file",
                               "holds no API key (one bearer token a line)")
-        for folder in (self.uploads_dir, self.results_dir):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.uploads_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The state folder's results are the daemon's; a results_dir (OUTPUT_DIR) is the operator's folder.
+        self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700 if self.settings.results_dir is None else 0o755)
         for leftover in os.scandir(self.uploads_dir):
             shutil.rmtree(leftover.path, ignore_errors=True)
         for row in self.store.runs_in((JobState.QUEUED, JobState.RUNNING), host=self.config.host):
@@ -248,6 +208,8 @@ class HttpDoor:
                 self.store.finish_run(row.id, JobState.FAILED, error="bgwatch stopped before this HTTP request "
                                       "finished; send it again")
         self.prune_results()
+        self.device = resolved_device(self.config.device)
+        raise_open_file_limit()
         from bgwatch.api import ApiServer
 
         try:
@@ -255,20 +217,28 @@ class HttpDoor:
         except OSError as exc:
             raise ConfigError(self.config.source or "(built-in config)", "http.listen",
                               f"cannot listen on {self.settings.listen}: {exc.strerror or exc}") from None
-        logger.info("HTTP API on {} (docs at /docs){}", self.server.url, "; API keys required" if self.keys else "")
+        logger.info("HTTP API on {} (docs at /docs){}; results in {}", self.server.url,
+                    "; API keys required" if self.keys else "", self.results_dir)
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config: new defaults and limits apply to the next requests; the http: section itself
-        (address, keys, window) keeps its values until the next start."""
+        (address, keys, window, queue) keeps its values until the next start."""
         if config.http != self.settings:
             logger.warning("http: settings change at the next start; keeping {}", self.settings.listen)
         self.config = config
 
     def stop_accepting(self) -> None:
-        """Stopping: new requests are answered 503; those not yet recorded are refused now."""
+        """Stopping: new requests are answered 503; those not yet in the window are refused now."""
         with self._lock:
             self._closing = True
         self._refuse_submissions()
+        while self._waiting:
+            item = self._waiting.popleft()
+            assert item.job is not None
+            with self._lock:
+                self._open.pop(item.job.run_id, None)
+            self._finish_unrun(item.job.run_id)
+            self._abandon(item, Refused(503, "bgwatch is stopping; send it again in a moment", retry_after=10))
 
     def close(self) -> None:
         """Stop listening; requests still waiting are answered 503 (their runs are settled at the next start)."""
@@ -294,19 +264,34 @@ class HttpDoor:
     # ------------------------------------------------------------------ admission (API threads)
 
     def reserve(self) -> None:
-        """Take a place in the window, or refuse (503) when it is full or bgwatch is stopping."""
+        """Take a place (the window and the queue behind it), or refuse (503) when every place is taken or
+        bgwatch is stopping. The window itself is taken only once the upload has arrived and been checked."""
         with self._lock:
             if self._closing:
                 raise Refused(503, "bgwatch is stopping; send it again in a moment", retry_after=10)
-            if self._slots >= self.settings.window:
-                raise Refused(503, f"the HTTP queue is full ({self.settings.window} jobs in flight, "
-                              "http.window); send it again later", retry_after=self._retry_after())
-            self._slots += 1
+            places = self.settings.window + self.settings.queue
+            if self._places >= places:
+                raise Refused(503, f"the HTTP queue is full ({self.settings.window} jobs in flight, http.window, "
+                              f"and {self.settings.queue} waiting, http.queue); send it again later",
+                              retry_after=self._retry_after())
+            self._places += 1
 
     def release(self) -> None:
         """Give back a place taken by reserve() for a request that was not admitted."""
         with self._lock:
-            self._slots = max(0, self._slots - 1)
+            self._places = max(0, self._places - 1)
+
+    def book_request(self) -> float:
+        """http.limit requests: seconds until this request's rate-limit slot (booked now), or Refused 429
+        at once when that is longer than http.max_wait. 0 with http.limit generations."""
+        wait = self.requests.book(self.settings.max_wait)
+        if wait is None:
+            delay = self.requests.delay()
+            raise Refused(429, f"the request rate limit (BG_REQS_PER_MIN, limits.generations_per_minute "
+                          f"{self.config.limits.generations_per_minute:g}, http.limit requests) has no slot for "
+                          f"about {delay:.0f} s, longer than http.max_wait ({self.settings.max_wait:g} s); "
+                          "send it again later", retry_after=max(1, math.ceil(delay)))
+        return wait
 
     def new_upload(self, name: str | None) -> Upload:
         folder = self.uploads_dir / secrets.token_hex(8)
@@ -330,7 +315,8 @@ class HttpDoor:
         try:
             width, height = imageio.probe_size(upload.path)
         except InputError as exc:
-            raise Refused(422, str(exc)) from None
+            # Pillow refuses a header past its own bomb limit before we see the size: too large, not broken
+            raise Refused(413 if "pixels" in str(exc) else 422, str(exc)) from None
         try:
             if width * height > self.config.limits.max_pixels:  # decode refuses it from the header, in its words
                 imageio.decode(upload.path, max_pixels=self.config.limits.max_pixels)
@@ -339,10 +325,12 @@ class HttpDoor:
             raise Refused(413, str(exc)) from None
         sha = safefs.sha256_file(upload.path)
         generative = spec.is_generative() and not self._cached(spec, width, height)
-        stem = _SAFE_STEM.sub("_", Path(upload.name).stem)[:60].strip("_") or "image"
+        stem = _SAFE_STEM.sub("_", Path(upload.name).stem)[:60].strip("_-") or "image"
         output_name = f"{stem}-{secrets.token_hex(6)}{imageio.output_extension(spec.output)}"
         item = _Admitted(Ticket(), upload, spec, sha, output_name, generative, self.clock())
         with self._lock:
+            if self._closing:
+                raise Refused(503, "bgwatch is stopping; send it again in a moment", retry_after=10)
             if generative:
                 wait = self._generation_wait()
                 if wait > self.settings.max_wait:
@@ -382,19 +370,23 @@ class HttpDoor:
         return bucket.delay() + self._generating * 60.0 / bucket.per_minute
 
     def _retry_after(self) -> int:
+        """About when a place frees: a recent job's time for each window's worth of requests ahead."""
         recent = list(self._durations)
-        return max(1, math.ceil(sum(recent) / len(recent))) if recent else 2
+        each = sum(recent) / len(recent) if recent else 2.0
+        rounds = max(1, math.ceil(self._places / max(1, self.settings.window)))
+        return max(1, math.ceil(each * rounds))
 
     # ------------------------------------------------------------------ recording (main thread)
 
     def tick(self) -> None:
-        """Record the admitted jobs and queue them; remove results past keep_hours."""
+        """Record the admitted jobs and let them into the window in turn; remove results past keep_hours."""
         while True:
             try:
                 item = self._submissions.get_nowait()
             except queue.Empty:
                 break
             self._record(item)
+        self._let_in()
         now = time.monotonic()
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_SECONDS
@@ -413,17 +405,29 @@ class HttpDoor:
                            item.upload.name, exc)
             self._abandon(item, Refused(503, "the database is busy; send it again", retry_after=2))
             return
-        job = Job(run_id=run_id, inbox=HTTP_INBOX, rel_path=item.upload.name, source=item.upload.path,
-                  spec=item.spec, input_sha256=item.sha, key=key, output_rel=item.output_name)
+        item.job = Job(run_id=run_id, inbox=HTTP_INBOX, rel_path=item.upload.name, source=item.upload.path,
+                       spec=item.spec, input_sha256=item.sha, key=key, output_rel=item.output_name)
         with self._lock:
             self._open[run_id] = item
         logger.info("{}: queued as run {} (HTTP, {} {})", item.upload.name, run_id, item.spec.operation,
                     item.spec.mode if item.spec.operation == "cleanup" else item.spec.engine)
         item.ticket.recorded.set_result(run_id)
-        self.submit(job)
+        self._waiting.append(item)
+
+    def _let_in(self) -> None:
+        """Hand waiting jobs to the workers while the window has room, oldest first."""
+        while self._waiting:
+            with self._lock:
+                if self._in_window >= self.settings.window:
+                    return
+                self._in_window += 1
+                item = self._waiting.popleft()
+                item.submitted = True
+            assert item.job is not None
+            self.submit(item.job)
 
     def recorded(self, result: RunResult) -> None:
-        """A run's end was recorded (Intake's on_result): wake its request, free its place."""
+        """A run's end was recorded (Intake's on_result): wake its request, free its place, let the next in."""
         for label in (result.mask_engine, result.bg_engine):
             if label:
                 self._engines_seen.add(label)
@@ -431,17 +435,34 @@ class HttpDoor:
             item = self._open.pop(result.run_id, None)
             if item is None:
                 return
-            self._slots = max(0, self._slots - 1)
-            if item.generative:
-                self._generating = max(0, self._generating - 1)
+            self._release(item)
             self._durations.append(max(0.0, self.clock() - item.at))
         self.discard(item.upload)
         if not item.ticket.done.done():
             item.ticket.done.set_result(result)
+        if not self._closing:
+            self._let_in()
 
     def knows(self, run_id: int) -> bool:
         with self._lock:
             return run_id in self._open
+
+    def _release(self, item: _Admitted) -> None:
+        """Under the lock: the item's place, its window slot and its generation count are given back."""
+        self._places = max(0, self._places - 1)
+        if item.submitted:
+            item.submitted = False
+            self._in_window = max(0, self._in_window - 1)
+        if item.generative:
+            item.generative = False
+            self._generating = max(0, self._generating - 1)
+
+    def _finish_unrun(self, run_id: int) -> None:
+        try:
+            self.store.finish_run(run_id, JobState.FAILED, error="bgwatch stopped before this HTTP request was "
+                                  "processed; send it again")
+        except sqlite3.Error as exc:
+            logger.warning("run {}: could not be marked failed ({}); the next start settles it", run_id, exc)
 
     def _refuse_submissions(self) -> None:
         while True:
@@ -453,9 +474,7 @@ class HttpDoor:
 
     def _abandon(self, item: _Admitted, why: Refused) -> None:
         with self._lock:
-            self._slots = max(0, self._slots - 1)
-            if item.generative:
-                self._generating = max(0, self._generating - 1)
+            self._release(item)
         self.discard(item.upload)
         for future in (item.ticket.recorded, item.ticket.done):
             if not future.done():
@@ -474,7 +493,7 @@ class HttpDoor:
     # ------------------------------------------------------------------ results
 
     def prune_results(self, now: float | None = None) -> int:
-        """Remove results older than http.keep_hours; returns how many."""
+        """Remove this door's results older than http.keep_hours; returns how many."""
         limit = (self.clock() if now is None else now) - self.settings.keep_hours * 3600
         removed = 0
         try:
@@ -483,7 +502,8 @@ class HttpDoor:
             return 0
         for entry in entries:
             try:
-                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < limit:
+                if (_RESULT_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_mtime < limit):
                     os.unlink(entry.path)
                     removed += 1
             except OSError:
@@ -522,9 +542,11 @@ class HttpDoor:
         name = Path(row.output_path).name if row.output_path else ""
         if row.status == JobState.DONE.value and (self.results_dir / name).is_file():
             record["download_url"] = f"/download/{name}"
+            record["output_path"] = str(self.results_dir / name)
         return record
 
     def health(self) -> dict[str, Any]:
+        """The original service's answer (status healthy, engine, device) beside bgwatch's own fields."""
         from bgwatch import __version__
 
         torch = sys.modules.get("torch")  # only if an engine loaded it
@@ -534,8 +556,24 @@ class HttpDoor:
                 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
             except Exception:
                 gpu = None
+        engine = str(self.config.defaults.get("engine") or JobSpec().engine)
         with self._lock:
-            in_flight = self._slots
-        return {"status": "stopping" if self._closing else "ok", "version": __version__,
-                "device": self.config.device, "gpu": gpu, "engines_loaded": sorted(self._engines_seen),
-                "queue_depth": self.depth(), "http_in_flight": in_flight, "http_window": self.settings.window}
+            places, in_window = self._places, self._in_window
+        return {"status": "stopping" if self._closing else "healthy", "engine": engine.upper(),
+                "device": self.device, "version": __version__, "configured_device": self.config.device, "gpu": gpu,
+                "engines_loaded": sorted(self._engines_seen), "queue_depth": self.depth(),
+                "http_in_flight": in_window, "http_waiting": max(0, places - in_window),
+                "http_window": self.settings.window, "http_queue": self.settings.queue,
+                "rate_limit": self.settings.limit or "generations"}
+
+
+def resolved_device(device: str) -> str:
+    """What `auto` comes to on this machine (cuda or cpu), as the masks' ONNX Runtime resolves it."""
+    if device != "auto":
+        return device
+    try:
+        from bgwatch.pipeline.masking import resolve_onnx_device
+
+        return resolve_onnx_device(device)
+    except (BgwatchError, ImportError, OSError):
+        return "cpu"

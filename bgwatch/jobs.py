@@ -64,6 +64,8 @@ class JobSpec:
     background_color: str = "#ffffff"
     enhance_fg: bool = False
     denoise: bool = False
+    blur_radius: int = 0  # soften: the backdrop's blur radius in pixels; 0 = scaled to the image
+    desaturate_pct: int = 45  # soften: how much colour the backdrop loses
     # replace
     engine: str = "sdxl"  # sdxl | runway | image | color | gradient
     model: str = ""  # "" = the engine's default (DEFAULT_SDXL_MODEL, DEFAULT_RUNWAY_MODEL)
@@ -79,6 +81,7 @@ class JobSpec:
     match_colors: bool = True
     feather_edges: bool = True
     shadow: bool = False
+    fallback_engine: str = ""  # the engine that makes the backdrop when the generation fails ("" = none)
     # both
     mask: MaskSpec = field(default_factory=MaskSpec)
     output: OutputSpec = field(default_factory=OutputSpec)

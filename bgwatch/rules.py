@@ -81,6 +81,10 @@ FIELDS: tuple[Field, ...] = (
     Field("background_color", "colour", "cleanup mode color and replace engine color: the fill", "#f0f0f0"),
     Field("enhance_fg", "flag", "lift the subject's contrast (CLAHE on its lightness)", True),
     Field("denoise", "flag", "reduce sensor noise before compositing", True),
+    Field("blur_radius", "int", "cleanup mode soften: the background's blur radius in pixels, as the original "
+          "service's (a 2r+1 kernel); 0: scaled to the image", 8, minimum=0, maximum=200),
+    Field("desaturate_pct", "int", "cleanup mode soften: how much colour the background loses, in percent", 25,
+          minimum=0, maximum=100),
     Field("engine", "choice", "replace: where the new background comes from", "image",
           choices=("sdxl", "runway", "image", "color", "gradient")),
     Field("model", "model", f"sdxl: hub id or local folder; runway: model name; empty: {DEFAULT_SDXL_MODEL} "
@@ -102,6 +106,9 @@ FIELDS: tuple[Field, ...] = (
     Field("match_colors", "flag", "replace: shift the subject's colours toward the new light", False),
     Field("feather_edges", "flag", "replace: soften the cut-out's edge", False),
     Field("shadow", "flag", "replace: a soft contact shadow under the subject", True),
+    Field("fallback_engine", "choice", "replace: the engine that makes the background when the engine's "
+          "generation fails (recorded on the run); empty: none, the job fails", "sdxl",
+          choices=("", "sdxl", "runway", "image", "color", "gradient")),
     Field("mask.engine", "choice", "what cuts the subject out; auto: rembg when its weights are present, "
           "else classical", "classical", choices=MASK_ENGINES),
     Field("mask.model", "model", "rembg model name (weights under U2NET_HOME)", "birefnet-general"),
@@ -438,6 +445,13 @@ def _check_merged(values: dict[str, Any], sources: dict[str, str], order: dict[s
                             f"{engine!r} is not an engine this inbox allows; sidecars and folder files may "
                             "name image, color, gradient, or a generative engine the inbox's rules already use",
                             ", ".join(sorted({"image", "color", "gradient"} | configured)))
+    fallback, fallback_layer = values["fallback_engine"], origin.get("fallback_engine")
+    if (replace and fallback in GENERATIVE_ENGINES and fallback_layer is not None and not fallback_layer.trusted
+            and fallback not in _operator_engines(inbox, config)):
+        raise SpecError(fallback_layer.label, "fallback_engine",
+                        f"{fallback!r} is not an engine this inbox allows; sidecars and folder files may name "
+                        "image, color, gradient, or a generative engine the inbox's rules already use",
+                        ", ".join(sorted({"", "image", "color", "gradient"} | _operator_engines(inbox, config))))
     for key in ("model", "mask.model"):
         layer = origin.get(key)
         if layer is None or layer.trusted:

@@ -61,6 +61,30 @@ def limit_malloc_arenas(cores: int) -> bool:
         return False
 
 
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one (systemd's default soft limit is 1,024, the hard
+    one far more): connections, folders and models all take file handles. Returns the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.debug("could not raise the open-file limit from {} to {}: {}", soft, target, exc)
+    return int(soft)
+
+
+def open_file_limit() -> int:
+    """The soft limit on open files (what the process may open now)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 def sd_notify(message: str) -> None:
     """Tell systemd (Type=notify) how we are; a no-op outside systemd."""
     address = os.environ.get("NOTIFY_SOCKET")

@@ -276,8 +276,10 @@ class Workers:
             return
         try:
             pending = self.engines.start_generation(prepared)
-        except Exception:
+        except Exception as exc:
             self._generation_failed(prepared)
+            if self._fall_back(prepared, exc):
+                return
             raise
         _put(self.collect_q, (prepared, pending), self.abort)
 
@@ -297,8 +299,10 @@ class Workers:
     def _generated(self, prepared: stages.Prepared, result: Callable[[], stages.Prepared]) -> None:
         try:
             done = result()
-        except Exception:
+        except Exception as exc:
             self._generation_failed(prepared)
+            if self._fall_back(prepared, exc):
+                return
             raise
         request = done.request
         assert request is not None and done.backdrop is not None
@@ -313,6 +317,29 @@ class Workers:
         if request is not None and request.cacheable:
             for follower in self.shared.failed(request.cache_key()):
                 self.gate_q.put(follower)
+
+    def _fall_back(self, prepared: stages.Prepared, exc: BaseException) -> bool:
+        """A failed generation whose spec names a fallback_engine: the backdrop comes from that engine instead
+        (its own default model; the run records it as bg_engine). False: no fallback, the job fails."""
+        from dataclasses import replace
+
+        from bgwatch.models import configured_models
+        from bgwatch.pipeline.backgrounds import BackgroundRequest
+
+        spec, request = prepared.job.spec, prepared.request
+        if request is None or spec.fallback_engine in ("", request.engine) or self.abort.is_set():
+            return False
+        model = next((name for kind, name, _ in configured_models(self.config) if kind == spec.fallback_engine), "")
+        fallback = BackgroundRequest.from_spec(replace(spec, engine=spec.fallback_engine, model=model),
+                                               request.width, request.height, request.seed, config=self.config)
+        logger.warning("run {}: the {} generation failed ({}); the background comes from the fallback engine {}",
+                       prepared.job.run_id, request.engine, str(exc)[:300], spec.fallback_engine)
+        moved = replace(prepared, request=fallback)
+        if fallback.generative:
+            self.gate_q.put(moved)
+        else:
+            self.route(self.engines.backdrop_without_generation(moved))
+        return True
 
     def _finish(self, prepared: stages.Prepared) -> None:
         try:

@@ -114,6 +114,8 @@ def test_cleanup_equals_a_folder_job_and_wait_false_gives_a_run_to_poll(tmp_path
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["status"] == "success" and body["download_url"] == f"/download/{body['filename']}"
+        assert body["success"] is True and body["message"] == "Background cleanup completed successfully"
+        assert Path(body["output_path"]) == config.state_dir.resolve() / "http" / "results" / body["filename"]
         got = api.client.get(body["download_url"])
         assert got.status_code == 200 and got.headers["content-type"] == "image/png"
         assert np.array_equal(pixels(got.content), expected)
@@ -125,12 +127,14 @@ def test_cleanup_equals_a_folder_job_and_wait_false_gives_a_run_to_poll(tmp_path
         assert np.array_equal(pixels(api.client.get(record["download_url"]).content), expected)
 
         health = api.client.get("/health").json()
-        assert health["status"] == "ok" and health["version"] and "rembg:tiny.onnx" in health["engines_loaded"]
-        assert "queue_depth" in health and health["device"] == config.device
+        assert health["status"] == "healthy" and health["version"] and "rembg:tiny.onnx" in health["engines_loaded"]
+        assert "queue_depth" in health and health["configured_device"] == config.device
+        assert health["engine"] == "SDXL" and health["device"] in ("cuda", "cpu")
         schema = api.client.get("/openapi.json").json()
         form = schema["paths"]["/background/replace"]["post"]["requestBody"]["content"]["multipart/form-data"]
         assert form["schema"]["properties"]["steps"]["maximum"] == 100
         assert api.client.get("/docs").status_code == 200
+        assert api.client.get("/redoc").status_code == 200
         assert b"bgwatch_runs_total" in api.client.get("/metrics").content
         assert api.client.get(f"/runs/{rows(config, str(config.inboxes[0].path))[0]['id']}").status_code == 404
     http_rows = rows(config, "http")

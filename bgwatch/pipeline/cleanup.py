@@ -87,7 +87,7 @@ def cleanup(rgb: np.ndarray, alpha: np.ndarray, spec: JobSpec) -> np.ndarray:
     if spec.mode == "color":
         colour = np.array(parse_color(spec.background_color), np.float32)
     else:
-        soft = soften_field(rgb, alpha)
+        soft = soften_field(rgb, alpha, blur_radius=spec.blur_radius, desaturate_pct=spec.desaturate_pct)
     out = np.empty((h, w, 3), np.uint8)
     for y0, y1 in strips(h, w):
         fg = rgb[y0:y1].astype(np.float32)  # blended in place: fg * a + backdrop * (1 - a)
@@ -208,14 +208,21 @@ def _colour_fields(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int,
     return fields[0], fields[1], step
 
 
-def soften_field(rgb: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, float, float]:
+def soften_field(rgb: np.ndarray, alpha: np.ndarray, *, blur_radius: int = 0,
+                 desaturate_pct: float = 45) -> tuple[np.ndarray, float, float]:
     """The image's own background, blurred and muted, the subject's colour kept out: a small float32
-    HxWx3 field (read at full size with _soft_rows) and its scale. All of it is smooth: it is made at
-    half size, or at SOFTEN_SIDE pixels on the long side for big images."""
+    HxWx3 field (read at full size with _soft_rows) and its scale.
+
+    blur_radius: the blur in pixels of the input, as the original service's (a Gaussian over a 2r+1
+    kernel, sigma 0.3(r-1)+0.8 as OpenCV derives it); 0: 0.6 % of the image's diagonal. The field is
+    made at half size (or SOFTEN_SIDE pixels on the long side for big images), finer when a small radius
+    asks for it. desaturate_pct: how much colour the background loses (0 keeps it, 100 leaves grey)."""
     import cv2
 
     h, w = alpha.shape
-    scale = min(0.5, SOFTEN_SIDE / max(h, w))
+    sigma_full = 0.3 * (blur_radius - 1) + 0.8 if blur_radius > 0 else 0.0
+    # A field at half size is itself a blur of about a pixel: a small radius is made at full size.
+    scale = min(1.0 if 0 < sigma_full < 2.0 else 0.5, SOFTEN_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     img = cv2.resize(np.ascontiguousarray(rgb), size, interpolation=cv2.INTER_AREA).astype(np.float32)
     # Resized first, scaled after: no full-size float copy of the mask.
@@ -228,9 +235,11 @@ def soften_field(rgb: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, float,
     filled = _spread(img, (a < 0.05).astype(np.float32), max(size) / 40)
     keep = (np.clip(1.0 - a, 0.0, 1.0) ** 2)[..., None]
     plate = img * keep + filled * (1.0 - keep)
-    blurred = cv2.GaussianBlur(plate, (0, 0), max(1.0, 0.006 * float(np.hypot(h, w)) * scale * 2))
+    sigma = sigma_full * scale if sigma_full else max(1.0, 0.006 * float(np.hypot(h, w)) * scale * 2)
+    blurred = cv2.GaussianBlur(plate, (0, 0), sigma)
     luma = blurred @ np.array([0.299, 0.587, 0.114], np.float32)
-    muted = blurred * 0.55 + luma[..., None] * 0.45  # less saturated
+    grey = float(np.clip(desaturate_pct, 0, 100)) / 100
+    muted = blurred * (1.0 - grey) + luma[..., None] * grey  # less saturated
     mean = float(luma.mean())
     flatter = (muted - mean) * 0.8 + mean  # less contrast
     lighter = flatter * 0.92 + 255.0 * 0.08  # and a touch lighter, so the subject leads
