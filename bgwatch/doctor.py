@@ -16,18 +16,19 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bgwatch.mounts import Mount, is_remote, mount_of, parse_fstab, parse_mountinfo, read_text
+
 if TYPE_CHECKING:
+    from bgwatch.accelerator import DeviceChoice, OrtProbe, TorchProbe
     from bgwatch.config import Config, InboxConfig
 
-# Filesystems where inotify does not see other hosts' writes (network) or may see nothing at all (FUSE).
-NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
-                        "gpfs", "ocfs2", "davfs", "ncpfs", "beegfs", "virtiofs"})
 FREE_SPACE_WARNING = 1024**3  # bytes; below this a batch of large PNGs may not fit
 FREE_SPACE_ERROR = 100 * 1024**2
 INOTIFY_WATCHES_LOW = 8192
@@ -44,7 +45,7 @@ class Level(str, enum.Enum):
 class Check:
     """One finding: what was checked (`area`, `subject`), how it went and what to do about it."""
 
-    area: str  # python | onnxruntime | torch | weights | inbox | outbox | state | inotify | numba
+    area: str  # device | onnxruntime | torch | python | weights | numba | inbox | outbox | state | inotify
     subject: str  # the path, model or package checked
     level: Level
     message: str
@@ -58,70 +59,6 @@ class Check:
 def exit_code(checks: Iterable[Check]) -> int:
     levels = {c.level for c in checks}
     return 2 if Level.ERROR in levels else 1 if Level.WARNING in levels else 0
-
-
-# ---------------------------------------------------------------- mounts
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    point: Path
-    fstype: str
-    source: str
-
-
-def _unescape(text: str) -> str:
-    # /proc/self/mountinfo and fstab write space, tab, newline and backslash as octal escapes.
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        text = text.replace(code, char)
-    return text
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """The mounts of /proc/self/mountinfo (`man 5 proc`): fields up to ' - ', then type and source."""
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 2:
-            continue
-        mounts.append(Mount(Path(_unescape(fields[4])), tail[0], _unescape(tail[1])))
-    return mounts
-
-
-def parse_fstab(text: str) -> list[Mount]:
-    """Mounts the administrator declared (/etc/fstab): a declared one that is not mounted is a share gone."""
-    mounts = []
-    for line in text.splitlines():
-        parts = line.split("#", 1)[0].split()
-        if len(parts) >= 3 and parts[1].startswith("/"):
-            mounts.append(Mount(Path(_unescape(parts[1])), parts[2], _unescape(parts[0])))
-    return mounts
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-def mount_of(path: Path, mounts: Sequence[Mount]) -> Mount | None:
-    """The mount holding `path` (the last, innermost one listed: later mounts hide earlier ones)."""
-    best: Mount | None = None
-    for mount in mounts:
-        if (mount.point == path or mount.point in path.parents) and (
-            best is None or len(mount.point.parts) >= len(best.point.parts)
-        ):
-            best = mount
-    return best
-
-
-def is_remote(fstype: str) -> bool:
-    base = fstype.split(".", 1)[0]
-    return fstype in NETWORK_FS or base in NETWORK_FS or base in ("fuse", "fuseblk")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -280,66 +217,153 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def check_onnxruntime(device: str, model: Path | None = None) -> list[Check]:
-    """The runtime installed and its providers; with `model` (an .onnx file), the providers a session
-    really gets: a CUDA build without its CUDA libraries lists CUDA but falls back to the CPU."""
-    runtimes = {d: v for d in ("onnxruntime", "onnxruntime-gpu") if (v := _version(d))}
-    if len(runtimes) > 1:
-        return [Check("onnxruntime", "+".join(runtimes), Level.ERROR,
+def check_python(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> list[Check]:
+    text = ".".join(str(v) for v in version)
+    detail: Detail = {"version": text, "executable": sys.executable}
+    if version < (3, 11):
+        return [Check("python", sys.executable, Level.ERROR,
+                      f"Python {text}: bgwatch needs 3.11 or newer (rembg 2.0.86 does)", detail)]
+    return [Check("python", sys.executable, Level.OK, text, detail)]
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """What this machine offers, probed once for every device check: the NVIDIA driver, torch, ONNX Runtime."""
+
+    driver: str | None
+    torch: TorchProbe
+    ort: OrtProbe
+
+
+def probe_machine() -> Machine:
+    from bgwatch import accelerator
+
+    return Machine(accelerator.nvidia_driver(), accelerator.probe_torch(), accelerator.probe_onnxruntime())
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Which device-bound engines the configuration uses."""
+
+    masks: bool  # a rembg model whose weights are present (auto uses classical without them)
+    sdxl: bool
+
+
+def usage(config: Config) -> Usage:
+    from bgwatch import models
+
+    statuses = models.list_models(config)
+    return Usage(any(s.kind == "rembg" and s.present for s in statuses), any(s.kind == "sdxl" for s in statuses))
+
+
+def choice_for(config: Config, machine: Machine) -> DeviceChoice:
+    from bgwatch import accelerator
+
+    return accelerator.choose(config.device, machine.driver, machine.torch, machine.ort)
+
+
+def check_device(configured: str, choice: DeviceChoice, use: Usage) -> list[Check]:
+    """The device bgwatch will use, and why: the first line of `bgwatch doctor`."""
+    device, why = choice.summary(uses_masks=use.masks, uses_sdxl=use.sdxl)
+    detail: Detail = {"device": device, "configured": configured, "masks": choice.masks, "sdxl": choice.sdxl,
+                      "masks_why": choice.masks_why, "sdxl_why": choice.sdxl_why}
+    if configured == "cuda":
+        wrong = [f"{name}: {engine_why}" for name, engine, engine_why, used in (
+            ("masks", choice.masks, choice.masks_why, use.masks), ("SDXL", choice.sdxl, choice.sdxl_why, use.sdxl))
+            if used and engine != "cuda"]
+        if wrong:
+            detail["device"] = None
+            return [Check("device", configured, Level.ERROR, "device is cuda but the GPU cannot be used ("
+                          + "; ".join(wrong) + "): `bgwatch run` refuses to start; fix it or set device: auto",
+                          detail)]
+    return [Check("device", configured, Level.OK, why, detail)]
+
+
+def check_onnxruntime(device: str, ort: OrtProbe, driver: str | None = None) -> list[Check]:
+    """The runtime installed, the providers it lists and the ones a real session gets (a CUDA build without
+    its CUDA libraries, or with no GPU, lists CUDA and runs on the CPU)."""
+    if len(ort.packages) > 1:
+        return [Check("onnxruntime", "+".join(ort.packages), Level.ERROR,
                       "both onnxruntime and onnxruntime-gpu are installed, which breaks both; pip uninstall both "
-                      "and install one: bgwatch[gpu] or bgwatch[cpu]", dict(runtimes))]
-    if not runtimes:
+                      "and install one: bgwatch[gpu] or bgwatch[cpu]", dict(ort.packages))]
+    if not ort.packages:
         return [Check("onnxruntime", "onnxruntime", Level.ERROR,
                       "no ONNX Runtime installed (rembg cannot run); install bgwatch[gpu] or bgwatch[cpu]")]
-    onnxruntime = importlib.import_module("onnxruntime")  # untyped: no stubs to import
+    dist, version = ort.package, ort.version
+    detail: Detail = {"package": dist, "version": version, "providers": ",".join(ort.listed),
+                      "in_use": ",".join(ort.in_use), "problem": ort.problem or None}
+    if not ort.listed:
+        return [Check("onnxruntime", dist, Level.ERROR, f"{version} does not work: {ort.problem}", detail)]
+    if not ort.cuda_listed:
+        if device == "cuda":
+            return [Check("onnxruntime", dist, Level.ERROR, f"device is cuda but {dist} {version} has no CUDA "
+                          "provider (a CPU-only build); install bgwatch[gpu] instead of bgwatch[cpu]", detail)]
+        return [Check("onnxruntime", dist, Level.OK, f"{version}, CPU provider (a CPU-only build)", detail)]
+    if ort.cuda_loads:
+        where = "CPU provider (device: cpu), CUDA provider loads" if device == "cpu" else "CUDA provider loads"
+        return [Check("onnxruntime", dist, Level.OK, f"{version}, {where}", detail)]
+    cannot = f"its CUDA provider cannot load: {ort.problem}"
+    if device == "cuda":
+        return [Check("onnxruntime", dist, Level.ERROR, f"device is cuda but {dist} {version} runs on the CPU, "
+                      f"{cannot} (pip install '{dist}[cuda,cudnn]', or a torch built for the same CUDA)", detail)]
+    if device == "auto" and driver is not None:
+        return [Check("onnxruntime", dist, Level.WARNING,
+                      f"{version}: masks run on the CPU although this machine has a GPU (driver {driver}): {cannot} "
+                      f"(pip install '{dist}[cuda,cudnn]', or a torch built for the same CUDA)", detail)]
+    return [Check("onnxruntime", dist, Level.OK, f"{version}, CPU provider (no GPU here; {cannot})", detail)]
 
-    providers = list(onnxruntime.get_available_providers())
-    dist, version = next(iter(runtimes.items()))
-    detail: Detail = {"package": dist, "version": version, "providers": ",".join(providers)}
-    cuda = "CUDAExecutionProvider" in providers
-    if device == "cuda" and not cuda:
-        return [Check("onnxruntime", dist, Level.ERROR,
-                      f"device is cuda but {dist} {version} offers only {', '.join(providers)}; install bgwatch[gpu]",
-                      detail)]
-    if cuda and device != "cpu" and model is not None:
-        session = onnxruntime.InferenceSession(str(model), providers=["CUDAExecutionProvider",
-                                                                      "CPUExecutionProvider"])
-        in_use = list(session.get_providers())
-        detail["in_use"] = ",".join(in_use)
-        if "CUDAExecutionProvider" not in in_use:
-            return [Check("onnxruntime", dist, Level.ERROR if device == "cuda" else Level.WARNING,
-                          f"{dist} {version} lists CUDA but a session on {model.name} got only "
-                          f"{', '.join(in_use)}: no GPU driver, or CUDA/cuDNN libraries missing (pip install "
-                          f"'{dist}[cuda,cudnn]', or a torch built for the same CUDA)", detail)]
-        return [Check("onnxruntime", dist, Level.OK, f"{version}, a session on {model.name} runs on CUDA", detail)]
-    return [Check("onnxruntime", dist, Level.OK, f"{version}, providers {', '.join(providers)}", detail)]
 
-
-def check_torch(device: str, needs_sdxl: bool) -> list[Check]:
-    if importlib.util.find_spec("torch") is None:
+def check_torch(device: str, torch: TorchProbe, needs_sdxl: bool) -> list[Check]:
+    if not torch.installed:
         if needs_sdxl:
             return [Check("torch", "torch", Level.ERROR,
                           "an inbox uses the sdxl engine but torch is not installed; pip install 'bgwatch[sdxl]'")]
         return [Check("torch", "torch", Level.OK, "not installed (no inbox uses sdxl)")]
-    import torch
-
-    cuda_build = torch.version.cuda
-    detail: Detail = {"version": torch.__version__, "cuda_build": cuda_build}
-    available = bool(torch.cuda.is_available())
-    if available:
-        index = torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        name = torch.cuda.get_device_name(index)
-        detail.update({"gpu": name, "gpu_memory_free": int(free), "gpu_memory_total": int(total)})
-        return [Check("torch", "torch", Level.OK,
-                      f"{torch.__version__}, CUDA {cuda_build}: {name}, {human(free)} free of {human(total)}", detail)]
-    why = "a CPU-only build" if not cuda_build else f"built for CUDA {cuda_build} but no usable GPU or driver"
-    if device == "cuda":
-        return [Check("torch", "torch", Level.ERROR, f"device is cuda but torch {torch.__version__} is {why}", detail)]
-    if needs_sdxl:
+    detail: Detail = {"version": torch.version, "cuda_build": torch.cuda_build}
+    if torch.available:
+        detail.update({"gpu": torch.gpu, "gpu_memory_free": torch.memory_free, "gpu_memory_total": torch.memory_total})
+        return [Check("torch", "torch", Level.OK, f"{torch.version}, CUDA {torch.cuda_build}: {torch.gpu}, "
+                      f"{human(torch.memory_free)} free of {human(torch.memory_total)}", detail)]
+    why = "a CPU-only build" if not torch.cuda_build else f"built for CUDA {torch.cuda_build} but sees no usable GPU"
+    if device == "cuda" and needs_sdxl:
+        return [Check("torch", "torch", Level.ERROR, f"device is cuda but torch {torch.version} is {why}", detail)]
+    if needs_sdxl and device != "cpu":
         return [Check("torch", "torch", Level.WARNING,
-                      f"torch {torch.__version__} is {why}: sdxl will run on the CPU (minutes per image)", detail)]
-    return [Check("torch", "torch", Level.OK, f"{torch.__version__} ({why}; no inbox uses sdxl)", detail)]
+                      f"torch {torch.version} is {why}: sdxl will run on the CPU (minutes per image)", detail)]
+    return [Check("torch", "torch", Level.OK, f"{torch.version} ({why}"
+                  + ("; device: cpu)" if needs_sdxl else "; no inbox uses sdxl)"), detail)]
+
+
+def check_model_home(config: Config, uid: int | None = None) -> list[Check]:
+    """Where rembg and Hugging Face weights are looked for, and why there: `sudo bgwatch doctor` must look
+    where the service looks (models_dir), not in root's home."""
+    from bgwatch.pipeline.masking import rembg_home
+
+    home = rembg_home()
+    hub = os.path.expanduser(os.environ.get("HF_HOME") or "~/.cache/huggingface")
+    detail: Detail = {"rembg": str(home), "huggingface": hub,
+                      "models_dir": str(config.models_dir) if config.models_dir else None}
+    if config.models_dir is not None:
+        return [Check("weights", "model home", Level.OK,
+                      f"{home} and {hub} (models_dir in {config.source or 'the configuration'})", detail)]
+    if os.environ.get("U2NET_HOME"):
+        return [Check("weights", "model home", Level.OK, f"{home} (U2NET_HOME) and {hub}", detail)]
+    user = _user_name(os.geteuid() if uid is None else uid)
+    if (os.geteuid() if uid is None else uid) == 0:
+        return [Check("weights", "model home", Level.WARNING,
+                      f"{home}: rembg's default for {user}, not where a service looks for weights; set models_dir "
+                      "in config.yaml (`bgwatch init` writes models_dir: /var/lib/bgwatch/models)", detail)]
+    return [Check("weights", "model home", Level.OK, f"{home} and {hub} (the defaults for user {user}; set "
+                  "models_dir in config.yaml so that every user, and the service, use one place)", detail)]
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def check_weights(config: Config) -> list[Check]:
@@ -390,31 +414,21 @@ def check_numba() -> list[Check]:
 # ---------------------------------------------------------------- entry points
 
 
-def _uses_sdxl(config: Config) -> bool:
-    from bgwatch import models
-
-    return any(kind == "sdxl" for kind, _name, _used in models.configured_models(config))
-
-
-def device_checks(config: Config) -> list[Check]:
-    """The runtimes the configured engines need on the configured device: with `device: cuda`, `bgwatch run`
+def device_checks(config: Config, machine: Machine | None = None) -> list[Check]:
+    """The device bgwatch will use and the runtimes its engines need there: with `device: cuda`, `bgwatch run`
     refuses to start (with the reason) rather than fall back to the CPU behind the operator's back."""
-    from bgwatch import models
-
-    used = models.configured_models(config)
-    checks: list[Check] = []
-    if any(kind == "rembg" for kind, _name, _used in used):
-        weights = [Path(s.path) for s in models.list_models(config) if s.kind == "rembg" and s.present]
-        checks += check_onnxruntime(config.device, weights[0] if weights else None)
-    if any(kind == "sdxl" for kind, _name, _used in used):
-        checks += check_torch(config.device, needs_sdxl=True)
+    machine = probe_machine() if machine is None else machine
+    use = usage(config)
+    checks = check_device(config.device, choice_for(config, machine), use)
+    checks += check_onnxruntime(config.device, machine.ort, machine.driver)
+    checks += check_torch(config.device, machine.torch, needs_sdxl=use.sdxl)
     return checks
 
 
 def folder_checks(config: Config, mountinfo: str | None = None, fstab: str | None = None) -> list[Check]:
     """Inboxes, outboxes, state folder, inotify: cheap, run by `bgwatch run` before it starts."""
-    mounts = parse_mountinfo(_read("/proc/self/mountinfo") if mountinfo is None else mountinfo)
-    declared = parse_fstab(_read("/etc/fstab") if fstab is None else fstab)
+    mounts = parse_mountinfo(read_text("/proc/self/mountinfo") if mountinfo is None else mountinfo)
+    declared = parse_fstab(read_text("/etc/fstab") if fstab is None else fstab)
     checks: list[Check] = []
     for inbox in config.inboxes:
         checks += check_inbox(inbox, mounts, declared)
@@ -427,11 +441,9 @@ def folder_checks(config: Config, mountinfo: str | None = None, fstab: str | Non
 
 def run_checks(config: Config, mountinfo: str | None = None, fstab: str | None = None) -> list[Check]:
     """Everything `bgwatch doctor` reports."""
-    from bgwatch import models
-
-    weights = [Path(s.path) for s in models.list_models(config) if s.kind == "rembg" and s.present]
-    checks = check_onnxruntime(config.device, weights[0] if weights else None)
-    checks += check_torch(config.device, _uses_sdxl(config))
+    checks = device_checks(config)
+    checks += check_python()
+    checks += check_model_home(config)
     checks += check_weights(config)
     checks += check_numba()
     checks += folder_checks(config, mountinfo, fstab)
@@ -439,8 +451,16 @@ def run_checks(config: Config, mountinfo: str | None = None, fstab: str | None =
 
 
 def format_checks(checks: Sequence[Check]) -> str:
+    """One line a check; the device check first, as "device: cpu (why)"."""
     marks = {Level.OK: "ok  ", Level.WARNING: "WARN", Level.ERROR: "FAIL"}
-    lines = [f"{marks[c.level]}  {c.area:11}  {c.subject}: {c.message}" for c in checks]
+    lines: list[str] = []
+    for c in checks:
+        if c.area == "device":
+            configured = "" if c.subject == "cpu" else f"device: {c.subject}; "
+            lines.insert(0, f"device: {c.detail['device']} ({configured}{c.message})" if c.level is Level.OK
+                         else f"{marks[c.level]}  device: {c.message}")
+        else:
+            lines.append(f"{marks[c.level]}  {c.area:11}  {c.subject}: {c.message}")
     errors = sum(1 for c in checks if c.level is Level.ERROR)
     warnings = sum(1 for c in checks if c.level is Level.WARNING)
     lines.append(f"{len(checks)} check(s): {errors} error(s), {warnings} warning(s)")
@@ -465,10 +485,11 @@ def stack_versions() -> dict[str, str]:
     runtimes = [f"{d} {v}" for d in ("onnxruntime", "onnxruntime-gpu") if (v := _version(d))]
     if runtimes:
         try:
-            providers = ", ".join(importlib.import_module("onnxruntime").get_available_providers())
+            providers = "providers listed: " + ", ".join(
+                importlib.import_module("onnxruntime").get_available_providers())
         except Exception as exc:  # two runtimes or a broken install raise anything; say so, do not crash
             providers = f"unusable: {type(exc).__name__}"
-        out["onnxruntime"] = f"{' + '.join(runtimes)} ({providers})"
+        out["onnxruntime"] = f"{' + '.join(runtimes)} ({providers}; `bgwatch doctor` shows which load)"
     else:
         out["onnxruntime"] = "not installed (pip install 'bgwatch[gpu]' or 'bgwatch[cpu]')"
     return out

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bgwatch import doctor
+from bgwatch import accelerator, doctor, mounts
+from bgwatch.accelerator import OrtProbe, TorchProbe
 from bgwatch.config import load_config
 from bgwatch.doctor import Level
 
@@ -63,13 +64,13 @@ def test_mountinfo_parsing_unescapes_and_finds_the_innermost_mount() -> None:
     text = ("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
             "40 22 0:40 / /mnt/studio\\040share rw,relatime shared:7 - cifs //nas/studio rw,vers=3.0\n"
             "41 40 0:41 / /mnt/studio\\040share/raw rw - fuse.sshfs user@host:/raw rw\n")
-    mounts = doctor.parse_mountinfo(text)
-    assert [m.fstype for m in mounts] == ["ext4", "cifs", "fuse.sshfs"]
-    assert doctor.mount_of(Path("/mnt/studio share/inbox"), mounts).source == "//nas/studio"
-    assert doctor.mount_of(Path("/mnt/studio share/raw/x"), mounts).fstype == "fuse.sshfs"
-    assert doctor.mount_of(Path("/home/u"), mounts).fstype == "ext4"
-    assert doctor.is_remote("cifs") and doctor.is_remote("fuse.sshfs") and doctor.is_remote("nfs4")
-    assert not doctor.is_remote("ext4") and not doctor.is_remote("xfs")
+    found = mounts.parse_mountinfo(text)
+    assert [m.fstype for m in found] == ["ext4", "cifs", "fuse.sshfs"]
+    assert mounts.mount_of(Path("/mnt/studio share/inbox"), found).source == "//nas/studio"
+    assert mounts.mount_of(Path("/mnt/studio share/raw/x"), found).fstype == "fuse.sshfs"
+    assert mounts.mount_of(Path("/home/u"), found).fstype == "ext4"
+    assert mounts.is_remote("cifs") and mounts.is_remote("fuse.sshfs") and mounts.is_remote("nfs4")
+    assert not mounts.is_remote("ext4") and not mounts.is_remote("xfs")
 
 
 def test_a_missing_inbox_is_a_warning_and_doctor_exits_1(tmp_path: Path) -> None:
@@ -153,40 +154,164 @@ def test_inotify_limit_against_the_folders_to_watch(tmp_path: Path) -> None:
     assert check.level is Level.OK and check.detail["folders_watched"] == 0, "polled inboxes use no watches"
 
 
-def test_onnxruntime_providers_really_in_use(u2net_home: Path) -> None:
-    """onnxruntime-gpu lists CUDA even with no GPU; a real session shows what it actually got."""
-    model = u2net_home / "tiny.onnx"
+def test_the_probe_model_is_valid_onnx_and_runs() -> None:
+    """The one-node model written without the onnx package: onnx's checker accepts it, ONNX Runtime runs it."""
+    import numpy as np
+    import onnx
     import onnxruntime
 
+    onnx.checker.check_model(onnx.load_from_string(accelerator.identity_model()))
+    session = onnxruntime.InferenceSession(accelerator.identity_model(), providers=["CPUExecutionProvider"])
+    x = np.arange(4, dtype=np.float32)
+    assert session.run(None, {"x": x})[0].tolist() == x.tolist()
+
+
+def test_onnxruntime_providers_that_really_load() -> None:
+    """onnxruntime-gpu lists CUDA even with no GPU; the probe says what a real session got, and why not CUDA."""
+    import onnxruntime
+
+    probe = accelerator.probe_onnxruntime()
     listed = onnxruntime.get_available_providers()
-    [check] = doctor.check_onnxruntime("cuda", model)
-    session = onnxruntime.InferenceSession(str(model), providers=[p for p in ("CUDAExecutionProvider",
-                                                                              "CPUExecutionProvider") if p in listed])
-    on_cuda = "CUDAExecutionProvider" in session.get_providers()
-    if on_cuda:
-        assert check.level is Level.OK and "runs on CUDA" in check.message
-    elif "CUDAExecutionProvider" in listed:
-        assert check.level is Level.ERROR and "got only CPUExecutionProvider" in check.message
+    assert probe.listed == tuple(listed)
+    session = onnxruntime.InferenceSession(accelerator.identity_model(), providers=[
+        p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in listed])
+    assert probe.in_use == tuple(session.get_providers()), "the child's session got what one here gets"
+    if probe.cuda_listed and not probe.cuda_loads:
+        assert probe.problem and "ONNXRuntimeError" not in probe.problem, probe.problem
+    [check] = doctor.check_onnxruntime("cuda", probe, accelerator.nvidia_driver())
+    if probe.cuda_loads:
+        assert check.level is Level.OK and "CUDA provider loads" in check.message
     else:
-        assert check.level is Level.ERROR and "install bgwatch[gpu]" in check.message
-    [auto] = doctor.check_onnxruntime("auto", model)
-    assert auto.level is (Level.OK if on_cuda else Level.WARNING if "CUDAExecutionProvider" in listed else Level.OK)
-    [cpu] = doctor.check_onnxruntime("cpu", model)
-    assert cpu.level is Level.OK
+        assert check.level is Level.ERROR and "device is cuda" in check.message
+    for device in ("auto", "cpu"):
+        [check] = doctor.check_onnxruntime(device, probe, accelerator.nvidia_driver())
+        if not probe.cuda_loads:
+            assert "CUDA provider loads" not in check.message, "never call CUDA usable when no session gets it"
+
+
+# What onnxruntime-gpu 1.31 printed here (no CUDA 13 libraries), colour codes and all.
+ORT_STDERR = (
+    "\x1b[1;31m2026-12-07 10:41:10.994189394 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+    "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:2043 onnxruntime::Provider& "
+    "onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library /venv/lib/"
+    "python3.11/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: "
+    "cannot open shared object file: No such file or directory\n\x1b[m\n\x1b[0;93m2026-12-07 10:41:10.994239039 "
+    "[W:onnxruntime:Default, onnxruntime_pybind_state.cc:1295 CreateExecutionProviderFactoryInstance] Failed to "
+    "create CUDAExecutionProvider. Require cuDNN 9.* and CUDA 13.*. Please install all dependencies as mentioned "
+    "in the GPU requirements page\x1b[m\n")
+
+
+def test_why_cuda_did_not_load_is_one_line() -> None:
+    assert accelerator.cuda_problem(ORT_STDERR) == "libcublasLt.so.13 missing; needs CUDA 13.* and cuDNN 9.*"
+    assert accelerator.cuda_problem("") == "the CUDA provider did not start (no message)"
+    assert accelerator.cuda_problem("\x1b[1;31msome new failure\x1b[m\n") == "some new failure"
+
+
+GPU_ORT = OrtProbe({"onnxruntime-gpu": "1.31.1"}, ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                   ("CPUExecutionProvider",), "libcublasLt.so.13 missing")
+CUDA_ORT = OrtProbe({"onnxruntime-gpu": "1.31.1"}, ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                    ("CUDAExecutionProvider", "CPUExecutionProvider"))
+CPU_TORCH = TorchProbe(True, "2.13.0+cpu", None)
+GPU_TORCH = TorchProbe(True, "2.13.0+cu130", "13.0", True, "NVIDIA H100", 70 * 10**9, 80 * 10**9)
+
+
+def test_the_device_and_why_follow_the_engines_rules() -> None:
+    cpu = accelerator.choose("auto", None, CPU_TORCH, GPU_ORT)
+    assert (cpu.masks, cpu.sdxl) == ("cpu", "cpu")
+    device, why = cpu.summary(uses_masks=True, uses_sdxl=True)
+    assert device == "cpu" and "no NVIDIA driver" in why and "libcublasLt.so.13 missing" in why and "CPU-only" in why
+    # A driver, but ONNX Runtime's CUDA libraries missing: torch generates on the GPU, masks stay on the CPU.
+    mixed = accelerator.choose("auto", "580.65.06", GPU_TORCH, GPU_ORT)
+    assert (mixed.masks, mixed.sdxl) == ("cpu", "cuda")
+    device, why = mixed.summary(uses_masks=True, uses_sdxl=True)
+    assert device == "cuda" and "masks on cpu" in why and "SDXL on cuda: torch 2.13.0+cu130 sees NVIDIA H100" in why
+    assert mixed.summary(uses_masks=True, uses_sdxl=False)[0] == "cpu"
+    gpu = accelerator.choose("auto", "580.65.06", GPU_TORCH, CUDA_ORT)
+    both = "ONNX Runtime's CUDA provider loads (onnxruntime-gpu 1.31.1); torch 2.13.0+cu130 sees NVIDIA H100"
+    assert gpu.summary(uses_masks=True, uses_sdxl=True) == ("cuda", both)
+    forced = accelerator.choose("cpu", "580.65.06", GPU_TORCH, CUDA_ORT)
+    assert (forced.masks, forced.sdxl) == ("cpu", "cpu")
+
+
+def test_device_cuda_that_cannot_be_had_is_an_error_naming_why() -> None:
+    use = doctor.Usage(masks=True, sdxl=True)
+    [check] = doctor.check_device("cuda", accelerator.choose("cuda", None, CPU_TORCH, GPU_ORT), use)
+    assert check.level is Level.ERROR and check.detail["device"] is None
+    assert "libcublasLt.so.13 missing" in check.message and "CPU-only" in check.message
+    [check] = doctor.check_device("auto", accelerator.choose("auto", None, CPU_TORCH, GPU_ORT), use)
+    assert check.level is Level.OK and check.detail["device"] == "cpu"
+    [check] = doctor.check_onnxruntime("auto", GPU_ORT, "580.65.06")
+    assert check.level is Level.WARNING and "masks run on the CPU although this machine has a GPU" in check.message
+    [check] = doctor.check_onnxruntime("auto", GPU_ORT, None)
+    assert check.level is Level.OK and "cannot load" in check.message
 
 
 def test_torch_device_check() -> None:
     pytest.importorskip("torch")
     import torch
 
-    [cuda] = doctor.check_torch("cuda", needs_sdxl=True)
-    [auto] = doctor.check_torch("auto", needs_sdxl=True)
-    assert cuda.detail["version"] == torch.__version__
+    probe = accelerator.probe_torch()
+    assert probe.version == torch.__version__ and probe.available == torch.cuda.is_available()
+    [cuda] = doctor.check_torch("cuda", probe, needs_sdxl=True)
+    [auto] = doctor.check_torch("auto", probe, needs_sdxl=True)
     if torch.cuda.is_available():
         assert cuda.level is Level.OK and auto.level is Level.OK and "free of" in cuda.message
     else:
         assert cuda.level is Level.ERROR and "device is cuda" in cuda.message
         assert auto.level is Level.WARNING and "CPU" in auto.message
+
+
+def test_doctor_names_the_device_first_and_prints_no_library_output(tmp_path: Path, u2net_home: Path) -> None:
+    """The first line says the device and why; --json names it; ONNX Runtime's C++ lines never show."""
+    (tmp_path / "share" / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path, extra="defaults: {mask: {engine: rembg, model: tiny.onnx}}\n")
+    env = {"U2NET_HOME": str(u2net_home)}
+    text = bgwatch("doctor", "-c", str(config), env=env)
+    first = text.stdout.splitlines()[0]
+    assert first.startswith(("device: cpu (device: auto; ", "device: cuda (device: auto; ")), text.stdout
+    report = json.loads(bgwatch("doctor", "--json", "-c", str(config), env=env).stdout)
+    assert report["device"] in ("cpu", "cuda") and report["device_reason"] in first
+    for output in (text.stdout + text.stderr, json.dumps(report)):
+        assert "onnxruntime:Default" not in output and "provider_bridge" not in output and "\x1b[" not in output
+    if accelerator.nvidia_driver() is None:
+        assert report["device"] == "cpu"
+        assert "CUDA provider loads" not in text.stdout, "no GPU here: CUDA is never called usable"
+
+
+def test_python_below_3_11_is_an_error() -> None:
+    [old] = doctor.check_python((3, 10, 12))
+    assert old.level is Level.ERROR and "3.11" in old.message
+    [now] = doctor.check_python()
+    assert now.level is Level.OK
+
+
+def test_doctor_reads_weights_where_the_service_does(tmp_path: Path, tiny_onnx_bytes: bytes) -> None:
+    """`bgwatch init` writes models_dir; `sudo bgwatch doctor` then looks there, not in root's home."""
+    config = tmp_path / "etc" / "config.yaml"
+    proc = bgwatch("init", str(config), "--state-dir", str(tmp_path / "var"), "--inbox-root", str(tmp_path / "in"))
+    assert proc.returncode == 0, proc.stderr
+    weights = tmp_path / "var" / "models" / "rembg" / "models" / "u2net" / "u2net.onnx"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(tiny_onnx_bytes)
+    env = {k: v for k, v in os.environ.items() if k not in ("U2NET_HOME", "HF_HOME", "REMBG_HOME")}
+    report = json.loads(subprocess.run([sys.executable, "-m", "bgwatch", "doctor", "--json", "-c", str(config)],
+                                       capture_output=True, text=True, timeout=180,
+                                       env={**env, "PYTHONPATH": str(ROOT)}).stdout)
+    [home] = [c for c in report["checks"] if c["subject"] == "model home"]
+    assert home["level"] == "ok" and "models_dir" in home["message"]
+    assert home["detail"]["rembg"] == str(tmp_path / "var" / "models" / "rembg")
+    [u2net] = [c for c in report["checks"] if c["subject"] == "rembg u2net"]
+    assert u2net["level"] == "ok" and u2net["detail"]["path"] == str(weights)
+
+
+def test_the_default_model_home_of_root_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("U2NET_HOME", "REMBG_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    config = load_config(write_config(tmp_path), env={})
+    [root] = doctor.check_model_home(config, uid=0)
+    assert root.level is Level.WARNING and "models_dir" in root.message
+    [user] = doctor.check_model_home(config, uid=os.getuid() or 65534)
+    assert user.level is Level.OK
 
 
 def test_weights_present_with_their_size(tmp_path: Path, u2net_home: Path) -> None:
@@ -200,11 +325,11 @@ def test_weights_present_with_their_size(tmp_path: Path, u2net_home: Path) -> No
     assert check.level is Level.WARNING and "models pull" in check.message
 
 
-def test_two_onnx_runtimes_are_an_error_message_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = doctor._version
-    monkeypatch.setattr(doctor, "_version", lambda d: "1.0" if d in ("onnxruntime", "onnxruntime-gpu") else real(d))
-    [check] = doctor.check_onnxruntime("auto")
+def test_two_onnx_runtimes_are_an_error_message_not_a_crash() -> None:
+    both = OrtProbe({"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"})
+    [check] = doctor.check_onnxruntime("auto", both)
     assert check.level is Level.ERROR and "breaks both" in check.message
+    assert "are both installed" in accelerator.choose("auto", None, CPU_TORCH, both).masks_why
 
 
 def test_version_lists_the_stack() -> None:
@@ -238,7 +363,8 @@ def test_run_with_device_cuda_refuses_to_start_without_a_working_gpu(tmp_path: P
     config = write_config(tmp_path, extra="defaults: {operation: replace, engine: sdxl, prompt: oak table}\n")
     proc = bgwatch("run", "--once", "-c", str(config), env={"DEVICE": "cuda"})
     assert proc.returncode == 2, proc.stderr
-    assert "device is cuda but torch" in proc.stderr and "Traceback" not in proc.stderr
+    assert "device is cuda but the GPU cannot be used" in proc.stderr and "torch" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "state" / "bgwatch.db").exists(), "refused before anything started"
 
 
