@@ -143,7 +143,7 @@ def _run_daemon(args: argparse.Namespace, config: Any) -> int:
 
         metrics = Metrics(status=lambda: report.live_status(config), stale_seconds=config.metrics.stale_seconds)
         try:
-            server = metrics.serve(config.metrics.listen)
+            server = metrics.serve(config.metrics.listen, keys=config.http.api_keys())
         except OSError as exc:
             raise ConfigError(config.source or "(built-in config)", "metrics.listen",
                               f"cannot listen on {config.metrics.listen}: {exc.strerror or exc}") from None
@@ -392,8 +392,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     config = _load(args)
     checks = doctor.run_checks(config)
     code = doctor.exit_code(checks)
+    device = next(c for c in checks if c.area == "device")
     if args.json:
-        _print_json({"status": ("ok", "warning", "error")[code], "checks": [c.to_dict() for c in checks]})
+        _print_json({"status": ("ok", "warning", "error")[code], "device": device.detail["device"],
+                     "device_reason": device.message, "checks": [c.to_dict() for c in checks]})
     else:
         print(doctor.format_checks(checks))
     return code
