@@ -213,10 +213,8 @@ class Workers:
             self._guard("prepare", job, functools.partial(self._prepare, job))
 
     def _prepare(self, job: Job) -> None:
-        from bgwatch.pipeline.imageio import probe_size
-
         max_memory = self.config.limits.max_memory
-        width, height = probe_size(job.source)  # the header only: admission before a pixel is decoded
+        width, height = stages.input_size(job)  # the header only: admission before a pixel is decoded
         stages.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
         if not self.budget.acquire(job.run_id, stages.job_memory(width, height, job.spec), self.abort):
             raise Aborted

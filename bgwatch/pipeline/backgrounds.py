@@ -331,18 +331,21 @@ class ImageEngine:
 
 
 def load_backdrop(path: Path, max_pixels: int) -> np.ndarray:
-    """Decode a backdrop file to HxWx3 uint8 sRGB. rules.py resolved it to a real path inside the inbox
-    (for sidecars and folder files); a file swapped since for a link, pipe or device is refused."""
-    import stat
-
+    """Decode a backdrop file to HxWx3 uint8 sRGB. rules.py resolved it to a real path (inside the inbox
+    for sidecars and folder files), so no link is followed anywhere on it: a folder or the file swapped
+    since for a link, or the file for a pipe or device, is refused, never read."""
+    from bgwatch import sharefiles
     from bgwatch.pipeline import imageio
 
     try:
-        mode = os.stat(path).st_mode
-    except OSError:
+        fd = sharefiles.open_no_links(Path(path))
+    except sharefiles.RefusedFile as exc:
+        raise InputError(path, f"background_image: {exc.what}; refused") from None
+    except FileNotFoundError:
         raise InputError(path, "background_image does not exist") from None
-    if not stat.S_ISREG(mode):
-        raise InputError(path, "background_image is not a regular file")
-    if os.path.realpath(path) != os.path.abspath(path):
-        raise InputError(path, "background_image became a symbolic link after it was checked; refused")
-    return imageio.decode(Path(path), max_pixels=max_pixels).rgb
+    except OSError as exc:
+        raise InputError(path, f"background_image cannot be read: {exc.strerror or exc}") from None
+    try:
+        return imageio.decode(Path(path), max_pixels=max_pixels, fd=fd).rgb
+    finally:
+        os.close(fd)

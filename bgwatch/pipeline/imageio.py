@@ -9,13 +9,18 @@ Every decode in bgwatch (inbox images, backdrop files, downloaded results) goes 
   .jpg is refused before any decoder sees it (Pillow is only ever asked for the one format found);
 - the pixel limit (limits.max_pixels, passed in) is checked from the header, before a pixel is decoded;
   Pillow's own decompression-bomb guard stays on (about 179 MP, a hard ceiling above the setting);
+- a JPEG with more than JPEG_MAX_SCANS scans is refused from its markers, before it is decoded (each scan
+  is a pass over the whole image: one repeated 20,000 times would cost minutes of CPU);
+- a path is opened without following a link (callers that walk from a trusted folder pass a descriptor);
 - whatever goes wrong is an InputError with one line naming the file, what was found, what is allowed.
 Nothing is changed process-wide at import.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import mmap
 import os
 import re
 import stat
@@ -49,6 +54,11 @@ _FORMATS: dict[str, tuple[str, ...]] = {
 }
 _OPTIONAL_FORMATS: dict[str, tuple[str, ...]] = {"AVIF": (".avif",)}  # only where Pillow was built with it
 _LABELS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "TIFF": "TIFF", "AVIF": "AVIF"}
+# A JPEG decodes each of its scans over the whole image: photos carry 1 (baseline) to about 10 (libjpeg's
+# progressive script; mozjpeg and camera firmware stay within a few dozen).
+JPEG_MAX_SCANS = 100
+# In entropy-coded data 0xFF is followed by a stuffed 0x00 or a restart marker: anything else is a marker.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 _STRIP_PIXELS = 1 << 22  # pixels copied out of Pillow per strip: the copy never doubles a big image
 # warnings.catch_warnings swaps a process-wide filter list: keep our (short) uses of it from overlapping.
 _quiet_lock = threading.Lock()
@@ -77,19 +87,21 @@ def allowed_text() -> str:
     return ", ".join(f"{_LABELS[n]} ({', '.join(ext)})" for n, ext in allowed_formats().items())
 
 
-def probe_size(path: Path) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF rotation counted), from the header only."""
-    with _opened_file(path) as (f, fmt), _open(f, fmt, path) as im:
+def probe_size(path: Path, *, fd: int | None = None) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation counted), from the header only. `fd`: the file already
+    open (read from its start; `path` then names it in messages and by its extension)."""
+    with _opened_file(path, fd) as (f, fmt), _open(f, fmt, path) as im:
         width, height = im.size
         if _orientation(im) in _ROTATED_ORIENTATIONS:
             width, height = height, width
         return width, height
 
 
-def decode(path: Path, *, max_pixels: int) -> DecodedImage:
+def decode(path: Path, *, max_pixels: int, fd: int | None = None) -> DecodedImage:
     """Decode an image file to sRGB. InputError: empty, not an allowed format (by content and by
-    extension), truncated, damaged, too many pixels."""
-    with _opened_file(path) as (f, fmt):
+    extension), truncated, damaged, too many pixels or JPEG scans, a link. `fd`: the file already open
+    through descriptors (read from its start; `path` then names it in messages and by its extension)."""
+    with _opened_file(path, fd) as (f, fmt):
         return _decode_from(f, fmt, path, max_pixels)
 
 
@@ -117,6 +129,8 @@ def _decode_from(f: IO[bytes], fmt: str, path: Path, max_pixels: int) -> Decoded
             )
         source_format = im.format or fmt
         orientation = _orientation(im)
+        if fmt == "JPEG":
+            check_jpeg_scans(f, path)
         try:
             im.load()
             rgb, alpha = _to_srgb(im, path)
@@ -189,15 +203,23 @@ def output_extension(output: OutputSpec) -> str:
 
 
 @contextmanager
-def _opened_file(path: Path) -> Iterator[tuple[IO[bytes], str]]:
+def _opened_file(path: Path, given: int | None = None) -> Iterator[tuple[IO[bytes], str]]:
     """The file, open for reading, and its format: found from its first bytes, allowed, and the one its
-    extension names. Every refusal is an InputError naming the file, what was found and what is allowed."""
+    extension names. Every refusal is an InputError naming the file, what was found and what is allowed.
+    `given`: a descriptor already open (duplicated here: the caller keeps and closes its own)."""
     try:
-        # Non-blocking: a FIFO put in place of the image must not hang the worker; it is refused below.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        if given is not None:
+            fd = os.dup(given)
+            os.lseek(fd, 0, os.SEEK_SET)
+        else:
+            # Non-blocking: a FIFO put in place of the image must not hang the worker; it is refused below.
+            # No link is followed: a file swapped for a link to someone else's picture is never read.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise InputError(path, "the file is gone (moved or deleted before it could be read)") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(path, "the file is a symbolic link (bgwatch never reads through a link)") from None
         raise InputError(path, f"cannot read the file: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -225,6 +247,69 @@ def _opened_file(path: Path) -> Iterator[tuple[IO[bytes], str]]:
             raise InputError(path, f"the content is {_LABELS[fmt]} but {what}; rename it to "
                              f"{allowed[fmt][0]} (allowed: {allowed_text()})")
         yield f, fmt
+
+
+def check_jpeg_scans(f: IO[bytes], path: Path, limit: int = JPEG_MAX_SCANS) -> None:
+    """InputError when the JPEG in `f` has more than `limit` scans. libjpeg decodes every scan over the
+    whole image and Pillow sets no cap: one scan repeated 20,000 times costs minutes of CPU for a 1 MB
+    file. Counted from the markers (no pixel decoded); the file's offset is left where it was."""
+    scans = _jpeg_scans(f, limit)
+    if scans > limit:
+        raise InputError(path, f"the JPEG has more than {limit} scans (progressive passes); photos have at "
+                         "most a few dozen, so this is refused unread (decoding it would take minutes); "
+                         "export the file again")
+
+
+def _jpeg_scans(f: IO[bytes], limit: int) -> int:
+    """Start-of-scan markers in the first image of a JPEG, counted up to limit + 1."""
+    try:
+        data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        data = f.getbuffer() if isinstance(f, io.BytesIO) else memoryview(_read_all(f))
+    try:
+        return _count_scans(data, limit)
+    finally:
+        if isinstance(data, memoryview):
+            data.release()
+        else:
+            data.close()
+
+
+def _read_all(f: IO[bytes]) -> bytes:
+    at = f.tell()
+    f.seek(0)
+    try:
+        return f.read()
+    finally:
+        f.seek(at)
+
+
+def _count_scans(data: Any, limit: int) -> int:
+    scans = 0
+    pos, end = 2, len(data)  # after SOI
+    while pos + 4 <= end and scans <= limit:
+        if data[pos] != 0xFF:  # not at a marker (a damaged file): find the next one; the decoder judges
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == 0xD9:  # end of image: later bytes (an MPO's other frames) are not decoded with it
+            break
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xDA:  # start of scan: entropy-coded data runs to the next real marker
+                scans += 1
+                found = _JPEG_MARKER.search(data, pos)
+                if found is None:
+                    break
+                pos = found.start()
+    return scans
 
 
 def _content_format(head: bytes) -> str:

@@ -11,9 +11,11 @@ Each stage takes a frozen `Prepared` and returns a new one, so the daemon can ru
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +106,49 @@ def check_job_memory(width: int, height: int, spec: JobSpec, *, max_memory: int 
         )
 
 
+@contextmanager
+def open_input(job: Job, *, check_hash: bool = True) -> Iterator[int]:
+    """The job's input file, re-opened through descriptors: a claimed file from its inbox down, every
+    folder below the inbox and the file itself without following a link; checked (`check_hash`) against
+    the sha256 recorded when it was claimed, so a file swapped since (a link, another file linked in its
+    place) is refused, never decoded. InputError names the file as dropped and says why."""
+    from bgwatch import sharefiles
+
+    claim = job.claim
+    try:
+        if claim is not None:
+            fd = sharefiles.open_below(claim.inbox, claim.path.relative_to(claim.inbox).parts)
+        else:  # an HTTP upload in the daemon's own folder, or a file named on `bgwatch process`
+            fd = sharefiles.open_below(job.source.parent, (job.source.name,))
+    except sharefiles.RefusedFile as exc:
+        raise InputError(job.rel_path, f"{exc.what}; the claimed file was replaced after it was claimed, "
+                         "so it is refused unread") from None
+    except FileNotFoundError:
+        raise InputError(job.rel_path, "the file is gone (moved or deleted before it could be read)") from None
+    except OSError as exc:
+        raise InputError(job.rel_path, f"cannot read the file: {exc.strerror or exc}") from None
+    try:
+        if check_hash and job.input_sha256:
+            try:
+                same = sharefiles.sha256_fd(fd) == job.input_sha256
+            except OSError as exc:
+                raise InputError(job.rel_path, f"cannot read the file: {exc.strerror or exc}") from None
+            if not same:
+                raise InputError(job.rel_path, "the file changed after it was claimed (its bytes are not the "
+                                 "ones claimed); refused unread, drop it again")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def input_size(job: Job) -> tuple[int, int]:
+    """(width, height) of the job's input from its header, read as prepare() reads it (admission)."""
+    from bgwatch.pipeline.imageio import probe_size
+
+    with open_input(job) as fd:
+        return probe_size(Path(job.rel_path), fd=fd)
+
+
 def _timed(timings: dict[str, float], name: str, start: float) -> None:
     timings[name] = round(time.perf_counter() - start, 4)
 
@@ -118,11 +163,13 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    width, height = imageio.probe_size(job.source)
-    if job.spec.operation == "replace":
-        backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
-    check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
-    image = imageio.decode(job.source, max_pixels=config.limits.max_pixels)
+    name = Path(job.rel_path)  # messages name the file as dropped, never a path on the server
+    with open_input(job) as fd:
+        width, height = imageio.probe_size(name, fd=fd)
+        if job.spec.operation == "replace":
+            backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
+        check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
+        image = imageio.decode(name, max_pixels=config.limits.max_pixels, fd=fd)
     _timed(timings, "prepare", start)
     prepared = Prepared(job=job, image=image, timings=timings)
     if masking.resolve_mask_engine_name(job.spec.mask) == "classical":
