@@ -4,6 +4,7 @@ InputErrors for everything else, and a fuzzed corpus of mutated JPEG/PNG/WebP/TI
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,59 @@ def test_a_pipe_or_folder_in_place_of_an_image_is_refused_without_blocking(tmp_p
     for path in (fifo, folder):
         with pytest.raises(InputError, match="not a regular file"):
             decode(path, max_pixels=MAX)
+
+
+# ---------------------------------------------------------------- scan bombs (issue 20, item 10)
+
+_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+
+
+def _scans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each SOS segment with its entropy-coded data, parsed by hand."""
+    spans, pos = [], 2
+    while data[pos + 1] != 0xD9:
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if data[pos + 1] == 0xDA:
+            found = _MARKER.search(data, end)
+            assert found is not None
+            end = found.start()
+            spans.append((pos, end))
+        pos = end
+    return spans
+
+
+def scan_bomb(repeats: int, size: tuple[int, int] = (256, 256)) -> bytes:
+    """A real progressive JPEG with one of its scans repeated `repeats` times before EOI: each repeat is a
+    pass over the whole image for libjpeg (the issue's file: 20,000 repeats, 16 MP, 41 s of CPU)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (120, 130, 140)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    spans = _scans(data)
+    start, end = min(spans, key=lambda s: s[1] - s[0])
+    last = spans[-1][1]
+    return data[:last] + data[start:end] * repeats + data[last:]
+
+
+def test_a_progressive_jpeg_repeating_one_scan_is_refused_by_its_scan_count(tmp_path: Path) -> None:
+    bomb = scan_bomb(20_000)
+    assert len(_scans(bomb)) > 20_000
+    path = tmp_path / "bomb.jpg"
+    path.write_bytes(bomb)
+    for decoded in (lambda: decode(path, max_pixels=MAX), lambda: decode_bytes(bomb, name="x.jpg", max_pixels=MAX)):
+        with pytest.raises(InputError, match=r"more than 100 scans \(progressive passes\)") as caught:
+            decoded()
+        assert "\n" not in str(caught.value)
+    assert probe_size(path) == (256, 256), "the header alone is still read (admission, report)"
+
+
+def test_ordinary_jpegs_and_scans_hidden_in_metadata_are_not_counted(tmp_path: Path) -> None:
+    normal = scan_bomb(0)
+    assert len(_scans(normal)) >= 6  # libjpeg's progressive script
+    at_limit = scan_bomb(100 - len(_scans(normal)))
+    assert decode_bytes(at_limit, name="x.jpg", max_pixels=MAX).width == 256
+    # an APP segment full of SOS markers (an embedded thumbnail, a hostile comment) is skipped by length
+    payload = b"\xff\xda\x00\x08" * 4000
+    with_app = normal[:2] + b"\xff\xe2" + (len(payload) + 2).to_bytes(2, "big") + payload + normal[2:]
+    assert decode_bytes(with_app, name="x.jpg", max_pixels=MAX).height == 256
+    with pytest.raises(InputError, match="more than 100 scans"):
+        decode_bytes(scan_bomb(101 - len(_scans(normal))), name="x.jpg", max_pixels=MAX)
