@@ -39,6 +39,7 @@ h1{font-size:20px;margin:0 0 4px}.summary{margin:0 0 16px;color:#57606a}
 color:#57606a;font-size:12px;border:1px dashed #d0d7de}
 .error{color:#cf222e;white-space:pre-wrap;margin-top:8px;font-size:13px}
 img.broken{outline:3px solid #cf222e}
+.compliance{margin-top:8px;font-size:13px}.compliance .pass{color:#1a7f37}.compliance .fail{color:#cf222e}
 """
 
 SCRIPT = """
@@ -104,7 +105,7 @@ def _when(epoch: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch))) if epoch else ""
 
 
-def _run_card(row: dict[str, Any]) -> str:
+def _run_card(row: dict[str, Any], marked: Any = None) -> str:
     status = str(row.get("status", ""))
     source = Path(row["source_path"]) if row.get("source_path") else None
     output = Path(row["output_path"]) if row.get("output_path") else None
@@ -136,10 +137,27 @@ def _run_card(row: dict[str, Any]) -> str:
     ]
     if stages:
         parts.append(f'<div class="meta">{html.escape(stages)}</div>')
+    if marked is not None:  # compliance.Compliance: the output against its preset
+        parts.append(_compliance_html(marked))
     if status == "failed" and row.get("error"):
         parts.append(f'<div class="error">{html.escape(str(row["error"]))}</div>')
     parts.append("</article>")
     return "\n".join(parts)
+
+
+def _compliance(row: dict[str, Any]) -> Any:
+    from bgwatch.compliance import for_run
+
+    return for_run(row)
+
+
+def _compliance_html(marked: Any) -> str:
+    """The output against its preset: one mark a check, each saying what it found."""
+    verdict = "meets" if marked.ok else "does NOT meet"
+    items = " · ".join(f'<span class="{"pass" if c.ok else "fail"}">{"✓" if c.ok else "✗"} {html.escape(str(c))}</span>'
+                       for c in marked.checks)
+    return (f'<div class="compliance" data-compliance="{"ok" if marked.ok else "not"}">'
+            f"{verdict} preset <b>{html.escape(marked.preset)}</b>: {items}</div>")
 
 
 def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report") -> str:
@@ -147,7 +165,11 @@ def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report") 
     for row in rows:
         counts[str(row.get("status"))] = counts.get(str(row.get("status")), 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs"
-    cards = "\n".join(_run_card(dict(row)) for row in rows)
+    marked = [_compliance(dict(row)) for row in rows]
+    marks = [m for m in marked if m is not None]
+    if marks:
+        summary += f" · {sum(m.ok for m in marks)} of {len(marks)} output(s) meet their preset"
+    cards = "\n".join(_run_card(dict(row), mark) for row, mark in zip(rows, marked, strict=True))
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
             f"<style>{STYLE}</style>\n<script>{SCRIPT}</script></head>\n"
             f"<body><h1>{html.escape(title)}</h1>\n"

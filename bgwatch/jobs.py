@@ -50,6 +50,22 @@ class OutputSpec:
     suffix: str = ""  # appended to the input stem: photo.jpg -> photo<suffix>.png
 
 
+@dataclass(frozen=True, slots=True)
+class CanvasSpec:
+    """Where the subject lands: the output's frame, margins, placement and checks (pipeline/canvas.py)."""
+
+    size: str = ""  # "" = the input's own frame | "2000x2000" (pixels) | "4:5" (aspect; long_side gives the size)
+    long_side: int = 2000  # px: the canvas's long side when size is an aspect ratio
+    margin: str = "0"  # "7.5%" | "40" (px) | per side, top right bottom left: "5% 5% 10% 5%"
+    position: str = "center"  # center | bottom
+    trim: bool = False  # fit the subject's box, not the whole frame
+    upscale: bool = False  # a small subject may be enlarged (at most canvas.MAX_UPSCALE times)
+    min_subject: int = 0  # px: a subject whose box's long side is smaller fails (0 = no check)
+    min_fill: float = 0.0  # the subject's box's share of the canvas: less fails
+    max_fill: float = 1.0  # ...more fails (a subject cut by the frame)
+    max_side: int = 0  # px: without a size, the output is scaled down to at most this long side (0 = off)
+
+
 DEFAULT_SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_RUNWAY_MODEL = "gen4_image"
 
@@ -85,6 +101,10 @@ class JobSpec:
     # both
     mask: MaskSpec = field(default_factory=MaskSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    # marketplace-ready outputs (presets.py, pipeline/canvas.py, pipeline/metadata.py)
+    canvas: CanvasSpec = field(default_factory=CanvasSpec)
+    preset: str = "none"  # the last preset named in the cascade (its keys applied where it was named)
+    metadata: str = "web"  # keep | strip | web (credits and DPI kept; GPS and serial numbers dropped)
     # control (not part of the pixels)
     require_sidecar: bool = False
     reprocess: bool = False
@@ -104,6 +124,7 @@ class JobSpec:
         values = dict(data)
         values["mask"] = MaskSpec(**values.get("mask", {}))
         values["output"] = OutputSpec(**values.get("output", {}))
+        values["canvas"] = CanvasSpec(**values.get("canvas", {}))
         values["gradient"] = tuple(values.get("gradient", JobSpec().gradient))
         return cls(**values)
 

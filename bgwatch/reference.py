@@ -16,7 +16,8 @@ REFERENCE_END = "<!-- spec-reference:end -->"
 
 _TYPES = {"choice": "one of", "flag": "true/false", "int": "whole number", "float": "number",
           "seed": "whole number or null", "colour": "colour", "colours": "list of 2 colours", "text": "text",
-          "suffix": "text", "path": "path", "model": "model"}
+          "suffix": "text", "path": "path", "model": "model",
+          "size": "text", "margin": "text or number"}
 
 
 def format_explanation(resolved: ResolvedSpec) -> str:
@@ -53,6 +54,8 @@ def _allowed_text(field: Field) -> str:
         "suffix": "up to 64 characters, no slashes",
         "text": "any text",
         "flag": "`true`, `false`",
+        "size": '`WIDTHxHEIGHT` (16–20000 px), `"W:H"` (1:10–10:1), or empty',
+        "margin": "`40` or `40px`, `7.5%` (at most 45%); 1, 2 or 4 values (top right bottom left)",
     }[kind]
 
 

@@ -68,7 +68,16 @@ def print_history(rows: Sequence[dict[str, Any]]) -> None:
         where = shown(row["inbox"].rsplit("/", 1)[-1] + "/" + row["rel_path"])
         result = shown(result) if result else result
         print(f"{row['id']:>5}  {row['status']:7}  {_when(row.get('created_at')):14}  {_duration(row):>7}  "
-              f"{_short(where, 36):36}  {_short(engines, 28):28}  {(result or '').splitlines()[0] if result else ''}")
+              f"{_short(where, 36):36}  {_short(engines, 28):28}  {(result or '').splitlines()[0] if result else ''}"
+              f"{_compliance_text(row)}")
+
+
+def _compliance_text(row: dict[str, Any]) -> str:
+    """'  [amazon: ok]' for an output made under a preset, marked against it (compliance.py); '' otherwise."""
+    from bgwatch.compliance import for_run
+
+    marked = for_run(row)
+    return f"  [{shown(marked.summary())}]" if marked is not None else ""
 
 
 # ---------------------------------------------------------------------- status and history
@@ -196,6 +205,13 @@ def run_record(row: dict[str, Any]) -> dict[str, Any]:
             out[name[:-5]] = json.loads(raw) if raw else None
         except ValueError:
             out[name[:-5]] = raw
+    from bgwatch.compliance import for_run
+
+    marked = for_run(row)
+    if marked is not None:  # the output against its preset: {"preset", "ok", "checks": [{name, ok, found, wanted}]}
+        out["compliance"] = {"preset": marked.preset, "ok": marked.ok,
+                             "checks": [{"name": c.name, "ok": c.ok, "found": c.found, "wanted": c.wanted}
+                                        for c in marked.checks]}
     return out
 
 

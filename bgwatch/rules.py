@@ -22,10 +22,12 @@ from bgwatch.jobs import (
     DEFAULT_RUNWAY_MODEL,
     DEFAULT_SDXL_MODEL,
     GENERATIVE_ENGINES,
+    CanvasSpec,
     JobSpec,
     MaskSpec,
     OutputSpec,
 )
+from bgwatch.presets import PRESET_NAMES, PRESETS
 from bgwatch.sidecars import find_sidecar
 from bgwatch.text import shown
 from bgwatch.yamlsafe import load_yaml_mapping
@@ -36,12 +38,12 @@ if TYPE_CHECKING:
 BUILT_IN = "built-in default"
 OVERRIDES = "command line (--set)"
 FOLDER_FILE = ".bgwatch.yaml"
-GROUPS = ("mask", "output")
+GROUPS = ("mask", "output", "canvas")
 MASK_ENGINES = ("auto", "rembg", "classical")  # checked lazily against masking's registry for others
 SEED_MAX = 2**32 - 1
 
 _COLOUR = re.compile(r"#([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
-_ALIASES = {"jpeg": "jpg", "colour": "color"}
+_ALIASES = {"jpeg": "jpg", "colour": "color", "centre": "center"}
 _DEFAULT_SPEC = JobSpec()
 
 #: One checked value, as FIELDS' kinds allow it: flag, number, seed (or null), text, colour, two colours.
@@ -62,7 +64,7 @@ class Field:
     """One key a spec may set: how it is checked, documented and defaulted."""
 
     name: str  # dotted for the nested groups: "mask.engine"
-    kind: str  # choice | flag | int | float | seed | colour | colours | text | suffix | path | model
+    kind: str  # choice | flag | int | float | seed | colour | colours | text | suffix | path | model | size | margin
     help: str
     example: object
     choices: tuple[str, ...] = ()
@@ -119,6 +121,31 @@ FIELDS: tuple[Field, ...] = (
     Field("output.quality", "int", "jpg and webp quality", 85, minimum=1, maximum=100),
     Field("output.suffix", "suffix", "added to the output's name: `_cutout` makes photo_cutout.png",
           "_cutout"),
+    Field("canvas.size", "size", "the output's frame: WIDTHxHEIGHT in pixels, or an aspect ratio in quotes "
+          '("4:5", sized by canvas.long_side); empty: the input\'s own frame', "2000x2000"),
+    Field("canvas.long_side", "int", "an aspect-ratio canvas's long side, in pixels", 1600, minimum=16,
+          maximum=20000),
+    Field("canvas.margin", "margin", "space around the subject: pixels or percent of the canvas's side, one "
+          "value or per side like CSS (top right bottom left)", "5% 5% 8% 5%"),
+    Field("canvas.position", "choice", "where the subject stands: centred, or on the bottom margin (its contact "
+          "shadow below it)", "bottom", choices=("center", "bottom")),
+    Field("canvas.trim", "flag", "fit the subject's box into the canvas, not the whole photo", True),
+    Field("canvas.upscale", "flag", "enlarge a subject smaller than the canvas (at most 4x; the log says when "
+          "a product is too small)", True),
+    Field("canvas.min_subject", "int", "fail a shot whose subject's box is shorter than this on its long side, "
+          "in input pixels (0: no check)", 500, minimum=0, maximum=20000),
+    Field("canvas.min_fill", "float", "fail a shot whose subject's box fills less of the canvas than this "
+          "(its long side's share on a square canvas)", 0.8, minimum=0, maximum=1),
+    Field("canvas.max_fill", "float", "fail a shot whose subject fills more than this, or is cut off by the "
+          "photo's edge (1: no check)", 0.9, minimum=0, maximum=1),
+    Field("canvas.max_side", "int", "without a canvas size: scale the output down to at most this long side "
+          "(0: keep its size)", 3000, minimum=0, maximum=20000),
+    Field("preset", "choice", "a marketplace's bundle of the keys above and the output format (see "
+          "Marketplace-ready outputs); later keys override it one by one", "amazon",
+          choices=("none", *PRESET_NAMES)),
+    Field("metadata", "choice", "EXIF kept in the output: web keeps artist, copyright, description and DPI "
+          "and drops GPS and serial numbers; keep copies all but the orientation; strip drops all", "keep",
+          choices=("web", "keep", "strip")),
     Field("require_sidecar", "flag", "images wait for their sidecar before they are taken", True),
     Field("reprocess", "flag", "process again even when these bytes and this spec were done before", True),
 )
@@ -227,6 +254,8 @@ def _check(field: Field, value: object, source: str, trusted: bool) -> SpecValue
         return _choice(field, value, source)
     if kind == "colour":
         return _colour(key, value, source)
+    if kind in ("size", "margin"):
+        return _canvas_text(key, value, source)
     if kind == "colours":
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise SpecError(source, key, f"must be a list of two colours, got {value!r}",
@@ -251,6 +280,26 @@ def _check(field: Field, value: object, source: str, trusted: bool) -> SpecValue
         if kind == "path" and not trusted and value:
             _check_untrusted_path(value, source, key)
     return value
+
+
+def _canvas_text(key: str, value: object, source: str) -> str:
+    """canvas.size and canvas.margin, checked by the canvas's own parsers and kept as normalised text."""
+    from bgwatch.pipeline import canvas
+
+    if key == "canvas.margin" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = f"{value:g}"  # a bare number is pixels
+    if value is None:
+        value = ""
+    if isinstance(value, int) and not isinstance(value, bool) and key == "canvas.size":
+        raise SpecError(source, key, f"got the number {value}: YAML reads an unquoted ratio like 4:5 as a "
+                        'number; write it in quotes, size: "4:5"', '"2000x2000" or "4:5"')
+    if not isinstance(value, str):
+        raise SpecError(source, key, f"must be text, got {value!r}")
+    if key == "canvas.size":
+        text = value.strip().lower().replace(" ", "").replace("×", "x")
+        return "" if canvas.parse_size(text, 2000, source=source) is None else text
+    canvas.parse_margin(value, source=source)
+    return " ".join(value.replace(",", " ").split()).lower()
 
 
 def _number(field: Field, value: object, source: str) -> int | float:
@@ -362,11 +411,18 @@ def resolve(image: Path, inbox: InboxConfig, config: Config, *, sidecar: Path | 
 
     values = {f.name: f.default for f in FIELDS}
     sources = dict.fromkeys(values, BUILT_IN)
-    order = {BUILT_IN: -1}
+    order: dict[str, float] = {BUILT_IN: -1}
     origin: dict[str, _Layer] = {}
     for index, layer in enumerate(layers):
         order[layer.label] = index
         fragment = validate_fragment(layer.data, layer.label, trusted=layer.trusted)
+        preset = fragment.get("preset")
+        if isinstance(preset, str) and preset != "none":
+            # A preset's keys go in at the level that names it, under that level's own keys.
+            label = f"preset {preset} (named in {layer.label})"
+            order[label] = index - 0.5
+            for key, value in _flatten(validate_fragment(PRESETS[preset].keys, label, trusted=True)):
+                values[key], sources[key], origin[key] = value, label, layer
         for key, value in _flatten(fragment):
             values[key], sources[key], origin[key] = value, layer.label, layer
     _check_merged(values, sources, order, origin, root, inbox, config)
@@ -416,7 +472,7 @@ def _flatten(fragment: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
             yield key, value
 
 
-def _check_merged(values: dict[str, Any], sources: dict[str, str], order: dict[str, int],
+def _check_merged(values: dict[str, Any], sources: dict[str, str], order: dict[str, float],
                   origin: dict[str, _Layer], root: Path, inbox: InboxConfig, config: Config) -> None:
     def setter(*keys: str) -> str:  # the innermost file that set any of these keys
         return max((sources[k] for k in keys), key=lambda s: order.get(s, -1))
@@ -512,7 +568,8 @@ def _build(values: Mapping[str, Any]) -> JobSpec:
     top["gradient"] = tuple(top["gradient"])
     mask = MaskSpec(**{k[5:]: v for k, v in values.items() if k.startswith("mask.")})
     output = OutputSpec(**{k[7:]: v for k, v in values.items() if k.startswith("output.")})
-    return JobSpec(**top, mask=mask, output=output)
+    canvas = CanvasSpec(**{k[7:]: v for k, v in values.items() if k.startswith("canvas.")})
+    return JobSpec(**top, mask=mask, output=output, canvas=canvas)
 
 
 def _flat_spec(spec: JobSpec) -> dict[str, object]:

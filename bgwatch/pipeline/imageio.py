@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from loguru import logger
@@ -38,6 +38,9 @@ from PIL import Image, ImageCms, features
 
 from bgwatch.errors import InputError, SpecError
 from bgwatch.jobs import OutputSpec
+
+if TYPE_CHECKING:
+    from bgwatch.pipeline.metadata import Carried
 
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 PNG_COMPRESS_LEVEL = 1  # level 6 (Pillow's default) costs ~4x the time for ~10% smaller files
@@ -147,8 +150,12 @@ def _decode_from(f: IO[bytes], fmt: str, path: Path, max_pixels: int) -> Decoded
     return DecodedImage(rgb=rgb, alpha=alpha, source_format=source_format, width=width, height=height)
 
 
-def encode(image: np.ndarray, output: OutputSpec) -> bytes:
-    """HxWx3 or HxWx4 uint8 -> file bytes in output.format (sRGB profile embedded)."""
+def encode(image: np.ndarray, output: OutputSpec, carried: Carried | None = None, *,
+           pure_background: bool = False) -> bytes:
+    """HxWx3 or HxWx4 uint8 -> file bytes in output.format (sRGB profile embedded), with the EXIF and DPI
+    the job's metadata policy kept (`carried`, pipeline/metadata.py). `pure_background`: a JPEG keeps its
+    colour at full resolution (4:4:4) whatever the quality, so a flat background stays exactly its colour
+    outside the 8x8 blocks the subject touches (4:2:0's shared, interpolated colour bleeds further)."""
     fmt = output.format.lower()
     if fmt not in OUTPUT_FORMATS:
         raise SpecError("spec", "output.format", f"{output.format!r} is not an output format",
@@ -171,16 +178,22 @@ def encode(image: np.ndarray, output: OutputSpec) -> bytes:
         pil = Image.fromarray(image, "RGB")
     buffer = io.BytesIO()
     icc = _srgb_bytes()
+    extra: dict[str, Any] = {}
+    if carried is not None and carried.exif:
+        extra["exif"] = carried.exif
+    if carried is not None and carried.dpi is not None and fmt != "webp":
+        extra["dpi"] = carried.dpi
     if fmt == "png":
-        pil.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL, icc_profile=icc)
+        pil.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL, icc_profile=icc, **extra)
     elif fmt == "webp":
         # quality 100 means "keep every pixel": lossless WebP; otherwise lossy with exact alpha.
         lossless = output.quality >= 100
         pil.save(buffer, "WEBP", quality=int(output.quality), lossless=lossless, method=4, icc_profile=icc,
-                 exact=has_alpha)
+                 exact=has_alpha, **extra)
     else:
-        subsampling = 0 if output.quality >= 90 else 2  # 4:4:4 keeps product edges crisp at high quality
-        pil.save(buffer, "JPEG", quality=int(output.quality), subsampling=subsampling, icc_profile=icc)
+        # 4:4:4 keeps product edges crisp at high quality, and a pure background pure (see above)
+        subsampling = 0 if output.quality >= 90 or pure_background else 2
+        pil.save(buffer, "JPEG", quality=int(output.quality), subsampling=subsampling, icc_profile=icc, **extra)
     return buffer.getvalue()
 
 

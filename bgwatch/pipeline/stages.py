@@ -91,7 +91,10 @@ def job_memory(width: int, height: int, spec: JobSpec) -> int:
     if spec.denoise:
         per_pixel += DENOISE_BYTES_PER_PIXEL
     fixed = MATTING_BYTES if spec.mask.alpha_matting else 0
-    return per_pixel * width * height + fixed
+    from bgwatch.pipeline.canvas import canvas_pixels
+
+    # The composite then runs on the canvas: an upscaled product's canvas can outgrow its input.
+    return per_pixel * (width * height + canvas_pixels(spec.canvas)) + fixed
 
 
 def check_job_memory(width: int, height: int, spec: JobSpec, *, max_memory: int = DEFAULT_MAX_MEMORY,
@@ -351,8 +354,9 @@ def generated(prepared: Prepared, backdrop: np.ndarray, timings: dict[str, float
 
 
 def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
-    """Store a new generation in the cache (`engines` given), then refine, composite and encode."""
-    from bgwatch.pipeline import cleanup, composite, imageio, refine
+    """Store a new generation in the cache (`engines` given), then refine, place on the canvas (canvas.py),
+    composite and encode with the metadata the job keeps (metadata.py)."""
+    from bgwatch.pipeline import canvas, cleanup, composite, imageio, metadata, refine
 
     job = prepared.job
     spec = job.spec
@@ -370,15 +374,23 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
             alpha = alpha.copy()
         alpha *= image.alpha
         alpha *= 1 / 255
+    rgb = image.rgb
+    if canvas.active(spec.canvas):  # the subject placed on its canvas first: composited and shadowed there
+        layout = canvas.plan(alpha, spec, source=job.rel_path)
+        rgb, alpha = canvas.place(rgb, alpha, layout)
     if spec.operation == "replace":
         assert prepared.backdrop is not None
-        result = composite.composite(image.rgb, alpha, prepared.backdrop, spec)
+        result = composite.composite(rgb, alpha, prepared.backdrop, spec)
     else:
-        result = cleanup.cleanup(image.rgb, alpha, spec)
-    del alpha  # freed before the encoder makes its own copy
+        result = cleanup.cleanup(rgb, alpha, spec)
+    del alpha, rgb  # freed before the encoder makes its own copy
     _timed(timings, "composite", start)
     start = time.perf_counter()
-    data = imageio.encode(result, spec.output)
+    from bgwatch.presets import PRESETS
+
+    preset = PRESETS.get(spec.preset)
+    data = imageio.encode(result, spec.output, metadata.carried(job.source, spec.metadata),
+                          pure_background=preset is not None and preset.background is not None)
     _timed(timings, "encode", start)
     return Finished(job=job, data=data, extension=imageio.output_extension(spec.output),
                     mask_engine=prepared.mask_engine, bg_engine=prepared.bg_engine, seed=prepared.seed,
