@@ -39,6 +39,7 @@ class MaskSpec:
     model: str = "u2net"  # rembg model name (u2net, isnet-general-use, birefnet-general, ...)
     post_process: bool = True  # remove specks and holes, keep edges soft
     alpha_matting: bool = False
+    precision: str = "auto"  # auto | fp32 | int8: the net's weights on the CPU (auto: int8 where VNNI/AMX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,9 @@ FIELDS: tuple[Field, ...] = (
     Field("mask.model", "model", "rembg model name (weights under U2NET_HOME)", "birefnet-general"),
     Field("mask.post_process", "flag", "remove specks and fill holes in the mask", False),
     Field("mask.alpha_matting", "flag", "rembg alpha matting for hair and fur (slower)", True),
+    Field("mask.precision", "choice", "the net's weights: auto runs the int8 variant (`bgwatch models quantize`) "
+          "on a CPU with VNNI/AMX when it passed its quality gate, fp32 elsewhere and on CUDA", "fp32",
+          choices=("auto", "fp32", "int8")),
     Field("output.format", "choice", "the file written to the outbox", "webp",
           choices=("png", "jpg", "webp")),
     Field("output.quality", "int", "jpg and webp quality", 85, minimum=1, maximum=100),

@@ -1,5 +1,6 @@
-"""The rembg engine on the CPU: its ONNX Runtime session options, the u2net family run without
-rembg.remove (and the same mask as rembg.remove makes), predicts from several threads at once."""
+"""The rembg engine on the CPU: its ONNX Runtime session options, the u2net, isnet and birefnet families
+run by bgwatch's own sessions (the same net input and mask as rembg's), predicts from several threads at
+once."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _engine() -> masking.RembgMaskEngine:
 
 def test_session_options_are_set(u2net_home: Path) -> None:
     engine = _engine()
-    options = engine._session.inner_session.get_session_options()
+    options = engine._session.session.get_session_options()
     assert options.intra_op_num_threads == masking.cpu_cores() == engine.threads
     assert options.inter_op_num_threads == 1
     assert options.enable_cpu_mem_arena is True and options.enable_mem_pattern is False
@@ -39,7 +40,7 @@ def test_session_options_are_set(u2net_home: Path) -> None:
 
 def test_fewer_threads_a_run_allow_parallel_runs(u2net_home: Path) -> None:
     engine = masking.RembgMaskEngine("tiny.onnx", "cpu", threads=1)
-    assert engine._session.inner_session.get_session_options().intra_op_num_threads == 1
+    assert engine._session.session.get_session_options().intra_op_num_threads == 1
     assert engine.parallel_runs == masking.cpu_cores()
     again = engine.with_alpha_matting(True)
     assert again._session is engine._session and again.threads == 1
@@ -47,36 +48,45 @@ def test_fewer_threads_a_run_allow_parallel_runs(u2net_home: Path) -> None:
 
 def test_same_mask_as_rembg_remove_on_a_real_photo(u2net_home: Path) -> None:
     from PIL import Image
-    from rembg import remove
+    from rembg import new_session, remove
+
+    from bgwatch.pipeline.edges import plain_upsample
+    from bgwatch.pipeline.onnxnets import mask8
 
     engine = _engine()
     rgb = _photo()
-    ours = engine.predict(rgb)
-    theirs = np.asarray(remove(Image.fromarray(rgb), session=engine._session, only_mask=True), np.float32) / 255
-    assert ours.shape == theirs.shape == rgb.shape[:2] and ours.dtype == np.float32
-    # The net's input and output are rembg's; only the upscaling differs (bicubic, not Pillow's Lanczos).
-    assert float(np.abs(ours - theirs).mean()) < 0.002
-    assert float(np.abs(ours - theirs).max()) < 0.1
-    assert float(((ours > 0.5) == (theirs > 0.5)).mean()) > 0.998
+    session = new_session("u2net_custom", model_path=str(u2net_home / "tiny.onnx"),
+                          providers=["CPUExecutionProvider"])
     net_input = engine.preprocess(rgb)
-    reference = engine._session.normalize(Image.fromarray(rgb), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                                          (320, 320))
+    reference = session.normalize(Image.fromarray(rgb), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320))
     assert np.allclose(net_input, next(iter(reference.values())), atol=1e-6)  # the same net input
+    theirs = np.asarray(remove(Image.fromarray(rgb), session=session, only_mask=True), np.float32) / 255
+    # The net's mask is rembg's; scaled plainly (bicubic, not Pillow's Lanczos) it is rembg's full-size mask.
+    plain = plain_upsample(mask8(engine.run(net_input)), *rgb.shape[:2]).astype(np.float32) / 255
+    assert float(np.abs(plain - theirs).mean()) < 0.002 and float(np.abs(plain - theirs).max()) < 0.1
+    # The engine's own mask follows the photo's edges instead: the same cut, a sharper outline.
+    ours = engine.predict(rgb)
+    assert ours.shape == theirs.shape == rgb.shape[:2] and ours.dtype == np.float32
+    assert float(((ours > 0.5) == (theirs > 0.5)).mean()) > 0.99
 
 
-def test_u2net_family_runs_without_rembg_remove_or_pil_masks(u2net_home: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import rembg
+def test_the_default_mask_path_never_imports_rembg(u2net_home: Path) -> None:
+    """A mask through the tiny net, in a fresh process: rembg and pymatting (~173 MB resident) stay out."""
+    import subprocess
+    import sys
 
-    engine = _engine()
-
-    def refused(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the u2net family must not go through rembg.remove or session.predict")
-
-    monkeypatch.setattr(rembg, "remove", refused)
-    monkeypatch.setattr(engine._session, "predict", refused)
-    alpha = engine.predict(_photo())
-    assert alpha.shape == (400, 600) and float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0
+    code = (
+        "import sys\n"
+        "from bgwatch.jobs import MaskSpec\n"
+        "from bgwatch.pipeline import masking, refine\n"
+        "from bgwatch.samples import studio_shot\n"
+        "engine = masking.load_mask_engine(MaskSpec(engine='auto', model='tiny.onnx'), 'cpu')\n"
+        "alpha = refine.refine_mask(engine.predict(studio_shot(2, size=(320, 240)).rgb), post_process=True)\n"
+        "assert alpha.shape == (240, 320) and alpha.max() == 1.0\n"
+        "print(engine.name, ','.join(m for m in ('rembg', 'pymatting', 'numba') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "rembg", out.stdout
 
 
 def test_large_image_mask_is_scaled_to_full_size(u2net_home: Path) -> None:
@@ -91,17 +101,43 @@ def test_large_image_mask_is_scaled_to_full_size(u2net_home: Path) -> None:
     assert float(np.abs(back - small).mean()) < 0.02
 
 
-def test_u2net_family_names_match_rembg_sessions() -> None:
-    """The sessions run step by step here must still be rembg's u2net recipe: 320x320, ImageNet mean and
-    std, min-max scaled output. A rembg that changes one of them fails this test."""
+def test_every_recipe_is_rembgs_own() -> None:
+    """Each model bgwatch runs without rembg is fed and read as rembg's session for it does: the same
+    normalisation, size, output plane and sigmoid. A rembg that changes one of them fails this test."""
     from rembg.sessions import sessions_class
 
-    found = {cls.__name__: cls for cls in sessions_class if cls.__name__ in masking._U2NET_SESSIONS}
-    assert set(found) == masking._U2NET_SESSIONS
-    for cls in found.values():
-        source = inspect.getsource(cls.predict)
-        assert "(0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (320, 320)" in " ".join(source.split())
-        assert "(pred - mi) / (ma - mi)" in source and "ort_outs[0][:, 0, :, :]" in source
+    from bgwatch.pipeline.onnxnets import RECIPES, recipe_for
+
+    by_name = {cls.name(): cls for cls in sessions_class}
+    assert recipe_for("shop/custom.onnx") == RECIPES["u2net"]
+    for name, recipe in [*RECIPES.items(), ("u2net_custom", RECIPES["u2net"])]:
+        cls = by_name[name]
+        predict = next(c.__dict__["predict"] for c in cls.__mro__ if "predict" in c.__dict__)
+        source = " ".join(inspect.getsource(predict).split())
+        side = (recipe.side, recipe.side)
+        assert f"{recipe.mean}, {recipe.std}, {side}" in source, name
+        assert "(pred - mi) / (ma - mi)" in source and "ort_outs[0][:, 0, :, :]" in source, name
+        assert ("self.sigmoid(ort_outs[0]" in source) == recipe.sigmoid, name
+
+
+def test_birefnet_and_isnet_run_without_rembg(u2net_home: Path) -> None:
+    """A net where rembg keeps birefnet-general (and isnet-general-use) runs through bgwatch's own session
+    with its family's 1024x1024 input."""
+    from bgwatch.pipeline.onnxnets import RECIPES
+    from bgwatch.samples import studio_shot
+    from tests.tinymodels import build_tiny_onnx
+
+    shot = studio_shot(4, size=(400, 300), backdrop="white_sweep")
+    for model in ("birefnet-general", "isnet-general-use"):
+        target, recipe = masking.rembg_weights_target(model), RECIPES[model]
+        build_tiny_onnx(target.parent, target.name, side=recipe.side, mean=recipe.mean, std=recipe.std,
+                        logits=recipe.sigmoid)
+        engine = masking.load_mask_engine(MaskSpec(engine="rembg", model=model), "cpu")
+        assert isinstance(engine, masking.RembgMaskEngine)
+        assert engine.preprocess(shot.rgb).shape == (1, 3, 1024, 1024)
+        alpha = engine.predict(shot.rgb)
+        solid, truth = alpha > 0.5, shot.mask > 0.5
+        assert alpha.shape == (300, 400) and (solid & truth).sum() / (solid | truth).sum() > 0.8, model
 
 
 def test_predict_from_several_threads_at_once(u2net_home: Path) -> None:
@@ -222,7 +258,7 @@ def test_an_engine_for_parallel_runs_is_loaded_once_with_its_own_threads(u2net_h
     lanes = masking.load_mask_engine(spec, "cpu", threads=1)
     assert isinstance(lanes, masking.RembgMaskEngine) and isinstance(one_at_a_time, masking.RembgMaskEngine)
     assert lanes is masking.load_mask_engine(spec, "cpu", threads=1) and lanes is not one_at_a_time
-    assert lanes._session.inner_session.get_session_options().intra_op_num_threads == 1
+    assert lanes._session.session.get_session_options().intra_op_num_threads == 1
     assert lanes.parallel_runs == masking.cpu_cores()
     classical = masking.load_mask_engine(MaskSpec(engine="classical"), "cpu", threads=1)
     assert classical is masking.load_mask_engine(MaskSpec(engine="classical"), "cpu")

@@ -20,6 +20,7 @@ from loguru import logger
 
 from bgwatch.errors import EngineError
 from bgwatch.jobs import MaskSpec
+from bgwatch.pipeline.onnxnets import OnnxNet, mask8, recipe_for
 
 # rembg session names that are not a model one can name (they need a path, or prompts).
 _REMBG_NON_MODELS = frozenset({"u2net_custom", "dis_custom", "ben_custom", "sam"})
@@ -146,101 +147,102 @@ def _gpu_present() -> bool:
 
 
 class RembgMaskEngine:
-    """A rembg session; the ONNX model stays loaded for the life of the engine.
+    """A mask net, loaded for the life of the engine: for the u2net, isnet and birefnet families and custom
+    .onnx files an ONNX Runtime session of bgwatch's own (onnxnets.py; rembg is never imported), for the
+    models only rembg knows a rembg session.
 
     `predict` is thread-safe (ONNX Runtime runs one session from several threads at once). On the CPU
     the session runs `threads` intra-op threads, never spinning while idle, so that the pool threads
     decoding and finishing other images get the cores between its operators. `parallel_runs` is how
-    many predicts a caller should run at once to keep every core busy: cores // threads.
+    many predicts a caller should run at once to keep every core busy: cores // threads. `precision`:
+    fp32, or int8 when the engine runs the net's quantized variant (quantize.py).
     """
 
     name = "rembg"
 
     def __init__(self, model: str, device: str, *, alpha_matting: bool = False, session: Any = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, precision: str = "fp32") -> None:
         self.model = model
         self.device = resolve_onnx_device(device)
         self.alpha_matting = alpha_matting
+        self.precision = precision
         cores = cpu_cores()
         self.threads = max(1, min(threads or cores, cores))
         self.parallel_runs = 1 if self.device == "cuda" else max(1, cores // self.threads)
         self._session = (session if session is not None
-                         else _new_rembg_session(model, self.device, threads=self.threads))
+                         else _new_session(model, self.device, threads=self.threads, precision=precision))
 
     def with_alpha_matting(self, alpha_matting: bool) -> RembgMaskEngine:
         """The same loaded session with another matting setting (no second copy of the model)."""
         return RembgMaskEngine(self.model, self.device, alpha_matting=alpha_matting, session=self._session,
-                               threads=self.threads)
+                               threads=self.threads, precision=self.precision)
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """The model sees the image at most REMBG_WORK_SIDE pixels on its long side (it works at 320 to
-        1024 px itself); its mask is scaled to full resolution once, from uint8."""
-        if not self.alpha_matting and _is_u2net_style(self._session):
-            height, width = rgb.shape[:2]
-            try:
-                raw = self.run(self.preprocess(rgb))
-            except Exception as exc:
-                raise EngineError("rembg", f"model {self.model} failed on this image: {exc}") from exc
-            return self.postprocess(raw, height, width)
-        return self._predict_with_remove(rgb)
+        1024 px itself); its mask is brought to full resolution once, guided by the photo (edges.py)."""
+        if not isinstance(self._session, OnnxNet):
+            return self._predict_with_remove(rgb)
+        try:
+            raw = self.run(self.preprocess(rgb))
+        except Exception as exc:
+            raise EngineError("rembg", f"model {self.model} failed on this image: {exc}") from exc
+        small = mask8(raw)
+        if self.alpha_matting:
+            return self._matte(rgb, small)
+        return self.upscale(small, rgb)
 
-    # The u2net family (u2net, u2netp, u2net_human_seg, silueta, custom .onnx) is run here step by step,
-    # as rembg's session.predict does, without rembg.remove: no PIL image of the input beyond the 320x320
-    # one, no PIL mask at full size, no float64 copies. The model's input is built exactly as rembg builds
-    # it (Pillow's Lanczos to 320x320, x / max(x), ImageNet mean and std), so the net's output is the same.
+    # The net is run here step by step, as rembg's session.predict does, without rembg.remove: no PIL image
+    # of the input beyond the net's square one, no PIL mask at full size, no float64 copies. The model's input
+    # is built exactly as rembg builds it (onnxnets.net_input), so the net's output is the same.
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 -> the net's 1x3x320x320 float32 input, as rembg's BaseSession.normalize makes it."""
+        """HxWx3 uint8 -> the net's 1x3xSxS float32 input, as rembg's BaseSession.normalize makes it."""
+        assert isinstance(self._session, OnnxNet)
+        return self._session.preprocess(_work_image(rgb))
+
+    def run(self, feed: np.ndarray) -> np.ndarray:
+        """The net on one preprocessed input -> its mask plane (SxS float32, a probability)."""
+        assert isinstance(self._session, OnnxNet)
+        return self._session.run(feed)
+
+    def upscale(self, small: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+        """The net's uint8 mask -> HxW float32 in [0, 1] at the photo's size, its outline following the
+        photo's edges (a fast guided filter, edges.py)."""
+        from bgwatch.pipeline.edges import guided_upsample
+
+        return guided_upsample(small, rgb)
+
+    def _matte(self, rgb: np.ndarray, small: np.ndarray) -> np.ndarray:
+        """Alpha matting (rembg's, with remove's default thresholds) on the image at most REMBG_WORK_SIDE
+        pixels, from the net's mask scaled with Pillow's Lanczos as rembg does; scaled up once."""
         import cv2
         from PIL import Image
 
+        _import_rembg()
+        from rembg.bg import alpha_matting_cutout
+
         height, width = rgb.shape[:2]
-        small = np.ascontiguousarray(rgb[..., :3])
-        scale = min(1.0, REMBG_WORK_SIDE / max(height, width, 1))
-        if scale < 1.0:  # a big photo is area-averaged to REMBG_WORK_SIDE first (Lanczos from 25 MP is slow)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
-        image = Image.fromarray(small).resize(_U2NET_SIDE, Image.Resampling.LANCZOS)
-        pixels = np.asarray(image, np.float64)
-        pixels /= max(float(pixels.max()), 1e-6)
-        pixels -= _U2NET_MEAN
-        pixels /= _U2NET_STD
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None], np.float32)
-
-    def run(self, feed: np.ndarray) -> np.ndarray:
-        """The net on one preprocessed input -> its first output's mask plane (320x320 float32)."""
-        inner = self._session.inner_session
-        out = inner.run(None, {inner.get_inputs()[0].name: feed})[0]
-        return np.asarray(out[0, 0], np.float32)
-
-    def postprocess(self, raw: np.ndarray, height: int, width: int) -> np.ndarray:
-        """The net's mask plane, min-max scaled and quantised to uint8 as rembg does, scaled to
-        height x width with cv2's bicubic (rembg uses Pillow's Lanczos) -> HxW float32 in [0, 1]."""
-        import cv2
-
-        low, high = float(raw.min()), float(raw.max())
-        scaled = (raw - np.float32(low)) * np.float32(255 / max(high - low, 1e-12))
-        mask8 = np.clip(scaled, 0, 255).astype(np.uint8)  # truncated, as rembg's astype("uint8")
-        if mask8.shape != (height, width):
-            mask8 = np.asarray(cv2.resize(mask8, (width, height), interpolation=cv2.INTER_CUBIC))
-        out: np.ndarray = mask8.astype(np.float32)
+        image = Image.fromarray(_work_image(rgb))
+        mask = Image.fromarray(small).resize(image.size, Image.Resampling.LANCZOS)
+        try:
+            cutout = alpha_matting_cutout(image, mask, 240, 10, 10)
+        except Exception as exc:
+            raise EngineError("rembg", f"model {self.model} failed on this image: {exc}") from exc
+        alpha = np.asarray(cutout)[..., 3]
+        if alpha.shape != (height, width):
+            alpha = cv2.resize(np.ascontiguousarray(alpha), (width, height), interpolation=cv2.INTER_LINEAR)
+        out = alpha.astype(np.float32)
         out *= np.float32(1 / 255)
         return out
 
     def _predict_with_remove(self, rgb: np.ndarray) -> np.ndarray:
-        """Any other rembg session, and alpha matting: through rembg.remove with a PIL image."""
+        """A model only rembg knows: through rembg.remove with a PIL image."""
         import cv2
         from PIL import Image
         from rembg import remove
 
         height, width = rgb.shape[:2]
-        scale = min(1.0, REMBG_WORK_SIDE / max(height, width, 1))
-        small = np.ascontiguousarray(rgb[..., :3])
-        if scale < 1.0:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
-        image = Image.fromarray(small)
-        del small
+        image = Image.fromarray(_work_image(rgb))
         try:
             if self.alpha_matting:
                 cutout = remove(image, session=self._session, alpha_matting=True)
@@ -252,24 +254,25 @@ class RembgMaskEngine:
         if alpha.shape != (image.height, image.width):
             raise EngineError("rembg", f"model {self.model} returned a {alpha.shape} mask for an image of "
                               f"{(image.height, image.width)}")
-        if scale < 1.0:
+        if alpha.shape != (height, width):
             alpha = cv2.resize(np.ascontiguousarray(alpha), (width, height), interpolation=cv2.INTER_LINEAR)
         out = alpha.astype(np.float32)
         out *= np.float32(1 / 255)
         return out
 
 
-_U2NET_SIDE = (320, 320)
-_U2NET_MEAN = np.array([0.485, 0.456, 0.406])
-_U2NET_STD = np.array([0.229, 0.224, 0.225])
-# rembg 2.0.86 session classes whose predict is u2net's (320x320, ImageNet mean/std, min-max output);
-# checked by name so that a rembg that changes them is not silently run the old way (a test holds it).
-_U2NET_SESSIONS = frozenset({"U2netSession", "U2netpSession", "U2netCustomSession", "U2netHumanSegSession",
-                             "SiluetaSession"})
+def _work_image(rgb: np.ndarray) -> np.ndarray:
+    """The image at most REMBG_WORK_SIDE pixels on its long side, area-averaged (Lanczos from 25 MP is
+    slow, and the nets work at 320 to 1024 px)."""
+    import cv2
 
-
-def _is_u2net_style(session: Any) -> bool:
-    return type(session).__name__ in _U2NET_SESSIONS and hasattr(session, "inner_session")
+    height, width = rgb.shape[:2]
+    small = np.ascontiguousarray(rgb[..., :3])
+    scale = min(1.0, REMBG_WORK_SIDE / max(height, width, 1))
+    if scale < 1.0:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
+    return np.asarray(small)
 
 
 def cpu_cores() -> int:
@@ -327,13 +330,10 @@ def _import_rembg() -> None:
         raise EngineError("rembg", f"rembg cannot be imported ({exc}); install rembg[gpu]") from None
 
 
-def _new_rembg_session(model: str, device: str, *, threads: int) -> Any:
-    _import_rembg()
-    from rembg import new_session
-
-    providers = onnx_providers(device)
+def _weights(model: str, known: bool) -> Path:
+    """The model's weights file, or an EngineError saying what to do. `known`: the name is a model bgwatch
+    runs itself (else it is looked up in rembg's list)."""
     weights = rembg_weights_path(model)
-    pull = f"run `bgwatch models pull {model}`"
     if is_custom_model(model):
         target = rembg_weights_target(model)
         home = rembg_home().resolve()
@@ -342,32 +342,69 @@ def _new_rembg_session(model: str, device: str, *, threads: int) -> Any:
                               "(set U2NET_HOME to the folder that holds it)")
         if weights is None:
             raise EngineError("rembg", f"custom model file {target} does not exist")
-        kwargs: dict[str, Any] = {"model_path": str(weights)}
-        session_name = "u2net_custom"
-    else:
-        known = _rembg_model_names()
-        if model not in known:
-            raise EngineError("rembg", f"unknown model {model!r} (known: {', '.join(known)}, "
+        return weights
+    if not known:
+        names = _rembg_model_names()
+        if model not in names:
+            raise EngineError("rembg", f"unknown model {model!r} (known: {', '.join(names)}, "
                               "or a custom .onnx file in the model home)")
-        if weights is None:
-            # Never let rembg download here: without network it fails after leaving an empty folder
-            # behind, and a daemon must not stall a job on a multi-hundred-MB download.
-            raise EngineError("rembg", f"weights for {model} are not on this machine; {pull}, or copy "
-                              f"{model}.onnx to {rembg_weights_target(model)} (model home: {rembg_home()}; "
-                              "set U2NET_HOME to use another folder)")
-        kwargs = {}
-        session_name = model
+    if weights is None:
+        # Never let rembg download here: without network it fails after leaving an empty folder
+        # behind, and a daemon must not stall a job on a multi-hundred-MB download.
+        raise EngineError("rembg", f"weights for {model} are not on this machine; run `bgwatch models pull "
+                          f"{model}`, or copy {model}.onnx to {rembg_weights_target(model)} (model home: "
+                          f"{rembg_home()}; set U2NET_HOME to use another folder)")
+    return weights
+
+
+def _new_session(model: str, device: str, *, threads: int, precision: str) -> Any:
+    """bgwatch's own ONNX Runtime session for the families it knows (the int8 variant for precision
+    int8), else rembg's."""
+    recipe = recipe_for(model)
+    if recipe is None:
+        return _new_rembg_session(model, device, threads=threads)
+    path = _weights(model, known=True)
+    if precision == "int8":
+        from bgwatch.pipeline.quantize import passed_variant
+
+        variant = passed_variant(path)
+        if variant is None:
+            raise EngineError("rembg", f"no int8 variant of {path} passed its quality gate; run `bgwatch models "
+                              f"quantize {model}` or set mask.precision: fp32")
+        path = variant
+    providers = onnx_providers(device)
     try:
-        session = new_session(session_name, providers=providers, sess_opts=rembg_session_options(threads), **kwargs)
+        net = OnnxNet(path, recipe, providers=providers, options=rembg_session_options(threads))
+    except Exception as exc:
+        raise EngineError("rembg", f"cannot load {path}: {exc}") from exc
+    _check_providers(model, device, net.providers())
+    logger.info("mask engine rembg: loaded {} ({}, {}) on {} (ONNX Runtime providers in use: {})", model,
+                precision, path.name, device, ", ".join(net.providers()))
+    return net
+
+
+def _check_providers(model: str, device: str, in_use: list[str]) -> None:
+    if device == "cuda" and "CUDAExecutionProvider" not in in_use:
+        raise EngineError("rembg", f"device is cuda but ONNX Runtime runs {model} on {', '.join(in_use)}: its CUDA "
+                          "libraries are missing (bgwatch doctor says which); set device: cpu to run on the CPU")
+
+
+def _new_rembg_session(model: str, device: str, *, threads: int) -> Any:
+    """A rembg session, for the models only rembg knows."""
+    weights = _weights(model, known=False)
+    _import_rembg()
+    from rembg import new_session
+
+    providers = onnx_providers(device)
+    try:
+        session = new_session(model, providers=providers, sess_opts=rembg_session_options(threads))
     except Exception as exc:
         raise EngineError("rembg", f"cannot load {weights}: {exc}") from exc
     inner = getattr(session, "inner_session", None)
     in_use = list(inner.get_providers()) if inner is not None else providers
-    if device == "cuda" and "CUDAExecutionProvider" not in in_use:
-        raise EngineError("rembg", f"device is cuda but ONNX Runtime runs {model} on {', '.join(in_use)}: its CUDA "
-                          "libraries are missing (bgwatch doctor says which); set device: cpu to run on the CPU")
-    logger.info("mask engine rembg: loaded {} on {} (ONNX Runtime providers in use: {})", model, device,
-                ", ".join(in_use))
+    _check_providers(model, device, in_use)
+    logger.info("mask engine rembg: loaded {} through rembg on {} (ONNX Runtime providers in use: {})", model,
+                device, ", ".join(in_use))
     return session
 
 
@@ -421,12 +458,32 @@ def resolve_mask_engine_name(spec: MaskSpec) -> str:
     return chosen
 
 
-_engines: dict[tuple[str, str, str, str, int], Any] = {}
+def mask_precision(spec: MaskSpec, device: str, flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """(fp32 | int8, why) for a spec's net on `device` (auto | cuda | cpu). `flags`: the CPU's feature
+    flags (default: this machine's /proc/cpuinfo). Only the nets bgwatch runs itself have variants."""
+    from bgwatch.pipeline import quantize
+
+    if recipe_for(spec.model) is None:
+        return "fp32", f"{spec.model} runs through rembg (bgwatch has no int8 variant of it)"
+    weights = rembg_weights_path(spec.model)
+    variant = quantize.passed_variant(weights) if weights is not None else None
+    return quantize.choose_precision(spec.precision, resolve_onnx_device(device),
+                                     quantize.read_cpu_flags() if flags is None else flags, variant)
+
+
+def _announce_precision(model: str, precision: str, why: str) -> None:
+    with _announce_lock:
+        if (model, f"precision {precision}") not in _announced:
+            _announced.add((model, f"precision {precision}"))
+            logger.info("mask precision for {}: {} ({})", model, precision, why)
+
+
+_engines: dict[tuple[str, str, str, str, int, str], Any] = {}
 _engines_lock = threading.Lock()
 
 
 def load_mask_engine(spec: MaskSpec, device: str, *, threads: int | None = None) -> MaskEngine:
-    """The engine for a spec, loaded once per (engine, model, device, threads) and kept loaded. EngineError
+    """The engine for a spec, loaded once per (engine, model, device, threads, precision) and kept loaded. EngineError
     when the engine is unknown or its model cannot be loaded (the message says how to fix it).
 
     `threads`: ONNX Runtime intra-op threads of a rembg engine's session (default: all the cores, for one
@@ -436,12 +493,16 @@ def load_mask_engine(spec: MaskSpec, device: str, *, threads: int | None = None)
     model = spec.model if name == "rembg" else ""
     threads = threads if name == "rembg" and threads else 0
     # The weights' location is part of the key: another model home (U2NET_HOME) is another model.
-    key = (name, model, device, str(rembg_weights_path(model)) if name == "rembg" else "", threads)
+    precision = "fp32"
+    if name == "rembg":
+        precision, why = mask_precision(spec, device)
+        _announce_precision(model, precision, why)
+    key = (name, model, device, str(rembg_weights_path(model)) if name == "rembg" else "", threads, precision)
     with _engines_lock:  # one load at a time: two workers asking together must not load a model twice
         engine = _engines.get(key)
         if engine is None:
-            engine = (RembgMaskEngine(model, device, threads=threads) if name == "rembg" and threads
-                      else MASK_ENGINES[name](model, device))
+            engine = (RembgMaskEngine(model, device, threads=threads or None, precision=precision)
+                      if name == "rembg" else MASK_ENGINES[name](model, device))
             _engines[key] = engine
     if isinstance(engine, RembgMaskEngine) and engine.alpha_matting != spec.alpha_matting:
         return engine.with_alpha_matting(spec.alpha_matting)

@@ -45,8 +45,11 @@ def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
     np.subtract(band, cv2.erode(k8, kernel), out=band)  # 1 on the outline's band, 0 elsewhere
     out = kept.astype(np.float32)
     del kept, k8
-    # Near the outline keep the engine's own soft values, lightly smoothed so stair steps don't show.
-    sigma = max(0.6, min(h, w) / 1600)
+    # Near the outline keep the engine's own soft values, smoothed only of single-pixel jaggies: both
+    # engines now make their edges at full resolution (the nets' masks are upsampled along the photo's
+    # edges, edges.py), and a blur growing with the image (min(h, w) / 1600 before) doubled the edge-band
+    # error of a 24 MP cut (bench/bench_edges.py).
+    sigma = 0.6
     pad = int(4 * sigma) + 2
     for y0, y1 in strips(h, w):
         rows = band[y0:y1].astype(bool)

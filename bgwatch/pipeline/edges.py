@@ -1,0 +1,132 @@
+"""A net's small mask brought to the photo's full resolution along the photo's own edges.
+
+A mask net works at 320² (U²-Net) to 1024² (BiRefNet); scaled up plainly, its outline on a 24 MP photo is a
+band many pixels wide, blurred and stair-stepped. `guided_upsample` is a fast guided filter (He and Sun,
+2015) with the photo's colour as the guide: in every window the alpha is taken to be a linear function of
+the colour, fitted to the plainly upscaled mask at a working resolution, and the fit is applied to the
+full-resolution pixels. Where the subject and its backdrop differ in colour, the edge follows the photo's
+edge to the pixel; where they do not, the fit is flat and gives back the plain mask.
+
+Memory: the fit is made at GUIDE_SCALE times the mask's size (a few MB), and applied only to the
+pixels of the outline's band, in chunks; the full-size planes are the uint8 plain mask and the float32
+result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bgwatch.pipeline.tiles import POINT_CHUNK, sample_points, strips
+
+# Chosen on bench/bench_edges.py's composites: a fit at about 1.6 times the net's side, over windows of
+# 2.5 net pixels, beat finer working resolutions (whose windows see too little pure subject and backdrop).
+GUIDE_SCALE = 1.6  # the fit's working resolution: this times the mask's long side (at most the photo's)
+RADIUS = 2.5  # the fit's window radius, in the mask's pixels
+EPS = 5e-5  # the fit's regularisation (colour in [0, 1]): smaller follows weaker colour edges
+# The fit is trusted where the colour explains at least TRUST_FULL of the mask's variance in the window,
+# not at all below TRUST_FROM (the plain mask there), and in between in proportion.
+TRUST_FROM, TRUST_FULL = 0.7, 0.9
+
+
+def plain_upsample(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 mask -> uint8 height x width, bicubic (what masks were before guided upsampling)."""
+    import cv2
+
+    if mask.shape == (height, width):
+        return mask
+    return np.asarray(cv2.resize(mask, (width, height), interpolation=cv2.INTER_CUBIC))
+
+
+def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> np.ndarray:
+    """A uint8 mask (any size) -> float32 HxW alpha in [0, 1] at `rgb`'s size, its outline following the
+    photo's edges (see the module's text)."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    plain = plain_upsample(mask, height, width)
+    scale = min(1.0, GUIDE_SCALE * max(mask.shape) / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    guide = cv2.resize(np.ascontiguousarray(rgb[..., :3]), size, interpolation=cv2.INTER_AREA) if scale < 1 \
+        else np.ascontiguousarray(rgb[..., :3])
+    target = cv2.resize(mask, size, interpolation=cv2.INTER_CUBIC) if mask.shape != size[::-1] else mask
+    # Window radius at the working resolution: the blur of one net pixel scaled up, and then some.
+    radius = max(2, round(RADIUS * max(size) / max(mask.shape)))
+    field, band = _fit(guide.astype(np.float32) * np.float32(1 / 255),
+                       target.astype(np.float32) * np.float32(1 / 255), radius, eps)
+    del guide, target
+    out = np.empty((height, width), np.float32)
+    for y0, y1 in strips(height, width):
+        rows = out[y0:y1]
+        np.multiply(plain[y0:y1], np.float32(1 / 255), out=rows, casting="unsafe")
+    del plain
+    if not band.any():
+        return out
+    # The band's full-resolution pixels: each working pixel in the band covers a block of them.
+    sy, sx = size[1] / height, size[0] / width
+    for y0, y1 in strips(height, width):
+        ys, xs = _band_pixels(band, y0, y1, width, sx, sy)
+        for start in range(0, ys.size, POINT_CHUNK):
+            cy, cx = ys[start:start + POINT_CHUNK], xs[start:start + POINT_CHUNK]
+            coeff = sample_points(field, cy, cx, sx, sy)
+            colour = rgb[cy, cx, :3].astype(np.float32) * np.float32(1 / 255)
+            fitted = np.clip(np.einsum("nc,nc->n", coeff[:, :3], colour) + coeff[:, 3], 0.0, 1.0)
+            plain_here = out[cy, cx]
+            out[cy, cx] = plain_here + coeff[:, 4] * (fitted - plain_here)
+    return out
+
+
+def _band_pixels(band: np.ndarray, y0: int, y1: int, width: int, sx: float,
+                 sy: float) -> tuple[np.ndarray, np.ndarray]:
+    """Full-resolution (ys, xs) in rows y0:y1 whose nearest working pixel is in the band."""
+    bh, bw = band.shape
+    rows = np.minimum((np.arange(y0, y1) * sy).astype(np.intp), bh - 1)
+    cols = np.minimum((np.arange(width) * sx).astype(np.intp), bw - 1)
+    hit = band[rows][:, cols]
+    ys, xs = np.nonzero(hit)
+    return (ys + y0).astype(np.intp), xs.astype(np.intp)
+
+
+def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The guided filter's coefficients at the working resolution: an hxwx5 field (a_r, a_g, a_b, b, trust),
+    box-averaged, and the uint8 band where the mask is neither 0 nor 1 (grown by the radius)."""
+    import cv2
+
+    k = (2 * radius + 1, 2 * radius + 1)
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return np.asarray(cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT))
+
+    mean_i = box(guide)
+    mean_p = box(target)
+    r, g, b = (guide[..., c] for c in range(3))
+    mr, mg, mb = (mean_i[..., c] for c in range(3))
+    cov_ip = np.stack([box(ch * target) for ch in (r, g, b)], axis=-1) - mean_i * mean_p[..., None]
+    var_rr = box(r * r) - mr * mr + eps
+    var_rg = box(r * g) - mr * mg
+    var_rb = box(r * b) - mr * mb
+    var_gg = box(g * g) - mg * mg + eps
+    var_gb = box(g * b) - mg * mb
+    var_bb = box(b * b) - mb * mb + eps
+    # The 3x3 symmetric system per pixel, solved by its adjugate.
+    inv_rr = var_gg * var_bb - var_gb * var_gb
+    inv_rg = var_gb * var_rb - var_rg * var_bb
+    inv_rb = var_rg * var_gb - var_gg * var_rb
+    inv_gg = var_rr * var_bb - var_rb * var_rb
+    inv_gb = var_rb * var_rg - var_rr * var_gb
+    inv_bb = var_rr * var_gg - var_rg * var_rg
+    det = var_rr * inv_rr + var_rg * inv_rg + var_rb * inv_rb
+    cr, cg, cb = (cov_ip[..., c] for c in range(3))
+    a = np.stack([inv_rr * cr + inv_rg * cg + inv_rb * cb,
+                  inv_rg * cr + inv_gg * cg + inv_gb * cb,
+                  inv_rb * cr + inv_gb * cg + inv_bb * cb], axis=-1) / det[..., None]
+    offset = mean_p - np.einsum("hwc,hwc->hw", a, mean_i)
+    # How much of the mask's variation in the window the colour explains (R²): where little (subject and
+    # backdrop alike in colour, texture across the edge), the plain mask is trusted instead.
+    var_p = box(target * target) - mean_p * mean_p
+    explained = np.einsum("hwc,hwc->hw", a, cov_ip) / np.maximum(var_p, 1e-6)
+    trust = np.clip((explained - TRUST_FROM) / (TRUST_FULL - TRUST_FROM), 0.0, 1.0)
+    trust[var_p < 1e-4] = 0.0  # no edge in the window at all
+    field = np.concatenate([box(a), box(offset)[..., None], box(trust)[..., None]], axis=-1).astype(np.float32)
+    unsure = ((target > 0.01) & (target < 0.99)).astype(np.uint8)
+    band = cv2.dilate(unsure, cv2.getStructuringElement(cv2.MORPH_RECT, k))
+    return field, band
