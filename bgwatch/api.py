@@ -219,7 +219,8 @@ def build_app(door: HttpDoor) -> FastAPI:
         return Response(data, media_type=media_type)
 
     @app.get("/runs/{run_id}", summary="An HTTP run: status, timings, error", response_model=RunRecord,
-             responses={**KEYED_RESPONSES, 404: SUBMIT_RESPONSES[401] | {"description": "no such HTTP run"}})
+             responses={**KEYED_RESPONSES, 404: SUBMIT_RESPONSES[401] | {"description": "no such HTTP run"},
+                        422: SUBMIT_RESPONSES[401] | {"description": "run_id is not a number"}})
     async def run(request: Request, run_id: int) -> JSONResponse:
         check_key(request)
         record = await run_in_threadpool(door.run_record, run_id)

@@ -8,10 +8,14 @@ imports torch itself.
 GET /metrics  the Prometheus text format
 GET /healthz  200 {"status": "ok", ...} while the daemon makes progress (a heartbeat within stale_seconds),
               else 503 with the reason: for a load balancer, a monitoring check or `curl -f`.
+
+Beyond loopback /metrics wants the HTTP API's keys (`Authorization: Bearer <key>`): what it shows (inboxes,
+engines, rates) is for the operator. A listen address beyond loopback without keys is refused.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import sys
 import threading
@@ -136,15 +140,24 @@ class Metrics:
         value = live.get("updated_at") if live else None
         return float(value) if isinstance(value, (int, float)) else None
 
-    def serve(self, address: str) -> MetricsServer:
-        """Serve /metrics and /healthz on host:port (port 0: any free port) from a daemon thread."""
+    def serve(self, address: str, keys: frozenset[str] = frozenset()) -> MetricsServer:
+        """Serve /metrics and /healthz on host:port (port 0: any free port) from a daemon thread. Beyond
+        loopback /metrics needs one of `keys` (the API's); ConfigError when there are none."""
+        from bgwatch.config import is_loopback
+
         host, _, port = address.rpartition(":")
-        return MetricsServer(self, host.strip("[]") or "127.0.0.1", int(port))
+        host = host.strip("[]") or "127.0.0.1"
+        if not keys and not is_loopback(host):
+            from bgwatch.errors import ConfigError
+
+            raise ConfigError("metrics.listen", "metrics.listen", f"{address!r} is reachable from other machines, "
+                              "which needs the API's keys (http.api_keys_file)", "a loopback address, or keys")
+        return MetricsServer(self, host, int(port), keys)
 
 
 class MetricsServer:
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        handler = _handler(metrics)
+    def __init__(self, metrics: Metrics, host: str, port: int, keys: frozenset[str] = frozenset()) -> None:
+        handler = _handler(metrics, keys)
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.host, self.port = host, int(self.httpd.server_address[1])
@@ -162,19 +175,30 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def _handler(metrics: Metrics) -> type[BaseHTTPRequestHandler]:
+def _handler(metrics: Metrics, keys: frozenset[str]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"bgwatch/{__version__}"
+        timeout = 10  # seconds a connection may stall (slow-loris)
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
+                if not self._authorised():
+                    self._send(401, b"a valid API key is required (Authorization: Bearer <key>)\n", "text/plain")
+                    return
                 self._send(200, metrics.render(), CONTENT_TYPE)
             elif path == "/healthz":
                 ok, body = metrics.health()
                 self._send(200 if ok else 503, json.dumps(body).encode(), "application/json")
             else:
                 self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
+
+        def _authorised(self) -> bool:
+            if not keys:
+                return True
+            scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+            given = token.strip().encode()
+            return scheme.lower() == "bearer" and any(hmac.compare_digest(given, k.encode()) for k in keys)
 
         def _send(self, code: int, body: bytes, content_type: str) -> None:
             self.send_response(code)

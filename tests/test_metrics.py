@@ -158,3 +158,26 @@ def test_metrics_scraped_from_a_running_daemon_during_a_batch(tmp_path: Path) ->
     assert proc.returncode == 0, err
     with pytest.raises(OSError):
         get(url + "/metrics")  # closed with the daemon
+
+
+def test_beyond_loopback_the_metrics_want_the_apis_keys(tmp_path: Path) -> None:
+    from bgwatch.config import parse_config
+    from bgwatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"metrics\.listen.*api_keys_file"):
+        parse_config({"metrics": {"listen": "0.0.0.0:9464"}}, env={})
+    keys = tmp_path / "keys"
+    keys.write_text("k-metrics-0123\n")
+    assert parse_config({"metrics": {"listen": "0.0.0.0:9464"}, "http": {"api_keys_file": str(keys)}}, env={})
+    with pytest.raises(ConfigError, match=r"metrics\.listen"):
+        Metrics().serve("0.0.0.0:0")
+    server = Metrics().serve("0.0.0.0:0", keys=frozenset({"k-metrics-0123"}))
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        assert get(f"{url}/metrics")[0] == 401
+        assert get(f"{url}/healthz")[0] == 200, "a load balancer's check needs no key"
+        request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": "Bearer k-metrics-0123"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200 and b"bgwatch_info" in response.read()
+    finally:
+        server.close()
