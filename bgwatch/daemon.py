@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import threading
 import time
@@ -29,13 +30,13 @@ from loguru import logger
 from bgwatch import safefs
 from bgwatch.budget import MemoryBudget
 from bgwatch.config import Config, load_config
-from bgwatch.custody import Custody
+from bgwatch.custody import Custody, DeliveryBlocked, Step
 from bgwatch.errors import BgwatchError
 from bgwatch.httpjobs import HTTP_INBOX, HttpDoor
 from bgwatch.intake import Intake, Site
 from bgwatch.jobs import Job, JobState, RunResult
 from bgwatch.liveness import Heartbeat, Liveness, new_epoch
-from bgwatch.outcomes import Started, fail_job, share_away, superseded
+from bgwatch.outcomes import Blocked, Started, fail_job, share_away, superseded
 from bgwatch.pipeline import stages
 from bgwatch.ratelimit import TokenBucket
 from bgwatch.recovery import recover
@@ -55,8 +56,9 @@ class Daemon:
 
     def __init__(self, config: Config, *, once: bool = False,
                  on_result: Callable[[RunResult], None] | None = None, metrics: Metrics | None = None,
-                 http: bool = False) -> None:
+                 http: bool = False, step: Step | None = None) -> None:
         self.config = config
+        self.step = step  # named moments of a delivery (custody.Step): the fault suite's seam, None in production
         self.metrics = metrics
         self.once = once
         self.epoch = new_epoch()
@@ -80,6 +82,9 @@ class Daemon:
                                progress=self.progress, abort=self.abort_event, started=self._started,
                                deliver=self._deliver, fail=self._fail)
         self.heartbeat_thread: threading.Thread | None = None
+        self._silent: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # (inbox name, host) to reclaim
+        self._retry_thread: threading.Thread | None = None
+        self._retry_q: queue.SimpleQueue[tuple[stages.Finished, bool] | None] = queue.SimpleQueue()
         # The HTTP door (http.listen): its own window in the same queue; its runs are recorded by this thread.
         self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
                              depth=lambda: sum(self.workers.depths().values()), metrics=metrics,
@@ -105,7 +110,8 @@ class Daemon:
             heartbeat = before.heartbeat if before is not None else Heartbeat(
                 inbox.path, config.host, self.epoch, config.watch.lease_seconds)
             heartbeat.lease_seconds = config.watch.lease_seconds
-            sites[inbox.name] = Site(inbox, Custody(inbox.path, config.host, self.epoch, inbox.outbox), heartbeat)
+            sites[inbox.name] = Site(inbox, Custody(inbox.path, config.host, self.epoch, inbox.outbox, step=self.step),
+                                     heartbeat)
         return sites
 
     @staticmethod
@@ -158,6 +164,8 @@ class Daemon:
         self.heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="bgwatch-heartbeat-0",
                                                  daemon=True)
         self.heartbeat_thread.start()
+        self._retry_thread = threading.Thread(target=self._retry_loop, name="bgwatch-redeliver-0", daemon=True)
+        self._retry_thread.start()
 
     def run(self) -> int:
         lock = InstanceLock(self.config.state_dir)
@@ -187,6 +195,9 @@ class Daemon:
                     break
                 self._maybe_reload()
                 self.intake.tick()
+                self._reclaim_silent()
+                for item in self.intake.retries.due(time.monotonic()):
+                    self._retry_q.put(item)
                 busy = self.intake.busy()
                 if was_busy and not busy:
                     trim_memory()  # a burst is over: memory goes back to the machine
@@ -212,6 +223,7 @@ class Daemon:
                 self.http.close()
             self.intake.stop()
             self.abort_event.set()
+            self._retry_q.put(None)
             alive = self.workers.stop(timeout=5)
             if self.heartbeat_thread is not None:
                 self.heartbeat_thread.join(timeout=1)
@@ -290,7 +302,8 @@ class Daemon:
         status = {"pid": os.getpid(), "host": self.config.host, "epoch": self.epoch, "updated_at": time.time(),
                   "in_flight": inflight, "waiting": len(self.intake.pending),
                   "stages": {"handled": self.workers.handled(), "waiting": self.workers.depths()},
-                  "left": len(watcher.left()) if watcher is not None else 0, "inboxes": inboxes}
+                  "left": len(watcher.left()) if watcher is not None else 0, "inboxes": inboxes,
+                  "problems": self._problems(), "storage_errors": dict(self.intake.retries.errors)}
         if self.metrics is not None:
             for stage, depth in self.workers.depths().items():
                 self.metrics.queue_depth(stage, depth)
@@ -301,6 +314,17 @@ class Daemon:
         unhealthy = [i["path"] for i in inboxes if not i["healthy"]]
         sd_notify(f"STATUS={inflight} in flight, {len(self.intake.pending)} waiting"
                   + (f"; not watching: {', '.join(str(u) for u in unhealthy)}" if unhealthy else ""))
+
+    def _problems(self) -> list[str]:
+        """What keeps work from ending as it should, one line each, for `bgwatch status`."""
+        lines = [f"not delivered yet, {p}" for p in self.intake.retries.problems()]
+        lines += [f"original waiting in {name}'s delivering/{token}: {why}"
+                  for (name, token), why in sorted(self.intake.waiting_originals.items())]
+        for site in self.sites.values():
+            why = site.heartbeat.why_not_claiming()
+            if why:
+                lines.append(f"not claiming in {site.inbox.path}: {why}")
+        return lines
 
     def _maybe_reload(self) -> None:
         mtime = self._mtime(self.config.source)
@@ -343,7 +367,9 @@ class Daemon:
                                "processed; put the file back in a configured inbox to process it")
         return site
 
-    def _deliver(self, finished: stages.Finished) -> None:
+    def _deliver(self, finished: stages.Finished, last_try: bool = False) -> None:
+        """Deliver a finished job (a finish worker, or the redelivery thread) and say how its run ended:
+        'done' only when its delivery finished."""
         job = finished.job
         if job.claim is None and job.inbox == HTTP_INBOX and self.http is not None:
             self.http.deliver(finished)
@@ -352,7 +378,7 @@ class Daemon:
         site = self._site(job)
         try:
             settled = site.custody.deliver(job.claim, job.run_id, site.inbox.outbox, job.output_rel, finished.data,
-                                           site.inbox.on_success)
+                                           site.inbox.on_success, input_sha256=job.input_sha256)
         except safefs.FolderMissing as exc:
             try:
                 site.custody.unclaim(job.claim)
@@ -364,15 +390,38 @@ class Daemon:
                 error=f"the outbox is not there ({exc.filename}: share not mounted?); the file went back to the "
                       "inbox and is taken again when the outbox returns"))
             return
+        except DeliveryBlocked as blocked:
+            if blocked.storage and not last_try:
+                self.intake.outcomes.put(Blocked(finished, str(blocked), blocked.errno))
+                return
+            self._fail(job, f"the output could not be written: {blocked}")
+            return
         if settled is None:
             self.intake.outcomes.put(superseded(job.run_id))
             return
-        if settled.problem:
-            logger.error("{}: output written; {}", shown(job.rel_path), settled.problem)
+        if not settled.finished:
+            self.intake.outcomes.put(RunResult(
+                job.run_id, JobState.SUPERSEDED,
+                error=f"its delivery was undone ({settled.returned}); the original went back to the inbox and is "
+                      "processed again"))
+            return
         self.intake.outcomes.put(RunResult(
-            job.run_id, JobState.DONE, site.inbox.outbox / job.output_rel, error=settled.problem,
+            job.run_id, JobState.DONE, settled.output, error=settled.problem,
             mask_engine=finished.mask_engine, bg_engine=finished.bg_engine, seed=finished.seed,
             timings=finished.timings, parked=settled.parked))
+
+    def _retry_loop(self) -> None:
+        """Deliveries that waited for storage, tried again one at a time, off the main thread."""
+        while True:
+            item = self._retry_q.get()
+            if item is None or self.abort_event.is_set():
+                return
+            finished, last_try = item
+            try:
+                self._deliver(finished, last_try)
+            except Exception as exc:  # this thread must survive; the run is failed with the reason
+                logger.exception("run {}: redelivery failed", finished.job.run_id)
+                self._fail(finished.job, f"internal error while delivering ({type(exc).__name__}: {exc})")
 
     def _fail(self, job: Job, reason: str) -> None:
         """File the original in failed/ and report it; the worker survives whatever happens here."""
@@ -393,19 +442,38 @@ class Daemon:
         return max(0.5, min(10.0, self.config.watch.lease_seconds / 4))
 
     def _beat(self) -> None:
-        """Beat in every inbox; return the claims of hosts silent longer than the lease. No SQLite here."""
+        """Beat in every inbox and note the hosts silent longer than the lease. No SQLite here, and nothing
+        read that another host wrote but heartbeats (markers are read by the main thread, in reclaim)."""
         lease = self.config.watch.lease_seconds
-        for site in list(self.sites.values()):
+        for name, site in list(self.sites.items()):
             if not site.heartbeat.beat():
                 continue
             for host in site.custody.other_hosts():
-                if self.liveness.silent_for(site.inbox.path, host) <= lease:
-                    continue
-                returned = site.custody.reclaim(host)
-                if returned:
-                    logger.warning("host {} has been silent longer than the lease ({:g} s): settled its {} file(s) "
-                                   "in {}", host, lease, len(returned), site.inbox.path)
+                if self.liveness.silent_for(site.inbox.path, host) > lease:
+                    self._silent.put((name, host))
         self._last_heartbeat = time.monotonic()
+
+    def _reclaim_silent(self) -> None:
+        """Main thread: settle the deliveries and return the claims of hosts the heartbeat found silent."""
+        seen: set[tuple[str, str]] = set()
+        while True:
+            try:
+                name, host = self._silent.get_nowait()
+            except queue.Empty:
+                return
+            site = self.sites.get(name)
+            if (name, host) in seen or site is None or not site.heartbeat.fresh():
+                continue
+            seen.add((name, host))
+            try:
+                returned = site.custody.reclaim(host)
+            except (OSError, ValueError) as exc:
+                logger.error("{}: cannot settle silent host {}'s files: {}", site.inbox.path, shown(host),
+                             shown(str(exc)))
+                continue
+            if returned:
+                logger.warning("host {} has been silent longer than the lease ({:g} s): settled its {} file(s) in {}",
+                               shown(host), self.config.watch.lease_seconds, len(returned), site.inbox.path)
 
     def _heartbeat_loop(self) -> None:
         while not self.abort_event.wait(self._heartbeat_interval()):

@@ -10,6 +10,7 @@ therefore delays the recording, and never strands or fails a job; a claimed file
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import sqlite3
@@ -20,24 +21,30 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from bgwatch import rules, safefs, sidecars
+from bgwatch import outputs, rules, safefs, sidecars
 from bgwatch.config import Config, InboxConfig
-from bgwatch.custody import DONE_DIR, FAILED_DIR, Claim, Custody
+from bgwatch.custody import DONE_DIR, FAILED_DIR, Claim, Custody, DeliveryBlocked
+from bgwatch.delivery import waiting as waiting_note
 from bgwatch.errors import BgwatchError, SpecError
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
 from bgwatch.liveness import Heartbeat
-from bgwatch.outbox import OutputNames
-from bgwatch.outcomes import Outcome, Outcomes, Started, fail_job, superseded
+from bgwatch.outcomes import Blocked, Outcome, Outcomes, Started, fail_job, superseded
+from bgwatch.retries import Retries
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.store import Store
 from bgwatch.text import shown
 from bgwatch.watch import InboxWatcher
 
+if TYPE_CHECKING:
+    from bgwatch.pipeline.stages import Finished
+
 RULES_FILE = ".bgwatch.yaml"
 RECENT_RESULTS = 1000
+DB_PAUSE_SECONDS = (2.0, 60.0)  # claiming pauses this long (doubling) while runs cannot be recorded
 
 
 @dataclass(slots=True)
@@ -90,15 +97,15 @@ class Intake:
         self.orphans: dict[Path, Waiting] = {}  # stable sidecars whose image is not in the inbox
         self.inflight: dict[int, InFlight] = {}
         self.counters = Counters(results=deque(maxlen=None if once else RECENT_RESULTS))
-        self.names = OutputNames(self._owner_of)
+        self.retries: Retries[Finished] = Retries()
+        self.waiting_originals: dict[tuple[str, str], str] = {}  # (inbox, token) -> why it is not filed
         self._unapplied: deque[Outcome] = deque()
         self._db_trouble = False
+        self._db_pause = 0.0  # claiming paused until then: runs could not be recorded (a full state disk)
+        self._db_pause_step = DB_PAUSE_SECONDS[0]
         self._next_sweep = 0.0
         self._unheld: dict[tuple[str, str], int] = {}  # claims no job holds, by how many sweeps saw them
         self.stuck: set[tuple[str, str]] = set()  # claimed files that could not be filed (logged)
-
-    def _owner_of(self, output: Path) -> tuple[str, str] | None:
-        return self.store.output_owner(str(output))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -149,6 +156,8 @@ class Intake:
         logged and retried at the next rescan; it never stops the daemon."""
         try:
             step(*args)
+        except FileNotFoundError as exc:  # taken by another host meanwhile: an ordinary race on a share
+            logger.debug("{}: gone before it could be taken ({})", shown(str(path)), shown(str(exc)))
         except (OSError, BgwatchError, sqlite3.Error, ValueError, UnicodeError) as exc:
             logger.error("{}: {}", shown(str(path)), shown(str(exc)))
 
@@ -181,6 +190,8 @@ class Intake:
             self.pending.setdefault(path, Waiting(site, now))
 
     def _take_pending(self, now: float) -> None:
+        if now < self._db_pause:
+            return
         for path in list(self.pending):
             if self.room() <= 0:
                 return
@@ -235,13 +246,22 @@ class Intake:
             site.custody.unclaim(claim)  # put back by the host that processed it while this one waited
             return None
         try:
-            return self._record(site, claim, path, sidecar_error)
+            run_id = self._record(site, claim, path, sidecar_error)
         except (sqlite3.Error, OSError) as exc:
-            # Not recorded: the file goes back to the inbox and is taken again later, never stranded.
-            logger.warning("{}: could not record the run ({}); returned to the inbox to be taken again",
-                           shown(rel), exc)
+            # Not recorded: the file goes back to the inbox and is taken again later, never stranded. Claiming
+            # pauses (doubling) so that a full state disk costs one line per pause, not a loop of them.
             site.custody.unclaim(claim)
+            self.pending.setdefault(path, Waiting(site, self.clock()))
+            self._db_pause = self.clock() + self._db_pause_step
+            if self._db_pause_step == DB_PAUSE_SECONDS[0]:
+                logger.warning("{}: could not record the run ({}); returned to the inbox, and claiming pauses "
+                               "until runs can be recorded again", shown(rel), shown(str(exc)))
+            self._db_pause_step = min(self._db_pause_step * 2, DB_PAUSE_SECONDS[1])
             return None
+        if self._db_pause_step != DB_PAUSE_SECONDS[0]:
+            logger.info("runs are recorded again; claiming goes on")
+            self._db_pause_step = DB_PAUSE_SECONDS[0]
+        return run_id
 
     def _record(self, site: Site, claim: Claim, path: Path, sidecar_error: str) -> int:
         inbox, rel, host = site.inbox, claim.rel, self.config.host
@@ -279,19 +299,14 @@ class Intake:
 
         key = job_key(sha, spec)
         earlier = None if spec.reprocess else self.store.find_done(key)
-        output_rel = self.names.reserve(inbox.outbox, rel, sha, spec.output.suffix, output_extension(spec.output))
-        try:
-            run_id = self.store.add_run(key=key, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
-                                        input_sha256=sha, spec_json=spec.to_json(), host=host)
-            # Recorded before any byte is written: the output is known as this input's own.
-            self.store.set_output(run_id, str(inbox.outbox / output_rel))
-        except BaseException:
-            self.names.release(inbox.outbox, output_rel)
-            raise
+        # The name it wants; the name it gets is taken on the share when it is delivered (outputs.place).
+        output_rel = outputs.wanted(rel, spec.output.suffix, output_extension(spec.output))
+        run_id = self.store.add_run(key=key, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
+                                    input_sha256=sha, spec_json=spec.to_json(), host=host,
+                                    output_path=str(inbox.outbox / output_rel))
         job = Job(run_id=run_id, inbox=inbox.name, rel_path=rel, source=claim.path, spec=spec, input_sha256=sha,
                   key=key, claim=claim, output_rel=output_rel)
-        if earlier is not None:
-            self._deliver_earlier(site, job, Path(earlier.output_path), earlier.id)
+        if earlier is not None and self._deliver_earlier(site, job, Path(earlier.output_path), earlier.id):
             return run_id
         logger.info("{}: queued as run {} ({} {})", shown(rel), run_id, spec.operation,
                     spec.mode if spec.operation == "cleanup" else spec.engine)
@@ -299,25 +314,33 @@ class Intake:
         self.submit(job)
         return run_id
 
-    def _deliver_earlier(self, site: Site, job: Job, earlier: Path, earlier_id: int) -> None:
-        """Same bytes and spec as a finished run: no second inference, but this name gets its output."""
+    def _deliver_earlier(self, site: Site, job: Job, earlier: Path, earlier_id: int) -> bool:
+        """Same bytes and spec as a finished run: no second inference, but this name gets its output. The
+        earlier output is read only inside the outbox, without following a link, and only if it still holds
+        the bytes its owner record names; otherwise False, and the job is processed again."""
         assert job.claim is not None
+        data = earlier_output(site.custody, site.inbox.outbox, earlier)
+        if data is None:
+            logger.info("{}: the earlier output of run {} is not there as it was written; processing again",
+                        shown(job.rel_path), earlier_id)
+            return False
         self.inflight[job.run_id] = InFlight(job, site)
+        own = earlier == site.inbox.outbox / job.output_rel  # its own output: not written again
         try:
-            target = site.inbox.outbox / job.output_rel
-            data = None if target == earlier else earlier.read_bytes()  # its own output: not written again
-            settled = site.custody.deliver(job.claim, job.run_id, site.inbox.outbox, job.output_rel, data,
-                                           site.inbox.on_success)
-        except OSError as exc:
+            settled = site.custody.deliver(job.claim, job.run_id, site.inbox.outbox, job.output_rel,
+                                           None if own else data, site.inbox.on_success,
+                                           input_sha256=job.input_sha256)
+        except (OSError, DeliveryBlocked) as exc:
             self._fail_now(site, job.claim, job.run_id, f"could not deliver the earlier output: {exc}")
-            return
+            return True
         if settled is None:
             self.outcomes.put(superseded(job.run_id))
         else:
-            self.outcomes.put(RunResult(job.run_id, JobState.SKIPPED, site.inbox.outbox / job.output_rel,
+            self.outcomes.put(RunResult(job.run_id, JobState.SKIPPED, settled.output,
                                         error=f"same image and spec as run {earlier_id}", parked=settled.parked))
         logger.info("{}: same image and spec as run {}, skipped", shown(job.rel_path), earlier_id)
         self.apply_outcomes()
+        return True
 
     def _fail_now(self, site: Site, claim: Claim, run_id: int, reason: str) -> None:
         self.inflight.setdefault(run_id, InFlight(Job(run_id, site.inbox.name, claim.rel, claim.path, JobSpec(), "",
@@ -353,6 +376,9 @@ class Intake:
         if isinstance(outcome, Started):
             self.store.start_run(outcome.run_id, self.config.host, at=outcome.at)
             return
+        if isinstance(outcome, Blocked):
+            self._blocked_delivery(outcome)
+            return
         result = outcome
         self.store.finish_run(result.run_id, result.state,
                               output_path=str(result.output_path) if result.output_path else "",
@@ -360,15 +386,19 @@ class Intake:
                               seed=result.seed, timings=result.timings,
                               source_path=str(result.parked) if result.parked else None)
         held = self.inflight.pop(result.run_id, None)
-        if held is not None and held.job.output_rel:
-            self.names.release(held.site.inbox.outbox, held.job.output_rel)
+        if self.retries.clear(result.run_id) and result.state == JobState.DONE:
+            logger.info("run {}: delivered after waiting for the outbox", result.run_id)
         rel = held.job.rel_path if held is not None else f"run {result.run_id}"
         if result.timings:
             logger.debug("{}: stages {} ; engines {} {}", shown(rel),
                          ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()),
                          result.mask_engine or "-", result.bg_engine or "")
         if result.state == JobState.DONE:
-            logger.info("{}: done -> {} ({:.2f} s)", shown(rel), result.output_path, sum(result.timings.values()))
+            logger.info("{}: done -> {} ({:.2f} s)", shown(rel), shown(str(result.output_path)),
+                        sum(result.timings.values()))
+            if result.error and held is not None:  # delivered, but the original waits in delivering/
+                logger.warning("{}: {}", shown(rel), shown(result.error))
+                self.waiting_originals[(held.site.inbox.name, held.site.custody.token(result.run_id))] = result.error
         elif result.state == JobState.FAILED:
             logger.error("{}: failed: {}", shown(rel), shown(result.error))
             self.counters.failures += 1
@@ -377,6 +407,14 @@ class Intake:
         self.counters.results.append(result)
         if self.on_result is not None:
             self.on_result(result)
+
+    def _blocked_delivery(self, blocked: Blocked) -> None:
+        attempts, delay = self.retries.add(blocked.run_id, blocked.finished, blocked.cause, blocked.code,
+                                           self.clock())
+        note = f"waiting to be delivered: {blocked.cause}; tried {attempts} time(s), again in {delay:.0f} s"
+        (logger.warning if attempts == 1 else logger.info)("{}: {}", shown(blocked.finished.job.rel_path),
+                                                            shown(note))
+        self.store.note(blocked.run_id, note)
 
     # ------------------------------------------------------------------ claims no job holds
 
@@ -426,9 +464,13 @@ class Intake:
             try:
                 settled = site.custody.settle(site.custody.host, token)
             except OSError as exc:
-                logger.error("{}: cannot settle delivery {} yet: {}", site.inbox.path, shown(token), exc)
+                why = waiting_note(site.custody.host, token, exc)
+                if self.waiting_originals.get((name_of_inbox, token)) != why:
+                    logger.warning("{}: {}", site.inbox.path, shown(why))
+                self.waiting_originals[(name_of_inbox, token)] = why
                 continue
             del seen[key]
+            self.waiting_originals.pop((name_of_inbox, token), None)
             logger.info("{}: delivery {} {}", site.inbox.path, token,
                         f"finished (original in {settled.parked})" if settled.finished else "undone: back in the inbox")
 
@@ -488,3 +530,19 @@ class Intake:
         back = site.custody.restore(DONE_DIR, rel_of(inbox, done_image)[len(DONE_DIR) + 1:], image_rel)
         if back is not None:
             self.pending.setdefault(inbox.path / back, Waiting(site, self.clock()))
+
+
+def earlier_output(custody: Custody, outbox: Path, earlier: Path) -> bytes | None:
+    """The bytes of an earlier run's output, read inside the outbox without following a link, if it still
+    holds what its owner record says it was written with; None otherwise."""
+    try:
+        rel = PurePosixPath(os.path.relpath(earlier, outbox)).as_posix()
+        record = custody.outputs.get(rel)
+        parts = PurePosixPath(rel).parts
+        if record is None or rel.startswith("../") or not parts:
+            return None
+        with safefs.Folder.open_root(outbox) as root, root.sub(*parts[:-1]) as folder:
+            data = folder.read_bytes(parts[-1], outputs.OUTPUT_LIMIT)
+    except (OSError, ValueError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == record.get("sha256") else None

@@ -7,7 +7,9 @@ or a timestamp forged by anyone who can write to the share, cannot make a live h
 
 A host that cannot beat in an inbox stops claiming there (`Heartbeat.fresh`). A heartbeat that changes
 under this host's name without this host writing it means a second live daemon uses the same name (a
-cloned VM, no `host:` set): it is reported, and this host stops claiming there until it is resolved.
+cloned VM, no `host:` set): it is reported, and this host stops claiming there until the other heartbeat has
+stopped changing for a whole lease (the other daemon stopped, or a forged file was written once); `status`
+says why meanwhile.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from loguru import logger
 
 from bgwatch import safefs
-from bgwatch.custody import WORK_DIR, check_host
+from bgwatch.claims import WORK_DIR, check_host
+from bgwatch.text import shown
 
 HEARTBEATS = "heartbeats"
 
@@ -40,7 +43,8 @@ class Heartbeat:
         self.last_ok: float | None = None  # monotonic time of the last beat that was written
         self._written: bytes | None = None
         self.twin: str = ""  # the epoch of another live daemon using this host name, if one was seen
-        self._problem_logged = False
+        self._twin_seen: float = 0.0  # monotonic time the other daemon's beat was last found
+        self._problem: str = ""  # why the last beat could not be written
 
     def beat(self) -> bool:
         """Refresh the heartbeat; False (logged once per outage) when it cannot be written."""
@@ -51,14 +55,14 @@ class Heartbeat:
                 folder.write_atomic(self.host, data, owner=self.host)
                 self._written = data
         except OSError as exc:
-            if not self._problem_logged:
+            if not self._problem:
                 logger.warning("cannot write the heartbeat in {}: {}; not claiming there until it works",
                                self.inbox, exc.strerror or exc)
-                self._problem_logged = True
+            self._problem = f"the heartbeat cannot be written ({exc.strerror or exc})"
             return False
-        if self._problem_logged:
+        if self._problem:
             logger.info("heartbeat in {} written again", self.inbox)
-            self._problem_logged = False
+            self._problem = ""
         self.last_ok = self.clock()
         return True
 
@@ -68,11 +72,16 @@ class Heartbeat:
         except FileNotFoundError:
             return
         if self._written is None or current == self._written:
+            if self.twin and self.clock() - self._twin_seen >= self.lease_seconds:
+                logger.warning("the other heartbeat under the host name {} on {} (epoch {}) has not changed for "
+                               "{:g} s: claiming there again", self.host, self.inbox, self.twin, self.lease_seconds)
+                self.twin = ""
             return
         try:
-            epoch = str(json.loads(current).get("epoch", "?"))
-        except (ValueError, AttributeError):
+            epoch = str(json.loads(current).get("epoch", "?"))[:64]
+        except (ValueError, AttributeError, UnicodeError):
             epoch = "?"
+        self._twin_seen = self.clock()
         if epoch != self.epoch and epoch != self.twin:
             self.twin = epoch
             logger.error("another live bgwatch uses the host name {} on {} (its epoch {}, ours {}): two daemons "
@@ -84,6 +93,17 @@ class Heartbeat:
         if self.twin or self.last_ok is None:
             return False
         return self.clock() - self.last_ok < self.lease_seconds / 2
+
+    def why_not_claiming(self) -> str:
+        """Why this host does not claim here ("" when it does), in words for `bgwatch status`."""
+        if self.twin:
+            return (f"another daemon writes the heartbeat of host name {self.host} (epoch {shown(self.twin)}); "
+                    f"claiming resumes once it has not changed for {self.lease_seconds:g} s")
+        if self._problem:
+            return self._problem
+        if not self.fresh():
+            return "no recent heartbeat"
+        return ""
 
     def remove(self) -> None:
         """On a clean stop, after this host's claims went back or were finished."""

@@ -7,10 +7,14 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bgwatch import safefs
 from bgwatch.custody import Claim, Custody
 from bgwatch.jobs import JobState, RunResult
+
+if TYPE_CHECKING:
+    from bgwatch.pipeline.stages import Finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +25,21 @@ class Started:
     at: float
 
 
-Outcome = Started | RunResult
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """A finished job's output could not be written (the outbox full, read-only, failing): its claim still
+    holds; the main thread tries the delivery again later (retries.py)."""
+
+    finished: Finished
+    cause: str  # the folder and the error, in words
+    code: int  # errno
+
+    @property
+    def run_id(self) -> int:
+        return self.finished.job.run_id
+
+
+Outcome = Started | RunResult | Blocked
 
 
 class Outcomes(queue.SimpleQueue[Outcome]):

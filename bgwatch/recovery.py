@@ -84,8 +84,8 @@ def _reopen(intake: Intake, row: RunRow, settled: dict[int, tuple[Site, Settled]
                              source_path=str(result.parked) if result.parked else None)
         else:
             store.finish_run(row.id, JobState.SUPERSEDED,
-                             error="interrupted by a restart before its output was written; returned to the inbox "
-                                   "and taken again as a new run")
+                             error=f"interrupted by a restart before its delivery finished ({result.returned}); "
+                                   "returned to the inbox and taken again as a new run")
         return None
     if site is None:
         store.finish_run(row.id, JobState.SUPERSEDED, error="its inbox is no longer configured")
@@ -97,6 +97,13 @@ def _reopen(intake: Intake, row: RunRow, settled: dict[int, tuple[Site, Settled]
     except ValueError:
         name = ""
     if not name or not os.path.lexists(source):
+        delivered = _delivered(site, row)
+        if delivered is not None:  # killed after its delivery, before the 'done' was recorded
+            store.finish_run(row.id, JobState.DONE, output_path=str(delivered),
+                             error="recorded at the restart: its delivery had finished")
+            logger.info("run {} ({}): delivered before the restart -> {}", row.id, shown(row.rel_path),
+                        shown(str(delivered)))
+            return None
         why = "its file was taken back by another host while this one was stopped, and processed there"
         store.finish_run(row.id, JobState.SUPERSEDED, error=why)
         logger.info("run {} ({}): {}", row.id, shown(row.rel_path), why)
@@ -114,8 +121,19 @@ def _reopen(intake: Intake, row: RunRow, settled: dict[int, tuple[Site, Settled]
     job = Job(run_id=row.id, inbox=row.inbox, rel_path=row.rel_path, source=source, spec=spec,
               input_sha256=row.input_sha256, key=row.key, claim=claim, output_rel=output_rel)
     intake.inflight[row.id] = InFlight(job, site)
-    intake.names.hold(site.inbox.outbox, output_rel, row.rel_path, row.input_sha256)
     return job
+
+
+def _delivered(site: Site, row: RunRow) -> Path | None:
+    """Where this run's output is, if the share's owner records say this very run delivered it."""
+    if not row.output_path:
+        return None
+    try:
+        wanted = PurePosixPath(*Path(row.output_path).relative_to(site.inbox.outbox).parts).as_posix()
+    except ValueError:
+        return None
+    got = site.custody.outputs.of_run(wanted, site.custody.host, row.id, row.input_sha256)
+    return site.inbox.outbox / got if got is not None else None
 
 
 def _remove_own_temp_files(site: Site, host: str) -> None:

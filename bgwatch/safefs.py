@@ -176,6 +176,29 @@ class Folder:
             except OSError:
                 return
 
+    def prune_tree(self) -> None:
+        """Remove every empty folder below this one (innermost first); links are never followed."""
+        for name, st in self.entries():
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            try:
+                with self._child(name, create=False) as child:
+                    child.prune_tree()
+                os.rmdir(name, dir_fd=self.fd)
+            except OSError:
+                continue
+
+    def create_exclusive(self, name: str) -> bool:
+        """Make an empty file `name` only if no entry has that name (O_EXCL, honoured by SMB and NFSv3+):
+        a name reserved where neither no-replace renames nor hard links exist. False if it exists."""
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=self.fd)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
     def unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.fd)
@@ -328,7 +351,7 @@ def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, uni
             try:
                 move_noreplace(src, src_name, dst, candidate)
             except FileExistsError:
-                if same_file(src.lstat(src_name), dst.lstat(candidate)):
+                if same_file_at(src, src_name, dst, candidate):
                     # A move by link + unlink that was killed between the two: finish it.
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(src_name, dir_fd=src.fd)
@@ -343,6 +366,18 @@ def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, uni
             return candidate
         else:
             raise FileExistsError(errno.EEXIST, "no free name after 10000 tries", str(dst.path / name))
+    if src.lstat(src_name) is None:
+        return None
+    # Neither no-replace renames nor links: the name is reserved by an exclusive create, then the file
+    # renamed over that reservation (ours alone). Only when the name is really taken does the file get a
+    # name unique by construction.
+    if dst.create_exclusive(name):
+        try:
+            os.rename(src_name, name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        except FileNotFoundError:
+            dst.unlink(name)
+            return None
+        return name
     stem, ext = _split(name)
     candidate = fit_name(stem, f"-{unique_tag}{ext}")
     try:
@@ -374,14 +409,39 @@ def same_file(a: os.stat_result | None, b: os.stat_result | None) -> bool:
     return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def sha256_at(folder: Folder, name: str) -> str:
-    """sha256 of a regular file; refuses links, pipes and devices (a FIFO would block forever)."""
+def same_file_at(a_dir: Folder, a: str, b_dir: Folder, b: str) -> bool:
+    """Whether two names are one file (a move by link + unlink cut between the two). Inode numbers first;
+    where a FUSE or SMB mount (noserverino) makes them up, two names of one file may differ there, so two
+    regular files that both have several links, the same size and mtime and the same bytes count as one."""
+    sa, sb = a_dir.lstat(a), b_dir.lstat(b)
+    if same_file(sa, sb):
+        return True
+    if sa is None or sb is None or not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)):
+        return False
+    if sa.st_nlink < 2 or sb.st_nlink < 2 or (sa.st_size, sa.st_mtime_ns) != (sb.st_size, sb.st_mtime_ns):
+        return False
+    try:
+        return sha256_at(a_dir, a) == sha256_at(b_dir, b)
+    except OSError:
+        return False
+
+
+def sha256_at(folder: Folder, name: str, limit: int | None = None) -> str:
+    """sha256 of a regular file; refuses links, pipes and devices (a FIFO would block forever), and files
+    over `limit` bytes (EFBIG) where a name on the share is not trusted to be small."""
     digest = hashlib.sha256()
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder.fd)
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file (a link, pipe or device)", str(folder.path / name))
+        if limit is not None and st.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(folder.path / name))
+        seen = 0
         for block in iter(lambda: handle.read(1 << 20), b""):
+            seen += len(block)
+            if limit is not None and seen > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(folder.path / name))
             digest.update(block)
     return digest.hexdigest()
 

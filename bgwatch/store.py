@@ -10,6 +10,7 @@ reaches the heartbeat, which does not use SQLite at all.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -173,20 +174,18 @@ class Store:
                 raise
             conn.execute("COMMIT")
 
-    def schema_version(self) -> int:
-        with self._lock:
-            return int(self.db.table("meta").get("schema_version")["value"])
-
     # ------------------------------------------------------------------ runs
 
     def add_run(self, *, key: str, inbox: str, rel_path: str, source_path: str, input_sha256: str,
-                spec_json: str, host: str, status: JobState = JobState.QUEUED) -> int:
+                spec_json: str, host: str, status: JobState = JobState.QUEUED, output_path: str = "") -> int:
+        """One run, in one transaction with the output name it wants (never a row without it)."""
         now = self.clock()
         with self._tx() as conn:
             cur = conn.execute(
                 "INSERT INTO runs (key, inbox, rel_path, source_path, input_sha256, spec_json, status, "
-                "attempts, host, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                (key, inbox, shown(rel_path), shown(source_path), input_sha256, spec_json, str(status), host, now),
+                "attempts, host, created_at, output_path) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                (key, inbox, shown(rel_path), shown(source_path), input_sha256, spec_json, str(status), host, now,
+                 shown(output_path)),
             )
             return int(cur.lastrowid or 0)
 
@@ -209,14 +208,10 @@ class Store:
         with self._tx() as conn:
             conn.execute("UPDATE runs SET output_path = ? WHERE id = ?", (shown(output_path), run_id))
 
-    def output_owner(self, output_path: str) -> tuple[str, str] | None:
-        """(rel_path, input_sha256) of the input whose run last wrote (or is writing) this output;
-        failed and superseded runs own nothing."""
-        with self._lock:
-            rows = list(self.db.query(
-                "SELECT rel_path, input_sha256 FROM runs WHERE output_path = ? AND status NOT IN "
-                "('failed', 'superseded') ORDER BY id DESC LIMIT 1", [shown(output_path)]))
-        return (rows[0]["rel_path"], rows[0]["input_sha256"]) if rows else None
+    def note(self, run_id: int, error: str) -> None:
+        """What an open run waits for (a full outbox), shown by `history` until the run ends."""
+        with self._tx() as conn:
+            conn.execute("UPDATE runs SET error = ? WHERE id = ?", (shown(error), run_id))
 
     def finish_run(self, run_id: int, state: JobState, *, output_path: str = "", error: str = "",
                    mask_engine: str = "", bg_engine: str = "", seed: int | None = None,
@@ -232,6 +227,13 @@ class Store:
                  None if source_path is None else shown(source_path), run_id),
             )
 
+    def mark_retried(self, run_id: int, source_path: str) -> None:
+        """A failed run whose original `bgwatch retry` put back in its inbox: said in its error, with where
+        the original is now. Its times, timings and engines stay: its duration is the run's, not the retry's."""
+        with self._tx() as conn:
+            conn.execute("UPDATE runs SET error = COALESCE(error, '') || ' [retried]', source_path = ? WHERE id = ?",
+                         (shown(source_path), run_id))
+
     def requeue(self, run_id: int) -> None:
         with self._tx() as conn:
             conn.execute("UPDATE runs SET status = 'queued', error = '' WHERE id = ?", (run_id,))
@@ -242,7 +244,7 @@ class Store:
             rows = list(self.db.query(
                 "SELECT * FROM runs WHERE key = ? AND status = 'done' ORDER BY id DESC", [key]))
         for row in rows:
-            if row["output_path"] and Path(row["output_path"]).exists():
+            if row["output_path"] and os.path.lexists(row["output_path"]):
                 return RunRow.from_row(row)
         return None
 

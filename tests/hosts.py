@@ -30,7 +30,8 @@ LEASE_SECONDS = 3.0
 STOP_TIMEOUT = 10.0  # pipeline.stop_timeout: the bound on a SIGTERM drain
 # Environment variables that would change what the daemons do behind the config's back.
 _SCRUBBED_ENV = ("BG_ENGINE", "DEVICE", "MODEL_ID", "OUTPUT_DIR", "BG_REQS_PER_MIN", "ALLOW_4K", "DEBUG",
-                 "BGWATCH_CONFIG", "BGWATCH_CRASH_AT", "NOTIFY_SOCKET", "WATCHDOG_USEC")
+                 "BGWATCH_CONFIG", "NOTIFY_SOCKET", "WATCHDOG_USEC")
+FAULTD = Path(__file__).resolve().parent / "faultd.py"  # the daemon with crash points (the tests' seam)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.25,
@@ -108,16 +109,18 @@ class Host:
         env.update(extra or {})
         return env
 
-    def start(self, env: Mapping[str, str] | None = None, *, expect_exit: bool = False) -> None:
-        """Start the daemon (again: same host name, same state folder); `env` e.g. a crash failpoint,
-        with `expect_exit` so that its ending by itself is not reported."""
+    def start(self, env: Mapping[str, str] | None = None, *, crash_at: str = "", expect_exit: bool = False) -> None:
+        """Start the daemon (again: same host name, same state folder). `crash_at` (STEP[:N]) starts it through
+        tests/faultd.py, which kills it at that delivery step; with `expect_exit` its ending is not reported."""
         assert not self.alive, f"{self.name} is already running"
         self.starts += 1
         self.expect_exit = expect_exit
+        command = ([sys.executable, str(FAULTD), str(self.config_path), "--crash-at", crash_at] if crash_at
+                   else self.command())
         with open(self.log_path, "ab") as log:
-            log.write(f"\n=== start {self.starts} env={dict(env or {})} ===\n".encode())
+            log.write(f"\n=== start {self.starts} crash_at={crash_at} env={dict(env or {})} ===\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
                                          env=self.env(env), start_new_session=True)
 
     def wait_ready(self, timeout: float = 30.0) -> bool:

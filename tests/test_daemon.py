@@ -184,7 +184,7 @@ def test_unwritable_outbox_fails_the_file_and_the_daemon_goes_on(tmp_path: Path)
     write_samples(fine.path, 1, size=(128, 128), seed=5)
     assert Daemon(config, once=True).run() == 1
     [note] = (blocked.path / "failed").glob("*.error.txt")
-    assert "file system error" in note.read_text()
+    assert "the output could not be written" in note.read_text() and "not a folder" in note.read_text()
     assert len(files_under(fine.outbox)) == 1
 
 

@@ -26,7 +26,6 @@ import pytest
 from hosts import LEASE_SECONDS, Cluster, Host, wait_until
 from share import Report, Share, check_share, fuse_problem, image_bytes
 
-CRASH_ENV = "BGWATCH_CRASH_AT"  # the daemon's failpoint: SIGKILL itself after an output is written
 MID_SIZE = 320  # px: a job of ~0.4 s here, so that a fault finds jobs in flight
 
 
@@ -142,12 +141,12 @@ def scenario_unmount(cluster: Cluster, files: int = 60, down: float = 5.0) -> Re
 
 
 def scenario_crash_after_delivery(cluster: Cluster, files: int = 40) -> Report:
-    """The failpoint BGWATCH_CRASH_AT kills a daemon right after an output is written and before its
+    """A crash point (tests/faultd.py) kills a daemon right after an output is written and before its
     original moves to done/. One host is restarted at once (it recovers its own claims), one only after
     the lease (the others take its claims back); neither may write a second output."""
     first, second = cluster.hosts[0], cluster.hosts[1]
-    first.start({CRASH_ENV: "delivered"}, expect_exit=True)
-    second.start({CRASH_ENV: "delivered:3"}, expect_exit=True)
+    first.start(crash_at="delivered", expect_exit=True)
+    second.start(crash_at="delivered:3", expect_exit=True)
     for host in cluster.hosts[2:]:
         host.start()
     cluster.share.drop_images(files // 2)
@@ -155,7 +154,7 @@ def scenario_crash_after_delivery(cluster: Cluster, files: int = 40) -> Report:
     for host, restart_after in ((first, LEASE_SECONDS + 2.0), (second, 0.0)):
         code = host.wait_exit(deadline - time.monotonic())
         if code is None:
-            cluster.violations.append(f"{host.name}: the failpoint {CRASH_ENV} never fired (daemon still "
+            cluster.violations.append(f"{host.name}: the crash point never fired (daemon still "
                                       "running 20 s after the batch; not implemented?)")
             host.kill()
         elif code != -9:

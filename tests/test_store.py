@@ -25,7 +25,8 @@ def test_wal_busy_timeout_and_schema(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite")
     assert store.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.db.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
-    assert store.schema_version() == SCHEMA_VERSION
+    assert store.db.conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION)
     store.close()
     # a second connection sees WAL persisted
     assert sqlite3.connect(tmp_path / "db.sqlite").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -93,3 +94,14 @@ def test_a_damaged_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
     path.write_bytes(b"not a database" * 500)
     with pytest.raises(ConfigError, match=r"damaged .*mv bgwatch\.db bgwatch\.db\.damaged"):
         Store(path)
+
+
+def test_a_run_is_recorded_with_its_output_name_in_one_step_and_notes_what_it_waits_for(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    run_id = add(store, output_path="/out/a.png")
+    row = store.get_run(run_id)
+    assert row is not None and row.output_path == "/out/a.png" and row.status == "queued"
+    store.note(run_id, "waiting to be delivered: /out: No space left on device (ENOSPC)")
+    row = store.get_run(run_id)
+    assert row is not None and "ENOSPC" in row.error and row.status == "queued"
+    store.close()

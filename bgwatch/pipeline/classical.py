@@ -304,20 +304,3 @@ def _grabcut(small: np.ndarray, subject: np.ndarray, shadow: np.ndarray) -> np.n
     out = np.zeros_like(subject)
     out[y0:y1, x0:x1] = (crop == cv2.GC_FGD) | (crop == cv2.GC_PR_FGD)
     return out
-
-
-def _guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """He et al.'s guided filter (grey guide), O(1) per pixel with box filters."""
-    import cv2
-
-    size = (2 * radius + 1, 2 * radius + 1)
-
-    def box(x: np.ndarray) -> np.ndarray:
-        return cv2.boxFilter(x, cv2.CV_32F, size, borderType=cv2.BORDER_REFLECT)
-
-    mean_i, mean_p = box(guide), box(src)
-    var_i = box(guide * guide) - mean_i * mean_i
-    cov = box(guide * src) - mean_i * mean_p
-    a = cov / (var_i + eps)
-    b = mean_p - a * mean_i
-    return np.asarray(box(a) * guide + box(b))

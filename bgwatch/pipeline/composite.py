@@ -405,24 +405,6 @@ def _apply_shift(fg: np.ndarray, shift: tuple[float, np.ndarray]) -> np.ndarray:
     return np.clip(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB), 0.0, 1.0)
 
 
-def light_wrap(fg: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, sigma: float) -> np.ndarray:
-    """Let the blurred backdrop bleed onto the subject's rim (strongest at the edge, gone a few px in)."""
-    import cv2
-
-    soft = cv2.GaussianBlur(alpha, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
-    rim = np.clip(alpha * (1.0 - soft) * 2.0, 0.0, 1.0)[..., None] * WRAP_STRENGTH
-    # The glow is a wide blur of the backdrop: computed at a quarter size, it is the same light.
-    h, w = alpha.shape
-    k = 4 if min(h, w) >= 64 and sigma >= 4 else 1
-    small = cv2.resize(backdrop, (max(1, w // k), max(1, h // k)), interpolation=cv2.INTER_AREA)
-    glow = cv2.GaussianBlur(small, (0, 0), sigma / k, borderType=cv2.BORDER_REPLICATE)
-    glow = cv2.resize(glow, (w, h), interpolation=cv2.INTER_LINEAR)
-    glow -= fg  # fg + rim * (glow - fg), in place
-    glow *= rim
-    glow += fg
-    return np.asarray(glow)
-
-
 # ---------------------------------------------------------------- 5. contact shadow
 
 
