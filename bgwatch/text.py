@@ -35,3 +35,35 @@ def shown(text: str, *, newlines: bool = False) -> str:
 
 def _has_surrogates(text: str) -> bool:
     return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+
+
+SECRET_RUN = 8  # a run this long of a secret's characters is taken as (a part of) it: shorter ones are words
+
+
+def redacted(text: str, secret: str, mask: str = "***") -> str:
+    """`text` with the secret, and every run of SECRET_RUN or more of its consecutive characters (a server
+    that quotes part of it, a cut copy), replaced by `mask`. Call it before a text is cut to length: a cut
+    made first can leave most of the secret just past where the redaction looks."""
+    if not secret or not text:
+        return text
+    covered = bytearray(len(text))
+    run = min(SECRET_RUN, len(secret))
+    for start in range(len(secret) - run + 1):
+        piece = secret[start : start + run]
+        found = text.find(piece)
+        while found != -1:
+            covered[found : found + run] = b"\x01" * run
+            found = text.find(piece, found + 1)
+    if not any(covered):
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if covered[i]:
+            while i < len(text) and covered[i]:
+                i += 1
+            out.append(mask)
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)

@@ -226,3 +226,79 @@ def test_the_key_stays_out_of_a_logged_traceback_with_variables(scenario: str) -
     text = "\n".join(lines)
     assert "run failed" in text and "EngineError" in text
     assert KEY not in text
+
+
+# ---------------------------------------------------------------- no part of the key anywhere (issue 20, item 7)
+
+RANDOM_KEY = "rwQ7pLx9ZkT2mVb8NcR4sWd6YhJ3uFe5Ga1XoK0q"  # like a real key: no word in it
+
+
+def key_runs(text: str, key: str = RANDOM_KEY, run: int = 4) -> list[str]:
+    """Every `run`-character piece of the key found in `text`."""
+    return sorted({key[i : i + run] for i in range(len(key) - run + 1) if key[i : i + run] in text})
+
+
+def test_redaction_comes_before_the_cut_and_catches_a_quoted_part_of_the_key(logs: list[str]) -> None:
+    # The key straddles character 300 of the server's error text: cut first, 19 of 20 characters leaked.
+    padded = (401, {"error": "Invalid API key. " + "." * 251})  # the key begins at character 281
+    with FakeRunway(reject=padded, echo_key_in_error=True) as server, pytest.raises(EngineError) as err:
+        render(engine_for(server, api_key=RANDOM_KEY))
+    assert "HTTP 401" in str(err.value) and len(err.value.reason) <= 400
+    assert key_runs(str(err.value)) == [] and key_runs("\n".join(logs)) == []
+    quoting = f"request from key {RANDOM_KEY[:14]}... refused by moderation " + "x" * 60_000
+    with FakeRunway(statuses=["RUNNING", "FAILED"], failure=quoting) as server, pytest.raises(EngineError) as err:
+        render(engine_for(server, api_key=RANDOM_KEY))
+    assert "refused by moderation" in str(err.value) and key_runs(str(err.value)) == []
+    assert len(str(err.value)) < 400, "a 60 KB failure text is cut"
+
+
+@pytest.mark.slow
+def test_a_runway_error_quoting_the_key_leaves_no_part_of_it_anywhere(tmp_path: Path, logs: list[str]) -> None:
+    import sqlite3
+    import threading
+
+    import httpx
+
+    from bgwatch.daemon import Daemon
+    from bgwatch.samples import write_samples
+    from tests.helpers import make_config, wait_for
+
+    key_file = tmp_path / "runway.key"
+    key_file.write_text(RANDOM_KEY + "\n")
+    padded = (401, {"error": "Invalid API key. " + "." * 251})  # the key begins at character 281
+    with FakeRunway(reject=padded, echo_key_in_error=True) as server:
+        config = make_config(tmp_path, {"beach": {"rules": {"operation": "replace", "engine": "runway",
+                                                            "prompt": "a beach"}}},
+                             runway={"base_url": server.url, "api_key_file": str(key_file), "poll_interval": 0.01,
+                                     "request_timeout": 2.0, "task_deadline": 10.0},
+                             http={"listen": "127.0.0.1:0"})
+        [photo] = write_samples(config.inboxes[0].path, 1, size=(160, 120), seed=70)
+        daemon = Daemon(config, http=True)
+        thread = threading.Thread(target=daemon.run, daemon=True)
+        thread.start()
+        try:
+            assert daemon.http is not None
+            wait_for(lambda: daemon.http.url)  # type: ignore[union-attr]
+            note = config.inboxes[0].path / "failed" / f"{photo.name}.error.txt"
+            wait_for(lambda: note.exists())
+            failed_photo = config.inboxes[0].path / "failed" / photo.name
+            with httpx.Client(base_url=daemon.http.url, timeout=60) as client:
+                answer = client.post("/background/replace", params={"wait": "false"},
+                                     files={"file": ("shot.jpg", failed_photo.read_bytes(), "image/jpeg")},
+                                     data={"engine": "runway", "prompt": "a beach"})
+                assert answer.status_code == 202, answer.text
+                run = answer.headers["location"]
+                record = wait_for(lambda: (r := client.get(run)).json()["status"] == "failed" and r)
+                served = record.text
+        finally:
+            daemon.request_stop()
+            thread.join(timeout=30)
+    assert "HTTP 401" in note.read_text() and "HTTP 401" in served
+    db = sqlite3.connect(config.db_path)
+    errors = [row[0] for row in db.execute("SELECT error FROM runs")]
+    db.close()
+    assert len(errors) == 2 and all("HTTP 401" in e for e in errors)
+    stored = b"".join(p.read_bytes() for p in config.state_dir.glob("bgwatch.db*"))
+    for where, text in {"note": note.read_text(), "GET /runs": served, "logs": "\n".join(logs),
+                        "database": stored.decode("latin-1")}.items():
+        assert key_runs(text) == [], f"part of the key in the {where}"

@@ -27,6 +27,7 @@ from loguru import logger
 
 from bgwatch.errors import BgwatchError, EngineError, InputError
 from bgwatch.pipeline.backgrounds import BackgroundRequest, fit_cover
+from bgwatch.text import redacted, shown
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -59,6 +60,7 @@ WAITING = {"PENDING", "THROTTLED", "RUNNING"}
 MAX_ATTEMPTS = 6  # per HTTP call, for 429 / 5xx / dropped connections (the deadline bounds it too)
 MAX_POLL_DELAY = 10.0
 MAX_BACKOFF = 30.0
+MAX_REASON = 300  # characters of a server's error text kept in a run's reason
 
 
 class _Secret(str):
@@ -176,14 +178,14 @@ class RunwayEngine:
             with httpx.Client(timeout=s.request_timeout, follow_redirects=True) as download:
                 data = self._call(download, "GET", url, deadline, "downloading the image").content
         except EngineError as exc:
-            # Belt and braces: whatever a server echoed back, the key never leaves in an error.
-            if key in str(exc):
-                raise EngineError("runway", exc.reason.replace(key, "***")) from None
+            # Belt and braces: whatever a server echoed back, no part of the key leaves in an error, and
+            # a reason is cut to length only once the key is out of it.
+            reason = redacted(exc.reason, key)
+            if reason != exc.reason or len(reason) > MAX_REASON:
+                raise EngineError("runway", _cut(reason)) from None
             raise
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # a malformed base_url or output URL
-            raise EngineError(
-                "runway", f"{type(exc).__name__}: {str(exc).replace(key, '***')[:200]}"
-            ) from None
+            raise EngineError("runway", _cut(f"{type(exc).__name__}: {redacted(str(exc), key)}")) from None
         image = _decode(data, self.max_pixels)
         self.calls += 1
         return fit_cover(image, request.width, request.height)
@@ -251,7 +253,8 @@ class RunwayEngine:
                     problem = f"HTTP {answer.status_code}"
                     wait = _retry_after(answer.headers.get("Retry-After"))
                 elif answer.status_code >= 400:
-                    raise EngineError("runway", f"{what}: HTTP {answer.status_code}: {_error_text(answer)}")
+                    text = _error_text(answer, self._key())
+                    raise EngineError("runway", f"{what}: HTTP {answer.status_code}: {text}")
                 else:
                     return answer
             if attempt == MAX_ATTEMPTS:
@@ -275,18 +278,25 @@ class RunwayEngine:
         return data
 
 
-def _error_text(answer: httpx.Response) -> str:
+def _error_text(answer: httpx.Response, key: str) -> str:
+    """The server's words for an error, the key redacted out of them before they are cut to length."""
     try:
         data = answer.json()
     except ValueError:
-        return answer.text[:300] or answer.reason_phrase
+        return _cut(redacted(answer.text, key)) or answer.reason_phrase
     if isinstance(data, dict):
         text = data.get("error") or data.get("message") or data
         issues = data.get("issues")
         if issues:
             text = f"{text} {issues}"
-        return str(text)[:300]
-    return str(data)[:300]
+        return _cut(redacted(str(text), key))
+    return _cut(redacted(str(data), key))
+
+
+def _cut(text: str, limit: int = MAX_REASON) -> str:
+    """A server-supplied text at most `limit` characters, on one line (redact before cutting)."""
+    text = shown(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:
