@@ -371,6 +371,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         _print_json([{**asdict(s), "bytes": disk_size(Path(s.path)) if s.present else None}
                      for s in models.list_models(config, tuple(args.names))])
         return 0
+    if args.action == "quantize":
+        from bgwatch import models
+
+        statuses = models.quantize_models(config, tuple(args.names))
+        print(models.format_quantize(statuses))
+        return 0 if all(s.passed for s in statuses) else 1
     text, ok = models_command(config, args.action, args.names, fp16=args.fp16)
     print(text)
     return 0 if ok else 1
@@ -493,9 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
             json_flag=True)
     p.add_argument("action", choices=["ls", "prune", "clear"])
 
-    p = add("models", cmd_models, "List the mask and SDXL models present, or pull them (needs internet).",
-            json_flag=True)
-    p.add_argument("action", choices=["ls", "pull"])
+    p = add("models", cmd_models, "List the mask and SDXL models present, pull them (needs internet), or "
+            "quantize the mask nets to int8 for the CPU (a calibrated variant, kept only if it passes its "
+            "quality gate against fp32).", json_flag=True)
+    p.add_argument("action", choices=["ls", "pull", "quantize"])
     p.add_argument("names", nargs="*", metavar="MODEL",
                    help="rembg model names or SDXL hub ids (default: the ones the config uses)")
     precision = p.add_mutually_exclusive_group()

@@ -1,8 +1,11 @@
-"""`bgwatch models ls | pull`: which model weights the configuration needs, whether they are here, and
+"""`bgwatch models ls | pull | quantize`: which model weights the configuration needs, whether they are here,
 fetching them into their usual caches (rembg's model home, the Hugging Face cache) where there is
-network. The daemon itself never downloads a mask model; it fails a job with a message pointing here.
+network, and making the mask nets' INT8 variants (pipeline/quantize.py). The daemon itself never downloads
+a mask model; it fails a job with a message pointing here.
 
-Lookups are file-system only (no rembg, no torch import); pulling imports rembg / huggingface_hub lazily.
+Lookups are file-system only (no rembg, no torch import); pulling imports rembg / huggingface_hub lazily, and
+a mask net pulled for a CPU gets its int8 variant at once (`models quantize` makes it for weights already
+in place, custom .onnx files included).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +149,81 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
+# ---------------------------------------------------------------- INT8 variants
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizeStatus:
+    name: str
+    passed: bool
+    path: str  # the variant when it passed, else its record (or where the weights would be)
+    detail: str  # the agreement reached, or why there is none
+
+
+Shots = Sequence[tuple[str, Any]]  # (name, HxWx3 uint8 image)
+
+
+def _quantize_rembg(name: str, calibration: Shots | None = None, validation: Shots | None = None) -> QuantizeStatus:
+    from bgwatch.pipeline import quantize
+    from bgwatch.pipeline.onnxnets import recipe_for
+
+    found, target = rembg_weights(name)
+    recipe = recipe_for(name)
+    if recipe is None:
+        return QuantizeStatus(name, False, str(found or target), "runs through rembg: bgwatch makes no int8 "
+                              "variant of it")
+    if found is None:
+        return QuantizeStatus(name, False, str(target), f"weights missing: run `bgwatch models pull {name}`")
+    logger.info("models: quantizing {} to int8 (calibration and the quality gate take a minute or more)", name)
+    try:
+        result = quantize.quantize(found, recipe, calibration=calibration, validation=validation)
+    except ImportError as exc:
+        raise BgwatchError(f"quantizing needs the onnx package ({exc}); pip install 'bgwatch[cpu]'") from None
+    except Exception as exc:  # ONNX Runtime's quantizer raises many kinds (a model it cannot convert, ...)
+        return QuantizeStatus(name, False, str(found), f"cannot quantize: {_short(exc)}; fp32 stays")
+    agreement = f"IoU with fp32: mean {result.mean_iou:.3f}, lowest {result.min_iou:.3f} ({result.method})"
+    if result.passed:
+        return QuantizeStatus(name, True, str(result.variant), agreement)
+    return QuantizeStatus(name, False, str(result.record), f"refused, below the gate: {agreement}; fp32 stays")
+
+
+def _quantize_on_pull(config: Config, name: str) -> bool:
+    """A net just downloaded gets its int8 variant where it would run on the CPU."""
+    from bgwatch.pipeline.masking import resolve_onnx_device
+    from bgwatch.pipeline.onnxnets import recipe_for
+
+    return recipe_for(name) is not None and resolve_onnx_device(config.device) == "cpu"
+
+
+def quantize_models(config: Config, names: Sequence[str] = (), *, calibration: Shots | None = None,
+                    validation: Shots | None = None) -> list[QuantizeStatus]:
+    """An int8 variant, beside the fp32 file, of each configured mask net (or `names`), with its record;
+    one that misses the quality gate is refused (fp32 stays). `calibration`, `validation`: other images
+    than the generated studio shots (quantize.py)."""
+    return [_quantize_rembg(name, calibration, validation)
+            for kind, name, _ in _wanted(config, names) if kind == "rembg"]
+
+
+def format_quantize(statuses: Sequence[QuantizeStatus]) -> str:
+    if not statuses:
+        return "nothing to quantize: the configuration uses no mask net"
+    return "\n".join(f"{'int8' if s.passed else 'fp32':5}  {s.name}  {s.path}  ({s.detail})" for s in statuses)
+
+
+def precision_report(config: Config, flags: frozenset[str] | None = None) -> list[str]:
+    """One line per configured mask net: the precision it runs at on this machine, and why (for doctor).
+    `flags`: the CPU's feature flags (default: this machine's)."""
+    from bgwatch.pipeline.masking import mask_precision
+
+    precision = str(dict(config.defaults.get("mask", {})).get("precision", _MASK.precision))
+    lines = []
+    for kind, name, _ in configured_models(config):
+        if kind == "rembg":
+            chosen, why = mask_precision(MaskSpec(model=name, precision=precision), config.device, flags)
+            lines.append(f"mask {name}: {chosen} ({why})")
+    return lines
+
+
 # ---------------------------------------------------------------- SDXL
 
 
@@ -248,7 +326,16 @@ def pull_models(config: Config, names: Sequence[str] = (), *, fp16: bool | None 
     failures: list[str] = []
     for kind, name, used_by in _wanted(config, names):
         try:
-            out.append(_pull_rembg(name, used_by) if kind == "rembg" else _pull_sdxl(name, used_by, fp16))
+            if kind == "rembg":
+                fresh = not _rembg_status(name, used_by).present
+                status = _pull_rembg(name, used_by)
+                if fresh and status.present and _quantize_on_pull(config, name):
+                    int8 = _quantize_rembg(name)
+                    status = replace(status, detail=f"{status.detail}; {'int8' if int8.passed else 'no int8'}: "
+                                     f"{int8.detail}")
+                out.append(status)
+            else:
+                out.append(_pull_sdxl(name, used_by, fp16))
         except BgwatchError as exc:
             failures.append(str(exc))
     if failures:

@@ -123,3 +123,41 @@ def test_models_dir_is_where_the_cli_and_the_daemon_look(tmp_path: Path) -> None
     [u2net] = [m for m in json.loads(proc.stdout) if m["name"] == "u2net"]
     assert u2net["present"] and u2net["path"].startswith(str(tmp_path / "models" / "rembg"))
     assert u2net["bytes"] >= 2048
+
+
+# ---------------------------------------------------------------- int8 variants
+
+
+def test_quantize_makes_a_variant_and_doctor_can_say_which_precision_runs(tmp_path: Path, u2net_home: Path) -> None:
+    import json
+
+    from bgwatch.models import format_quantize, precision_report, quantize_models
+    from bgwatch.pipeline.masking import unload_mask_engines
+    from bgwatch.pipeline.quantize import studio_images
+    from tests.tinymodels import build_tiny_onnx
+
+    build_tiny_onnx(u2net_home)
+    config = config_with(tmp_path, {"mask": {"engine": "rembg", "model": "tiny.onnx"}})
+    vnni = frozenset({"avx512_vnni"})
+    assert precision_report(config, vnni) == [
+        "mask tiny.onnx: fp32 (no int8 variant that passed its quality gate (`bgwatch models quantize` makes one))"]
+    shots = {"calibration": studio_images(range(1000, 1004), (256, 256)),
+             "validation": studio_images(range(2000, 2004), (256, 256))}
+    statuses = quantize_models(config, **shots)
+    assert [(s.name, s.passed) for s in statuses] == [("tiny.onnx", True)]
+    assert statuses[0].path == str(u2net_home / "tiny.int8.onnx") and "IoU with fp32" in statuses[0].detail
+    assert json.loads((u2net_home / "tiny.int8.json").read_text())["passed"] is True
+    assert format_quantize(statuses).startswith("int8   tiny.onnx  ")
+    report = precision_report(config, vnni)
+    assert report[0].startswith("mask tiny.onnx: int8 (this CPU has avx512_vnni")
+    assert precision_report(config, frozenset({"avx2"}))[0].startswith("mask tiny.onnx: fp32 (this CPU has none")
+    unload_mask_engines()
+
+
+def test_quantize_says_why_a_model_has_no_variant(tmp_path: Path, u2net_home: Path) -> None:
+    from bgwatch.models import quantize_models
+
+    config = config_with(tmp_path)
+    missing, rembg_only = quantize_models(config, ["u2net", "u2net_cloth_seg"])
+    assert not missing.passed and "bgwatch models pull u2net" in missing.detail
+    assert not rembg_only.passed and "runs through rembg" in rembg_only.detail
