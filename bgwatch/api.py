@@ -60,7 +60,9 @@ from bgwatch.service import open_file_limit
 from bgwatch.text import shown
 
 DOCS_STATIC = "/docs-static"  # Swagger UI's and ReDoc's files, from the fastapi-offline package
-LISTEN_BACKLOG = 1024
+# The kernel's queue of connections not yet accepted, and how many the event loop accepts at once before
+# the guard sees them: what the open connections may briefly exceed the cap by (within FD_RESERVE).
+LISTEN_BACKLOG = 256
 HEADER_BYTES = 16 * 1024  # a request's line and headers at most (h11)
 KEEP_ALIVE = 5.0  # seconds an idle kept-alive connection stays open
 # Refused before or while its body is read: the client may still be sending it, so the connection closes.

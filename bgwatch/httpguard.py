@@ -20,7 +20,9 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-FD_RESERVE = 256  # open files kept for everything but connections (SQLite, folders, models, logs)
+# Open files kept for everything but connections (SQLite, folders, models, logs) and for a batch of
+# connections accepted before the guard has seen them (api.LISTEN_BACKLOG).
+FD_RESERVE = 512
 
 
 def connection_limit(configured: int, open_files: int) -> int:
