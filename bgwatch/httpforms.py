@@ -29,7 +29,7 @@ class FormField:
         return rules.FIELDS_BY_NAME[self.key]
 
 
-CLEANUP_FORM = (
+CLEANUP_FORM: tuple[FormField, ...] = (
     FormField("mode", "mode"),
     FormField("background_color", "background_color"),
     FormField("enhance_fg", "enhance_fg", True),
@@ -38,7 +38,7 @@ CLEANUP_FORM = (
     FormField("desaturate_pct", "desaturate_pct"),
     FormField("format", "output.format"),
 )
-REPLACE_FORM = (
+REPLACE_FORM: tuple[FormField, ...] = (
     FormField("prompt", "prompt"),
     FormField("negative_prompt", "negative_prompt"),
     FormField("steps", "steps"),
@@ -55,6 +55,18 @@ REPLACE_FORM = (
     FormField("fallback_engine", "fallback_engine"),
     FormField("format", "output.format"),
 )
+# Marketplace-ready outputs (presets.py, pipeline/canvas.py): the same keys for both endpoints.
+CANVAS_FORM = (
+    FormField("preset", "preset"),
+    FormField("metadata", "metadata"),
+    FormField("canvas_size", "canvas.size"),
+    FormField("margin", "canvas.margin"),
+    FormField("position", "canvas.position"),
+    FormField("trim", "canvas.trim"),
+    FormField("upscale", "canvas.upscale"),
+)
+CLEANUP_FORM += CANVAS_FORM
+REPLACE_FORM += CANVAS_FORM
 FORMS: dict[str, tuple[FormField, ...]] = {"cleanup": CLEANUP_FORM, "replace": REPLACE_FORM}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

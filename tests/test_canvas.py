@@ -192,3 +192,48 @@ def test_amazon_refuses_a_product_under_500_px(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"canvas.min_subject: the product is \d+ px .* under the 500 px allowed "
                        r"\(preset amazon\)"):
         run_job(tmp_path, "small.jpg", shot.rgb, {"preset": "amazon"})
+
+
+def test_placing_reads_only_the_window_that_lands_on_the_canvas() -> None:
+    import tracemalloc
+
+    rgb = np.full((4000, 6000, 3), 180, np.uint8)
+    alpha = subject((6000, 4000), (1800, 600, 4200, 3400))
+    layout = canvas.plan(alpha, spec_with(**AMAZON_CANVAS))
+    tracemalloc.start()
+    try:
+        placed_rgb, placed_alpha = canvas.place(rgb, alpha, layout)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    result = placed_rgb.nbytes + placed_alpha.nbytes  # the canvas: 28 MB; the input: 168 MB
+    assert peak < 2.5 * result < (rgb.nbytes + alpha.nbytes) / 2
+
+
+@pytest.mark.slow
+def test_an_amazon_inbox_end_to_end_through_the_daemon_and_the_report(tmp_path: Path) -> None:
+    from bgwatch import htmlreport
+    from bgwatch.daemon import Daemon
+    from bgwatch.store import Store
+    from tests.helpers import files_under
+
+    config = make_config(tmp_path, {"amazon": {"rules": {"preset": "amazon"}}})
+    inbox = config.inboxes[0]
+    for index, (size, backdrop, seed) in enumerate(SHOTS):
+        Image.fromarray(samples.studio_shot(seed, size, backdrop).rgb).save(inbox.path / f"shot{index}.jpg",
+                                                                            quality=95)
+    Image.fromarray(samples.studio_shot(3, (800, 600), "white_sweep").rgb).save(inbox.path / "tiny.jpg")
+    assert Daemon(config, once=True).run() == 1  # one file failed
+    outputs = files_under(inbox.outbox)
+    assert outputs == ["shot0.jpg", "shot1.jpg", "shot2.jpg"]
+    for name in outputs:
+        with Image.open(inbox.outbox / name) as im:
+            assert (im.format, im.size) == ("JPEG", (2000, 2000))
+    assert "tiny.jpg" in files_under(inbox.path / "failed")
+    reason = (inbox.path / "failed" / "tiny.jpg.error.txt").read_text()
+    assert "canvas.min_subject" in reason and "500 px allowed (preset amazon)" in reason
+    store = Store(config.db_path)
+    rows = store.history(limit=10)
+    store.close()
+    page = htmlreport.render(rows)
+    assert page.count('data-compliance="ok"') == 3 and "3 of 3 output(s) meet their preset" in page

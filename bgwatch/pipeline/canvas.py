@@ -263,7 +263,7 @@ def place(rgb: np.ndarray, alpha: np.ndarray, layout: Layout) -> tuple[np.ndarra
         moved_rgb, moved_alpha = window_rgb, window_alpha
     else:
         moved_rgb = cv2.resize(window_rgb, (tw, th), interpolation=interpolation)
-        moved_alpha = cv2.resize(np.ascontiguousarray(window_alpha), (tw, th), interpolation=interpolation)
+        moved_alpha = cv2.resize(window_alpha, (tw, th), interpolation=interpolation)  # views: no copy
     edge = np.concatenate([window_rgb[0], window_rgb[-1], window_rgb[:, 0], window_rgb[:, -1]])
     out_rgb[...] = edge.reshape(-1, 3).mean(axis=0).round().astype(np.uint8)
     # Where the resized window's top-left lands; its parts off the canvas are left out.
