@@ -120,6 +120,9 @@ def _run_daemon(args: argparse.Namespace, config: Any) -> int:
     for warning in warnings:
         logger.warning("pre-flight: {}", warning)
     progress = None
+    # A share that is not mounted: `run --once` says so, and exits 1 when no inbox could be looked at (a cron
+    # job must learn that nothing was done, not read "the inboxes are empty").
+    missing = [str(ib.path) for ib in config.inboxes if not ib.path.is_dir()] if args.once else []
     if args.once:
         from tqdm import tqdm
 
@@ -180,7 +183,9 @@ def _run_daemon(args: argparse.Namespace, config: Any) -> int:
         store = Store(config.db_path)
         rows = {r["id"]: r for r in store.history(limit=max(len(daemon.results), 1) * 2 + 100)}
         store.close()
-        report.print_results(daemon.results, rows)
+        report.print_results(daemon.results, rows, missing=missing, inboxes=len(config.inboxes))
+        if missing and len(missing) == len(config.inboxes):
+            return max(code, 1)
     return code
 
 
@@ -226,18 +231,25 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from bgwatch.single import process_one
+    from bgwatch.single import images_to_process, process_many
 
     config = _load(args, required=False)
+    images = images_to_process(Path(args.image))
     _setup_logs(config, to_files=False)
-    result = process_one(Path(args.image), config, Path(args.output), _parse_sets(args.set or []))
-    if result.error:
-        print(f"failed: {result.error}", file=sys.stderr)
-        return 1
-    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    print(f"{result.output_path}  ({result.mask_engine}{' + ' + result.bg_engine if result.bg_engine else ''};"
-          f" {timings})")
-    return 0
+    folder = Path(args.image).is_dir()
+    results = process_many(images, config, Path(args.output), _parse_sets(args.set or []), each_error=folder)
+    for image, result in zip(images, results, strict=True):
+        if result.error:
+            print(f"failed: {result.error}" if not folder or image.name in result.error
+                  else f"failed: {image.name}: {result.error}", file=sys.stderr)
+            continue
+        timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+        print(f"{result.output_path}  ({result.mask_engine}{' + ' + result.bg_engine if result.bg_engine else ''};"
+              f" {timings})")
+    failed = sum(1 for r in results if r.error)
+    if folder:
+        print(f"{len(results)} file(s): {len(results) - failed} ok, {failed} failed")
+    return 1 if failed else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -467,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "Serve the HTTP API (the original service's endpoints) without watching inboxes.")
     p.add_argument("--listen", metavar="HOST:PORT", help="instead of http.listen (beyond loopback: keys required)")
 
-    p = add("process", cmd_process, "Process one image now, without the daemon.")
-    p.add_argument("image", help="the image file")
+    p = add("process", cmd_process, "Process one image, or a folder's images, now, without the daemon.")
+    p.add_argument("image", metavar="IMAGE|FOLDER",
+                   help="an image file, or a folder: its images (not its subfolders)")
     p.add_argument("-o", "--output", default=".", help="folder for the result (default: current folder)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a JobSpec value, e.g. --set mode=color --set mask.engine=classical (repeatable)")

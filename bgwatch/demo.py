@@ -16,10 +16,15 @@ DROPS = {"inbox/cleanup": (2, 0), "inbox/white": (2, 10), "inbox/soften": (1, 20
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bgwatch.config import load_config
     from bgwatch.samples import write_samples
 
     config = Path(argv[0] if argv else "config.yaml")
     root = config.parent
+    # The demo plays the studio: it makes the sample's inbox folders (the daemon never creates an inbox; a
+    # missing one would be reported as a share not mounted), the replace one left empty (SDXL needs weights).
+    for inbox in load_config(config, env={}).inboxes:
+        inbox.path.mkdir(parents=True, exist_ok=True)
     for folder, (count, seed) in DROPS.items():
         written = write_samples(root / folder, count, seed=seed)
         print(f"dropped {len(written)} shot(s) into {folder}/")

@@ -5,7 +5,7 @@
 - Rotating app.log and error.log under the state folder's logs/.
 - stdlib logging (watchdog, huggingface_hub, transformers, diffusers, httpx, ...) is routed into loguru, so
   their messages reach the same sinks; libraries that install their own stderr handler on import are
-  adopted when they are imported. Known shutdown noise is demoted to DEBUG.
+  adopted when they are imported; Python warnings are logged too. Known harmless noise is demoted to DEBUG.
 - debug (DEBUG=1): DEBUG level everywhere, the source of each console line, and the libraries' own DEBUG.
 """
 
@@ -33,9 +33,15 @@ ADOPTED = {"transformers.utils.logging": "transformers", "diffusers.utils.loggin
 # Chatty at DEBUG and never useful to a studio's admin: kept at INFO even with DEBUG=1.
 QUIET_IN_DEBUG = ("PIL", "urllib3", "httpcore", "numba", "matplotlib", "asyncio", "filelock", "fsspec")
 
-# (logger, message start): known harmless messages logged above their weight. watchdog logs this ERROR
-# when an inotify emitter is stopped while its thread is already gone (every observer restart).
-DEMOTED = (("watchdog.observers.inotify", "InotifyEmitter.queue_events() called when the thread is inactive"),)
+# (logger, text in the message): known harmless messages logged above their weight, shown with DEBUG=1 only.
+# - watchdog logs an ERROR when an inotify emitter is stopped while its thread is already gone (every
+#   observer restart), and warns (a Python warning, captured) when a watched folder is created again under a
+#   name it watched before (claim and delivery folders come and go).
+# - transformers 5 warns once that its image processors fall back to PIL without torchvision, which bgwatch
+#   never installs (an unpinned torchvision drags in another torch) and never needs (no image processor).
+DEMOTED = (("watchdog.observers.inotify", "InotifyEmitter.queue_events() called when the thread is inactive"),
+           ("py.warnings", "RuntimeWarning: Callback with id"),
+           ("transformers.utils.import_utils", "requires torchvision (not installed)"))
 
 
 def journal_stream(stream: TextIO, env: dict[str, str] | None = None) -> bool:
@@ -71,7 +77,7 @@ class InterceptHandler(logging.Handler):
 
         message = record.getMessage()
         level: str | int
-        if any(record.name == name and message.startswith(start) for name, start in DEMOTED):
+        if any(record.name == name and text in message for name, text in DEMOTED):
             level = "DEBUG"
         else:
             try:
@@ -138,6 +144,7 @@ class _AdoptingFinder(importlib.abc.MetaPathFinder):
 def route_stdlib_logging(debug: bool) -> None:
     """Send every stdlib logger's records to loguru; adopt libraries already imported or imported later."""
     logging.basicConfig(handlers=[InterceptHandler()], level=logging.DEBUG if debug else logging.INFO, force=True)
+    logging.captureWarnings(True)  # Python warnings (watchdog's, the libraries') reach the logs, not raw stderr
     for name in QUIET_IN_DEBUG:
         logging.getLogger(name).setLevel(logging.INFO if debug else logging.WARNING)
     for module_name, name in ADOPTED.items():

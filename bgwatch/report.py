@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +16,8 @@ from typing import Any
 from bgwatch.errors import ConfigError
 from bgwatch.jobs import RunResult
 from bgwatch.text import shown
+
+ERROR_INDENT = 4  # a failure's whole error, under its row of the `run --once` table
 
 
 def _short(path: str, width: int) -> str:
@@ -39,20 +44,33 @@ def _duration(row: dict[str, Any]) -> str:
     return f"{seconds:.2f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def print_results(results: Sequence[RunResult], rows: dict[int, dict[str, Any]]) -> None:
+def print_results(results: Sequence[RunResult], rows: dict[int, dict[str, Any]], *, missing: Sequence[str] = (),
+                  inboxes: int = 0) -> None:
+    """The `run --once` table; a failure's whole error follows its row, wrapped (the column keeps its start).
+    `missing`: inboxes not there (a share not mounted), said on stderr, where a cron job's mail picks it up."""
+    for path in missing:
+        print(f"bgwatch: inbox {shown(path)} is missing (a share not mounted?): nothing was taken from it",
+              file=sys.stderr)
     if not results:
-        print("nothing to do: the inboxes are empty")
+        if missing and len(missing) >= inboxes:
+            print("nothing done: no inbox is there to look at")
+        else:
+            print("nothing to do: the inboxes are empty")
         return
+    width = max(60, shutil.get_terminal_size((120, 24)).columns - ERROR_INDENT)
     print(f"{'input':34}  {'status':7}  {'output / error':44}  {'engine':26}  {'time':>6}")
     for result in results:
         row = rows.get(result.run_id, {})
         engine = result.mask_engine + (f" + {result.bg_engine}" if result.bg_engine else "")
-        where = (_short(shown(os.path.relpath(result.output_path)), 44) if result.output_path
-                 else _cut(shown(result.error), 44))
+        error = shown(result.error)
+        where = _short(shown(os.path.relpath(result.output_path)), 44) if result.output_path else _cut(error, 44)
         seconds = sum(result.timings.values())
         name = shown(str(row.get("inbox", "")).rstrip("/").rsplit("/", 1)[-1] + "/" + str(row.get("rel_path", "?")))
         print(f"{_short(name, 34):34}  {result.state.value:7}  {where:44}  "
               f"{_short(engine, 26):26}  {seconds:5.2f}s")
+        if not result.output_path and len(error) > 44:
+            for line in textwrap.wrap(error, width, break_long_words=True, break_on_hyphens=False):
+                print(" " * ERROR_INDENT + line)
     failed = sum(1 for r in results if r.state.value == "failed")
     print(f"{len(results)} file(s): {len(results) - failed} ok, {failed} failed")
 
@@ -159,6 +177,8 @@ def format_status(status: dict[str, Any]) -> str:
             health = f"watching ({inbox['observer']})" if inbox["healthy"] else f"NOT WATCHING: {inbox['problem']}"
             lines.append(f"watch:    {inbox['path']}  {health}, {inbox['settling']} settling, "
                          f"{inbox['restarts']} restart(s)")
+        for problem in live.get("problems", []):
+            lines.append(f"problem:  {problem}")
     counts = status["runs"]
     lines.append("runs:     " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
     for inbox in status["inboxes"]:

@@ -14,33 +14,74 @@ from bgwatch.errors import BgwatchError, InputError
 from bgwatch.jobs import Job, JobState, RunResult, job_key
 
 
+def images_to_process(path: Path) -> list[Path]:
+    """`bgwatch process PATH`: a file, or the images directly inside a folder (not its subfolders, hidden
+    files or sidecars). InputError naming what is allowed when there is nothing to process."""
+    from bgwatch.sidecars import IMAGE_SUFFIXES
+
+    allowed = ", ".join(sorted(IMAGE_SUFFIXES))
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir()
+                        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+        if not images:
+            raise InputError(path, f"a folder with no images in it (allowed: an image file, or a folder of {allowed})")
+        return images
+    if not path.exists():
+        raise InputError(path, f"no such file or folder (allowed: an image file, or a folder of {allowed})")
+    if not path.is_file():
+        raise InputError(path, "neither a regular file nor a folder")
+    return [path]
+
+
 def process_one(image: Path, config: Config, out_dir: Path, overrides: Mapping[str, Any]) -> RunResult:
     """Run the three stages on one file, write the result into out_dir, and record the run."""
-    from bgwatch import rules
+    [result] = process_many([image], config, out_dir, overrides, each_error=False)
+    return result
+
+
+def process_many(images: Sequence[Path], config: Config, out_dir: Path, overrides: Mapping[str, Any], *,
+                 each_error: bool = True) -> list[RunResult]:
+    """process_one for several files with one store and one set of loaded engines. each_error: a file whose
+    spec cannot be resolved (its sidecar, say) is a failed result and the others go on; else it raises."""
     from bgwatch.pipeline import stages
     from bgwatch.ratelimit import TokenBucket
     from bgwatch.store import Store
 
-    if not image.is_file():
-        raise InputError(image, "no such file")
-    image = image.resolve()
-    inbox = config.inbox_for(image) or InboxConfig(path=image.parent, outbox=out_dir, rules={})
-    resolved = rules.resolve(image, inbox, config, overrides=overrides or None)
-    spec = resolved.spec
+    for image in images:
+        if not image.is_file():
+            raise InputError(image, "no such file")
     store = Store(config.db_path)
+    engines = stages.Engines(config, store, TokenBucket(config.limits.generations_per_minute))
+    results = []
+    try:
+        for image in images:
+            try:
+                job = _record(image.resolve(), config, store, out_dir, overrides)
+            except BgwatchError as exc:
+                if not each_error:
+                    raise
+                results.append(RunResult(0, JobState.FAILED, error=str(exc)))
+                continue
+            results.append(_process_and_record(job, config, engines, store, image.resolve(), out_dir))
+    finally:
+        store.close()
+    return results
+
+
+def _record(image: Path, config: Config, store: Any, out_dir: Path, overrides: Mapping[str, Any]) -> Job:
+    """The job for one file, its run recorded as running (SpecError when its spec cannot be resolved)."""
+    from bgwatch import rules
+
+    inbox = config.inbox_for(image) or InboxConfig(path=image.parent, outbox=out_dir, rules={})
+    spec = rules.resolve(image, inbox, config, overrides=overrides or None).spec
     sha = safefs.sha256_file(image)
     rel = PurePosixPath(*image.relative_to(inbox.path).parts).as_posix()
     run_id = store.add_run(key=job_key(sha, spec), inbox="(process)", rel_path=rel, source_path=str(image),
                            input_sha256=sha, spec_json=spec.to_json(),
                            host=config.host)
     store.start_run(run_id, config.host)
-    job = Job(run_id=run_id, inbox="(process)", rel_path=rel, source=image, spec=spec, input_sha256=sha,
-              key=job_key(sha, spec))
-    engines = stages.Engines(config, store, TokenBucket(config.limits.generations_per_minute))
-    try:
-        return _process_and_record(job, config, engines, store, image, out_dir)
-    finally:
-        store.close()
+    return Job(run_id=run_id, inbox="(process)", rel_path=rel, source=image, spec=spec, input_sha256=sha,
+               key=job_key(sha, spec))
 
 
 def _process_and_record(job: Job, config: Config, engines: Any, store: Any, image: Path,
@@ -110,8 +151,7 @@ def retry_runs(config: Config, run_ids: Sequence[int], *, all_failed: bool) -> t
                 problems.append(f"run {run_id}: its original is no longer in failed/ ({source})")
                 continue
             target = inbox.path / back
-            store.finish_run(row.id, JobState.FAILED, error=(row.error or "") + " [retried]",
-                             source_path=str(target))
+            store.mark_retried(row.id, str(target))
             moved.append(f"run {row.id}: {target}")
     finally:
         store.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +54,18 @@ def test_process_one_file_with_set_overrides(tmp_path: Path, config) -> None:
     assert proc.returncode == 1
     assert "mode" in proc.stderr and "blurry" in proc.stderr and "Traceback" not in proc.stderr
 
+    # A folder: its images, each with its own line; the broken one fails without stopping the others.
+    (tmp_path / "loose" / "notes.txt").write_text("not an image")
+    folder_out = tmp_path / "from-folder"
+    proc = bgwatch("process", str(tmp_path / "loose") + "/", "-c", str(config.source), "-o", str(folder_out),
+                   "--set", "mask.engine=classical")
+    assert proc.returncode == 1 and "2 file(s): 1 ok, 1 failed" in proc.stdout, proc.stdout + proc.stderr
+    assert (folder_out / f"{shot.stem}.png").is_file() and "broken.jpg" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = bgwatch("process", str(tmp_path / "empty"), "-c", str(config.source))
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert "empty: a folder with no images" in proc.stderr and ".jpg" in proc.stderr and "Traceback" not in proc.stderr
+
 
 def test_run_once_prints_a_table_and_writes_rotating_logs(config) -> None:
     inbox = config.inboxes[0].path
@@ -76,8 +90,43 @@ def test_run_once_prints_a_table_and_writes_rotating_logs(config) -> None:
     table = bgwatch("history", "-c", str(config.source))
     assert "zero.jpg" in table.stdout and "done" in table.stdout
 
+    before = {r["id"]: r for r in json.loads(bgwatch("history", "--json", "-c", str(config.source)).stdout)}
     retry = bgwatch("retry", "--failed", "-c", str(config.source))
     assert retry.returncode == 0 and (inbox / "zero.jpg").exists()
+    after = {r["id"]: r for r in json.loads(bgwatch("history", "--json", "-c", str(config.source)).stdout)}
+    [failed] = [i for i, r in before.items() if r["status"] == "failed"]
+    assert after[failed]["error"] == before[failed]["error"] + " [retried]"
+    for key in ("started_at", "finished_at", "duration_seconds", "timings", "mask_engine"):
+        assert after[failed][key] == before[failed][key], f"retry rewrote the run's {key}"
+
+
+def test_run_once_shows_a_long_error_whole(config) -> None:
+    """The table keeps its columns; a failure's whole error follows its row, wrapped."""
+    (config.inboxes[0].path / "notes.jpg").write_text("a text file saved with the wrong name, not a photo\n" * 3)
+    proc = bgwatch("run", "--once", "--no-progress", "-c", str(config.source), env={"COLUMNS": "100"})
+    assert proc.returncode == 1
+    [row] = json.loads(bgwatch("history", "--json", "-c", str(config.source)).stdout)
+    error = row["error"]
+    assert len(error) > 60
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if "notes.jpg" in line and "failed" in line)
+    follow = list(itertools.takewhile(lambda line: line.startswith("    "), lines[at + 1:]))
+    assert follow and all(len(line) <= 100 for line in follow)
+    assert "".join(" ".join(follow).split()) == "".join(error.split()), "the whole error, nothing cut"
+
+
+def test_run_once_says_when_an_inbox_is_missing(config) -> None:
+    """An unmounted share is not an empty inbox: it is named, and with no inbox there at all, exit 1."""
+    cleanup, replace = (ib.path for ib in config.inboxes)
+    replace.rmdir()
+    some = bgwatch("run", "--once", "--no-progress", "-c", str(config.source))
+    assert some.returncode == 0, some.stderr
+    assert f"inbox {replace} is missing" in some.stderr and str(cleanup) not in some.stderr
+    shutil.rmtree(cleanup)  # with the .bgwatch/ work folder the first run made
+    none = bgwatch("run", "--once", "--no-progress", "-c", str(config.source))
+    assert none.returncode == 1, "a cron job learns that nothing could be looked at"
+    assert "nothing done" in none.stdout and "the inboxes are empty" not in none.stdout
+    assert f"inbox {cleanup} is missing" in none.stderr and "Traceback" not in none.stderr
 
 
 def test_validate_and_explain(tmp_path: Path, config) -> None:

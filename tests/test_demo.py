@@ -22,6 +22,8 @@ def test_demo_runs_the_shipped_config_end_to_end(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "7 file(s): 7 ok, 0 failed" in proc.stdout
+    # What the demo prints is bgwatch's: no library warning dumps (watchdog's RuntimeWarning), no tracebacks.
+    assert "Warning" not in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     modes = {"cleanup": "RGBA", "white": "RGB", "soften": "RGB", "gradient": "RGB"}
     for box, mode in modes.items():
         outputs = sorted((tmp_path / "outbox" / box).iterdir())

@@ -116,3 +116,39 @@ def test_debug_env_through_the_cli(tmp_path: Path) -> None:
                           timeout=120)
     assert "DEBUG" not in quiet.stderr
     assert "DEBUG" in loud.stderr and "bgwatch.cli:" in loud.stderr and "configuration" in loud.stderr
+
+
+def test_library_hints_and_python_warnings_reach_the_log_not_raw_stderr(tmp_path: Path) -> None:
+    """transformers' torchvision hint and watchdog's re-registration warning are known noise (DEBUG only);
+    other Python warnings are log lines with a priority, never raw stderr."""
+    code = """
+        import warnings
+        from transformers.utils import logging as tf_logging
+        tf_logging.get_logger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+        warnings.warn_explicit("Callback with id '1' already exists for watch <Watch wd=8>. It will be Overwritten.",
+                               RuntimeWarning, "watchdog/observers/inotify.py", 365, module="watchdog.observers.inotify")
+        warnings.warn_explicit("a library's own warning", UserWarning, "somelib/core.py", 7, module="somelib.core")
+    """
+    err, app_log = run_python(code, tmp_path, journal=True)
+    assert "torchvision" not in err + app_log and "Callback with id" not in err + app_log
+    [line] = [line for line in err.splitlines() if "a library's own warning" in line]
+    assert line.startswith("<4>") and "UserWarning" in line, err
+    assert "a library's own warning" in app_log
+    (tmp_path / "debug").mkdir()
+    err, _ = run_python(code, tmp_path / "debug", journal=True, debug=True)
+    assert any(line.startswith("<7>") and "requires torchvision" in line for line in err.splitlines()), err
+    assert any(line.startswith("<7>") and "Callback with id" in line for line in err.splitlines()), err
+
+
+def test_loading_an_sdxl_pipeline_draws_no_progress_bars(tiny_sdxl: Path, capfd) -> None:
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars are off in bgwatch."""
+    import torch
+
+    from bgwatch.pipeline.sdxl_load import from_pretrained
+
+    capfd.readouterr()
+    pipe = from_pretrained(str(tiny_sdxl), torch.float32, fp16_variant=False)
+    out, err = capfd.readouterr()
+    assert pipe is not None
+    assert "Loading" not in out + err and "it/s" not in out + err and "\r" not in out + err, err

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,6 +157,19 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
 
 
+def no_progress_bars() -> None:
+    """No tqdm bars while loading: diffusers' "Loading pipeline components" and transformers' "Loading
+    weights" would reach the daemon's console and the journal as lines of carriage returns and blocks.
+    (The denoising loop's bar is switched off per pipeline: set_progress_bar_config.)"""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def from_pretrained(
     model: str, dtype: Any, *, fp16_variant: bool, downloads: bool = False, extra: dict[str, Any] | None = None
 ) -> Any:
@@ -165,6 +179,7 @@ def from_pretrained(
     except ImportError:
         raise EngineError("sdxl", "diffusers is not installed (pip install 'bgwatch[sdxl]')") from None
 
+    no_progress_bars()
     extra = extra or {}
     if _looks_like_path(model):
         folder = Path(model).expanduser()
