@@ -1,0 +1,169 @@
+"""What a store is: the interface the daemon's callers use, and the choice between SQLite and PostgreSQL.
+
+`RunStore` is the interface that bgwatch.store.Store (SQLite, one workstation) has always offered and that
+every caller uses (intake, recovery, the HTTP door, the cache, the CLI); bgwatch.pgstore.PgStore offers
+the same methods on PostgreSQL, and tests/test_store_suite.py holds both to one behaviour. `StudioStore`
+adds what only a shared store can do for a studio: output-name reservations, one generation per
+background key, one generation bucket per engine, and each host's heartbeat.
+
+A store that is away raises StoreUnavailable. It is an sqlite3.OperationalError on purpose: every caller
+already treats that as "the store is busy, try again later" (the daemon's retry path, the cache's miss),
+so PostgreSQL restarting takes the same path as SQLite's busy timeout, with no traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from bgwatch.jobs import JobState
+    from bgwatch.store import RunRow
+
+SQLITE = "sqlite"
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+class StoreUnavailable(sqlite3.OperationalError):
+    """The studio store cannot be reached now (restarting, network away, pool exhausted); try again later.
+    Its text never carries the database's credentials."""
+
+
+def is_postgres(setting: str) -> bool:
+    return setting.startswith(URL_SCHEMES)
+
+
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """A libpq URL or key=value string with its password replaced by ***, fit for logs, errors and status."""
+    text = _KEYWORD_PASSWORD.sub(r"\1***", url)
+    if not is_postgres(text):
+        return text
+    parts = urlsplit(text)
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(query=query))
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (a driver's error message) with any password from `url` taken out."""
+    parts = urlsplit(url) if is_postgres(url) else None
+    secrets = [m.group(2).strip("'") for m in _KEYWORD_PASSWORD.finditer(url)]
+    if parts is not None and parts.password:
+        secrets.append(parts.password)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return redact(text.replace(url, redact(url)))
+
+
+@runtime_checkable
+class RunStore(Protocol):
+    """Every claimed job's run record and the generated-background cache index."""
+
+    def check(self) -> None:
+        """Refuse a damaged or unusable store at start with what to do (ConfigError)."""
+
+    def close(self) -> None: ...
+
+    # runs
+    def add_run(self, *, key: str, inbox: str, rel_path: str, source_path: str, input_sha256: str,
+                spec_json: str, host: str, status: JobState = ..., output_path: str = "") -> int: ...
+
+    def get_run(self, run_id: int) -> RunRow | None: ...
+
+    def start_run(self, run_id: int, host: str, at: float | None = None) -> bool: ...
+
+    def set_output(self, run_id: int, output_path: str) -> None: ...
+
+    def note(self, run_id: int, error: str) -> None: ...
+
+    def finish_run(self, run_id: int, state: JobState, *, output_path: str = "", error: str = "",
+                   mask_engine: str = "", bg_engine: str = "", seed: int | None = None,
+                   timings: dict[str, float] | None = None, source_path: str | None = None) -> None: ...
+
+    def mark_retried(self, run_id: int, source_path: str) -> None: ...
+
+    def requeue(self, run_id: int) -> None: ...
+
+    def find_done(self, key: str) -> RunRow | None: ...
+
+    def runs_in(self, states: tuple[JobState, ...], host: str | None = None) -> list[RunRow]: ...
+
+    def history(self, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    # backgrounds
+    def get_background(self, key: str) -> dict[str, Any] | None: ...
+
+    def put_background(self, row: dict[str, Any]) -> None: ...
+
+    def touch_background(self, key: str, hits: int = 1) -> None: ...
+
+    def delete_background(self, key: str) -> None: ...
+
+    def list_backgrounds(self) -> list[dict[str, Any]]: ...
+
+    def lru_backgrounds(self) -> list[dict[str, Any]]: ...
+
+    def backgrounds_total_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HostRow:
+    """One host of the studio as the store last heard of it."""
+
+    host: str
+    started_at: float
+    last_beat: float  # on the server's clock, like `age`
+    in_flight: int
+    age: float  # seconds since its last heartbeat, measured by the server
+
+
+@runtime_checkable
+class StudioStore(RunStore, Protocol):
+    """What only a store every host shares can do."""
+
+    def beat(self, host: str, in_flight: int) -> None:
+        """This host is alive with `in_flight` jobs (the row `status` and `/metrics` show)."""
+
+    def hosts(self) -> list[HostRow]: ...
+
+    def reserve_output(self, outbox: str, name: str, host: str, run_id: int | None = None) -> bool:
+        """Take `name` in `outbox` for this host; False when another host (or run) already has it."""
+
+    def release_output(self, outbox: str, name: str) -> None: ...
+
+    def begin_generation(self, key: str, host: str, lease_seconds: float) -> bool:
+        """True: this host generates the background `key` now. False: another live host is generating it
+        (wait for its row in the backgrounds table). A generation whose host went silent past its lease is
+        taken over."""
+
+    def end_generation(self, key: str, host: str) -> None: ...
+
+    def take_token(self, engine: str, per_minute: float, burst: int = 1) -> float:
+        """Take one generation token from the studio's bucket for `engine`: 0.0 when taken, else the seconds
+        until one will be free (nothing taken)."""
+
+
+def open_store(setting: str, *, sqlite_path: Any, host: str, clock: Callable[[], float] | None = None) -> RunStore:
+    """The store `store:` names: SQLite at `sqlite_path`, or the studio's PostgreSQL (migrated on open)."""
+    import time
+
+    if is_postgres(setting):
+        from bgwatch.pgstore import PgStore
+
+        return PgStore(setting, host=host, clock=clock or time.time)
+    from bgwatch.store import Store
+
+    return Store(sqlite_path, clock=clock or time.time)
