@@ -395,11 +395,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bgwatch.htmlreport import write_report
+    from bgwatch.htmlreport import trusted_folders, write_report
 
     config = _load(args)
     rows = _rows(config, args)
-    target = write_report(rows, Path(args.output))
+    target = write_report(rows, Path(args.output), roots=trusted_folders(config))
     print(f"{target}: {len(rows)} run(s)")
     return 0
 

@@ -7,20 +7,32 @@ no mask, and the page says so. Transparent pixels are shown over a checkerboard.
 
 The page carries no external resource. A few lines of inline script count the thumbnails that rendered
 and mark any that did not (`data-rendered` / `data-broken` on <body>), for a person and for tests.
+
+Everything on the page came from someone on the share: a Content-Security-Policy lets it load nothing
+(images only as data: URIs, the one script by its hash); every printed value is escaped and cut to a
+length (a 60 KB name or error cannot flood the page); and a thumbnail is read through descriptors, no
+link followed below the configured folders (a link planted in done/, failed/ or an outbox is shown as
+such, never what it points to).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bgwatch.text import shown
+
 THUMB = 240  # px, the longer side
+NAME_CHARS = 300  # a printed name, engine or timing line is cut to this many characters
+ERROR_CHARS = 2000  # a failed run's error
 STATUS_COLOURS = {"done": "#1a7f37", "skipped": "#6e7781", "failed": "#cf222e", "queued": "#9a6700",
                   "running": "#0969da", "superseded": "#6e7781"}
 
@@ -53,6 +65,30 @@ window.addEventListener('load', function () {
 """
 
 
+def _csp() -> str:
+    digest = base64.b64encode(hashlib.sha256(SCRIPT.encode("utf-8")).digest()).decode("ascii")
+    return (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; "
+            "base-uri 'none'; form-action 'none'")
+
+
+def _text(value: Any, limit: int = NAME_CHARS) -> str:
+    """A value from the database (anyone's text) for the page: control characters shown escaped, cut to
+    `limit` characters, HTML-escaped."""
+    text = shown(str(value))
+    if len(text) > limit:
+        text = f"{text[: limit - 1]}… ({len(text) - limit + 1} more characters)"
+    return html.escape(text)
+
+
+def trusted_folders(config: Any) -> list[Path]:
+    """The folders whose own paths the operator configured (links in them are the operator's): each
+    inbox, each outbox and the state folder (HTTP uploads and results). Below them no link is followed."""
+    folders = [Path(config.state_dir)]
+    for inbox in config.inboxes:
+        folders += [Path(inbox.path), Path(inbox.outbox)]
+    return folders
+
+
 def _checkerboard(size: tuple[int, int]) -> Any:
     from PIL import Image, ImageDraw
 
@@ -71,28 +107,46 @@ def _data_uri(image: Any) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def thumbnails(path: Path | None) -> tuple[str | None, str | None]:
+def thumbnails(path: Path | None, roots: Iterable[Path] = ()) -> tuple[str | None, str | None]:
     """(image, mask) thumbnails of a file as data URIs; the mask only when the file has an alpha channel.
-    (None, None) when the file is gone or unreadable: the page says so instead of failing."""
-    if path is None or not path.is_file():
-        return None, None
+    (None, None) when the file is gone, unreadable or reached through a link: the page says so instead."""
+    return _thumbnails(path, roots)[:2]
+
+
+def _thumbnails(path: Path | None, roots: Iterable[Path]) -> tuple[str | None, str | None, str]:
+    """(image, mask, why not shown) for the file at `path`, opened without following a link below the
+    deepest of `roots` holding it (below / where none does)."""
     from PIL import Image, ImageOps
 
-    from bgwatch.pipeline.imageio import allowed_formats
+    from bgwatch import sharefiles
+    from bgwatch.errors import InputError
+    from bgwatch.pipeline.imageio import allowed_formats, check_jpeg_scans
 
+    if path is None:
+        return None, None, "no longer on disk"
+    try:
+        fd = sharefiles.open_under(path, roots)
+    except sharefiles.RefusedFile as exc:
+        return None, None, f"not shown: {exc.what}"
+    except FileNotFoundError:
+        return None, None, "no longer on disk"
+    except (OSError, ValueError):
+        return None, None, "cannot be shown (not readable)"
     try:  # only the formats bgwatch decodes: a file on a share may be anything (never Ghostscript)
-        with Image.open(path, formats=list(allowed_formats())) as opened:
+        with os.fdopen(fd, "rb") as handle, Image.open(handle, formats=list(allowed_formats())) as opened:
+            if opened.format == "JPEG":
+                check_jpeg_scans(handle, path)  # a scan bomb in failed/ must not stall the report
             image = ImageOps.exif_transpose(opened)
             image.thumbnail((THUMB, THUMB))
             image.load()
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None, None
+    except (OSError, ValueError, Image.DecompressionBombError, InputError):
+        return None, None, "cannot be shown (not a readable image)"
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        shown = _checkerboard(rgba.size)
-        shown.paste(rgba, mask=rgba.getchannel("A"))
-        return _data_uri(shown), _data_uri(rgba.getchannel("A").convert("RGB"))
-    return _data_uri(image.convert("RGB")), None
+        board = _checkerboard(rgba.size)
+        board.paste(rgba, mask=rgba.getchannel("A"))
+        return _data_uri(board), _data_uri(rgba.getchannel("A").convert("RGB")), ""
+    return _data_uri(image.convert("RGB")), None, ""
 
 
 def _figure(uri: str | None, caption: str, missing: str) -> str:
@@ -105,12 +159,13 @@ def _when(epoch: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch))) if epoch else ""
 
 
-def _run_card(row: dict[str, Any], marked: Any = None) -> str:
+def _run_card(row: dict[str, Any], marked: Any = None, roots: Sequence[Path] = ()) -> str:
     status = str(row.get("status", ""))
     source = Path(row["source_path"]) if row.get("source_path") else None
     output = Path(row["output_path"]) if row.get("output_path") else None
-    input_uri, _ = thumbnails(source)
-    output_uri, mask_uri = thumbnails(output) if status in ("done", "skipped") else (None, None)
+    input_uri, _, input_missing = _thumbnails(source, roots)
+    output_uri, mask_uri, output_missing = (_thumbnails(output, roots) if status in ("done", "skipped")
+                                            else (None, None, ""))
     engines = " + ".join(e for e in (row.get("mask_engine"), row.get("bg_engine")) if e) or "—"
     try:
         timings = json.loads(row.get("timings_json") or "{}")
@@ -122,25 +177,27 @@ def _run_card(row: dict[str, Any], marked: Any = None) -> str:
     stages = ", ".join(f"{k} {float(v):.2f} s" for k, v in timings.items())
     inbox = str(row.get("inbox", "")).rstrip("/").rsplit("/", 1)[-1]
     colour = STATUS_COLOURS.get(status, "#57606a")
+    run = _text(row.get("id"), 20)
     parts = [
-        f'<article class="run" data-run="{row.get("id")}" data-status="{html.escape(status)}">',
-        f'<header><span class="badge" style="background:{colour}">{html.escape(status)}</span>'
-        f'<span class="name">{html.escape(inbox)}/{html.escape(str(row.get("rel_path", "")))}</span>'
-        f'<span class="meta">run {row.get("id")} · {html.escape(engines)} · {_when(row.get("created_at"))}'
+        f'<article class="run" data-run="{run}" data-status="{_text(status, 20)}">',
+        f'<header><span class="badge" style="background:{colour}">{_text(status, 20)}</span>'
+        f'<span class="name">{_text(inbox)}/{_text(row.get("rel_path", ""))}</span>'
+        f'<span class="meta">run {run} · {_text(engines)} · {_when(row.get("created_at"))}'
         f'{" · " + took if took else ""}</span></header>',
         '<div class="thumbs">',
-        _figure(input_uri, "input", "cannot be shown (not a readable image)" if source and source.is_file()
-                else "original no longer on disk"),
+        _figure(input_uri, "input", "original no longer on disk" if input_missing == "no longer on disk"
+                else input_missing),
         _figure(mask_uri, "mask", "no mask kept (opaque output)" if output_uri else "no output"),
-        _figure(output_uri, "output", "failed: no output" if status == "failed" else "output no longer on disk"),
+        _figure(output_uri, "output", "failed: no output" if status == "failed" else
+                "output no longer on disk" if output_missing == "no longer on disk" else output_missing),
         "</div>",
     ]
     if stages:
-        parts.append(f'<div class="meta">{html.escape(stages)}</div>')
+        parts.append(f'<div class="meta">{_text(stages)}</div>')
     if marked is not None:  # compliance.Compliance: the output against its preset
         parts.append(_compliance_html(marked))
     if status == "failed" and row.get("error"):
-        parts.append(f'<div class="error">{html.escape(str(row["error"]))}</div>')
+        parts.append(f'<div class="error">{_text(row["error"], ERROR_CHARS)}</div>')
     parts.append("</article>")
     return "\n".join(parts)
 
@@ -154,13 +211,15 @@ def _compliance(row: dict[str, Any]) -> Any:
 def _compliance_html(marked: Any) -> str:
     """The output against its preset: one mark a check, each saying what it found."""
     verdict = "meets" if marked.ok else "does NOT meet"
-    items = " · ".join(f'<span class="{"pass" if c.ok else "fail"}">{"✓" if c.ok else "✗"} {html.escape(str(c))}</span>'
+    items = " · ".join(f'<span class="{"pass" if c.ok else "fail"}">{"✓" if c.ok else "✗"} {_text(c)}</span>'
                        for c in marked.checks)
     return (f'<div class="compliance" data-compliance="{"ok" if marked.ok else "not"}">'
-            f"{verdict} preset <b>{html.escape(marked.preset)}</b>: {items}</div>")
+            f"{verdict} preset <b>{_text(marked.preset)}</b>: {items}</div>")
 
 
-def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report") -> str:
+def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report", *,
+           roots: Sequence[Path] = ()) -> str:
+    """The page; `roots`: the configured folders (trusted_folders) below which no link is followed."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[str(row.get("status"))] = counts.get(str(row.get("status")), 0) + 1
@@ -169,17 +228,19 @@ def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report") 
     marks = [m for m in marked if m is not None]
     if marks:
         summary += f" · {sum(m.ok for m in marks)} of {len(marks)} output(s) meet their preset"
-    cards = "\n".join(_run_card(dict(row), mark) for row, mark in zip(rows, marked, strict=True))
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+    cards = "\n".join(_run_card(dict(row), mark, roots) for row, mark in zip(rows, marked, strict=True))
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{_csp()}">\n<title>{_text(title)}</title>\n'
             f"<style>{STYLE}</style>\n<script>{SCRIPT}</script></head>\n"
-            f"<body><h1>{html.escape(title)}</h1>\n"
-            f'<p class="summary">{len(rows)} run(s): {html.escape(summary)} · written {_when(time.time())}</p>\n'
+            f"<body><h1>{_text(title)}</h1>\n"
+            f'<p class="summary">{len(rows)} run(s): {_text(summary, ERROR_CHARS)} · written {_when(time.time())}</p>\n'
             f'<main class="sheet">\n{cards}\n</main></body></html>\n')
 
 
-def write_report(rows: Sequence[dict[str, Any]], target: Path, title: str = "bgwatch batch report") -> Path:
+def write_report(rows: Sequence[dict[str, Any]], target: Path, title: str = "bgwatch batch report", *,
+                 roots: Sequence[Path] = ()) -> Path:
     from bgwatch import safefs
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    safefs.write_file_atomic(target, render(rows, title).encode("utf-8"))
+    safefs.write_file_atomic(target, render(rows, title, roots=roots).encode("utf-8"))
     return target

@@ -6,6 +6,7 @@ otherwise the browser test is skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -93,3 +94,76 @@ def test_every_thumbnail_renders_in_headless_chromium(batch, tmp_path: Path) -> 
     assert rendered and broken, f"the page's load script did not run: {body.group(0)}"
     assert int(broken.group(1)) == 0
     assert int(rendered.group(1)) == thumbs
+
+
+# ---------------------------------------------------------------- hostile share content (issue 20, item 6)
+
+LINK = """
+import os, sys
+os.symlink(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_the_report_follows_no_link_in_done_failed_or_the_outbox() -> None:
+    from bgwatch.htmlreport import render
+    from tests.unprivileged import as_nobody, open_to_all, shared_root
+
+    with shared_root() as share:
+        inbox, outbox, private = share / "inbox", share / "outbox", share / "private"
+        [secret] = write_samples(private, 1, size=(96, 72), seed=62)
+        (private / "secret.png").write_bytes(secret.read_bytes())  # content sniffed, not the name: still shown
+        write_samples(private / "album", 1, size=(96, 72), seed=63)[0].rename(private / "album" / "photo.jpg")
+        private.chmod(0o700)  # another share user cannot read any of it
+        [own] = write_samples(inbox / "done", 2, size=(96, 72), seed=64)[:1]
+        for folder in (inbox / "done", inbox / "failed", outbox):
+            folder.mkdir(parents=True, exist_ok=True)
+            open_to_all(folder)
+        plants = {inbox / "done" / "photo.jpg": secret, inbox / "failed" / "album": private / "album",
+                  outbox / "photo.png": private / "secret.png"}
+        for link, target in plants.items():
+            proc = as_nobody(LINK, str(target), str(link))
+            assert proc.returncode == 0, proc.stderr
+        rows = [
+            {"id": 1, "status": "done", "inbox": str(inbox), "rel_path": "photo.jpg",
+             "source_path": str(inbox / "done" / "photo.jpg"), "output_path": str(outbox / "photo.png")},
+            {"id": 2, "status": "failed", "inbox": str(inbox), "rel_path": "album/photo.jpg",
+             "source_path": str(inbox / "failed" / "album" / "photo.jpg"), "error": "damaged"},
+            {"id": 3, "status": "done", "inbox": str(inbox), "rel_path": own.name, "source_path": str(own),
+             "output_path": str(own)},
+        ]
+        page = render(rows, roots=[inbox, outbox])
+    cards = page.split("<article")[1:]
+    assert len(cards) == 3
+    for card in cards[:2]:
+        assert "data:image" not in card and "symbolic link" in card, card
+    assert "the folder &#x27;album&#x27; is a symbolic link" in cards[1]
+    assert cards[2].count("data:image/jpeg") == 2, "a real file is still shown"
+
+
+def test_the_page_loads_nothing_and_prints_nothing_unbounded(tmp_path: Path) -> None:
+    import base64
+    import hashlib
+
+    from bgwatch.htmlreport import render
+    from tests.test_decode_fuzz import scan_bomb
+
+    bomb = tmp_path / "failed" / "bomb.jpg"
+    bomb.parent.mkdir()
+    bomb.write_bytes(scan_bomb(20_000))
+    huge = "x" * 60_000
+    rows = [{"id": 1, "status": "failed", "inbox": str(tmp_path), "rel_path": f"evil\x1b[2J\n{huge}.jpg",
+             "source_path": str(bomb), "error": f"<script>alert(1)</script> {huge}", "mask_engine": huge,
+             "timings_json": json.dumps({huge: 1.0})}]
+    page = render(rows, title=huge)
+    assert len(page) < 30_000, "a 60 KB value is cut, not printed whole"
+    assert "more characters" in page and "<script>alert" not in page and "\x1b" not in page and "\\x1b[2J" in page
+    assert "cannot be shown (not a readable image)" in page, "the scan bomb is refused, not decoded"
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page)
+    assert csp and page.index(csp.group(0)) < page.index("<script>"), "the policy comes before the script"
+    policy = dict(part.strip().split(" ", 1) for part in csp.group(1).split(";"))
+    assert policy["default-src"] == "'none'" and policy["img-src"] == "data:"
+    assert policy["style-src"] == "'unsafe-inline'"
+    script = re.search(r"<script>(.*?)</script>", page, re.S)
+    assert script is not None
+    digest = base64.b64encode(hashlib.sha256(script.group(1).encode()).digest()).decode()
+    assert policy["script-src"] == f"'sha256-{digest}'", "the one inline script is allowed by its hash only"
