@@ -284,3 +284,34 @@ def choose(configured: str, driver: str | None, torch: TorchProbe, ort: OrtProbe
         sdxl_why = (f"no CUDA device visible to torch {torch.version} (built for CUDA {torch.cuda_build}; "
                     f"driver {driver} may be too old for it)")
     return DeviceChoice(configured, masks, "cuda" if torch.available else "cpu", masks_why, sdxl_why)
+
+
+# ---------------------------------------------------------------- bgwatch --version
+
+
+def stack_versions() -> dict[str, str]:
+    """bgwatch, Python, torch (and its CUDA), ONNX Runtime (and its providers): for `bgwatch --version`."""
+    import platform
+
+    from bgwatch import __version__
+
+    out = {"bgwatch": __version__, "python": platform.python_version()}
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["cuda"] = (f"{torch.version.cuda} (GPU available)" if torch.cuda.is_available()
+                       else f"{torch.version.cuda} (no GPU available)") if torch.version.cuda else "none (CPU build)"
+    else:
+        out["torch"] = "not installed (pip install 'bgwatch[sdxl]')"
+    runtimes = [f"{d} {v}" for d in ("onnxruntime", "onnxruntime-gpu") if (v := installed_runtimes().get(d))]
+    if runtimes:
+        try:
+            providers = "providers listed: " + ", ".join(
+                importlib.import_module("onnxruntime").get_available_providers())
+        except Exception as exc:  # two runtimes or a broken install raise anything; say so, do not crash
+            providers = f"unusable: {type(exc).__name__}"
+        out["onnxruntime"] = f"{' + '.join(runtimes)} ({providers}; `bgwatch doctor` shows which load)"
+    else:
+        out["onnxruntime"] = "not installed (pip install 'bgwatch[gpu]' or 'bgwatch[cpu]')"
+    return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -45,7 +44,7 @@ class Level(str, enum.Enum):
 class Check:
     """One finding: what was checked (`area`, `subject`), how it went and what to do about it."""
 
-    area: str  # device | onnxruntime | torch | python | weights | numba | inbox | outbox | state | inotify
+    area: str  # device, onnxruntime, torch, python, weights, precision, numba, inbox, outbox, state, inotify
     subject: str  # the path, model or package checked
     level: Level
     message: str
@@ -208,13 +207,6 @@ def check_inotify(inboxes: Sequence[InboxConfig], proc: Path = Path("/proc/sys/f
 
 
 # ---------------------------------------------------------------- python stack
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def check_python(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> list[Check]:
@@ -389,6 +381,22 @@ def check_weights(config: Config) -> list[Check]:
     return checks
 
 
+def check_precision(config: Config) -> list[Check]:
+    """The precision each configured mask net runs at here (fp32 or its int8 variant), and why."""
+    from bgwatch import models
+    from bgwatch.errors import BgwatchError
+
+    try:
+        lines = models.precision_report(config)
+    except BgwatchError as exc:  # device: cuda with no CUDA provider: the device checks say so already
+        return [Check("precision", "mask", Level.WARNING, f"cannot tell: {exc}")]
+    checks = []
+    for line in lines:
+        subject, _, message = line.partition(": ")
+        checks.append(Check("precision", subject, Level.OK, message, {"precision": message.split(" ", 1)[0]}))
+    return checks
+
+
 def _numba_cache_files(folder: Path) -> int:
     return sum(1 for _ in folder.rglob("*.nbi")) if folder.is_dir() else 0
 
@@ -445,6 +453,7 @@ def run_checks(config: Config, mountinfo: str | None = None, fstab: str | None =
     checks += check_python()
     checks += check_model_home(config)
     checks += check_weights(config)
+    checks += check_precision(config)
     checks += check_numba()
     checks += folder_checks(config, mountinfo, fstab)
     return checks
@@ -465,31 +474,3 @@ def format_checks(checks: Sequence[Check]) -> str:
     warnings = sum(1 for c in checks if c.level is Level.WARNING)
     lines.append(f"{len(checks)} check(s): {errors} error(s), {warnings} warning(s)")
     return "\n".join(lines)
-
-
-def stack_versions() -> dict[str, str]:
-    """bgwatch, Python, torch (and its CUDA), ONNX Runtime (and its providers): for `bgwatch --version`."""
-    import platform
-
-    from bgwatch import __version__
-
-    out = {"bgwatch": __version__, "python": platform.python_version()}
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        out["torch"] = torch.__version__
-        out["cuda"] = (f"{torch.version.cuda} (GPU available)" if torch.cuda.is_available()
-                       else f"{torch.version.cuda} (no GPU available)") if torch.version.cuda else "none (CPU build)"
-    else:
-        out["torch"] = "not installed (pip install 'bgwatch[sdxl]')"
-    runtimes = [f"{d} {v}" for d in ("onnxruntime", "onnxruntime-gpu") if (v := _version(d))]
-    if runtimes:
-        try:
-            providers = "providers listed: " + ", ".join(
-                importlib.import_module("onnxruntime").get_available_providers())
-        except Exception as exc:  # two runtimes or a broken install raise anything; say so, do not crash
-            providers = f"unusable: {type(exc).__name__}"
-        out["onnxruntime"] = f"{' + '.join(runtimes)} ({providers}; `bgwatch doctor` shows which load)"
-    else:
-        out["onnxruntime"] = "not installed (pip install 'bgwatch[gpu]' or 'bgwatch[cpu]')"
-    return out

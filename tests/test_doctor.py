@@ -375,3 +375,16 @@ def test_numba_cache_cold_where_the_service_looks(tmp_path: Path, monkeypatch: p
     [check] = doctor.check_numba()
     assert check.level is Level.WARNING and "about a minute" in check.message
     assert check.detail["searched"] == str(tmp_path / "numba")
+
+
+def test_doctor_says_which_precision_each_mask_net_runs_at(tmp_path: Path, u2net_home: Path) -> None:
+    """mask.precision (issue 18): doctor shows fp32 or int8 for each configured net, and why."""
+    (tmp_path / "share" / "inbox").mkdir(parents=True)
+    config = load_config(write_config(tmp_path, extra="defaults: {mask: {engine: rembg, model: u2net}}\n"), env={})
+    [check] = doctor.check_precision(config)
+    assert check.subject == "mask u2net" and check.detail["precision"] in ("fp32", "int8")
+    assert "(" in check.message, "the reason comes with the choice"
+    cpu = load_config(write_config(tmp_path, extra="device: cpu\ndefaults: {mask: {engine: rembg, model: u2net, "
+                                   "precision: fp32}}\n"), env={})
+    [check] = doctor.check_precision(cpu)
+    assert check.detail["precision"] == "fp32" and "mask.precision is fp32" in check.message
