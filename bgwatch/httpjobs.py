@@ -27,11 +27,9 @@ from __future__ import annotations
 import math
 import os
 import queue
-import re
 import secrets
 import shutil
 import sqlite3
-import stat
 import sys
 import threading
 import time
@@ -48,8 +46,9 @@ from bgwatch import rules, safefs
 from bgwatch.config import Config, InboxConfig, is_loopback, split_listen
 from bgwatch.errors import BgwatchError, ConfigError, InputError, SpecError
 from bgwatch.httpforms import FORMS, REQUEST, FormField, form_fragment, safe_upload_name
+from bgwatch.httpresults import MEDIA_TYPES, ResultsFolder, log_pruned
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
-from bgwatch.ratelimit import TokenBucket
+from bgwatch.ratelimit import RequestSchedule, TokenBucket
 from bgwatch.store import Store
 from bgwatch.text import shown
 
@@ -57,17 +56,12 @@ if TYPE_CHECKING:
     from bgwatch.metrics import Metrics
     from bgwatch.pipeline.stages import Finished
 
-__all__ = ["FORMS", "HTTP_INBOX", "FormField", "HttpDoor", "Refused", "Ticket", "Upload", "form_fragment",
-           "safe_upload_name"]
+__all__ = ["FORMS", "HTTP_INBOX", "MEDIA_TYPES", "FormField", "HttpDoor", "Refused", "Ticket", "Upload",
+           "form_fragment", "safe_upload_name"]
 
 HTTP_INBOX = "http"  # the runs table's inbox for jobs that came over HTTP
 PRUNE_SECONDS = 60.0
 MAX_REASON = 600  # characters of a refusal's reason: a 60 KB form value is not echoed whole
-MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
-# The names this door gives its results (stem-<12 hex>.ext): /download serves and the pruning removes
-# nothing else, so a results folder shared with other files (OUTPUT_DIR) keeps them.
-_RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,80}-[0-9a-f]{12}\.(png|jpg|webp)")
-_SAFE_STEM = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 class Refused(BgwatchError):
@@ -82,41 +76,6 @@ class Refused(BgwatchError):
         self.reason = reason
         self.retry_after = retry_after
         super().__init__(reason)
-
-
-class RequestSchedule:
-    """http.limit requests: every request books the next free slot of `per_minute` a minute, with a burst
-    of `burst` (the original service's bucket starts full: burst = per_minute). Booking in order is fair
-    (first come, first served) and needs no polling: the caller sleeps until its slot."""
-
-    def __init__(self, per_minute: float, *, burst: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = 60.0 / per_minute if per_minute > 0 else 0.0
-        self.burst = max(1, burst)
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._next = clock()  # the theoretical arrival time of the next request (GCRA)
-
-    def book(self, max_wait: float) -> float | None:
-        """Seconds to wait for this request's slot (booked); None when that is more than max_wait (nothing
-        booked)."""
-        if not self.interval:
-            return 0.0
-        with self._lock:
-            now = self.clock()
-            start = max(self._next, now)
-            wait = max(0.0, start - now - (self.burst - 1) * self.interval)
-            if wait > max_wait:
-                return None
-            self._next = start + self.interval
-            return wait
-
-    def delay(self) -> float:
-        """Seconds a request arriving now would wait (nothing booked)."""
-        if not self.interval:
-            return 0.0
-        with self._lock:
-            now = self.clock()
-            return max(0.0, max(self._next, now) - now - (self.burst - 1) * self.interval)
 
 
 # ---------------------------------------------------------------- the door
@@ -168,7 +127,9 @@ class HttpDoor:
         self.wake = wake  # the main thread's: an admitted request is recorded at once, not at the next tick
         root = Path(os.path.abspath(config.state_dir)) / "http"
         self.uploads_dir = root / "uploads"
-        self.results_dir = Path(os.path.abspath(self.settings.results_dir or root / "results"))
+        self.results = ResultsFolder(self.settings.results_dir or root / "results",
+                                     private=self.settings.results_dir is None)
+        self.results_dir = self.results.path
         per_minute = config.limits.generations_per_minute
         self.requests = RequestSchedule(per_minute if self.settings.counts_requests else 0.0,
                                         burst=max(1, int(per_minute)))
@@ -199,8 +160,7 @@ class HttpDoor:
             raise ConfigError(self.settings.api_keys_file or "(none)", "http.api_keys_file",
                               "holds no API key (one bearer token a line)")
         self.uploads_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # The state folder's results are the daemon's; a results_dir (OUTPUT_DIR) is the operator's folder.
-        self.results_dir.mkdir(parents=True, exist_ok=True, mode=0o700 if self.settings.results_dir is None else 0o755)
+        self.results.make()
         for leftover in os.scandir(self.uploads_dir):
             shutil.rmtree(leftover.path, ignore_errors=True)
         for row in self.store.runs_in((JobState.QUEUED, JobState.RUNNING), host=self.config.host):
@@ -325,8 +285,7 @@ class HttpDoor:
             raise Refused(413, str(exc)) from None
         sha = safefs.sha256_file(upload.path)
         generative = spec.is_generative() and not self._cached(spec, width, height)
-        stem = _SAFE_STEM.sub("_", Path(upload.name).stem)[:60].strip("_-") or "image"
-        output_name = f"{stem}-{secrets.token_hex(6)}{imageio.output_extension(spec.output)}"
+        output_name = self.results.name_for(upload.name, spec.output)
         item = _Admitted(Ticket(), upload, spec, sha, output_name, generative, self.clock())
         with self._lock:
             if self._closing:
@@ -485,8 +444,7 @@ class HttpDoor:
     def deliver(self, finished: Finished) -> None:
         """Write a finished HTTP job's output and report it (the main thread records it)."""
         job = finished.job
-        target = self.results_dir / job.output_rel
-        safefs.write_file_atomic(target, finished.data)
+        target = self.results.write(job.output_rel, finished.data)
         self.outcomes.put(RunResult(job.run_id, JobState.DONE, target, mask_engine=finished.mask_engine,
                                     bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings))
 
@@ -494,56 +452,17 @@ class HttpDoor:
 
     def prune_results(self, now: float | None = None) -> int:
         """Remove this door's results older than http.keep_hours; returns how many."""
-        limit = (self.clock() if now is None else now) - self.settings.keep_hours * 3600
-        removed = 0
-        try:
-            entries = list(os.scandir(self.results_dir))
-        except OSError:
-            return 0
-        for entry in entries:
-            try:
-                if (_RESULT_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
-                        and entry.stat(follow_symlinks=False).st_mtime < limit):
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError:
-                continue
-        if removed:
-            logger.info("removed {} HTTP result(s) older than {:g} h", removed, self.settings.keep_hours)
+        removed = self.results.prune((self.clock() if now is None else now) - self.settings.keep_hours * 3600)
+        log_pruned(removed, self.settings.keep_hours)
         return removed
 
     def result_bytes(self, name: str) -> tuple[bytes, str] | None:
-        """A result this door wrote, by its bare name, with its media type; None for anything else (another
-        folder, a link, a name this door never makes)."""
-        if not _RESULT_NAME.fullmatch(name):
-            return None
-        try:
-            fd = os.open(self.results_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return None
-            return f.read(), MEDIA_TYPES[Path(name).suffix]
+        """A result this door wrote, by its bare name, with its media type (httpresults.ResultsFolder.read)."""
+        return self.results.read(name)
 
     def run_record(self, run_id: int) -> dict[str, Any] | None:
         """An HTTP run as GET /runs/{id} shows it; None for a run that did not come over HTTP."""
-        import json
-
-        row = self.store.get_run(run_id)
-        if row is None or row.inbox != HTTP_INBOX:
-            return None
-        record: dict[str, Any] = {
-            "run_id": row.id, "status": row.status, "filename": row.rel_path, "error": row.error or None,
-            "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
-            "timings": json.loads(row.timings_json) if row.timings_json else {}, "seed": row.seed,
-            "mask_engine": row.mask_engine or None, "bg_engine": row.bg_engine or None,
-        }
-        name = Path(row.output_path).name if row.output_path else ""
-        if row.status == JobState.DONE.value and (self.results_dir / name).is_file():
-            record["download_url"] = f"/download/{name}"
-            record["output_path"] = str(self.results_dir / name)
-        return record
+        return self.results.run_record(self.store, run_id, HTTP_INBOX)
 
     def health(self) -> dict[str, Any]:
         """The original service's answer (status healthy, engine, device) beside bgwatch's own fields."""

@@ -1,8 +1,11 @@
-"""A token bucket: at most `per_minute` jobs a minute, with bursts of up to `burst`.
+"""Rate limits. TokenBucket: at most `per_minute` jobs a minute, with bursts of up to `burst`.
 
 It waits, never drops: a caller that finds the bucket empty queues behind the callers already waiting
 and gets its token in turn (first come, first served), so no waiter starves. The clock and the sleep are
 passed in, so tests drive time instead of waiting for it.
+
+RequestSchedule: the same rate for callers that must know at once how long they would wait (the HTTP
+door answers 429 instead of waiting past http.max_wait): each books its slot, or is told it is too far.
 """
 
 from __future__ import annotations
@@ -128,3 +131,38 @@ class TokenBucket:
             if ticket is not None:
                 with self._lock:
                     self._queue.remove(ticket)
+
+
+class RequestSchedule:
+    """http.limit requests: every request books the next free slot of `per_minute` a minute, with a burst
+    of `burst` (the original service's bucket starts full: burst = per_minute). Booking in order is fair
+    (first come, first served) and needs no polling: the caller sleeps until its slot."""
+
+    def __init__(self, per_minute: float, *, burst: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 60.0 / per_minute if per_minute > 0 else 0.0
+        self.burst = max(1, burst)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._next = clock()  # the theoretical arrival time of the next request (GCRA)
+
+    def book(self, max_wait: float) -> float | None:
+        """Seconds to wait for this request's slot (booked); None when that is more than max_wait (nothing
+        booked)."""
+        if not self.interval:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            start = max(self._next, now)
+            wait = max(0.0, start - now - (self.burst - 1) * self.interval)
+            if wait > max_wait:
+                return None
+            self._next = start + self.interval
+            return wait
+
+    def delay(self) -> float:
+        """Seconds a request arriving now would wait (nothing booked)."""
+        if not self.interval:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            return max(0.0, max(self._next, now) - now - (self.burst - 1) * self.interval)

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bgwatch.httpjobs import HttpDoor, Refused, RequestSchedule
+from bgwatch.httpjobs import HttpDoor, Refused
 from bgwatch.jobs import Job, JobState, RunResult
-from bgwatch.ratelimit import TokenBucket
+from bgwatch.ratelimit import RequestSchedule, TokenBucket
 from bgwatch.service import raise_open_file_limit
 from bgwatch.store import Store
 from tests.apihelpers import ApiDaemon, api_config, post, rows, sample_bytes
