@@ -71,6 +71,13 @@ def test_bottom_with_a_shadow_keeps_room_for_it_under_the_product() -> None:
     assert plain.placed[3] == 990
 
 
+def test_the_shadow_room_follows_the_widest_footprint_not_the_whole_group() -> None:
+    alpha = subject((1200, 1000), (100, 500, 300, 900))  # a box 200 wide
+    alpha[300:900, 500:800] = 1.0  # a tall one 300 wide, 200 px to its right, on the same floor
+    alpha[880:900, 300:320] = 1.0  # a foot beside the first box joins its run (220), still the narrower
+    assert canvas.footprint(alpha, (100, 300, 800, 900)) == 300
+
+
 def test_a_small_product_is_enlarged_at_most_to_the_limit_and_the_log_says_so() -> None:
     alpha = subject((1000, 1000), (450, 450, 550, 550))  # 100 px: needs x17 to fill 1700 px
     lines: list[str] = []

@@ -103,3 +103,16 @@ def test_the_finish_step_writes_what_the_jobs_policy_keeps(tmp_path: Path, polic
     exif, _ = read_back(finished.data)
     assert (exif[Base.Artist], exif[Base.Copyright]) == (ARTIST, COPYRIGHT)
     assert bool(exif.get_ifd(IFD.GPSInfo)) is gps
+
+
+def test_a_descriptor_is_read_from_its_start_and_left_open(tmp_path: Path) -> None:
+    import os
+
+    fd = os.open(shot_file(tmp_path), os.O_RDONLY)
+    try:
+        os.lseek(fd, 0, os.SEEK_END)  # where a hash check leaves it
+        carried = metadata.carried(fd, "web", name="shot.jpg")
+        assert carried.exif and carried.dpi == (300.0, 300.0)
+        assert os.fstat(fd).st_size > 0  # still open
+    finally:
+        os.close(fd)

@@ -30,7 +30,11 @@ from bgwatch.jobs import CanvasSpec, JobSpec
 from bgwatch.pipeline.tiles import strips
 
 MAX_UPSCALE = 4.0  # `upscale: true` enlarges a subject at most this much: more only shows blur
-SHADOW_ROOM = 0.1  # position bottom with a shadow: room below the subject, a share of its box's width
+# position bottom with a shadow: room below the subject for its contact shadow (composite.py), a share of its
+# widest footprint: the penumbra (centred 0.05 footprints below the base, 0.16 tall, blurred by 0.13) has
+# faded to about 1/255 there, so the shadow is never cut by the canvas's edge.
+SHADOW_ROOM = 0.5
+FOOT_BAND = 0.05  # the footprint: the columns the subject covers in the lowest 5% of its height
 KEEP_PAD = 0.02  # trim: the mask is kept this share of the box's long side (+2 px) around the box
 MAX_SIDE = 20_000  # px, the largest canvas side a size may ask for
 _PIXELS = re.compile(r"\s*(\d+)\s*[x×]\s*(\d+)\s*")
@@ -169,7 +173,7 @@ def plan(alpha: np.ndarray, spec: JobSpec, *, source: str | Path = "input image"
     cw, ch = content[2] - content[0], content[3] - content[1]
     # Standing on the bottom with a contact shadow: the shadow needs this much room below the subject's box
     # (in input pixels); the bottom margin gives it, and the subject is lifted where the margin is smaller.
-    room = SHADOW_ROOM * (box[2] - box[0]) if box is not None and canvas.position == "bottom" \
+    room = SHADOW_ROOM * footprint(alpha, box) if box is not None and canvas.position == "bottom" \
         and _casts_shadow(spec) else 0.0
     top, right, bottom, left = parse_margin(canvas.margin, source=str(source))
     size = parse_size(canvas.size, canvas.long_side, source=str(source))
@@ -226,6 +230,23 @@ def plan(alpha: np.ndarray, spec: JobSpec, *, source: str | Path = "input image"
         raise InputError(source, f"canvas.max_fill: the product {what}, more than the {canvas.max_fill:.0%} "
                          f"allowed{named}; widen canvas.margin or set canvas.trim: true")
     return Layout(width, height, scale, (ox, oy), box, placed, keep, fill)
+
+
+def footprint(alpha: np.ndarray, box: Box) -> int:
+    """The widest run of columns the subject covers in the lowest FOOT_BAND of its box (gaps under 3% of
+    the box's width bridged): the width of the widest contact shadow composite.py casts."""
+    x0, y0, x1, y1 = box
+    band_top = max(y0, y1 - max(2, int(FOOT_BAND * (y1 - y0))))
+    half = 127 if alpha.dtype == np.uint8 else 0.5
+    covered = (alpha[band_top:y1, x0:x1] > half).any(axis=0)
+    columns = np.flatnonzero(covered)
+    if columns.size == 0:
+        return 0
+    gap = max(1, int(0.03 * (x1 - x0)))
+    breaks = np.flatnonzero(np.diff(columns) > gap)
+    starts = np.concatenate([[columns[0]], columns[breaks + 1]])
+    ends = np.concatenate([columns[breaks], [columns[-1]]])
+    return int((ends - starts + 1).max())
 
 
 def _casts_shadow(spec: JobSpec) -> bool:

@@ -42,9 +42,10 @@ class Carried:
 NOTHING = Carried()
 
 
-def carried(source: Path, policy: str) -> Carried:
-    """The metadata of the image file `source` that `policy` keeps (NOTHING for strip, or when the header
-    cannot be read: a warning, not a failure)."""
+def carried(source: Path | int, policy: str, *, name: str = "") -> Carried:
+    """The metadata of an image file that `policy` keeps: `source` is its path, or a descriptor open on it
+    (read from its start, left open); `name` names it in the log. NOTHING for strip, or when the header
+    cannot be read (a warning, not a failure: the pixels were decoded already)."""
     if policy == "strip":
         return NOTHING
     if policy not in POLICIES:
@@ -53,15 +54,21 @@ def carried(source: Path, policy: str) -> Carried:
 
     from bgwatch.pipeline.imageio import allowed_formats
 
+    name = name or (source.name if isinstance(source, Path) else "input")
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        if isinstance(source, Path):
+            fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        else:
+            fd = os.dup(source)
+            os.lseek(fd, 0, os.SEEK_SET)
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return NOTHING
             with Image.open(f, formats=list(allowed_formats())) as im:
                 return from_exif(im.getexif(), policy, im.info.get("dpi"))
     except Exception as exc:  # a damaged header: the pixels were decoded, the output goes out without it
-        logger.warning("{}: its metadata could not be read ({}); the output carries none", source.name,
+        logger.warning("{}: its metadata could not be read ({}); the output carries none", Path(name).name,
                        " ".join(str(exc).split())[:120] or type(exc).__name__)
         return NOTHING
 

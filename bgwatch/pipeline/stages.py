@@ -389,7 +389,14 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
     from bgwatch.presets import PRESETS
 
     preset = PRESETS.get(spec.preset)
-    data = imageio.encode(result, spec.output, metadata.carried(job.source, spec.metadata),
+    kept = metadata.NOTHING
+    if spec.metadata != "strip":
+        try:  # the input's header, read again through the same descriptors as its pixels
+            with open_input(job, check_hash=False) as fd:
+                kept = metadata.carried(fd, spec.metadata, name=job.rel_path)
+        except InputError as exc:
+            logger.warning("{}: its metadata could not be read ({}); the output carries none", job.rel_path, exc)
+    data = imageio.encode(result, spec.output, kept,
                           pure_background=preset is not None and preset.background is not None)
     _timed(timings, "encode", start)
     return Finished(job=job, data=data, extension=imageio.output_extension(spec.output),
