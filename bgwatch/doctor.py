@@ -271,9 +271,11 @@ def check_device(configured: str, choice: DeviceChoice, use: Usage) -> list[Chec
     return [Check("device", configured, Level.OK, why, detail)]
 
 
-def check_onnxruntime(device: str, ort: OrtProbe, driver: str | None = None) -> list[Check]:
+def check_onnxruntime(device: str, ort: OrtProbe, driver: str | None = None, *, needed: bool = True) -> list[Check]:
     """The runtime installed, the providers it lists and the ones a real session gets (a CUDA build without
-    its CUDA libraries, or with no GPU, lists CUDA and runs on the CPU)."""
+    its CUDA libraries, or with no GPU, lists CUDA and runs on the CPU). needed: rembg masks are in use (else
+    device: cuda without CUDA here is only a warning: nothing would run on it)."""
+    refused = Level.ERROR if needed else Level.WARNING
     if len(ort.packages) > 1:
         return [Check("onnxruntime", "+".join(ort.packages), Level.ERROR,
                       "both onnxruntime and onnxruntime-gpu are installed, which breaks both; pip uninstall both "
@@ -288,7 +290,7 @@ def check_onnxruntime(device: str, ort: OrtProbe, driver: str | None = None) -> 
         return [Check("onnxruntime", dist, Level.ERROR, f"{version} does not work: {ort.problem}", detail)]
     if not ort.cuda_listed:
         if device == "cuda":
-            return [Check("onnxruntime", dist, Level.ERROR, f"device is cuda but {dist} {version} has no CUDA "
+            return [Check("onnxruntime", dist, refused, f"device is cuda but {dist} {version} has no CUDA "
                           "provider (a CPU-only build); install bgwatch[gpu] instead of bgwatch[cpu]", detail)]
         return [Check("onnxruntime", dist, Level.OK, f"{version}, CPU provider (a CPU-only build)", detail)]
     if ort.cuda_loads:
@@ -296,7 +298,7 @@ def check_onnxruntime(device: str, ort: OrtProbe, driver: str | None = None) -> 
         return [Check("onnxruntime", dist, Level.OK, f"{version}, {where}", detail)]
     cannot = f"its CUDA provider cannot load: {ort.problem}"
     if device == "cuda":
-        return [Check("onnxruntime", dist, Level.ERROR, f"device is cuda but {dist} {version} runs on the CPU, "
+        return [Check("onnxruntime", dist, refused, f"device is cuda but {dist} {version} runs on the CPU, "
                       f"{cannot} (pip install '{dist}[cuda,cudnn]', or a torch built for the same CUDA)", detail)]
     if device == "auto" and driver is not None:
         return [Check("onnxruntime", dist, Level.WARNING,
@@ -422,14 +424,17 @@ def check_numba() -> list[Check]:
 # ---------------------------------------------------------------- entry points
 
 
-def device_checks(config: Config, machine: Machine | None = None) -> list[Check]:
+def device_checks(config: Config, machine: Machine | None = None, *, used_only: bool = True) -> list[Check]:
     """The device bgwatch will use and the runtimes its engines need there: with `device: cuda`, `bgwatch run`
-    refuses to start (with the reason) rather than fall back to the CPU behind the operator's back."""
+    refuses to start (with the reason) rather than fall back to the CPU behind the operator's back.
+    used_only: the runtimes of the engines in use only (`bgwatch run`); doctor reports both."""
     machine = probe_machine() if machine is None else machine
     use = usage(config)
     checks = check_device(config.device, choice_for(config, machine), use)
-    checks += check_onnxruntime(config.device, machine.ort, machine.driver)
-    checks += check_torch(config.device, machine.torch, needs_sdxl=use.sdxl)
+    if use.masks or not used_only:
+        checks += check_onnxruntime(config.device, machine.ort, machine.driver, needed=use.masks)
+    if use.sdxl or not used_only:
+        checks += check_torch(config.device, machine.torch, needs_sdxl=use.sdxl)
     return checks
 
 
@@ -449,7 +454,7 @@ def folder_checks(config: Config, mountinfo: str | None = None, fstab: str | Non
 
 def run_checks(config: Config, mountinfo: str | None = None, fstab: str | None = None) -> list[Check]:
     """Everything `bgwatch doctor` reports."""
-    checks = device_checks(config)
+    checks = device_checks(config, used_only=False)
     checks += check_python()
     checks += check_model_home(config)
     checks += check_weights(config)

@@ -388,3 +388,18 @@ def test_doctor_says_which_precision_each_mask_net_runs_at(tmp_path: Path, u2net
                                    "precision: fp32}}\n"), env={})
     [check] = doctor.check_precision(cpu)
     assert check.detail["precision"] == "fp32" and "mask.precision is fp32" in check.message
+
+
+def test_run_with_device_cuda_checks_only_the_runtimes_in_use(tmp_path: Path) -> None:
+    """Classical masks and no sdxl: a CPU-only ONNX Runtime is no reason for `run` to refuse device: cuda."""
+    (tmp_path / "share" / "inbox").mkdir(parents=True)
+    config = load_config(write_config(tmp_path, extra="device: cuda\ndefaults: {mask: {engine: classical}}\n"),
+                         env={})
+    cpu_only = doctor.Machine(None, CPU_TORCH, OrtProbe({"onnxruntime": "1.32.0"}, ("CPUExecutionProvider",),
+                                                        ("CPUExecutionProvider",)))
+    checks = doctor.device_checks(config, cpu_only)
+    assert [c.area for c in checks] == ["device"] and checks[0].level is Level.OK
+    everything = doctor.device_checks(config, cpu_only, used_only=False)
+    assert {c.area for c in everything} == {"device", "onnxruntime", "torch"}
+    [ort] = by_area(everything, "onnxruntime")
+    assert ort.level is Level.WARNING and "CPU-only build" in ort.message, "nothing in use would run on it"
