@@ -72,6 +72,8 @@ class Health(BaseModel):
 class RunRecord(BaseModel):
     """GET /runs/{run_id}: an HTTP run."""
 
+    success: bool = Field(description="false once the run failed (queued, running and done: true)")
+    detail: str | None = Field(None, description="a failed run's reason, as the original's errors carry it")
     run_id: int
     status: str = Field(description="queued, running, done or failed")
     filename: str

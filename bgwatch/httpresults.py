@@ -83,7 +83,9 @@ class ResultsFolder:
         row = store.get_run(run_id)
         if row is None or row.inbox != inbox:
             return None
+        failed = row.status == JobState.FAILED.value
         record: dict[str, Any] = {
+            "success": not failed, **({"detail": row.error} if failed else {}),
             "run_id": row.id, "status": row.status, "filename": row.rel_path, "error": row.error or None,
             "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
             "timings": json.loads(row.timings_json) if row.timings_json else {}, "seed": row.seed,

@@ -125,6 +125,8 @@ def test_over_4k_in_sdxl_mode_and_over_max_pixels_are_413(tmp_path: Path) -> Non
         assert "ALLOW_4K" in answer.json()["detail"]
         flat = post(api.client, "replace", banner.getvalue(), engine="color")  # not sdxl: taken, and fails later
         assert flat.status_code == 500 and flat.json()["detail"].startswith("classical engine: what stands out")
+        record = api.client.get(f"/runs/{flat.json()['run_id']}").json()
+        assert record["success"] is False and record["detail"] == flat.json()["detail"]
         pixels_over = post(api.client, "cleanup", big.getvalue(), name="big.jpg")
         assert pixels_over.status_code == 413 and "limits.max_pixels" in pixels_over.json()["detail"]
         upload_over = post(api.client, "cleanup", b"\xff\xd8\xff" + bytes(300_000))

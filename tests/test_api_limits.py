@@ -4,6 +4,7 @@ uploads, long boundaries and oversized forms cost the daemon a bounded amount an
 
 from __future__ import annotations
 
+import io
 import queue
 import resource
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from bgwatch.httpjobs import HttpDoor, Refused
 from bgwatch.jobs import Job, JobState, RunResult
@@ -205,7 +207,7 @@ def _chunks(*parts: bytes) -> Iterator[bytes]:
 
 
 def test_malformed_and_oversized_forms_are_clean_refusals(tmp_path: Path) -> None:
-    config = api_config(tmp_path)
+    config = api_config(tmp_path, limits={"max_memory": 64 << 20})
     image = sample_bytes(tmp_path, 41)
     with ApiDaemon(config) as api:
         boundary = "b" * 8000
@@ -221,6 +223,10 @@ def test_malformed_and_oversized_forms_are_clean_refusals(tmp_path: Path) -> Non
         echoed = post(api.client, "cleanup", image, mode="x" * 60_000)
         assert echoed.status_code == 422 and len(echoed.json()["detail"]) <= 600
         assert post(api.client, "cleanup", _png_header(20_000, 20_000), name="bomb.png").status_code == 413
+        big = io.BytesIO()
+        Image.new("RGB", (2000, 1500), (90, 90, 90)).save(big, "JPEG")
+        over_memory = post(api.client, "cleanup", big.getvalue(), name="big.jpg")
+        assert over_memory.status_code == 413 and "limits.max_memory" in over_memory.json()["detail"]
         assert api.client.get("/health").json()["http_waiting"] == 0
     assert rows(config, "http") == []
     assert not any((config.state_dir / "http" / "uploads").iterdir())
