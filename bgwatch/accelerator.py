@@ -102,16 +102,24 @@ class TorchProbe:
     memory_free: int = 0
     memory_total: int = 0
     bf16: bool = False
+    problem: str = ""  # what torch warned while looking for a GPU ("The NVIDIA driver on your system is too old")
 
 
 def probe_torch() -> TorchProbe:
     if importlib.util.find_spec("torch") is None:
         return TorchProbe(installed=False)
+    import warnings
+
     import torch
 
     cuda_build = torch.version.cuda
-    if not torch.cuda.is_available():
-        return TorchProbe(True, torch.__version__, cuda_build)
+    # A driver too old for torch's CUDA is a UserWarning printed once; it is the reason, not output to show.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if not available:
+        said = [" ".join(str(w.message).split()) for w in caught if "CUDA" in str(w.message)]
+        return TorchProbe(True, torch.__version__, cuda_build, problem=said[0][:300] if said else "")
     index = torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     return TorchProbe(True, torch.__version__, cuda_build, True, torch.cuda.get_device_name(index), int(free),
@@ -281,8 +289,10 @@ def choose(configured: str, driver: str | None, torch: TorchProbe, ort: OrtProbe
     elif driver is None:
         sdxl_why = f"no CUDA device visible to torch {torch.version}: {no_driver}"
     else:
-        sdxl_why = (f"no CUDA device visible to torch {torch.version} (built for CUDA {torch.cuda_build}; "
-                    f"driver {driver} may be too old for it)")
+        hint = torch.problem or ("CUDA 13 builds need driver R580 or newer" if torch.cuda_build.startswith("13")
+                                 else "is the driver too old for it?")
+        sdxl_why = (f"no CUDA device visible to torch {torch.version} (built for CUDA {torch.cuda_build}, driver "
+                    f"{driver}: {hint})")
     return DeviceChoice(configured, masks, "cuda" if torch.available else "cpu", masks_why, sdxl_why)
 
 

@@ -229,6 +229,10 @@ def test_the_device_and_why_follow_the_engines_rules() -> None:
     gpu = accelerator.choose("auto", "580.65.06", GPU_TORCH, CUDA_ORT)
     both = "ONNX Runtime's CUDA provider loads (onnxruntime-gpu 1.31.1); torch 2.13.0+cu130 sees NVIDIA H100"
     assert gpu.summary(uses_masks=True, uses_sdxl=True) == ("cuda", both)
+    old_driver = accelerator.choose("auto", "535.104.05", TorchProbe(True, "2.13.0+cu130", "13.0"), CUDA_ORT)
+    assert old_driver.sdxl == "cpu" and "driver 535.104.05" in old_driver.sdxl_why and "R580" in old_driver.sdxl_why
+    said = TorchProbe(True, "2.13.0+cu130", "13.0", problem="The NVIDIA driver on your system is too old")
+    assert "too old" in accelerator.choose("auto", "535.104.05", said, CUDA_ORT).sdxl_why
     forced = accelerator.choose("cpu", "580.65.06", GPU_TORCH, CUDA_ORT)
     assert (forced.masks, forced.sdxl) == ("cpu", "cpu")
 
