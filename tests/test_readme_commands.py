@@ -97,3 +97,19 @@ def test_every_command_in_the_readme_runs_as_written(tmp_path: Path) -> None:
         allowed = (0, 1, 2) if command.startswith("bgwatch doctor") else (0, 1)
         assert proc.returncode in allowed, f"`{command}` exited {proc.returncode}: {err[-500:]}"
     assert (etc / "config.yaml").is_file() and (tmp_path / "batch.html").is_file()
+
+
+def test_install_facts_agree_everywhere() -> None:
+    """One torch version (constraints.txt, the Makefile, the README's install step) and one Python floor."""
+    constraints = (ROOT / "constraints.txt").read_text()
+    [pin] = re.findall(r"^torch==(\S+)$", constraints, re.M)
+    readme = (ROOT / "README.md").read_text()
+    install = readme.split("## On a GPU workstation", 1)[1].split("###", 1)[0]
+    assert set(re.findall(r"torch==(\S+?)[\s`]", install)) == {pin}, "the README's torch step is pinned to it"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "grep -E '^torch==' constraints.txt" in makefile and "torch==" not in makefile.replace(
+        "'^torch=='", ""), "the Makefile takes torch's pin from constraints.txt"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'requires-python = ">=3.11"' in pyproject and 'python_version = "3.11"' in pyproject
+    assert "Python 3.11" in install and "3.10+" not in readme
+    assert "R580" in install, "CUDA 13 wheels need driver R580 or newer"
