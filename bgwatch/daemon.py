@@ -30,17 +30,19 @@ from loguru import logger
 from bgwatch import safefs
 from bgwatch.budget import MemoryBudget
 from bgwatch.config import Config, load_config
-from bgwatch.custody import Custody, DeliveryBlocked, Step
+from bgwatch.custody import Custody, Step
 from bgwatch.errors import BgwatchError
-from bgwatch.httpjobs import HTTP_INBOX, HttpDoor
+from bgwatch.httpjobs import HttpDoor
 from bgwatch.intake import Intake, Site
-from bgwatch.jobs import Job, JobState, RunResult
+from bgwatch.jobs import Job, RunResult
 from bgwatch.liveness import Heartbeat, Liveness, new_epoch
-from bgwatch.outcomes import Blocked, Started, fail_job, share_away, superseded
+from bgwatch.outcomes import Started
 from bgwatch.pipeline import stages
 from bgwatch.ratelimit import TokenBucket
-from bgwatch.recovery import recover
 from bgwatch.service import STATUS_FILE, InstanceLock, Progress, sd_notify, share_cores, trim_memory
+from bgwatch.sources import JobSource
+from bgwatch.sources.folder import FolderSource
+from bgwatch.sources.http import HttpSource
 from bgwatch.store import Store
 from bgwatch.text import shown
 from bgwatch.workers import Workers
@@ -82,13 +84,18 @@ class Daemon:
                                progress=self.progress, abort=self.abort_event, started=self._started,
                                deliver=self._deliver, fail=self._fail)
         self.heartbeat_thread: threading.Thread | None = None
-        self._silent: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # (inbox name, host) to reclaim
         self._retry_thread: threading.Thread | None = None
         self._retry_q: queue.SimpleQueue[tuple[stages.Finished, bool] | None] = queue.SimpleQueue()
         # The HTTP door (http.listen): its own window in the same queue; its runs are recorded by this thread.
         self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
                              depth=lambda: sum(self.workers.depths().values()), metrics=metrics,
                              wake=self.intake.wake) if http else None
+        self.folders = FolderSource(self.intake, config.host, self.epoch)
+        # Where jobs come from: the inboxes, and the HTTP door when it listens. Each job is handed back to the
+        # source whose ticket it carries; the daemon never asks where a job came from.
+        self.sources: list[JobSource] = [self.folders]
+        if self.http is not None:
+            self.sources.append(HttpSource(self.http, self.intake.outcomes))
         self._config_mtime = self._mtime(config.source)
         self._last_heartbeat = time.monotonic()
         self._next_watchdog = 0.0
@@ -178,10 +185,9 @@ class Daemon:
             pipeline = self.config.pipeline
             share_cores(cpu_cores(), pipeline.prepare_threads + pipeline.finish_threads)
             self._beat()  # before anything: a host back from a long stop must not look dead
-            if self.http is not None:
-                self.http.open()  # settles its own leftovers first: recover() knows folder runs only
-            for job in recover(self.intake, self.config.host):
-                self._submit(job)
+            for source in reversed(self.sources):  # the door first: it fails its own leftovers, then listens
+                for job in source.recover():
+                    self._submit(job)
             self._start_threads()
             self.intake.start()
             sd_notify("READY=1")
@@ -194,16 +200,15 @@ class Daemon:
                 if self.stop_event.is_set():
                     break
                 self._maybe_reload()
-                self.intake.tick()
-                self._reclaim_silent()
+                for source in self.sources:
+                    source.poll()
+                    source.sweep()
                 for item in self.intake.retries.due(time.monotonic()):
                     self._retry_q.put(item)
                 busy = self.intake.busy()
                 if was_busy and not busy:
                     trim_memory()  # a burst is over: memory goes back to the machine
                 was_busy = busy
-                if self.http is not None:
-                    self.http.tick()
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + STATUS_SECONDS
                     self._publish_status()
@@ -360,55 +365,12 @@ class Daemon:
 
     # ------------------------------------------------------------------ results from the workers
 
-    def _site(self, job: Job) -> Site:
-        site = self.sites.get(job.inbox)
-        if site is None:  # removed by a config reload while the job ran
-            raise BgwatchError(f"inbox {job.inbox} was removed from the configuration while this file was "
-                               "processed; put the file back in a configured inbox to process it")
-        return site
+    def _source(self, job: Job) -> JobSource:
+        return next((source for source in self.sources if source.owns(job)), self.folders)
 
     def _deliver(self, finished: stages.Finished, last_try: bool = False) -> None:
-        """Deliver a finished job (a finish worker, or the redelivery thread) and say how its run ended:
-        'done' only when its delivery finished."""
-        job = finished.job
-        if job.claim is None and job.inbox == HTTP_INBOX and self.http is not None:
-            self.http.deliver(finished)
-            return
-        assert job.claim is not None
-        site = self._site(job)
-        try:
-            settled = site.custody.deliver(job.claim, job.run_id, site.inbox.outbox, job.output_rel, finished.data,
-                                           site.inbox.on_success, input_sha256=job.input_sha256)
-        except safefs.FolderMissing as exc:
-            try:
-                site.custody.unclaim(job.claim)
-            except OSError:  # the inbox's share is away too
-                self.intake.outcomes.put(share_away(job.run_id))
-                return
-            self.intake.outcomes.put(RunResult(
-                job.run_id, JobState.SUPERSEDED,
-                error=f"the outbox is not there ({exc.filename}: share not mounted?); the file went back to the "
-                      "inbox and is taken again when the outbox returns"))
-            return
-        except DeliveryBlocked as blocked:
-            if blocked.storage and not last_try:
-                self.intake.outcomes.put(Blocked(finished, str(blocked), blocked.errno))
-                return
-            self._fail(job, f"the output could not be written: {blocked}")
-            return
-        if settled is None:
-            self.intake.outcomes.put(superseded(job.run_id))
-            return
-        if not settled.finished:
-            self.intake.outcomes.put(RunResult(
-                job.run_id, JobState.SUPERSEDED,
-                error=f"its delivery was undone ({settled.returned}); the original went back to the inbox and is "
-                      "processed again"))
-            return
-        self.intake.outcomes.put(RunResult(
-            job.run_id, JobState.DONE, settled.output, error=settled.problem,
-            mask_engine=finished.mask_engine, bg_engine=finished.bg_engine, seed=finished.seed,
-            timings=finished.timings, parked=settled.parked))
+        """A finish worker (or the redelivery thread): the job's source delivers it and says how it ended."""
+        self._source(finished.job).deliver(finished, last_try)
 
     def _retry_loop(self) -> None:
         """Deliveries that waited for storage, tried again one at a time, off the main thread."""
@@ -424,15 +386,10 @@ class Daemon:
                 self._fail(finished.job, f"internal error while delivering ({type(exc).__name__}: {exc})")
 
     def _fail(self, job: Job, reason: str) -> None:
-        """File the original in failed/ and report it; the worker survives whatever happens here."""
+        """The job's source files its failure and reports it; the worker survives whatever happens here."""
         self.budget.release(job.run_id)
         try:
-            if job.claim is None:
-                self.intake.outcomes.put(RunResult(job.run_id, JobState.FAILED, error=reason))
-                return
-            custody = self.sites[job.inbox].custody if job.inbox in self.sites else Custody(
-                job.claim.inbox, job.claim.host, self.epoch)
-            self.intake.outcomes.put(fail_job(custody, job.claim, job.run_id, reason))
+            self._source(job).fail(job, reason)
         except Exception:  # the worker thread must survive; the run is taken again at the next start
             logger.exception("run {}: could not file its failure ({})", job.run_id, shown(reason))
 
@@ -450,30 +407,8 @@ class Daemon:
                 continue
             for host in site.custody.other_hosts():
                 if self.liveness.silent_for(site.inbox.path, host) > lease:
-                    self._silent.put((name, host))
+                    self.folders.note_silent(name, host)
         self._last_heartbeat = time.monotonic()
-
-    def _reclaim_silent(self) -> None:
-        """Main thread: settle the deliveries and return the claims of hosts the heartbeat found silent."""
-        seen: set[tuple[str, str]] = set()
-        while True:
-            try:
-                name, host = self._silent.get_nowait()
-            except queue.Empty:
-                return
-            site = self.sites.get(name)
-            if (name, host) in seen or site is None or not site.heartbeat.fresh():
-                continue
-            seen.add((name, host))
-            try:
-                returned = site.custody.reclaim(host)
-            except (OSError, ValueError) as exc:
-                logger.error("{}: cannot settle silent host {}'s files: {}", site.inbox.path, shown(host),
-                             shown(str(exc)))
-                continue
-            if returned:
-                logger.warning("host {} has been silent longer than the lease ({:g} s): settled its {} file(s) in {}",
-                               shown(host), self.config.watch.lease_seconds, len(returned), site.inbox.path)
 
     def _heartbeat_loop(self) -> None:
         while not self.abort_event.wait(self._heartbeat_interval()):

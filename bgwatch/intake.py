@@ -25,14 +25,15 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from bgwatch import outputs, rules, safefs, sidecars
+from bgwatch import outputs, rules, runs, safefs, sidecars
 from bgwatch.config import Config, InboxConfig
-from bgwatch.custody import DONE_DIR, FAILED_DIR, Claim, Custody, DeliveryBlocked
+from bgwatch.custody import Claim, Custody, DeliveryBlocked
 from bgwatch.delivery import waiting as waiting_note
 from bgwatch.errors import BgwatchError, SpecError
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
 from bgwatch.liveness import Heartbeat
-from bgwatch.outcomes import Blocked, Outcome, Outcomes, Started, fail_job, superseded
+from bgwatch.orphans import OrphanSidecars
+from bgwatch.outcomes import Blocked, Outcome, Outcomes, Started
 from bgwatch.retries import Retries
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.store import Store
@@ -84,6 +85,7 @@ class Intake:
                  clock: Callable[[], float] = time.monotonic, wake: threading.Event | None = None) -> None:
         self.config = config
         self.store = store
+        self.ledger = runs.Ledger(store, config.host)  # the one writer of run records (this thread)
         self.sites = sites
         self.submit = submit
         self.once = once
@@ -94,7 +96,7 @@ class Intake:
         self.outcomes = Outcomes(self.wake)
         self.watcher: InboxWatcher | None = None
         self.pending: dict[Path, Waiting] = {}  # stable images not yet claimed (no room, or awaiting sidecar)
-        self.orphans: dict[Path, Waiting] = {}  # stable sidecars whose image is not in the inbox
+        self.orphans = OrphanSidecars(store, lambda: self.config, self._requeue)
         self.inflight: dict[int, InFlight] = {}
         self.counters = Counters(results=deque(maxlen=None if once else RECENT_RESULTS))
         self.retries: Retries[Finished] = Retries()
@@ -134,7 +136,7 @@ class Intake:
         """Nothing left to take: `run --once` exits (orphan sidecars are left for a later run)."""
         assert self.watcher is not None
         waiting = [w for w in self.pending.values() if not (self.once and self._blocked(w.site))]
-        return not waiting and (self.once or not self.orphans) and self.watcher.settled()
+        return not waiting and (self.once or not self.orphans.waiting) and self.watcher.settled()
 
     # ------------------------------------------------------------------ tick
 
@@ -145,7 +147,7 @@ class Intake:
         for inbox, path in self.watcher.poll_ready():
             self._guarded(path, self._classify, inbox, path, now)
         self._take_pending(now)
-        self._check_orphans(now)
+        self.orphans.check(now)
         if now >= self._next_sweep:
             self._next_sweep = now + max(self.config.watch.lease_seconds / 2, 1.0)
             self._sweep()
@@ -182,12 +184,15 @@ class Intake:
                 site.custody.kept.forget(rel_of(site.inbox, image))  # a new or changed sidecar: redo it
                 self.pending.setdefault(image, Waiting(site, now))
             if not images:
-                self.orphans.setdefault(path, Waiting(site, now))
+                self.orphans.waiting.setdefault(path, Waiting(site, now))
         elif suffix in IMAGE_SUFFIXES or suffix in UNREADABLE_IMAGE_SUFFIXES:
             st = os.lstat(path)
             if site.inbox.on_success == "keep" and site.custody.kept.is_kept(rel, st):
                 return
             self.pending.setdefault(path, Waiting(site, now))
+
+    def _requeue(self, path: Path, site: Site) -> None:
+        self.pending.setdefault(path, Waiting(site, self.clock()))
 
     def _take_pending(self, now: float) -> None:
         if now < self._db_pause:
@@ -264,20 +269,19 @@ class Intake:
         return run_id
 
     def _record(self, site: Site, claim: Claim, path: Path, sidecar_error: str) -> int:
-        inbox, rel, host = site.inbox, claim.rel, self.config.host
+        inbox, rel = site.inbox, claim.rel
         claimed_sidecar = claim.sidecar_path
         st = os.lstat(claim.path)
         if not stat.S_ISREG(st.st_mode):  # swapped for a link or a FIFO while it waited
-            run_id = self.store.add_run(key="-", inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
-                                        input_sha256="", spec_json="{}", host=host)
+            run_id = self.ledger.add(key="-", inbox=inbox.name, rel_path=rel, source_path=str(claim.path))
             self._fail_now(site, claim, run_id, "not a regular file (a symbolic link, pipe or device); "
                            "bgwatch reads only files")
             return run_id
         sha = safefs.sha256_file(claim.path)
         suffix = PurePosixPath(rel).suffix.lower()
         if suffix in UNREADABLE_IMAGE_SUFFIXES:
-            run_id = self.store.add_run(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
-                                        input_sha256=sha, spec_json="{}", host=host)
+            run_id = self.ledger.add(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
+                                     input_sha256=sha)
             self._fail_now(site, claim, run_id, f"{suffix[1:].upper()} is not a format bgwatch reads; allowed: "
                            f"{', '.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} (convert it and drop it again)")
             return run_id
@@ -291,8 +295,8 @@ class Intake:
                     f"no sidecar arrived for {path.name} within {self.config.watch.sidecar_seconds:g} s",
                     f"drop {path.stem}.yaml beside it, or set require_sidecar: false")
         except (BgwatchError, ValueError) as exc:
-            run_id = self.store.add_run(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
-                                        input_sha256=sha, spec_json="{}", host=host)
+            run_id = self.ledger.add(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
+                                     input_sha256=sha)
             self._fail_now(site, claim, run_id, str(exc))
             return run_id
         from bgwatch.pipeline.imageio import output_extension
@@ -301,12 +305,11 @@ class Intake:
         earlier = None if spec.reprocess else self.store.find_done(key)
         # The name it wants; the name it gets is taken on the share when it is delivered (outputs.place).
         output_rel = outputs.wanted(rel, spec.output.suffix, output_extension(spec.output))
-        run_id = self.store.add_run(key=key, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
-                                    input_sha256=sha, spec_json=spec.to_json(), host=host,
-                                    output_path=str(inbox.outbox / output_rel))
+        run_id = self.ledger.add(key=key, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),
+                                 input_sha256=sha, spec_json=spec.to_json(), output_path=str(inbox.outbox / output_rel))
         job = Job(run_id=run_id, inbox=inbox.name, rel_path=rel, source=claim.path, spec=spec, input_sha256=sha,
-                  key=key, claim=claim, output_rel=output_rel)
-        if earlier is not None and self._deliver_earlier(site, job, Path(earlier.output_path), earlier.id):
+                  key=key, ticket=claim, root=claim.inbox, output_rel=output_rel)
+        if earlier is not None and self._deliver_earlier(site, job, claim, Path(earlier.output_path), earlier.id):
             return run_id
         logger.info("{}: queued as run {} ({} {})", shown(rel), run_id, spec.operation,
                     spec.mode if spec.operation == "cleanup" else spec.engine)
@@ -314,11 +317,10 @@ class Intake:
         self.submit(job)
         return run_id
 
-    def _deliver_earlier(self, site: Site, job: Job, earlier: Path, earlier_id: int) -> bool:
+    def _deliver_earlier(self, site: Site, job: Job, claim: Claim, earlier: Path, earlier_id: int) -> bool:
         """Same bytes and spec as a finished run: no second inference, but this name gets its output. The
         earlier output is read only inside the outbox, without following a link, and only if it still holds
         the bytes its owner record names; otherwise False, and the job is processed again."""
-        assert job.claim is not None
         data = earlier_output(site.custody, site.inbox.outbox, earlier)
         if data is None:
             logger.info("{}: the earlier output of run {} is not there as it was written; processing again",
@@ -327,25 +329,24 @@ class Intake:
         self.inflight[job.run_id] = InFlight(job, site)
         own = earlier == site.inbox.outbox / job.output_rel  # its own output: not written again
         try:
-            settled = site.custody.deliver(job.claim, job.run_id, site.inbox.outbox, job.output_rel,
+            settled = site.custody.deliver(claim, job.run_id, site.inbox.outbox, job.output_rel,
                                            None if own else data, site.inbox.on_success,
                                            input_sha256=job.input_sha256)
         except (OSError, DeliveryBlocked) as exc:
-            self._fail_now(site, job.claim, job.run_id, f"could not deliver the earlier output: {exc}")
+            self._fail_now(site, claim, job.run_id, f"could not deliver the earlier output: {exc}")
             return True
         if settled is None:
-            self.outcomes.put(superseded(job.run_id))
+            self.outcomes.put(runs.taken_back(job.run_id))
         else:
-            self.outcomes.put(RunResult(job.run_id, JobState.SKIPPED, settled.output,
-                                        error=f"same image and spec as run {earlier_id}", parked=settled.parked))
+            self.outcomes.put(runs.skipped(job.run_id, settled.output, earlier_id, settled.parked))
         logger.info("{}: same image and spec as run {}, skipped", shown(job.rel_path), earlier_id)
         self.apply_outcomes()
         return True
 
     def _fail_now(self, site: Site, claim: Claim, run_id: int, reason: str) -> None:
         self.inflight.setdefault(run_id, InFlight(Job(run_id, site.inbox.name, claim.rel, claim.path, JobSpec(), "",
-                                                      "", claim), site))
-        self.outcomes.put(fail_job(site.custody, claim, run_id, reason))
+                                                      "", ticket=claim, root=claim.inbox), site))
+        self.outcomes.put(runs.fail_filed(site.custody, claim, run_id, reason))
         self.apply_outcomes()
 
     # ------------------------------------------------------------------ where every run ends
@@ -374,17 +375,13 @@ class Intake:
 
     def _apply(self, outcome: Outcome) -> None:
         if isinstance(outcome, Started):
-            self.store.start_run(outcome.run_id, self.config.host, at=outcome.at)
+            self.ledger.start(outcome.run_id, outcome.at)
             return
         if isinstance(outcome, Blocked):
             self._blocked_delivery(outcome)
             return
         result = outcome
-        self.store.finish_run(result.run_id, result.state,
-                              output_path=str(result.output_path) if result.output_path else "",
-                              error=result.error, mask_engine=result.mask_engine, bg_engine=result.bg_engine,
-                              seed=result.seed, timings=result.timings,
-                              source_path=str(result.parked) if result.parked else None)
+        self.ledger.finish(result)
         held = self.inflight.pop(result.run_id, None)
         if self.retries.clear(result.run_id) and result.state == JobState.DONE:
             logger.info("run {}: delivered after waiting for the outbox", result.run_id)
@@ -403,7 +400,7 @@ class Intake:
             logger.error("{}: failed: {}", shown(rel), shown(result.error))
             self.counters.failures += 1
         elif result.state == JobState.SUPERSEDED:
-            logger.warning("{}: {}", shown(rel), result.error)
+            logger.warning("{}: {}", shown(rel), shown(result.error))
         self.counters.results.append(result)
         if self.on_result is not None:
             self.on_result(result)
@@ -414,7 +411,7 @@ class Intake:
         note = f"waiting to be delivered: {blocked.cause}; tried {attempts} time(s), again in {delay:.0f} s"
         (logger.warning if attempts == 1 else logger.info)("{}: {}", shown(blocked.finished.job.rel_path),
                                                             shown(note))
-        self.store.note(blocked.run_id, note)
+        self.ledger.note(blocked.run_id, note)
 
     # ------------------------------------------------------------------ claims no job holds
 
@@ -424,10 +421,11 @@ class Intake:
         making."""
         held: set[tuple[str, str]] = set()
         for item in self.inflight.values():
-            if item.job.claim is not None:
-                held.add((item.job.inbox, item.job.claim.name))
-                if item.job.claim.sidecar:
-                    held.add((item.job.inbox, item.job.claim.sidecar))
+            claim = item.job.ticket
+            if isinstance(claim, Claim):
+                held.add((item.job.inbox, claim.name))
+                if claim.sidecar:
+                    held.add((item.job.inbox, claim.sidecar))
         seen: dict[tuple[str, str], int] = {}
         for name_of_inbox, site in list(self.sites.items()):
             if site.heartbeat.twin:
@@ -442,7 +440,8 @@ class Intake:
                     try:
                         back = site.custody.return_claimed(name)
                     except OSError as exc:
-                        logger.error("cannot return the claimed {} to {}: {}", shown(name), site.inbox.path, exc)
+                        logger.error("cannot return the claimed {} to {}: {}", shown(name), site.inbox.path,
+                                     shown(str(exc)))
                         self.stuck.add(key)
                         continue
                     del seen[key]
@@ -471,65 +470,9 @@ class Intake:
                 continue
             del seen[key]
             self.waiting_originals.pop((name_of_inbox, token), None)
-            logger.info("{}: delivery {} {}", site.inbox.path, token,
-                        f"finished (original in {settled.parked})" if settled.finished else "undone: back in the inbox")
-
-    # ------------------------------------------------------------------ sidecars on their own
-
-    def _check_orphans(self, now: float) -> None:
-        for path, waiting in list(self.orphans.items()):
-            try:
-                self._check_orphan(path, waiting, now)
-            except (OSError, BgwatchError, sqlite3.Error, ValueError) as exc:
-                # logged once, not ten times a second: the sidecar is looked at again if it changes
-                logger.error("{}: {}; leaving this sidecar where it is", shown(str(path)), exc)
-                self.orphans.pop(path, None)
-
-    def _check_orphan(self, path: Path, waiting: Waiting, now: float) -> None:
-        if not os.path.lexists(path):
-            del self.orphans[path]
-            return
-        if sidecars.sidecar_images(path):
-            del self.orphans[path]  # its image arrived: it travels with it when the image is taken
-            return
-        site = waiting.site
-        rel = rel_of(site.inbox, path)
-        done_twin = site.inbox.path / DONE_DIR / rel
-        images = sidecars.sidecar_images(done_twin)
-        if images:
-            self._sidecar_after_image(site, path, images[0])
-            del self.orphans[path]
-        elif now - waiting.first_seen >= self.config.watch.orphan_sidecar_seconds:
-            reason = (f"no image belongs to this sidecar (looked for {path.stem}.* beside it) within "
-                      f"{self.config.watch.orphan_sidecar_seconds:g} s")
-            site.custody.park_unclaimed(rel, FAILED_DIR, reason)
-            logger.warning("{}: {}", shown(rel), reason)
-            del self.orphans[path]
-
-    def _sidecar_after_image(self, site: Site, sidecar: Path, done_image: Path) -> None:
-        """A sidecar arrived after its image was processed: process it again if the resolved spec changed."""
-        inbox = site.inbox
-        image_rel = rel_of(inbox, sidecar.parent / done_image.name)
-        try:
-            spec = rules.resolve(inbox.path / image_rel, inbox, self.config, sidecar=sidecar).spec
-        except BgwatchError as exc:
-            site.custody.park_unclaimed(rel_of(inbox, sidecar), FAILED_DIR, str(exc))
-            return
-        if self.store.find_done(job_key(safefs.sha256_file(done_image), spec)) is not None:
-            site.custody.park_unclaimed(rel_of(inbox, sidecar), DONE_DIR)
-            logger.info("{}: sidecar changes nothing; filed beside its image in done/", shown(rel_of(inbox, sidecar)))
-            return
-        if inbox.late_sidecars != "redo":
-            reason = (f"its image {done_image.name} was already processed, and a delivered output is not re-rendered "
-                      "by a sidecar dropped later; to redo it, move the image from done/ back into the inbox "
-                      "with this sidecar (or set late_sidecars: redo on this inbox in config.yaml)")
-            site.custody.park_unclaimed(rel_of(inbox, sidecar), FAILED_DIR, reason)
-            logger.warning("{}: {}", shown(rel_of(inbox, sidecar)), reason)
-            return
-        logger.info("{}: sidecar arrived after its image; processing it again", shown(image_rel))
-        back = site.custody.restore(DONE_DIR, rel_of(inbox, done_image)[len(DONE_DIR) + 1:], image_rel)
-        if back is not None:
-            self.pending.setdefault(inbox.path / back, Waiting(site, self.clock()))
+            logger.info("{}: delivery {} {}", site.inbox.path, shown(token),
+                        f"finished (original in {shown(str(settled.parked))})" if settled.finished
+                        else "undone: back in the inbox")
 
 
 def earlier_output(custody: Custody, outbox: Path, earlier: Path) -> bytes | None:

@@ -11,10 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from bgwatch.custody import Claim
+from typing import Any
 
 
 class JobState(str, enum.Enum):
@@ -159,7 +156,8 @@ class Job:
     spec: JobSpec
     input_sha256: str
     key: str
-    claim: Claim | None = None  # the claim to deliver under (None for `bgwatch process`)
+    ticket: object = None  # opaque: what its source needs to deliver it (a folder job's claim); only the source looks
+    root: Path | None = None  # the folder `source` is re-opened below without following links (a claimed file's inbox)
     output_rel: str = ""  # the output's path relative to the inbox's outbox, chosen when the run was recorded
 
 

@@ -21,11 +21,11 @@ from pathlib import Path, PurePosixPath
 
 from loguru import logger
 
-from bgwatch import safefs, sidecars
+from bgwatch import runs, safefs, sidecars
 from bgwatch.custody import CLAIMED, TAKEN, WORK_DIR, Claim, Settled
 from bgwatch.errors import BgwatchError
 from bgwatch.intake import InFlight, Intake, Site
-from bgwatch.jobs import Job, JobSpec, JobState
+from bgwatch.jobs import Job, JobSpec
 from bgwatch.store import RunRow
 from bgwatch.text import shown
 
@@ -41,23 +41,23 @@ def recover(intake: Intake, host: str) -> list[Job]:
                 result = site.custody.settle(host, token)
                 if TAKEN not in token:  # taken over from another host: its run ids are not ours
                     settled[int(token.rsplit("-", 1)[1])] = (site, result)
-                logger.info("{}: delivery {} {} after the restart", site.inbox.path, token,
+                logger.info("{}: delivery {} {} after the restart", site.inbox.path, shown(token),
                             "finished" if result.finished else "undone (its file is back in the inbox)")
             except (*_RECOVERABLE,) as exc:
-                logger.error("{}: cannot settle delivery {}: {}", site.inbox.path, shown(token), exc)
+                logger.error("{}: cannot settle delivery {}: {}", site.inbox.path, shown(token), shown(str(exc)))
     jobs: list[Job] = []
     held: set[tuple[str, str]] = set()
-    for row in intake.store.runs_in((JobState.QUEUED, JobState.RUNNING), host=host):
+    for row in intake.ledger.open_runs():
         try:
             job = _reopen(intake, row, settled)
         except (*_RECOVERABLE,) as exc:
             logger.error("run {} ({}): cannot recover it: {}", row.id, shown(row.rel_path), exc)
             continue
-        if job is not None and job.claim is not None:
+        if job is not None and isinstance(job.ticket, Claim):
             jobs.append(job)
-            held.add((job.inbox, job.claim.name))
-            if job.claim.sidecar:
-                held.add((job.inbox, job.claim.sidecar))
+            held.add((job.inbox, job.ticket.name))
+            if job.ticket.sidecar:
+                held.add((job.inbox, job.ticket.sidecar))
     for name, site in intake.sites.items():
         for claimed in site.custody.own_claims():
             if (name, claimed) in held:
@@ -74,21 +74,21 @@ def recover(intake: Intake, host: str) -> list[Job]:
 
 
 def _reopen(intake: Intake, row: RunRow, settled: dict[int, tuple[Site, Settled]]) -> Job | None:
-    store = intake.store
+    ledger = intake.ledger
     site = intake.sites.get(row.inbox)
     if row.id in settled:
         _, result = settled[row.id]
-        if result.finished:
-            state = JobState.FAILED if result.disposition == "failed" else JobState.DONE
-            store.finish_run(row.id, state, output_path=str(result.output or ""), error=result.reason,
-                             source_path=str(result.parked) if result.parked else None)
+        if result.finished and result.disposition == "failed":
+            ledger.finish(runs.failed(row.id, result.reason, result.parked))
+        elif result.finished:
+            ledger.finish(runs.done(row.id, result.output, problem=result.problem, parked=result.parked))
         else:
-            store.finish_run(row.id, JobState.SUPERSEDED,
-                             error=f"interrupted by a restart before its delivery finished ({result.returned}); "
-                                   "returned to the inbox and taken again as a new run")
+            ledger.finish(runs.superseded(row.id, f"interrupted by a restart before its delivery finished "
+                                                  f"({result.returned}); returned to the inbox and taken again as "
+                                                  "a new run"))
         return None
     if site is None:
-        store.finish_run(row.id, JobState.SUPERSEDED, error="its inbox is no longer configured")
+        ledger.finish(runs.superseded(row.id, "its inbox is no longer configured"))
         return None
     base = site.custody.inbox / WORK_DIR / CLAIMED / site.custody.host
     source = Path(row.source_path)
@@ -99,27 +99,26 @@ def _reopen(intake: Intake, row: RunRow, settled: dict[int, tuple[Site, Settled]
     if not name or not os.path.lexists(source):
         delivered = _delivered(site, row)
         if delivered is not None:  # killed after its delivery, before the 'done' was recorded
-            store.finish_run(row.id, JobState.DONE, output_path=str(delivered),
-                             error="recorded at the restart: its delivery had finished")
+            ledger.finish(runs.done(row.id, delivered, problem="recorded at the restart: its delivery had finished"))
             logger.info("run {} ({}): delivered before the restart -> {}", row.id, shown(row.rel_path),
                         shown(str(delivered)))
             return None
         why = "its file was taken back by another host while this one was stopped, and processed there"
-        store.finish_run(row.id, JobState.SUPERSEDED, error=why)
+        ledger.finish(runs.superseded(row.id, why))
         logger.info("run {} ({}): {}", row.id, shown(row.rel_path), why)
         return None
     sidecar = sidecars.find_sidecar(source)
     claim = Claim(site.custody.inbox, site.custody.host, row.rel_path, name,
                   PurePosixPath(*sidecar.relative_to(base).parts).as_posix() if sidecar is not None else None)
     if row.spec_json == "{}" or not row.output_path:
-        store.finish_run(row.id, JobState.SUPERSEDED, error="interrupted before it was queued; taken again")
+        ledger.finish(runs.superseded(row.id, "interrupted before it was queued; taken again"))
         return None  # its claim goes back to the inbox
     spec = JobSpec.from_dict(json.loads(row.spec_json))
     output_rel = PurePosixPath(*Path(row.output_path).relative_to(site.inbox.outbox).parts).as_posix()
-    store.requeue(row.id)
+    ledger.requeue(row.id)
     logger.warning("run {} ({}) was open when bgwatch stopped; taking it again", row.id, shown(row.rel_path))
     job = Job(run_id=row.id, inbox=row.inbox, rel_path=row.rel_path, source=source, spec=spec,
-              input_sha256=row.input_sha256, key=row.key, claim=claim, output_rel=output_rel)
+              input_sha256=row.input_sha256, key=row.key, ticket=claim, root=claim.inbox, output_rel=output_rel)
     intake.inflight[row.id] = InFlight(job, site)
     return job
 

@@ -59,7 +59,7 @@ def claimed_job(inbox: Path, rel: str, spec: JobSpec | None = None) -> Job:
     sha = hashlib.sha256(claim.path.read_bytes()).hexdigest()
     spec = spec or JobSpec()
     return Job(run_id=1, inbox=str(inbox), rel_path=rel, source=claim.path, spec=spec, input_sha256=sha,
-               key=job_key(sha, spec), claim=claim)
+               key=job_key(sha, spec), ticket=claim, root=claim.inbox)
 
 
 def test_a_claimed_file_swapped_for_a_link_by_another_user_is_never_decoded(share: Path) -> None:

@@ -52,7 +52,7 @@ def test_the_heartbeat_reads_no_marker_and_the_main_thread_settles_silent_hosts(
     now[0] += 10  # the ghost never beats: silent longer than the lease
     daemon._beat()
     assert (box / "marker.json").exists(), "the heartbeat thread settled a delivery (it reads no marker)"
-    daemon._reclaim_silent()
+    daemon.folders.sweep()  # the main loop sweeps each source
     assert (inbox / "p.jpg").read_bytes() == b"p" and not box.exists()
     [reason] = (inbox / ".bgwatch" / "quarantine").glob("*.txt")
     assert "outside" in reason.read_text()

@@ -117,10 +117,9 @@ def open_input(job: Job, *, check_hash: bool = True) -> Iterator[int]:
     place) is refused, never decoded. InputError names the file as dropped and says why."""
     from bgwatch import sharefiles
 
-    claim = job.claim
     try:
-        if claim is not None:
-            fd = sharefiles.open_below(claim.inbox, claim.path.relative_to(claim.inbox).parts)
+        if job.root is not None:
+            fd = sharefiles.open_below(job.root, job.source.relative_to(job.root).parts)
         else:  # an HTTP upload in the daemon's own folder, or a file named on `bgwatch process`
             fd = sharefiles.open_below(job.source.parent, (job.source.name,))
     except sharefiles.RefusedFile as exc:

@@ -1,0 +1,37 @@
+"""Where jobs come from and how they end, behind one protocol: the daemon wires sources, the ledger and the
+workers, and never branches on where a job came from.
+
+    FolderSource (folder.py)  the configured inboxes: watch, claim on the share, fenced delivery
+    HttpSource   (http.py)    the HTTP door's uploads: results in its results folder
+
+Each job carries an opaque ticket from its source (a folder job's claim on the share); only the source that
+made it looks inside (`owns`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from bgwatch.jobs import Job
+    from bgwatch.pipeline.stages import Finished
+
+
+class JobSource(Protocol):
+    def owns(self, job: Job) -> bool:
+        """Whether this source made the job (its ticket is one of this source's)."""
+
+    def recover(self) -> list[Job]:
+        """At start, on the main thread: settle what the last run left; the jobs to queue again."""
+
+    def poll(self) -> None:
+        """Main thread, every loop: take new work (claim, record, submit), record what the workers reported."""
+
+    def deliver(self, finished: Finished, last_try: bool = False) -> None:
+        """A worker thread: put the finished job's output where it belongs and report how the run ended."""
+
+    def fail(self, job: Job, reason: str) -> None:
+        """A worker thread: the job failed; file its input as failed and report it."""
+
+    def sweep(self) -> None:
+        """Main thread: settle what other hosts left (silent longer than the lease)."""

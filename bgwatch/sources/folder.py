@@ -1,0 +1,118 @@
+"""The configured inboxes as a job source: the intake (watch, claim, record, submit) in front, fenced
+delivery on the share (custody) behind, recovery at start, and the files of silent hosts settled."""
+
+from __future__ import annotations
+
+import queue
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from bgwatch import runs, safefs
+from bgwatch.custody import Claim, Custody, DeliveryBlocked
+from bgwatch.errors import BgwatchError
+from bgwatch.outcomes import Blocked
+from bgwatch.recovery import recover
+from bgwatch.text import shown
+
+if TYPE_CHECKING:
+    from bgwatch.intake import Intake, Site
+    from bgwatch.jobs import Job
+    from bgwatch.pipeline.stages import Finished
+
+
+def claim_of(job: Job) -> Claim:
+    """A folder job's ticket: its claim on the share."""
+    if not isinstance(job.ticket, Claim):
+        raise TypeError(f"run {job.run_id} is not a folder job")
+    return job.ticket
+
+
+class FolderSource:
+    def __init__(self, intake: Intake, host: str, epoch: str) -> None:
+        self.intake = intake
+        self.host = host
+        self.epoch = epoch
+        self._silent: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # (inbox name, host)
+
+    def owns(self, job: Job) -> bool:
+        return isinstance(job.ticket, Claim)
+
+    def recover(self) -> list[Job]:
+        return recover(self.intake, self.host)
+
+    def poll(self) -> None:
+        self.intake.tick()
+
+    def _site(self, job: Job) -> Site:
+        site = self.intake.sites.get(job.inbox)
+        if site is None:  # removed by a config reload while the job ran
+            raise BgwatchError(f"inbox {job.inbox} was removed from the configuration while this file was "
+                               "processed; put the file back in a configured inbox to process it")
+        return site
+
+    def deliver(self, finished: Finished, last_try: bool = False) -> None:
+        """Deliver a finished job, fenced, and say how its run ended: 'done' only when its delivery finished.
+        Storage errors hand it back (Blocked) to be tried again with back-off; on the last try it fails."""
+        job = finished.job
+        claim = claim_of(job)
+        site = self._site(job)
+        outcomes = self.intake.outcomes
+        try:
+            settled = site.custody.deliver(claim, job.run_id, site.inbox.outbox, job.output_rel, finished.data,
+                                           site.inbox.on_success, input_sha256=job.input_sha256)
+        except safefs.FolderMissing as exc:
+            try:
+                site.custody.unclaim(claim)
+            except OSError:  # the inbox's share is away too
+                outcomes.put(runs.share_away(job.run_id))
+                return
+            outcomes.put(runs.outbox_away(job.run_id, str(exc.filename)))
+            return
+        except DeliveryBlocked as blocked:
+            if blocked.storage and not last_try:
+                outcomes.put(Blocked(finished, str(blocked), blocked.errno))
+                return
+            self.fail(job, f"the output could not be written: {blocked}")
+            return
+        if settled is None:
+            outcomes.put(runs.taken_back(job.run_id))
+        elif not settled.finished:
+            outcomes.put(runs.undone(job.run_id, settled.returned))
+        else:
+            outcomes.put(runs.done(job.run_id, settled.output, finished, problem=settled.problem,
+                                   parked=settled.parked))
+
+    def fail(self, job: Job, reason: str) -> None:
+        claim = claim_of(job)
+        site = self.intake.sites.get(job.inbox)
+        custody = site.custody if site is not None else Custody(claim.inbox, claim.host, self.epoch)
+        self.intake.outcomes.put(runs.fail_filed(custody, claim, job.run_id, reason))
+
+    # ------------------------------------------------------------------ silent hosts
+
+    def note_silent(self, inbox_name: str, host: str) -> None:
+        """The heartbeat thread found `host` silent longer than the lease (it reads no marker itself)."""
+        self._silent.put((inbox_name, host))
+
+    def sweep(self) -> None:
+        """Main thread: settle the deliveries and return the claims of the hosts found silent."""
+        seen: set[tuple[str, str]] = set()
+        while True:
+            try:
+                name, host = self._silent.get_nowait()
+            except queue.Empty:
+                return
+            site = self.intake.sites.get(name)
+            if (name, host) in seen or site is None or not site.heartbeat.fresh():
+                continue
+            seen.add((name, host))
+            try:
+                returned = site.custody.reclaim(host)
+            except (OSError, ValueError) as exc:
+                logger.error("{}: cannot settle silent host {}'s files: {}", site.inbox.path, shown(host),
+                             shown(str(exc)))
+                continue
+            if returned:
+                logger.warning("host {} has been silent longer than the lease ({:g} s): settled its {} file(s) in {}",
+                               shown(host), site.heartbeat.lease_seconds, len(returned), site.inbox.path)
