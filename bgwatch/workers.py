@@ -328,6 +328,8 @@ class Workers:
         if request is None or spec.fallback_engine in ("", request.engine) or self.abort.is_set():
             return False
         model = next((name for kind, name, _ in configured_models(self.config) if kind == spec.fallback_engine), "")
+        if not model and spec.fallback_engine == "sdxl" and "/" in spec.model:
+            model = spec.model  # a hub id or a folder is an SDXL checkpoint (MODEL_ID), whatever the engine
         fallback = BackgroundRequest.from_spec(replace(spec, engine=spec.fallback_engine, model=model),
                                                request.width, request.height, request.seed, config=self.config)
         logger.warning("run {}: the {} generation failed ({}); the background comes from the fallback engine {}",
@@ -379,7 +381,9 @@ class Workers:
         except MemoryError:
             self._fail(job, "out of memory while processing this image; try a smaller image")
         except OSError as exc:
-            self._fail(job, f"file system error: {exc}")
+            # the file by name only: the reason becomes a note on the share, never a path on the server
+            where = f" ({os.path.basename(exc.filename)})" if isinstance(exc.filename, str) else ""
+            self._fail(job, f"file system error{where}: {exc.strerror or exc}")
         except Exception as exc:  # a bug must cost one job, not the daemon: logged with its traceback
             logger.exception("run {}: unexpected error", job.run_id)
             self._fail(job, f"internal error ({type(exc).__name__}: {exc}); see logs/error.log")

@@ -256,3 +256,22 @@ def test_a_sidecar_may_not_fall_back_to_a_generation_the_inbox_does_not_use(tmp_
         rules.resolve(inbox.path / "photo.jpg", inbox, config)
     (inbox.path / "photo.yaml").write_text("fallback_engine: color\n")
     assert rules.resolve(inbox.path / "photo.jpg", inbox, config).spec.fallback_engine == "color"
+
+
+@pytest.mark.slow
+def test_bg_fallback_local_makes_a_failed_runway_generation_with_local_sdxl(tmp_path: Path, tiny_sdxl: Path,
+                                                                              u2net_home: Path) -> None:
+    with FakeRunway(statuses=["PENDING", "FAILED"]) as runway:
+        data = {"state_dir": "state", "host": "testhost", "device": "cpu", "http": {"listen": "127.0.0.1:0"},
+                "limits": {"generations_per_minute": 0},
+                "runway": {"base_url": runway.url, "api_key": "k-test-runway", "poll_interval": 0.01},
+                "defaults": {"mask": {"engine": "rembg", "model": "tiny.onnx"}}}
+        config = parse_config(data, tmp_path / "config.yaml",
+                              env={"BG_ENGINE": "runway", "MODEL_ID": str(tiny_sdxl), "BG_FALLBACK_LOCAL": "1"})
+        with ApiDaemon(config) as api:
+            answer = post(api.client, "replace", sample_bytes(tmp_path, 29, size=(128, 96)), prompt="oak table",
+                          seed=7, steps=2)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["bg_engine"] == f"sdxl:{tiny_sdxl}", "made locally, and recorded so"
+        assert [r.path for r in runway.requests if r.method == "POST"], "Runway was asked first"
+    assert [(r["status"], r["bg_engine"]) for r in rows(config, "http")] == [("done", f"sdxl:{tiny_sdxl}")]
