@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import queue
 import threading
 from collections import Counter
