@@ -30,6 +30,7 @@ from loguru import logger
 from bgwatch import safefs
 from bgwatch.budget import MemoryBudget
 from bgwatch.config import Config, load_config
+from bgwatch.coordination.share import ShareCoordinator
 from bgwatch.custody import Custody, Step
 from bgwatch.errors import BgwatchError
 from bgwatch.httpjobs import HttpDoor
@@ -74,11 +75,11 @@ class Daemon:
         self.budget = MemoryBudget(config.limits.max_memory)
         self.generation_bucket = TokenBucket(config.limits.generations_per_minute)
         self.engines = stages.Engines(config, self.store, self.generation_bucket, self.abort_event)
+        self.liveness = Liveness()
         self.sites = self._sites(config, {})
         self._on_result = on_result
         self.intake = Intake(config, self.store, self.sites, self._submit, once=once,
                              on_result=self._result_recorded if http else on_result)
-        self.liveness = Liveness()
         self.progress = Progress()
         self.workers = Workers(config, self.engines, budget=self.budget, job_bucket=self.job_bucket,
                                progress=self.progress, abort=self.abort_event, started=self._started,
@@ -117,8 +118,8 @@ class Daemon:
             heartbeat = before.heartbeat if before is not None else Heartbeat(
                 inbox.path, config.host, self.epoch, config.watch.lease_seconds)
             heartbeat.lease_seconds = config.watch.lease_seconds
-            sites[inbox.name] = Site(inbox, Custody(inbox.path, config.host, self.epoch, inbox.outbox, step=self.step),
-                                     heartbeat)
+            custody = Custody(inbox.path, config.host, self.epoch, inbox.outbox, step=self.step)
+            sites[inbox.name] = Site(inbox, custody, heartbeat, ShareCoordinator(custody, heartbeat, self.liveness))
         return sites
 
     @staticmethod
@@ -326,7 +327,7 @@ class Daemon:
         lines += [f"original waiting in {name}'s delivering/{token}: {why}"
                   for (name, token), why in sorted(self.intake.waiting_originals.items())]
         for site in self.sites.values():
-            why = site.heartbeat.why_not_claiming()
+            why = site.coordinator.why_not_claiming()
             if why:
                 lines.append(f"not claiming in {site.inbox.path}: {why}")
         return lines
@@ -401,13 +402,11 @@ class Daemon:
     def _beat(self) -> None:
         """Beat in every inbox and note the hosts silent longer than the lease. No SQLite here, and nothing
         read that another host wrote but heartbeats (markers are read by the main thread, in reclaim)."""
-        lease = self.config.watch.lease_seconds
         for name, site in list(self.sites.items()):
-            if not site.heartbeat.beat():
+            if not site.coordinator.beat():
                 continue
-            for host in site.custody.other_hosts():
-                if self.liveness.silent_for(site.inbox.path, host) > lease:
-                    self.folders.note_silent(name, host)
+            for host in site.coordinator.silent_hosts():
+                self.folders.note_silent(name, host)
         self._last_heartbeat = time.monotonic()
 
     def _heartbeat_loop(self) -> None:

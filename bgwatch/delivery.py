@@ -164,6 +164,9 @@ class Custody(Claims):
             return False
         return there is not None and stat.S_ISDIR(there.st_mode)
 
+    def still_holds(self, token: str) -> bool:
+        return self._holds(token)
+
     def _check_holds(self, token: str) -> None:
         if not self._holds(token):
             raise _Lost

@@ -27,6 +27,7 @@ from loguru import logger
 
 from bgwatch import outputs, rules, runs, safefs, sidecars
 from bgwatch.config import Config, InboxConfig
+from bgwatch.coordination import Coordinator
 from bgwatch.custody import Claim, Custody, DeliveryBlocked
 from bgwatch.delivery import waiting as waiting_note
 from bgwatch.errors import BgwatchError, SpecError
@@ -37,7 +38,7 @@ from bgwatch.outcomes import Blocked, Outcome, Outcomes, Started
 from bgwatch.retries import Retries
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.store import Store
-from bgwatch.text import shown
+from bgwatch.text import on_share, shown
 from bgwatch.watch import InboxWatcher
 
 if TYPE_CHECKING:
@@ -50,11 +51,13 @@ DB_PAUSE_SECONDS = (2.0, 60.0)  # claiming pauses this long (doubling) while run
 
 @dataclass(slots=True)
 class Site:
-    """One configured inbox as this host serves it: its config, its files' custody, its heartbeat."""
+    """One configured inbox as this host serves it: its config, its files' custody, its heartbeat, and
+    the coordination with the other hosts of its share (claims, holds, silent hosts)."""
 
     inbox: InboxConfig
     custody: Custody
     heartbeat: Heartbeat
+    coordinator: Coordinator
 
 
 @dataclass(slots=True)
@@ -215,7 +218,7 @@ class Intake:
     def _blocked(site: Site) -> bool:
         """Claim nothing where this host cannot beat (share away, a twin uses its name) or the outbox is
         missing (its share away). An outbox that is a file is not waited for: the jobs fail and say so."""
-        return not site.heartbeat.fresh() or not os.path.lexists(site.inbox.outbox)
+        return not site.coordinator.may_claim() or not os.path.lexists(site.inbox.outbox)
 
     def _awaits_sidecar(self, waiting: Waiting, path: Path, now: float) -> bool:
         """require_sidecar: wait up to watch.sidecar_seconds for the sidecar, then go (and fail)."""
@@ -239,7 +242,7 @@ class Intake:
             sidecar, sidecar_error = None, str(exc)
         else:
             sidecar_error = ""
-        claim = site.custody.claim(rel, rel_of(inbox, sidecar) if sidecar is not None else None)
+        claim = site.coordinator.claim(rel, rel_of(inbox, sidecar) if sidecar is not None else None)
         logger.debug("{}: claim {} (window {}/{})", shown(rel), "won" if claim else "lost to another host",
                      len(self.inflight), self.config.pipeline.window_per_worker)
         if claim is None:
@@ -344,6 +347,7 @@ class Intake:
         return True
 
     def _fail_now(self, site: Site, claim: Claim, run_id: int, reason: str) -> None:
+        reason = on_share(reason, site.inbox.path)  # the note goes to the share: no server paths in it
         self.inflight.setdefault(run_id, InFlight(Job(run_id, site.inbox.name, claim.rel, claim.path, JobSpec(), "",
                                                       "", ticket=claim, root=claim.inbox), site))
         self.outcomes.put(runs.fail_filed(site.custody, claim, run_id, reason))

@@ -104,11 +104,11 @@ class FolderSource:
             except queue.Empty:
                 return
             site = self.intake.sites.get(name)
-            if (name, host) in seen or site is None or not site.heartbeat.fresh():
+            if (name, host) in seen or site is None or not site.coordinator.may_claim():
                 continue
             seen.add((name, host))
             try:
-                returned = site.custody.reclaim(host)
+                returned = site.coordinator.reclaim_silent(host)
             except (OSError, ValueError) as exc:
                 logger.error("{}: cannot settle silent host {}'s files: {}", site.inbox.path, shown(host),
                              shown(str(exc)))
