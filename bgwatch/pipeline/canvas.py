@@ -218,17 +218,19 @@ def plan(alpha: np.ndarray, spec: JobSpec, *, source: str | Path = "input image"
             pad = math.ceil(KEEP_PAD * max(placed[2] - placed[0], placed[3] - placed[1])) + 2
             keep = (max(0, placed[0] - pad), max(0, placed[1] - pad), min(width, placed[2] + pad),
                     min(height, placed[3] + pad * 4))  # more below: the soft edge where it stands
-    # Clipped: part of the subject is off the canvas, or the photo's own edge cuts it.
-    clipped = placed is not None and (placed[0] < 0 or placed[1] < 0 or placed[2] > width or placed[3] > height)
-    clipped |= box is not None and (box[0] == 0 or box[1] == 0 or box[2] == w0 or box[3] == h0)
+    # Clipped: the photo's own edge cuts the subject (the fit above keeps it whole on the canvas).
+    clipped = box is not None and (box[0] == 0 or box[1] == 0 or box[2] == w0 or box[3] == h0)
     if canvas.min_fill > 0 and fill < canvas.min_fill - 1e-6:
         raise InputError(source, f"canvas.min_fill: the product would fill {fill:.0%} of the canvas, less than "
                          f"the {canvas.min_fill:.0%} allowed{named}"
                          + ("" if canvas.upscale else "; canvas.upscale: true lets it be enlarged"))
-    if fill > canvas.max_fill + 1e-6 or (clipped and canvas.max_fill < 1):
-        what = "is cut off by the photo's or the canvas's edge" if clipped else f"would fill {fill:.0%} of the canvas"
-        raise InputError(source, f"canvas.max_fill: the product {what}, more than the {canvas.max_fill:.0%} "
-                         f"allowed{named}; widen canvas.margin or set canvas.trim: true")
+    if clipped and canvas.max_fill < 1:
+        raise InputError(source, f"canvas.max_fill: the product is cut off by the photo's edge, and a "
+                         f"canvas.max_fill below 100% ({canvas.max_fill:.0%}{named}) allows only whole products; "
+                         "photograph it with space around it")
+    if fill > canvas.max_fill + 1e-6:
+        raise InputError(source, f"canvas.max_fill: the product would fill {fill:.0%} of the canvas, more than "
+                         f"the {canvas.max_fill:.0%} allowed{named}; widen canvas.margin or set canvas.trim: true")
     return Layout(width, height, scale, (ox, oy), box, placed, keep, fill)
 
 
