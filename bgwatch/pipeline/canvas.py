@@ -231,6 +231,8 @@ def plan(alpha: np.ndarray, spec: JobSpec, *, source: str | Path = "input image"
     if fill > canvas.max_fill + 1e-6:
         raise InputError(source, f"canvas.max_fill: the product would fill {fill:.0%} of the canvas, more than "
                          f"the {canvas.max_fill:.0%} allowed{named}; widen canvas.margin or set canvas.trim: true")
+    logger.debug("{}: on a {}x{} canvas at x{:.3f}, the product's box {} filling {:.1%}", Path(source).name, width,
+                 height, scale, placed, fill)
     return Layout(width, height, scale, (ox, oy), box, placed, keep, fill)
 
 
