@@ -7,7 +7,10 @@ so a name prints on one line, as what it is, and can be stored in SQLite.
 
 from __future__ import annotations
 
+import os
+import re
 import unicodedata
+from pathlib import Path
 
 
 def shown(text: str, *, newlines: bool = False) -> str:
@@ -67,3 +70,14 @@ def redacted(text: str, secret: str, mask: str = "***") -> str:
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+def on_share(text: str, inbox: str | Path) -> str:
+    """`text` for a note that goes to the share: a path inside `inbox` is written relative to it (a claimed
+    file's as it was dropped), so no path on the server reaches the people who read the note."""
+    out = text
+    for root in dict.fromkeys((str(inbox).rstrip("/"), os.path.abspath(inbox))):
+        if root:
+            work = r"(?:\.bgwatch/claimed/[^/\s]+/|\.bgwatch/delivering/[^/\s]+/[^/\s]+/)?"
+            out = re.sub(re.escape(root + "/") + work, "", out)
+    return out

@@ -483,7 +483,7 @@ def _walk_files(folder: Path, root: Path, nested: Iterable[Path],
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:
-            logger.warning("cannot list {}: {}", here, exc.strerror or exc)
+            logger.warning("cannot list {}: {}", shown(str(here)), exc.strerror or exc)
             continue
         for entry in entries:
             path = Path(entry.path)

@@ -38,6 +38,7 @@ from PIL import Image, ImageCms, features
 
 from bgwatch.errors import InputError, SpecError
 from bgwatch.jobs import OutputSpec
+from bgwatch.text import shown
 
 if TYPE_CHECKING:
     from bgwatch.pipeline.metadata import Carried
@@ -511,7 +512,7 @@ def _icc_to_srgb(im: Image.Image, icc: bytes, path: Path) -> Image.Image | None:
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         # A damaged or mismatched profile: the pixels are still usable, the colours only approximate.
         logger.warning("{}: embedded colour profile ignored ({}); colours may be slightly off",
-                       path.name, exc)
+                       shown(path.name), shown(str(exc)))
         return None
 
 
