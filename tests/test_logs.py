@@ -127,7 +127,8 @@ def test_library_hints_and_python_warnings_reach_the_log_not_raw_stderr(tmp_path
         tf_logging.get_logger("transformers.utils.import_utils").warning(
             "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
         warnings.warn_explicit("Callback with id '1' already exists for watch <Watch wd=8>. It will be Overwritten.",
-                               RuntimeWarning, "watchdog/observers/inotify.py", 365, module="watchdog.observers.inotify")
+                               RuntimeWarning, "watchdog/observers/inotify.py", 365,
+                               module="watchdog.observers.inotify")
         warnings.warn_explicit("a library's own warning", UserWarning, "somelib/core.py", 7, module="somelib.core")
     """
     err, app_log = run_python(code, tmp_path, journal=True)
