@@ -334,7 +334,8 @@ def check_model_home(config: Config, uid: int | None = None) -> list[Check]:
     from bgwatch.pipeline.masking import rembg_home
 
     home = rembg_home()
-    hub = os.path.expanduser(os.environ.get("HF_HOME") or "~/.cache/huggingface")
+    hub = os.path.expanduser(os.environ.get("HF_HOME")
+                             or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"))
     detail: Detail = {"rembg": str(home), "huggingface": hub,
                       "models_dir": str(config.models_dir) if config.models_dir else None}
     if config.models_dir is not None:
