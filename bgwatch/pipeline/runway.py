@@ -167,7 +167,7 @@ class RunwayEngine:
                 task_id = str(self._json(answer, "creating the task").get("id") or "")
                 if not task_id:
                     raise EngineError("runway", "creating the task: the answer has no task id")
-                logger.info("runway: task {} created ({}, ratio {})", task_id, request.model, ratio)
+                logger.info("runway: task {} created ({}, ratio {})", shown(task_id), request.model, ratio)
                 try:
                     url = self._wait(api, task_id, deadline)
                 except _TaskEnded:

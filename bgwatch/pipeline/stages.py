@@ -24,6 +24,7 @@ from loguru import logger
 
 from bgwatch.errors import BgwatchError, EngineError, InputError
 from bgwatch.jobs import Job, JobSpec
+from bgwatch.text import shown
 
 if TYPE_CHECKING:
     import numpy as np
@@ -394,7 +395,8 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
             with open_input(job, check_hash=False) as fd:
                 kept = metadata.carried(fd, spec.metadata, name=job.rel_path)
         except InputError as exc:
-            logger.warning("{}: its metadata could not be read ({}); the output carries none", job.rel_path, exc)
+            logger.warning("{}: its metadata could not be read ({}); the output carries none", shown(job.rel_path),
+                           shown(str(exc)))
     data = imageio.encode(result, spec.output, kept,
                           pure_background=preset is not None and preset.background is not None)
     _timed(timings, "encode", start)
