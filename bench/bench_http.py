@@ -230,7 +230,7 @@ def flood(work: Path, home: Path, idle_count: int, slow_count: int, size: int) -
         daemon.wait(timeout=120)
     print(f"\nflood: {idle_count} idle connections ({refused} refused by the OS) and {slow_count} stalled uploads, "
           f"opened in {opened:.1f} s; daemon alive: {alive}; HTTP waiting {health['http_waiting']}, "
-          f"in flight {health['http_in_flight']}\n")
+          f"in flight {health['http_in_flight']}; connections {health['connections']}\n")
     print("| request during the flood | status | seconds |")
     print("|---|---:|---:|")
     for what, code, took in rows:

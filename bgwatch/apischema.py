@@ -67,6 +67,8 @@ class Health(BaseModel):
     http_window: int
     http_queue: int
     rate_limit: str = Field(description="what the rate limit counts: requests or generations (http.limit)")
+    connections: dict[str, int] = Field(description="open connections, their limit, and how many were closed "
+                                        "to make room (evicted, refused) or for sending no headers in time")
 
 
 class RunRecord(BaseModel):

@@ -485,7 +485,8 @@ class HttpDoor:
                 "engines_loaded": sorted(self._engines_seen), "queue_depth": self.depth(),
                 "http_in_flight": in_window, "http_waiting": max(0, places - in_window),
                 "http_window": self.settings.window, "http_queue": self.settings.queue,
-                "rate_limit": self.settings.limit or "generations"}
+                "rate_limit": self.settings.limit or "generations",
+                "connections": self.server.guard.stats() if self.server is not None else {}}
 
 
 def resolved_device(device: str) -> str:
