@@ -177,6 +177,8 @@ class HttpDoor:
         except OSError as exc:
             raise ConfigError(self.config.source or "(built-in config)", "http.listen",
                               f"cannot listen on {self.settings.listen}: {exc.strerror or exc}") from None
+        if self.metrics is not None:
+            self.metrics.watch_http(self.health)
         logger.info("HTTP API on {} (docs at /docs){}; results in {}", self.server.url,
                     "; API keys required" if self.keys else "", self.results_dir)
 

@@ -70,6 +70,29 @@ class _LiveCollector(Collector):
             yield memory
 
 
+class _DoorCollector(Collector):
+    """The HTTP door's line and connections, read from its health answer when Prometheus scrapes."""
+
+    def __init__(self, health: Status) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        door = self.health() or {}
+        yield GaugeMetricFamily("bgwatch_http_in_flight", "HTTP jobs in the pipeline (at most http.window)",
+                                value=float(door.get("http_in_flight", 0)))
+        yield GaugeMetricFamily("bgwatch_http_waiting", "HTTP requests waiting for the window (at most http.queue)",
+                                value=float(door.get("http_waiting", 0)))
+        connections = door.get("connections") or {}
+        yield GaugeMetricFamily("bgwatch_http_connections", "Open HTTP connections",
+                                value=float(connections.get("open", 0)))
+        closed = CounterMetricFamily("bgwatch_http_connections_closed", "HTTP connections the daemon closed to "
+                                     "stay within http.max_connections or for sending no headers in time",
+                                     labels=["reason"])
+        for reason in ("evicted", "refused", "header_timeouts"):
+            closed.add_metric([reason], float(connections.get(reason, 0)))
+        yield closed
+
+
 class Metrics:
     """The daemon's metrics, in their own registry (several daemons in one test process do not collide)."""
 
@@ -105,6 +128,10 @@ class Metrics:
             self.run_seconds.labels(inbox).observe(sum(timings.values()))
         if status == "done":
             self.last_success.labels(inbox).set(self.clock())
+
+    def watch_http(self, health: Status) -> None:
+        """Scrapes also show the HTTP door's line and connections (`health`: the door's /health answer)."""
+        self.registry.register(_DoorCollector(health))
 
     def queue_depth(self, stage: str, n: int) -> None:
         self.queue.labels(stage).set(n)

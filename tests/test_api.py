@@ -62,7 +62,9 @@ def test_cleanup_equals_a_folder_job_and_wait_false_gives_a_run_to_poll(tmp_path
         assert form["schema"]["properties"]["steps"]["maximum"] == 100
         assert api.client.get("/docs").status_code == 200
         assert api.client.get("/redoc").status_code == 200
-        assert b"bgwatch_runs_total" in api.client.get("/metrics").content
+        scraped = api.client.get("/metrics").content
+        assert b"bgwatch_runs_total" in scraped and b"bgwatch_http_waiting 0.0" in scraped
+        assert b'bgwatch_http_connections_closed_total{reason="evicted"} 0.0' in scraped
         assert api.client.get(f"/runs/{rows(config, str(config.inboxes[0].path))[0]['id']}").status_code == 404
     http_rows = rows(config, "http")
     assert [r["status"] for r in http_rows] == ["done", "done"] and http_rows[0]["rel_path"] == "photo.jpg"
