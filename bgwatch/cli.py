@@ -419,6 +419,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    import socket
+
+    from bgwatch.pgimport import migrate_command
+
+    target = args.target or _load(args).store
+    print(migrate_command(Path(args.source), target, host=socket.gethostname()))
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from bgwatch.init import write_config
 
@@ -534,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("doctor", cmd_doctor, "Check this machine against the config: GPU, ONNX Runtime, weights, inboxes, "
         "outboxes, state folder, inotify, numba cache. Exit 0 ok, 1 warnings, 2 errors.", json_flag=True)
+
+    p = add("store", cmd_store, "Import a workstation's SQLite history (its runs and cached backgrounds) into the "
+            "studio's PostgreSQL store; running it again adds nothing twice.")
+    p.add_argument("action", choices=["migrate"])
+    p.add_argument("source", metavar="FROM", help="the workstation's state folder, or its bgwatch.db")
+    p.add_argument("target", metavar="TO", nargs="?",
+                   help="the studio's postgresql:// URL (default: the config's `store:`)")
 
     p = add("init", cmd_init, "Write a sample config.yaml with absolute, service-ready paths.")
     p.add_argument("path", nargs="?", default="config.yaml", help="where to write it (default ./config.yaml; "

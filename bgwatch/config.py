@@ -232,6 +232,9 @@ class Config:
     allowed_models: tuple[str, ...] = ()  # models sidecars/folder files may name beyond the configured
     defaults: Mapping[str, Any] = field(default_factory=dict)  # JobSpec fragment for every inbox
     inboxes: tuple[InboxConfig, ...] = ()
+    # "sqlite" (state_dir/bgwatch.db) or the studio's libpq URL, postgresql://...; env BGWATCH_STORE. Never in a
+    # repr: it may carry a password (storebase.redact shows it).
+    store: str = field(default="sqlite", repr=False)
 
     @property
     def db_path(self) -> Path:
@@ -493,6 +496,7 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
         allowed_models=tuple(allowed_models),
         defaults=default_fragment,
         inboxes=tuple(inboxes),
+        store=store_setting(where, "store", top.text("store", "sqlite")),
     )
     top.finish()
     if not config.host or config.host.startswith(".") or any(c in config.host for c in "/\\\0"):
@@ -521,6 +525,17 @@ def _check_inboxes(config: Config, where: Path | str) -> None:
                 raise ConfigError(
                     where, f"inboxes[{i}].outbox", f"must not be inside {whose} (outputs would be taken as inputs)"
                 )
+
+
+def store_setting(where: Path | str, key: str, value: str) -> str:
+    """`store:` is sqlite or a libpq URL; the error shows the URL without its password."""
+    from bgwatch.storebase import SQLITE, is_postgres, redact
+
+    value = value.strip()
+    if value == SQLITE or is_postgres(value):
+        return value
+    raise ConfigError(where, key, f"{redact(value)!r} is not a store",
+                      "sqlite (one workstation), or a PostgreSQL URL: postgresql://user@host/dbname")
 
 
 def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
@@ -588,9 +603,14 @@ def apply_env(config: Config, env: Mapping[str, str]) -> Config:
                               f"{text!r} is not a time in milliseconds", "a whole number >= 100, like 180000")
         runway = replace(runway, task_deadline=int(text) / 1000)
 
+    store = config.store
+    if env.get("BGWATCH_STORE"):
+        store = store_setting("environment BGWATCH_STORE", "BGWATCH_STORE", env["BGWATCH_STORE"])
+
     debug = _env_flag(env, "DEBUG")
     return replace(
         config,
+        store=store,
         limits=limits,
         device=device,
         defaults=defaults,

@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from bgwatch.jobs import JobState
@@ -42,28 +42,40 @@ _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I
 
 def redact(url: str) -> str:
     """A libpq URL or key=value string with its password replaced by ***, fit for logs, errors and status."""
-    text = _KEYWORD_PASSWORD.sub(r"\1***", url)
-    if not is_postgres(text):
-        return text
-    parts = urlsplit(text)
+    if "://" not in url:
+        return _KEYWORD_PASSWORD.sub(r"\1***", url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (a malformed port raises here, not later)
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"
     if parts.password is not None:
-        user = parts.username or ""
         host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{user}:***@{host}")
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
     query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
     return urlunsplit(parts._replace(query=query))
 
 
+def _secrets(url: str) -> list[str]:
+    if "://" not in url:
+        return [m.group(2).strip("'") for m in _KEYWORD_PASSWORD.finditer(url)]
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url]
+    found = [unquote(v) for v in re.findall(r"(?:^|&)password=([^&]*)", parts.query)]
+    if parts.password:
+        found += [parts.password, unquote(parts.password)]
+    return found
+
+
 def scrub(text: str, url: str) -> str:
     """`text` (a driver's error message) with any password from `url` taken out."""
-    parts = urlsplit(url) if is_postgres(url) else None
-    secrets = [m.group(2).strip("'") for m in _KEYWORD_PASSWORD.finditer(url)]
-    if parts is not None and parts.password:
-        secrets.append(parts.password)
-    for secret in secrets:
+    text = text.replace(url, redact(url))
+    for secret in sorted(_secrets(url), key=len, reverse=True):
         if secret:
             text = text.replace(secret, "***")
-    return redact(text.replace(url, redact(url)))
+    return text
 
 
 @runtime_checkable

@@ -50,6 +50,7 @@ class Cluster:
     bin_dir: Path
     root: Path
     user: str | None  # the OS user the server runs as (None: ourselves)
+    options: str = ""
 
     @property
     def socket_dir(self) -> Path:
@@ -61,7 +62,7 @@ class Cluster:
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.bin_dir / args[0]), *args[1:]], capture_output=True, text=True,
-                              timeout=120, user=self.user, cwd=self.root)
+                              stdin=subprocess.DEVNULL, timeout=120, user=self.user, cwd=self.root)
 
     def start(self) -> None:
         data = self.root / "data"
@@ -69,9 +70,9 @@ class Cluster:
                          "--locale=C")
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr.strip()[-500:]}")
-        options = (f"-k {self.socket_dir} -p {PORT} -c listen_addresses='' -c fsync=off -c synchronous_commit=off "
+        self.options = (f"-k {self.socket_dir} -p {PORT} -c listen_addresses='' -c fsync=off -c synchronous_commit=off "
                    "-c full_page_writes=off -c max_connections=200 -c shared_buffers=32MB")
-        started = self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"), "-o", options, "-w",
+        started = self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"), "-o", self.options, "-w",
                             "start")
         if started.returncode != 0:
             log = (self.root / "server.log").read_text(errors="replace")[-500:]
@@ -81,8 +82,10 @@ class Cluster:
         self._run("pg_ctl", "-D", str(self.root / "data"), "-m", mode, "-w", "stop")
 
     def restart(self) -> None:
-        data = self.root / "data"
-        self._run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "restart")
+        """Every connection is cut and the server comes back (a studio's database restarting)."""
+        # -l again: without it the new server writes to our pipe and run() waits for it forever.
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "server.log"), "-o", self.options,
+                  "-m", "fast", "-w", "restart")
 
     def new_database(self) -> str:
         """An empty database of its own, and its URL."""
