@@ -1,4 +1,5 @@
-"""The multi-host fault suite as a table: fault | rounds | files | lost | processed twice | stranded.
+"""The multi-host fault suite as a table: fault | rounds | files | lost | processed twice | stranded | outputs
+overwritten | inputs without their own output | originals renamed without a clash.
 
 Runs the scenarios of tests/test_multihost.py (real daemons on FUSE bind mounts of one share; needs
 bindfs and /dev/fuse, as root or with the fuse group) and prints one row per fault, then each
@@ -26,6 +27,7 @@ from share import Report, fuse_problem  # noqa: E402
 from test_multihost import (  # noqa: E402
     scenario_crash_after_delivery,
     scenario_db_lock,
+    scenario_full_outbox,
     scenario_keep,
     scenario_keep_once,
     scenario_same_name_twice,
@@ -43,7 +45,8 @@ def scenarios(args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], Calla
         "db-lock": ({}, lambda c: scenario_db_lock(c)),
         "unmount": ({}, lambda c: scenario_unmount(c)),
         "crash-after-write": ({}, lambda c: scenario_crash_after_delivery(c)),
-        "same-name": ({}, lambda c: scenario_same_name_twice(c)),
+        "same-name": ({}, lambda c: scenario_same_name_twice(c, pairs=args.pairs)),
+        "full-outbox": ({"hosts": 2}, lambda c: scenario_full_outbox(c)),
         "keep": ({"on_success": "keep"}, lambda c: scenario_keep(c)),
         "keep-once": ({"hosts": 1, "on_success": "keep"}, lambda c: scenario_keep_once(c)),
     }
@@ -54,6 +57,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
     parser.add_argument("--kill-rounds", type=int, default=30, help="SIGKILL rounds (default 30)")
     parser.add_argument("--files", type=int, default=180, help="files in the SIGKILL scenario (default 180)")
+    parser.add_argument("--pairs", type=int, default=6, help="same-name and output-name pairs (default 6)")
     parser.add_argument("--workdir", type=Path, help="keep the shares and logs here (default: a temp folder)")
     args = parser.parse_args()
     reason = fuse_problem()

@@ -110,6 +110,7 @@ class Drop:
 
     name: str  # posix path relative to the inbox
     sha256: str
+    mark: tuple[float, ...] | None = None  # its subject's centre pixels: find its output by content
 
     @property
     def stem(self) -> str:
@@ -118,6 +119,37 @@ class Drop:
     @property
     def is_image(self) -> bool:
         return PurePosixPath(self.name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def subject_colour(data: bytes) -> tuple[float, ...] | None:
+    """The centre 5x5 pixels of an image (inside the subject every test image has there, with its own
+    noise): an output keeps its input's subject pixels, so this ties each output to its own input,
+    whatever its name."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    except (OSError, ValueError):
+        return None
+    h, w = rgb.shape[:2]
+    return tuple(float(v) for v in rgb[h // 2 - 2: h // 2 + 3, w // 2 - 2: w // 2 + 3].ravel())
+
+
+MARK_TOLERANCE = 3.0  # mean absolute difference: the same subject pixels, through a lossless encoder
+
+
+def _distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / max(1, len(a)) if len(a) == len(b) else 1e9
+
+
+def owner_of(mark: tuple[float, ...] | None, drops: Sequence[Drop]) -> Drop | None:
+    """The dropped image whose subject these pixels are (None: no input's)."""
+    if mark is None:
+        return None
+    scored = [(_distance(d.mark, mark), i) for i, d in enumerate(drops) if d.mark is not None]
+    if not scored:
+        return None
+    distance, index = min(scored)
+    return drops[index] if distance <= MARK_TOLERANCE else None
 
 
 def sha256_of(path: Path) -> str:
@@ -168,7 +200,8 @@ class Share:
         tmp = self._incoming / f"{len(self.drops)}-{PurePosixPath(name).name}"
         tmp.write_bytes(data)
         os.rename(tmp, target)
-        drop = Drop(name, hashlib.sha256(data).hexdigest())
+        is_image = PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+        drop = Drop(name, hashlib.sha256(data).hexdigest(), subject_colour(data) if is_image else None)
         self.drops.append(drop)
         return drop
 
@@ -276,13 +309,18 @@ class Report:
     twice: int = 0
     stranded: int = 0
     failed: int = 0
+    overwritten: int = 0  # outputs a 'done' run wrote that now hold another input's pixels
+    no_output: int = 0  # inputs that finished without an output of their own (by content) in the outbox
+    renamed: int = 0  # originals filed under another name although nothing clashed
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    HEADER = "fault | rounds | files | lost | processed twice | stranded"
+    HEADER = ("fault | rounds | files | lost | processed twice | stranded | outputs overwritten | "
+              "inputs without their own output | renamed without a clash")
 
     def row(self) -> str:
-        return f"{self.fault} | {self.rounds} | {self.files} | {self.lost} | {self.twice} | {self.stranded}"
+        return (f"{self.fault} | {self.rounds} | {self.files} | {self.lost} | {self.twice} | {self.stranded} | "
+                f"{self.overwritten} | {self.no_output} | {self.renamed}")
 
     def describe(self, limit: int = 40) -> str:
         lines = [self.HEADER, self.row(), f"failed: {self.failed}", *(f"note: {n}" for n in self.notes)]
@@ -427,6 +465,37 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
                 violations.append(f"{stem}: {len(made)} outputs for {len(good)} finished input(s): "
                                   f"{', '.join(n for _, n in made)}")
 
+    # -- outputs by their content: each finished input has exactly one output of its own
+    owners: dict[str, Drop | None] = {}
+    for path in share.outputs():
+        if path.name.startswith(".") or not path.name.endswith(ext):
+            continue
+        try:
+            owners[path.relative_to(share.outbox).as_posix()] = owner_of(subject_colour(path.read_bytes()), images)
+        except OSError:
+            continue
+    for name, owner in sorted(owners.items()):
+        if owner is None:
+            violations.append(f"{name}: an output whose pixels are no dropped input's")
+    for drop in succeeded.values():
+        own = [name for name, owner in owners.items() if owner is drop]
+        if not own:
+            report.no_output += 1
+            violations.append(f"{drop.name}: finished, but no output in the outbox holds its pixels")
+        elif len(own) > 1:
+            twice.add(drop.sha256)
+            violations.append(f"{drop.name}: {len(own)} outputs hold its pixels: {', '.join(sorted(own))}")
+    # -- originals renamed although nothing clashed (a name dropped once keeps it in done/)
+    names_dropped: dict[str, int] = defaultdict(int)
+    for drop in images:
+        names_dropped[drop.name] += 1
+    for drop in succeeded.values():
+        places = [p for p in where.get(drop.sha256, []) if _area(share.inbox, p) == "done"]
+        if names_dropped[drop.name] == 1 and places and not keep and all(
+                p.relative_to(share.inbox / DONE).as_posix() != drop.name for p in places):
+            report.renamed += 1
+            violations.append(f"{drop.name}: filed as {rel(places[0])} although nothing clashed")
+
     # -- the databases
     done_rows: dict[tuple[str, str], list[str]] = defaultdict(list)
     skipped = 0
@@ -439,7 +508,7 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
             conn = sqlite3.connect(str(db), timeout=10)
             try:
                 check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-                rows = conn.execute("SELECT id, rel_path, input_sha256, status FROM runs").fetchall()
+                rows = conn.execute("SELECT id, rel_path, input_sha256, status, output_path FROM runs").fetchall()
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -447,11 +516,17 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
             continue
         if check != "ok":
             violations.append(f"{host}: PRAGMA integrity_check says {check!r}")
-        for run_id, rel_path, sha, status in rows:
+        for run_id, rel_path, sha, status, output_path in rows:
             if status in ("running", "queued"):
                 violations.append(f"{host}: run {run_id} ({rel_path}) left {status!r}")
             elif status == "done":
                 done_rows[(rel_path, sha or "")].append(f"{host}#{run_id}")
+                written = _on_share(output_path or "", db, share)
+                owner = owners.get(written) if written is not None else None
+                if written is not None and written in owners and (owner is None or owner.sha256 != sha):
+                    report.overwritten += 1
+                    violations.append(f"{host}: run {run_id} ({rel_path}) wrote {written}, which now holds "
+                                      f"{owner.name if owner else 'no input'}'s pixels: overwritten")
             elif status == "skipped":
                 skipped += 1
             elif status == "failed":
@@ -474,6 +549,15 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
 
     report.lost, report.twice, report.stranded = len(lost), len(twice), len(stranded)
     return report
+
+
+def _on_share(output_path: str, db: Path, share: Share) -> str | None:
+    """A host's output path (through its mount, <host>/mnt/outbox/...) as a name in the share's outbox."""
+    mount = db.parent.parent / "mnt" / "outbox"
+    try:
+        return Path(output_path).relative_to(mount).as_posix()
+    except ValueError:
+        return None
 
 
 def listing(folder: Path) -> list[str]:

@@ -13,10 +13,12 @@ first on PYTHONPATH. Needs /dev/fuse and bindfs (installed when root); skipped w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any
 import pytest
 from hosts import LEASE_SECONDS, Cluster, Host, wait_until
 from share import Report, Share, check_share, fuse_problem, image_bytes
+
+from bgwatch.doctor import FREE_SPACE_ERROR
 
 MID_SIZE = 320  # px: a job of ~0.4 s here, so that a fault finds jobs in flight
 
@@ -141,30 +145,30 @@ def scenario_unmount(cluster: Cluster, files: int = 60, down: float = 5.0) -> Re
 
 
 def scenario_crash_after_delivery(cluster: Cluster, files: int = 40) -> Report:
-    """A crash point (tests/faultd.py) kills a daemon right after an output is written and before its
-    original moves to done/. One host is restarted at once (it recovers its own claims), one only after
-    the lease (the others take its claims back); neither may write a second output."""
-    first, second = cluster.hosts[0], cluster.hosts[1]
-    first.start(crash_at="delivered", expect_exit=True)
-    second.start(crash_at="delivered:3", expect_exit=True)
-    for host in cluster.hosts[2:]:
-        host.start()
+    """Crash points (tests/faultd.py) kill a daemon at three moments of a delivery: with its marker written
+    and its output not yet placed (restarted only after the lease: the others take the delivery over), right
+    after the output is placed (restarted at once: it recovers its own), and in the middle of filing the
+    original. Nobody may write a second output, file an original twice or lose one."""
+    plan = [(cluster.hosts[0], "marker", LEASE_SECONDS + 2.0), (cluster.hosts[1], "delivered:3", 0.0),
+            (cluster.hosts[2 % len(cluster.hosts)], "filing:2", 0.0)]
+    for host, point, _ in plan:
+        host.start(crash_at=point, expect_exit=True)
     cluster.share.drop_images(files // 2)
     deadline = time.monotonic() + 20
-    for host, restart_after in ((first, LEASE_SECONDS + 2.0), (second, 0.0)):
+    for host, point, restart_after in plan:
         code = host.wait_exit(deadline - time.monotonic())
         if code is None:
-            cluster.violations.append(f"{host.name}: the crash point never fired (daemon still "
-                                      "running 20 s after the batch; not implemented?)")
+            cluster.violations.append(f"{host.name}: the crash point {point} never fired (daemon still "
+                                      "running 20 s after the batch)")
             host.kill()
         elif code != -9:
-            cluster.violations.append(f"{host.name}: the failpoint ended the daemon with code {code}, not SIGKILL")
+            cluster.violations.append(f"{host.name}: the crash point ended the daemon with code {code}, not SIGKILL")
         if restart_after:
             time.sleep(restart_after)
         host.start()
     cluster.share.drop_images(files - files // 2)
     cluster.wait_finished(90)
-    return cluster.finish("crash after the output write", 2)
+    return cluster.finish("SIGKILL at the marker, after the output, mid-filing", 3)
 
 
 def scenario_same_name_twice(cluster: Cluster, pairs: int = 6, files: int = 20, size: int = 200) -> Report:
@@ -179,9 +183,13 @@ def scenario_same_name_twice(cluster: Cluster, pairs: int = 6, files: int = 20, 
         wait_until(lambda p=inbox_copy: not p.exists(), 15, interval=0.01)  # claimed: now in flight
         # Same size: both copies tend to finish, and park, at about the same moment.
         cluster.share.drop(name, image_bytes(20_000 + i, size=size))
+    # Two inputs whose outputs want one name (pair_X.jpg and pair_X.png, dropped together, taken by two hosts)
+    for i in range(pairs):
+        cluster.share.drop(f"pair_{i}.jpg", image_bytes(40_000 + i, size=size, fmt="JPEG"))
+        cluster.share.drop(f"pair_{i}.png", image_bytes(50_000 + i, size=size))
     cluster.share.drop_images(files - files // 2)
     cluster.wait_finished(90)
-    report = cluster.finish(f"same name twice ({pairs} names)", pairs)
+    report = cluster.finish(f"same name twice ({pairs} names), {pairs} output-name pairs", pairs)
     done = cluster.share.inbox / "done"
     for name in names:
         stem = name[:-4]
@@ -189,6 +197,46 @@ def scenario_same_name_twice(cluster: Cluster, pairs: int = 6, files: int = 20, 
         if got != sorted([name, f"{stem}-2.png"]):
             report.violations.append(f"{name}: done/ holds {got}, expected [{name}, {stem}-2.png]")
     return report
+
+
+def scenario_full_outbox(cluster: Cluster, files: int = 12, wait: float = 8.0) -> Report:
+    """The outbox fills up (a small tmpfs under the share's outbox, filled to the last block) while files
+    arrive: no run may fail or be called a takeover, the logs must name "No space left on device" without
+    a hot loop, and once there is room every input gets its one output."""
+    outbox = cluster.share.outbox
+    size = FREE_SPACE_ERROR + (8 << 20)  # enough for the daemons' start-up check, then filled
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(outbox)],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("a full outbox needs a small tmpfs, mounted as root")
+    try:
+        cluster.start()
+        for host in cluster.hosts:
+            host.wait_ready()
+        filler = outbox / ".filler"
+        with open(filler, "wb") as handle, contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+        cluster.share.drop_images(files, size=MID_SIZE)
+        time.sleep(wait)
+        logs = [h.log_path.read_text(errors="replace") for h in cluster.hosts]
+        named = sum(log.count("No space left on device") for log in logs)
+        tries = sum(log.count("waiting to be delivered") for log in logs)
+        cluster.notes.append(f"outbox full for {wait:g} s: {named} log line(s) name ENOSPC, {tries} delivery "
+                             "attempt(s) logged")
+        if not named:
+            cluster.violations.append("no log line says 'No space left on device' while the outbox was full")
+        if tries > files * (3 + wait / 2):
+            cluster.violations.append(f"{tries} delivery attempts in {wait:g} s for {files} file(s): a hot loop")
+        for text in ("taken back by another host", "Logging error"):
+            if any(text in log for log in logs):
+                cluster.violations.append(f"a full outbox was reported as {text!r}")
+        filler.unlink()
+        cluster.wait_finished(120)
+        return cluster.finish(f"outbox full {wait:g} s", 1)
+    finally:
+        cluster.stop()
+        subprocess.run(["umount", "-l", str(outbox)], capture_output=True, check=False)
 
 
 KEEP_SIDECAR = 'background_color: "#eeeeee"\n'
@@ -305,6 +353,12 @@ def test_same_name_dropped_twice_while_in_flight(make_cluster: Callable[..., Clu
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
+def test_a_full_outbox_is_waited_out_not_failed(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_full_outbox(make_cluster(hosts=2)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
 def test_keep_mode_with_sidecars_and_a_slow_job(make_cluster: Callable[..., Cluster]) -> None:
     _assert_clean(scenario_keep(make_cluster(on_success="keep")))
 
@@ -317,25 +371,26 @@ def test_keep_mode_run_once_exits(make_cluster: Callable[..., Cluster]) -> None:
 
 def test_the_checker_names_every_kind_of_violation(tmp_path: Path) -> None:
     """The checker itself, on an end state built by hand (no daemons, no FUSE): each broken invariant
-    is reported, and a clean end state gives none."""
+    is reported, and a clean end state gives none. Outputs are tied to inputs by their pixels."""
     share = Share(tmp_path)
-    drops = share.drop_images(7)
+    drops = share.drop_images(9)
+    data = {d.name: (share.inbox / d.name).read_bytes() for d in drops}
     done, failed, claimed = share.inbox / "done", share.inbox / "failed", share.inbox / ".bgwatch/claimed/h2"
     for folder in (done, failed, claimed):
         folder.mkdir(parents=True)
     clean = Share(tmp_path / "clean")
     for drop in clean.drop_images(2):
         (clean.inbox / "done").mkdir(exist_ok=True)
+        (clean.outbox / f"{drop.stem}.png").write_bytes((clean.inbox / drop.name).read_bytes())
         (clean.inbox / drop.name).rename(clean.inbox / "done" / drop.name)
-        (clean.outbox / f"{drop.stem}.png").write_bytes(image_bytes(1))
     assert check_share(clean, []).violations == []
 
     names = [d.name for d in drops]
     (share.inbox / names[0]).rename(done / names[0])  # fine
-    (share.outbox / f"{drops[0].stem}.png").write_bytes(image_bytes(1))
+    (share.outbox / f"{drops[0].stem}.png").write_bytes(data[names[0]])
     (share.inbox / names[1]).rename(done / names[1])  # processed twice: a numbered output
-    (share.outbox / f"{drops[1].stem}.png").write_bytes(image_bytes(2))
-    (share.outbox / f"{drops[1].stem}-2.png").write_bytes(image_bytes(3))
+    (share.outbox / f"{drops[1].stem}.png").write_bytes(data[names[1]])
+    (share.outbox / f"{drops[1].stem}-2.png").write_bytes(data[names[1]])
     (share.inbox / names[2]).rename(claimed / names[2])  # stranded in claimed/
     (share.inbox / names[3]).unlink()  # lost
     (share.inbox / names[4]).rename(done / names[4])  # overwritten by the next one's bytes
@@ -343,23 +398,36 @@ def test_the_checker_names_every_kind_of_violation(tmp_path: Path) -> None:
     os.link(done / names[0], done / "img-0001-2.png")  # parked twice: a link never unlinked
     (share.inbox / names[6]).rename(failed / names[6])  # failed without its note; a temp output
     (share.outbox / f".{drops[6].stem}.png.h1.x.bgwatch-tmp").write_bytes(b"half")
+    (share.inbox / names[7]).rename(done / names[7])  # its output replaced by another input's output
+    (share.outbox / f"{drops[7].stem}.png").write_bytes(data[names[8]])
+    (share.inbox / names[8]).rename(done / "img-0009-h1-abc123.png")  # renamed although nothing clashed
+    (share.outbox / f"{drops[8].stem}.png").write_bytes(data[names[8]])
     db = tmp_path / "h1" / "state" / "bgwatch.db"
     db.parent.mkdir(parents=True)
+    out = tmp_path / "h1" / "mnt" / "outbox"
     with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, rel_path TEXT, input_sha256 TEXT, status TEXT)")
-        conn.executemany("INSERT INTO runs (rel_path, input_sha256, status) VALUES (?, ?, ?)",
-                         [(names[0], drops[0].sha256, "done"), (names[0], drops[0].sha256, "done"),
-                          (names[2], drops[2].sha256, "running"), (names[1], drops[1].sha256, "failed")])
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, rel_path TEXT, input_sha256 TEXT, status TEXT, "
+                     "output_path TEXT)")
+        conn.executemany("INSERT INTO runs (rel_path, input_sha256, status, output_path) VALUES (?, ?, ?, ?)",
+                         [(names[0], drops[0].sha256, "done", ""), (names[0], drops[0].sha256, "done", ""),
+                          (names[2], drops[2].sha256, "running", ""), (names[1], drops[1].sha256, "failed", ""),
+                          (names[7], drops[7].sha256, "done", str(out / f"{drops[7].stem}.png"))])
     conn.close()
     report = check_share(share, [db])
     text = "\n".join(report.violations)
     print(report.describe())
     assert (report.lost, report.stranded) == (2, 1)  # names[3] gone; names[4] overwritten by names[5]
-    assert report.twice == 2  # names[1] by its -2 output, names[0] by its two 'done' rows and two links
+    assert report.twice == 3  # names[1] by its -2 output, names[0] by its two 'done' rows, names[8] by its pixels
+    # names[7]'s output holds names[8]'s pixels; names[5] and names[7] have no output of their own;
+    # names[5] (over names[4]) and names[8] are filed under other names
+    assert (report.overwritten, report.no_output, report.renamed) == (1, 2, 2)
     for expected in (f"{names[1]}: processed twice", f"{names[2]}: stranded at inbox/.bgwatch/claimed/h2",
                      f"{names[3]}: lost", f"{names[4]}: lost", "overwritten?", f"{names[6]}: in failed/ without",
                      "a temp file left in the outbox", f"h1: run 3 ({names[2]}) left 'running'",
                      f"{names[0]}: 2 'done' rows", f"h1: {names[1]} recorded 'failed' although it finished",
                      f"left in the work folder: .bgwatch/claimed/h2/{names[2]}",
-                     f"{names[0]}: ends 2 times: inbox/done/img-0001-2.png, inbox/done/img-0001.png (hard links"):
+                     f"{names[0]}: ends 2 times: inbox/done/img-0001-2.png, inbox/done/img-0001.png (hard links",
+                     f"{names[7]}: finished, but no output in the outbox holds its pixels",
+                     f"run 5 ({names[7]}) wrote {drops[7].stem}.png, which now holds {names[8]}'s pixels",
+                     f"{names[8]}: filed as inbox/done/img-0009-h1-abc123.png although nothing clashed"):
         assert expected in text, expected
