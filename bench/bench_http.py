@@ -221,6 +221,12 @@ def flood(work: Path, home: Path, idle_count: int, slow_count: int, size: int) -
                     code = client.post("/background/cleanup", files={"file": ("n.jpg", payload)}).status_code
                 rows.append((what, code, time.perf_counter() - started))
             health = client.get("/health").json()
+        started = time.perf_counter()  # a folder job during the flood: dropped, then found in the outbox
+        shutil.copy(image, work / "inbox" / "folder.jpg")
+        while not list((work / "outbox").glob("folder*")) and time.perf_counter() - started < 60:
+            time.sleep(0.02)
+        rows.append(("folder job (drop -> outbox)", 200 if list((work / "outbox").glob("folder*")) else 0,
+                     time.perf_counter() - started))
         sampler.stop()
         alive = daemon.poll() is None
     finally:
