@@ -1,0 +1,171 @@
+"""Claims, leases and fencing tokens as rows (pgclaims.py), and the PostgreSQL coordinator over the share's
+custody (coordination/postgres.py), on a throwaway cluster and real files in a temporary inbox."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import pgserver
+
+pg_cluster = pgserver.pg_cluster
+pg_url = pgserver.pg_url
+
+
+@pytest.fixture
+def stores(pg_url: str) -> Iterator[list[Any]]:
+    from bgwatch.pgstore import PgStore
+
+    made = [PgStore(pg_url, host=f"h{i}") for i in (1, 2)]
+    yield made
+    for store in made:
+        store.close()
+
+
+def _wait_until(check: Any, store: Any, tries: int = 100) -> None:
+    """Poll `check` between short sleeps on the server (leases are judged by the server's clock)."""
+    for _ in range(tries):
+        if check():
+            return
+        with store.connection() as conn:
+            conn.execute("SELECT pg_sleep(0.02)")
+    pytest.fail("the condition never held")
+
+
+def test_one_host_wins_a_file_and_tokens_only_grow(stores: list[Any]) -> None:
+    from bgwatch.pgclaims import PgClaims
+
+    one, two = PgClaims(stores[0], "h1", 60), PgClaims(stores[1], "h2", 60)
+    first = one.claim("/in", "a.jpg")
+    assert first is not None and two.claim("/in", "a.jpg") is None
+    assert one.holds(first) and not two.holds(first)
+    assert one.release(first) and not one.holds(first)
+    again = two.claim("/in", "a.jpg")
+    assert again is not None and again.token > first.token
+    assert one.settle(first) is False  # an old token settles nothing
+    assert two.settle(again) is True and two.claim("/in", "a.jpg") is not None
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_token_is_fenced_out(stores: list[Any]) -> None:
+    from bgwatch.pgclaims import PgClaims
+
+    silent, taker = PgClaims(stores[0], "h1", 0.05), PgClaims(stores[1], "h2", 60)
+    old = silent.claim("/in", "a.jpg")
+    assert old is not None
+    _wait_until(lambda: not silent.holds(old), stores[0])
+    assert taker.take_over("/in", "h2") == []
+    [new] = taker.take_over("/in", "h1")
+    assert new.token > old.token and new.previous == "h1"
+    assert taker.holds(new) and not silent.holds(old)
+    assert silent.renew() == 0  # a waking host renews nothing it lost
+
+
+def test_renew_keeps_a_live_hosts_leases(stores: list[Any]) -> None:
+    from bgwatch.pgclaims import PgClaims
+
+    live = PgClaims(stores[0], "h1", 0.2)
+    row = live.claim("/in", "a.jpg")
+    assert row is not None and live.renew("/in") == 1
+    assert live.holds(row, margin=0.1)
+    assert live.holders("/in")["h1"] < 0  # its lease is in the future
+
+
+def test_skip_locked_hands_each_offered_file_to_exactly_one_host(stores: list[Any]) -> None:
+    from bgwatch.pgclaims import PgClaims
+
+    rels = [f"{i:03}.jpg" for i in range(60)]
+    assert PgClaims(stores[0], "h1", 60).offer("/in", rels) == 60
+    assert PgClaims(stores[0], "h1", 60).offer("/in", rels[:5]) == 0
+    got: dict[str, list[str]] = {"h1": [], "h2": []}
+
+    def work(store: Any, host: str) -> None:
+        claims = PgClaims(store, host, 60)
+        while batch := claims.claim_next(3, inbox="/in"):
+            got[host].extend(c.rel for c in batch)
+
+    threads = [threading.Thread(target=work, args=(store, f"h{i + 1}")) for i, store in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got["h1"] + got["h2"]) == rels
+
+
+# ---------------------------------------------------------------- the coordinator over real files
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> tuple[Path, Path]:
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    return inbox, outbox
+
+
+def _coordinator(store: Any, share: tuple[Path, Path], host: str, lease: float) -> Any:
+    from bgwatch.coordination.postgres import PostgresCoordinator
+    from bgwatch.delivery import Custody
+
+    return PostgresCoordinator(Custody(share[0], host, f"e-{host}", share[1]), store, lease, inbox_key="inbox")
+
+
+def test_the_coordinator_claims_through_the_row_and_the_rename(stores: list[Any], share: tuple[Path, Path]) -> None:
+    one, two = _coordinator(stores[0], share, "h1", 60), _coordinator(stores[1], share, "h2", 60)
+    assert not one.may_claim() and "heartbeat" in one.why_not_claiming()
+    assert one.beat() and two.beat() and one.may_claim() and one.why_not_claiming() == ""
+    (share[0] / "a.jpg").write_bytes(b"jpeg")
+    claim = one.claim("a.jpg")
+    assert claim is not None and claim.path.read_bytes() == b"jpeg"
+    (share[0] / "a.jpg").write_bytes(b"a second drop of the same name")
+    assert two.claim("a.jpg") is None  # the row is h1's while its claim lives, whatever is in the inbox
+    assert one.silent_hosts() == [] and two.silent_hosts() == []
+    assert one.claim("gone.jpg") is None  # no such file: no row is left behind
+    assert one.rows.holders("inbox") == {"h1": pytest.approx(-60, abs=5)}
+
+
+def test_a_silent_host_is_found_by_its_row_and_its_files_go_back(stores: list[Any], share: tuple[Path, Path]) -> None:
+    silent, taker = _coordinator(stores[0], share, "h1", 0.1), _coordinator(stores[1], share, "h2", 0.1)
+    assert silent.beat() and taker.beat()
+    (share[0] / "a.jpg").write_bytes(b"jpeg")
+    assert silent.claim("a.jpg") is not None
+    assert taker.reclaim_silent("h1") == []  # not silent yet: nothing moves
+    _wait_until(lambda: taker.beat() and "h1" in taker.silent_hosts(), stores[1])
+    assert taker.reclaim_silent("h1") != []
+    assert (share[0] / "a.jpg").read_bytes() == b"jpeg"
+    assert taker.claim("a.jpg") is not None
+
+
+def test_a_store_that_is_away_stops_claiming_and_judges_nobody(pg_cluster: Any, pg_url: str,
+                                                                 share: tuple[Path, Path]) -> None:
+    import psycopg
+
+    from bgwatch.pgstore import PgStore
+
+    store = PgStore(pg_url, host="h1", connect_timeout=0.3)
+    coordinator = _coordinator(store, share, "h1", 60)
+    assert coordinator.beat()
+    database = pg_url.split("?")[0].rsplit("/", 1)[-1]
+
+    def connections(allowed: bool) -> None:  # the database refuses everyone and drops who is there
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+
+    (share[0] / "a.jpg").write_bytes(b"jpeg")
+    connections(False)
+    try:
+        assert coordinator.beat() is False
+        coordinator._last_ok = None  # half a lease later (60 s): not waited for here
+        assert not coordinator.may_claim() and "unavailable" in coordinator.why_not_claiming()
+        assert "bob" not in coordinator.why_not_claiming()
+        assert coordinator.claim("a.jpg") is None and (share[0] / "a.jpg").exists()
+        assert coordinator.silent_hosts() == [] and coordinator.reclaim_silent("h2") == []
+    finally:
+        connections(True)
+    _wait_until(coordinator.beat, store)
+    assert coordinator.may_claim() and coordinator.claim("a.jpg") is not None
+    store.close()
