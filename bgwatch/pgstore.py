@@ -291,7 +291,8 @@ class PgStore:
         with self._tx() as conn:
             conn.execute("DELETE FROM generations WHERE key = %s AND host = %s", (key, host))
 
-    def take_token(self, engine: str, per_minute: float, burst: int = 1) -> float:
+    def take_token(self, engine: str, per_minute: float, burst: int = 1, *, take: bool = True) -> float:
+        """`take` False: only the seconds a caller would wait now (nothing taken, nothing written)."""
         if per_minute <= 0:
             return 0.0
         rate = per_minute / 60.0
@@ -305,10 +306,12 @@ class PgStore:
             assert row is not None
             tokens = min(float(burst), float(row["tokens"]) + float(row["elapsed"]) * rate)
             wait = 0.0
-            if tokens + _EPSILON >= 1.0:
-                tokens -= 1.0
-            else:
+            if tokens + _EPSILON < 1.0:
                 wait = (1.0 - tokens) / rate
+            elif take:
+                tokens -= 1.0
+            if not take:
+                return wait
             conn.execute("UPDATE buckets SET tokens = %s, updated_at = %s WHERE engine = %s",
                          (tokens, row["at"], engine))
         return wait

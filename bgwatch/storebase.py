@@ -163,9 +163,9 @@ class StudioStore(RunStore, Protocol):
 
     def end_generation(self, key: str, host: str) -> None: ...
 
-    def take_token(self, engine: str, per_minute: float, burst: int = 1) -> float:
+    def take_token(self, engine: str, per_minute: float, burst: int = 1, *, take: bool = True) -> float:
         """Take one generation token from the studio's bucket for `engine`: 0.0 when taken, else the seconds
-        until one will be free (nothing taken)."""
+        until one will be free (nothing taken). `take` False: only ask."""
 
 
 def open_store(setting: str, *, sqlite_path: Any, host: str, clock: Callable[[], float] | None = None) -> RunStore:

@@ -169,3 +169,65 @@ def test_a_store_that_is_away_stops_claiming_and_judges_nobody(pg_cluster: Any, 
     _wait_until(coordinator.beat, store)
     assert coordinator.may_claim() and coordinator.claim("a.jpg") is not None
     store.close()
+
+
+# ---------------------------------------------------------------- the studio's bucket and one generation per key
+
+
+def test_the_generation_bucket_is_the_studios(stores: list[Any]) -> None:
+    from bgwatch.studio import StudioBucket
+
+    slept: list[float] = []
+    one = StudioBucket(stores[0], "sdxl", 6)
+    two = StudioBucket(stores[1], "sdxl", 6, sleep=slept.append)
+    assert one.delay() == 0.0 and one.acquire()
+    assert 9.0 < two.delay() <= 10.0  # the other host's token counts here: one every 10 s at 6 a minute
+    stop = threading.Event()
+    stop.set()
+    assert two.acquire(stop) is False and slept == []
+    assert StudioBucket(stores[1], "runway", 6).acquire()  # its own engine, its own bucket
+    assert StudioBucket(stores[1], "sdxl", 0).acquire() and StudioBucket(stores[1], "sdxl", 0).unlimited
+    fast = StudioBucket(stores[1], "fast", 6000, sleep=slept.append)
+    assert fast.acquire() and fast.acquire()  # the second waits about 10 ms, slept in slices
+    assert all(0 < s <= 0.011 for s in slept)
+
+
+def test_two_hosts_asking_for_one_backdrop_at_once_generate_it_once(stores: list[Any]) -> None:
+    from bgwatch.studio import generate_once
+
+    made: list[str] = []
+    start = threading.Barrier(2)
+    results: dict[str, tuple[str, bool]] = {}
+
+    def ask(store: Any, host: str) -> None:
+        def generate() -> str:
+            made.append(host)
+            store.put_background({"key": "bg1", "engine": "sdxl", "path": f"/cache/bg1-{host}.png", "bytes": 1})
+            return f"/cache/bg1-{host}.png"
+
+        def read() -> str | None:
+            row = store.get_background("bg1")
+            return None if row is None else str(row["path"])
+
+        start.wait()
+        results[host] = generate_once(store, "bg1", host, read, generate, poll=0.02)
+
+    threads = [threading.Thread(target=ask, args=(store, f"h{i + 1}")) for i, store in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1
+    assert results["h1"][0] == results["h2"][0] == f"/cache/bg1-{made[0]}.png"
+    assert sorted(generated for _path, generated in results.values()) == [False, True]
+
+
+def test_a_failed_generation_lets_the_next_host_generate(stores: list[Any]) -> None:
+    from bgwatch.studio import generate_once
+
+    def broken() -> str:
+        raise RuntimeError("GPU out of memory")
+
+    with pytest.raises(RuntimeError):
+        generate_once(stores[0], "bg1", "h1", lambda: None, broken)
+    assert generate_once(stores[1], "bg1", "h2", lambda: None, lambda: "made") == ("made", True)
