@@ -178,9 +178,9 @@ def _run_daemon(args: argparse.Namespace, config: Any) -> int:
         return 0
     if progress is not None:
         progress.close()
-        from bgwatch.store import Store
+        from bgwatch.storebase import open_store
 
-        store = Store(config.db_path)
+        store = open_store(config.store, sqlite_path=config.db_path, host=config.host)
         rows = {r["id"]: r for r in store.history(limit=max(len(daemon.results), 1) * 2 + 100)}
         store.close()
         report.print_results(daemon.results, rows, missing=missing, inboxes=len(config.inboxes))
@@ -358,9 +358,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.json and args.action == "ls":
         from bgwatch.pipeline.cache import BackgroundCache
-        from bgwatch.store import Store
+        from bgwatch.storebase import open_store
 
-        store = Store(config.db_path)
+        store = open_store(config.store, sqlite_path=config.db_path, host=config.host)
         rows = BackgroundCache(store, config.cache_dir, config.cache.max_bytes).ls()
         store.close()
         _print_json([{**r, **{k: report.iso(r[k]) for k in ("created_at", "last_used_at") if k in r}} for r in rows])

@@ -30,6 +30,7 @@ from loguru import logger
 from bgwatch import safefs
 from bgwatch.budget import MemoryBudget
 from bgwatch.config import Config, load_config
+from bgwatch.coordination.postgres import studio_coordinator
 from bgwatch.coordination.share import ShareCoordinator
 from bgwatch.custody import Custody, Step
 from bgwatch.errors import BgwatchError
@@ -44,7 +45,8 @@ from bgwatch.service import STATUS_FILE, InstanceLock, Progress, sd_notify, shar
 from bgwatch.sources import JobSource
 from bgwatch.sources.folder import FolderSource
 from bgwatch.sources.http import HttpSource
-from bgwatch.store import Store
+from bgwatch.storebase import open_store
+from bgwatch.studio import generation_bucket
 from bgwatch.text import shown
 from bgwatch.workers import Workers
 
@@ -70,10 +72,10 @@ class Daemon:
         self.abort_event = threading.Event()  # workers exit now
         self._reload_requested = threading.Event()
         self._signals: deque[int] = deque()  # noted by the signal handlers, acted on by the main loop
-        self.store = Store(config.db_path)
+        self.store = open_store(config.store, sqlite_path=config.db_path, host=config.host)
         self.job_bucket = TokenBucket(config.limits.jobs_per_minute)
         self.budget = MemoryBudget(config.limits.max_memory)
-        self.generation_bucket = TokenBucket(config.limits.generations_per_minute)
+        self.generation_bucket = generation_bucket(self.store, config.limits.generations_per_minute)
         self.engines = stages.Engines(config, self.store, self.generation_bucket, self.abort_event)
         self.liveness = Liveness()
         self.sites = self._sites(config, {})
@@ -119,7 +121,10 @@ class Daemon:
                 inbox.path, config.host, self.epoch, config.watch.lease_seconds)
             heartbeat.lease_seconds = config.watch.lease_seconds
             custody = Custody(inbox.path, config.host, self.epoch, inbox.outbox, step=self.step)
-            sites[inbox.name] = Site(inbox, custody, heartbeat, ShareCoordinator(custody, heartbeat, self.liveness))
+            # A studio store coordinates through its rows; otherwise the share does, with renames and heartbeat files.
+            coordinator = studio_coordinator(self.store, custody, config.watch.lease_seconds, inbox.name)
+            sites[inbox.name] = Site(inbox, custody, heartbeat,
+                                     coordinator or ShareCoordinator(custody, heartbeat, self.liveness))
         return sites
 
     @staticmethod

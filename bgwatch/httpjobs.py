@@ -49,7 +49,7 @@ from bgwatch.httpforms import FORMS, REQUEST, FormField, form_fragment, safe_upl
 from bgwatch.httpresults import MEDIA_TYPES, ResultsFolder, log_pruned
 from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
 from bgwatch.ratelimit import RequestSchedule, TokenBucket
-from bgwatch.store import Store
+from bgwatch.storebase import RunStore
 from bgwatch.text import shown
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class _Admitted:
 class HttpDoor:
     """The HTTP door of one daemon (see the module's docstring for which thread calls what)."""
 
-    def __init__(self, config: Config, store: Store, generation_bucket: TokenBucket, submit: Callable[[Job], None],
+    def __init__(self, config: Config, store: RunStore, generation_bucket: TokenBucket, submit: Callable[[Job], None],
                  outcomes: queue.SimpleQueue[Any], *, depth: Callable[[], int] = lambda: 0,
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
                  wake: threading.Event | None = None) -> None:

@@ -20,7 +20,7 @@ from loguru import logger
 
 from bgwatch import safefs
 from bgwatch.jobs import JobState, OutputSpec
-from bgwatch.store import Store
+from bgwatch.storebase import RunStore
 
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
 _RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,80}-[0-9a-f]{12}\.(png|jpg|webp)")
@@ -78,7 +78,7 @@ class ResultsFolder:
                 continue
         return removed
 
-    def run_record(self, store: Store, run_id: int, inbox: str) -> dict[str, Any] | None:
+    def run_record(self, store: RunStore, run_id: int, inbox: str) -> dict[str, Any] | None:
         """An HTTP run as GET /runs/{id} shows it; None for a run that did not come through `inbox`."""
         row = store.get_run(run_id)
         if row is None or row.inbox != inbox:

@@ -37,7 +37,7 @@ from bgwatch.orphans import OrphanSidecars
 from bgwatch.outcomes import Blocked, Outcome, Outcomes, Started
 from bgwatch.retries import Retries
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
-from bgwatch.store import Store
+from bgwatch.storebase import RunStore
 from bgwatch.text import on_share, shown
 from bgwatch.watch import InboxWatcher
 
@@ -83,7 +83,7 @@ def rel_of(inbox: InboxConfig, path: Path) -> str:
 
 
 class Intake:
-    def __init__(self, config: Config, store: Store, sites: dict[str, Site], submit: Callable[[Job], None], *,
+    def __init__(self, config: Config, store: RunStore, sites: dict[str, Site], submit: Callable[[Job], None], *,
                  once: bool = False, on_result: Callable[[RunResult], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, wake: threading.Event | None = None) -> None:
         self.config = config

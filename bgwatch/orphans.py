@@ -17,7 +17,7 @@ from bgwatch.claims import DONE_DIR, FAILED_DIR
 from bgwatch.config import Config, InboxConfig
 from bgwatch.errors import BgwatchError
 from bgwatch.jobs import job_key
-from bgwatch.store import Store
+from bgwatch.storebase import RunStore
 from bgwatch.text import shown
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def _rel_of(inbox: InboxConfig, path: Path) -> str:
 
 
 class OrphanSidecars:
-    def __init__(self, store: Store, config: Callable[[], Config], requeue: Callable[[Path, Site], None]) -> None:
+    def __init__(self, store: RunStore, config: Callable[[], Config], requeue: Callable[[Path, Site], None]) -> None:
         self.store = store
         self.config = config  # the current config (it changes on a reload)
         self.requeue = requeue  # an image brought back from done/ to be processed again

@@ -41,7 +41,7 @@ class PgClaims:
 
     def claim(self, inbox: str, rel: str) -> RowClaim | None:
         """This file for this host: a new row, or a row that is free or whose lease ran out."""
-        with self.store._tx() as conn:
+        with self.store.transaction() as conn:
             row = conn.execute(
                 "WITH old AS (SELECT holder FROM claims WHERE inbox = %s AND rel_path = %s) "
                 "INSERT INTO claims (inbox, rel_path, holder, token, expires_at) "
@@ -57,7 +57,7 @@ class PgClaims:
 
     def offer(self, inbox: str, rels: list[str]) -> int:
         """Put files on the table (once each); returns how many were new."""
-        with self.store._tx() as conn:
+        with self.store.transaction() as conn:
             cur = conn.cursor()
             cur.executemany("INSERT INTO claims (inbox, rel_path) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                             [(inbox, rel) for rel in rels])
@@ -68,7 +68,7 @@ class PgClaims:
         host is taking at this moment instead of waiting for it."""
         where = "(holder IS NULL OR expires_at < now())" + (" AND inbox = %s" if inbox is not None else "")
         args: list[object] = [inbox] if inbox is not None else []
-        with self.store._tx() as conn:
+        with self.store.transaction() as conn:
             rows = conn.execute(
                 f"WITH free AS (SELECT inbox, rel_path, holder FROM claims WHERE {where} "
                 "ORDER BY offered_at, rel_path LIMIT %s FOR UPDATE SKIP LOCKED) "
@@ -86,25 +86,28 @@ class PgClaims:
                                (claim.inbox, claim.rel, claim.token, self.host, margin)).fetchone()
         return row is not None
 
-    def renew(self, inbox: str | None = None) -> int:
-        """Extend every lease this host holds (the heartbeat); returns how many."""
+    def renew(self, inbox: str | None = None, rels: list[str] | None = None) -> int:
+        """Extend the leases this host holds (in `inbox`, of `rels`: all when None); returns how many."""
         sql = f"UPDATE claims SET expires_at = {_LEASE} WHERE holder = %s"
         args: list[object] = [self.lease_seconds, self.host]
         if inbox is not None:
             sql += " AND inbox = %s"
             args.append(inbox)
-        with self.store._tx() as conn:
+        if rels is not None:
+            sql += " AND rel_path = ANY(%s)"
+            args.append(rels)
+        with self.store.transaction() as conn:
             return conn.execute(sql, args).rowcount
 
     def settle(self, claim: RowClaim) -> bool:
         """The file's life is over (delivered, failed, returned): its row goes. False: not ours any more."""
-        with self.store._tx() as conn:
+        with self.store.transaction() as conn:
             return conn.execute("DELETE FROM claims WHERE inbox = %s AND rel_path = %s AND token = %s",
                                 (claim.inbox, claim.rel, claim.token)).rowcount == 1
 
     def release(self, claim: RowClaim) -> bool:
         """Give a row back without finishing it (the file went back to the inbox): free for any host."""
-        with self.store._tx() as conn:
+        with self.store.transaction() as conn:
             return conn.execute("UPDATE claims SET holder = NULL, token = NULL, expires_at = NULL "
                                 "WHERE inbox = %s AND rel_path = %s AND token = %s",
                                 (claim.inbox, claim.rel, claim.token)).rowcount == 1
@@ -112,7 +115,7 @@ class PgClaims:
     def take_over(self, inbox: str, silent: str) -> list[RowClaim]:
         """The rows of `silent` in `inbox` whose lease ran out, now this host's (with new tokens), so that this
         host, and no other, moves their files back. Rows another reclaimer is taking are skipped."""
-        with self.store._tx() as conn:
+        with self.store.transaction() as conn:
             rows = conn.execute(
                 "WITH gone AS (SELECT inbox, rel_path FROM claims WHERE inbox = %s AND holder = %s "
                 "AND expires_at < now() FOR UPDATE SKIP LOCKED) "

@@ -86,7 +86,7 @@ class PgStore:
             raise self._away(exc) from None
 
     @contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    def transaction(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         with self.connection() as conn, conn.transaction():
             yield conn
 
@@ -116,7 +116,7 @@ class PgStore:
 
     def add_run(self, *, key: str, inbox: str, rel_path: str, source_path: str, input_sha256: str,
                 spec_json: str, host: str, status: JobState = JobState.QUEUED, output_path: str = "") -> int:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             row = conn.execute(
                 "INSERT INTO runs (key, inbox, rel_path, source_path, input_sha256, spec_json, status, attempts, "
                 "host, created_at, output_path) VALUES (%s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s) RETURNING id",
@@ -133,25 +133,25 @@ class PgStore:
         return RunRow.from_row(row) if row else None
 
     def start_run(self, run_id: int, host: str, at: float | None = None) -> bool:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             cur = conn.execute("UPDATE runs SET status = 'running', attempts = attempts + 1, host = %s, "
                                "started_at = %s WHERE id = %s AND status = 'queued'",
                                (host, self.clock() if at is None else at, run_id))
             return cur.rowcount == 1
 
     def set_output(self, run_id: int, output_path: str) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("UPDATE runs SET output_path = %s WHERE id = %s", (shown(output_path), run_id))
 
     def note(self, run_id: int, error: str) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("UPDATE runs SET error = %s WHERE id = %s", (shown(error), run_id))
 
     def finish_run(self, run_id: int, state: JobState, *, output_path: str = "", error: str = "",
                    mask_engine: str = "", bg_engine: str = "", seed: int | None = None,
                    timings: dict[str, float] | None = None, source_path: str | None = None) -> None:
         assert state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.SUPERSEDED)
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute(
                 "UPDATE runs SET status = %s, output_path = %s, error = %s, mask_engine = %s, bg_engine = %s, "
                 "seed = %s, timings_json = %s, finished_at = %s, source_path = COALESCE(%s, source_path) "
@@ -161,12 +161,12 @@ class PgStore:
                  None if source_path is None else shown(source_path), run_id))
 
     def mark_retried(self, run_id: int, source_path: str) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("UPDATE runs SET error = error || ' [retried]', source_path = %s WHERE id = %s",
                          (shown(source_path), run_id))
 
     def requeue(self, run_id: int) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("UPDATE runs SET status = 'queued', error = '' WHERE id = %s", (run_id,))
 
     def find_done(self, key: str) -> RunRow | None:
@@ -219,17 +219,17 @@ class PgStore:
             raise ValueError(f"unknown background columns: {sorted(unknown)}")
         names = list(data)
         updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in names if n != "key")
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute(f"INSERT INTO backgrounds ({', '.join(names)}) VALUES ({', '.join('%s' for _ in names)}) "
                          f"ON CONFLICT (key) DO UPDATE SET {updates}", [data[n] for n in names])
 
     def touch_background(self, key: str, hits: int = 1) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("UPDATE backgrounds SET last_used_at = %s, hits = hits + %s WHERE key = %s",
                          (self.clock(), hits, key))
 
     def delete_background(self, key: str) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("DELETE FROM backgrounds WHERE key = %s", (key,))
 
     def list_backgrounds(self) -> list[dict[str, Any]]:
@@ -248,7 +248,7 @@ class PgStore:
     # ------------------------------------------------------------------ the studio
 
     def beat(self, host: str, in_flight: int) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("INSERT INTO hosts (host, in_flight) VALUES (%s, %s) ON CONFLICT (host) DO UPDATE "
                          "SET last_beat = now(), in_flight = EXCLUDED.in_flight", (host, in_flight))
 
@@ -263,7 +263,7 @@ class PgStore:
 
     def reserve_output(self, outbox: str, name: str, host: str, run_id: int | None = None) -> bool:
         # The same host and run asking again (a retried write) keeps its reservation.
-        with self._tx() as conn:
+        with self.transaction() as conn:
             row = conn.execute(
                 "INSERT INTO output_names (outbox, name, host, run_id) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (outbox, name) DO UPDATE SET reserved_at = now() "
@@ -272,13 +272,13 @@ class PgStore:
         return row is not None
 
     def release_output(self, outbox: str, name: str) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("DELETE FROM output_names WHERE outbox = %s AND name = %s", (outbox, shown(name)))
 
     def begin_generation(self, key: str, host: str, lease_seconds: float) -> bool:
         # Two hosts inserting at once: the second waits on the key's index entry, then finds the first's
         # live row and gets nothing back.
-        with self._tx() as conn:
+        with self.transaction() as conn:
             row = conn.execute(
                 "INSERT INTO generations (key, host, expires_at) VALUES (%s, %s, now() + make_interval(secs => %s)) "
                 "ON CONFLICT (key) DO UPDATE SET host = EXCLUDED.host, started_at = now(), "
@@ -288,7 +288,7 @@ class PgStore:
         return row is not None
 
     def end_generation(self, key: str, host: str) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("DELETE FROM generations WHERE key = %s AND host = %s", (key, host))
 
     def take_token(self, engine: str, per_minute: float, burst: int = 1, *, take: bool = True) -> float:
@@ -296,7 +296,7 @@ class PgStore:
         if per_minute <= 0:
             return 0.0
         rate = per_minute / 60.0
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("INSERT INTO buckets (engine, tokens, updated_at) VALUES (%s, %s, clock_timestamp()) "
                          "ON CONFLICT (engine) DO NOTHING", (engine, float(burst)))
             # The row lock orders every host's take; the time is read after the lock is held.

@@ -139,12 +139,14 @@ def status_of(config: Any) -> dict[str, Any]:
     from bgwatch.service import InstanceLock
 
     running = InstanceLock.held(config.state_dir)
-    counts: dict[str, int] = {}
-    if config.db_path.exists():
-        from bgwatch.store import Store
+    from bgwatch.storebase import open_for_reading, redact, studio_hosts
 
-        store = Store(config.db_path)
+    counts: dict[str, int] = {}
+    hosts = None
+    store = open_for_reading(config)
+    if store is not None:
         counts = store.counts()
+        hosts = studio_hosts(store, config.watch.lease_seconds)
         store.close()
     live = live_status(config) if running else None
     if live is not None and "updated_at" in live:
@@ -155,6 +157,8 @@ def status_of(config: Any) -> dict[str, Any]:
         "running": running,
         "live": live,
         "runs": counts,
+        "store": redact(config.store),  # never its password
+        "hosts": hosts,  # the studio's hosts (a PostgreSQL store), else None
         "inboxes": [{"path": str(ib.path), "outbox": str(ib.outbox), "present": ib.path.is_dir(),
                      "waiting": waiting(ib)} for ib in config.inboxes],
     }
@@ -181,6 +185,11 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"problem:  {problem}")
     counts = status["runs"]
     lines.append("runs:     " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"))
+    if status.get("hosts") is not None:
+        lines.append(f"store:    {status['store']}")
+        for host in status["hosts"]:
+            lines.append(f"host:     {host['host']}  {'alive' if host['alive'] else 'SILENT'}, {host['in_flight']} in "
+                         f"flight, last beat {host['seconds_since_beat']:g} s ago")
     for inbox in status["inboxes"]:
         where = f"{inbox['waiting']} waiting" if inbox["present"] else "MISSING"
         lines.append(f"inbox:    {inbox['path']}  ({where}) -> {inbox['outbox']}")
@@ -237,11 +246,11 @@ def run_record(row: dict[str, Any]) -> dict[str, Any]:
 
 def history_rows(config: Any, status: str | None, limit: int, since: float | None = None,
              inbox: str | None = None) -> list[dict[str, Any]]:
-    if not config.db_path.exists():
-        return []
-    from bgwatch.store import Store
+    from bgwatch.storebase import open_for_reading
 
-    store = Store(config.db_path)
+    store = open_for_reading(config)
+    if store is None:
+        return []
     filtered = since is not None or inbox is not None
     rows = store.history(status, 10_000_000 if filtered else limit)
     store.close()

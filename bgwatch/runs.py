@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bgwatch.jobs import JobState, RunResult
-from bgwatch.store import RunRow, Store
+from bgwatch.store import RunRow
+from bgwatch.storebase import RunStore
 
 if TYPE_CHECKING:
     from bgwatch.custody import Claim, Custody
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 class Ledger:
     """Writes the runs table for one host. Main thread only."""
 
-    def __init__(self, store: Store, host: str) -> None:
+    def __init__(self, store: RunStore, host: str) -> None:
         self.store = store
         self.host = host
 

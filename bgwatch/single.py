@@ -112,9 +112,9 @@ def retry_runs(config: Config, run_ids: Sequence[int], *, all_failed: bool) -> t
     """Move failed originals (and their sidecars) from failed/ back to where they were dropped."""
     from bgwatch.custody import FAILED_DIR, Custody
     from bgwatch.liveness import new_epoch
-    from bgwatch.store import Store
+    from bgwatch.storebase import open_store
 
-    store = Store(config.db_path)
+    store = open_store(config.store, sqlite_path=config.db_path, host=config.host)
     rows = [(i, store.get_run(i)) for i in run_ids]
     if all_failed:
         rows += [(r.id, r) for r in store.runs_in((JobState.FAILED,)) if r.id not in run_ids]
@@ -223,9 +223,9 @@ def explain(image: Path, config: Config) -> str:
 
 def cache_command(config: Config, action: str) -> str:
     from bgwatch.pipeline.cache import BackgroundCache
-    from bgwatch.store import Store
+    from bgwatch.storebase import open_store
 
-    store = Store(config.db_path)
+    store = open_store(config.store, sqlite_path=config.db_path, host=config.host)
     cache = BackgroundCache(store, config.cache_dir, config.cache.max_bytes)
     try:
         if action == "ls":

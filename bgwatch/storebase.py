@@ -173,9 +173,34 @@ def open_store(setting: str, *, sqlite_path: Any, host: str, clock: Callable[[],
     import time
 
     if is_postgres(setting):
-        from bgwatch.pgstore import PgStore
+        from bgwatch.errors import ConfigError
 
-        return PgStore(setting, host=host, clock=clock or time.time)
+        try:
+            from bgwatch.pgstore import PgStore
+
+            return PgStore(setting, host=host, clock=clock or time.time)
+        except ImportError as exc:
+            raise ConfigError(redact(setting), "store", f"PostgreSQL needs psycopg ({exc.name} is not installed)",
+                              "pip install 'bgwatch[studio]'") from None
+        except StoreUnavailable as exc:
+            raise ConfigError(redact(setting), "store", str(exc),
+                              "a running server this host can reach, with the database created") from None
     from bgwatch.store import Store
 
     return Store(sqlite_path, clock=clock or time.time)
+
+
+def open_for_reading(config: Any) -> RunStore | None:
+    """The store a view (status, history, report, cache ls) reads: the studio's, or this workstation's SQLite
+    once it has one (None before its first run: nothing to show, and no file made by looking)."""
+    if not is_postgres(config.store) and not config.db_path.exists():
+        return None
+    return open_store(config.store, sqlite_path=config.db_path, host=config.host)
+
+
+def studio_hosts(store: RunStore, lease_seconds: float) -> list[dict[str, Any]] | None:
+    """Each host of the studio (alive: beat within the lease; jobs in flight; its last beat); None on SQLite."""
+    if not isinstance(store, StudioStore):
+        return None
+    return [{"host": h.host, "alive": h.age <= lease_seconds, "in_flight": h.in_flight, "last_beat": h.last_beat,
+             "seconds_since_beat": round(h.age, 1)} for h in store.hosts()]

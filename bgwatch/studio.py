@@ -14,29 +14,27 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from bgwatch.storebase import StoreUnavailable
+from bgwatch.ratelimit import TokenBucket
+from bgwatch.storebase import StoreUnavailable, StudioStore
 
 if TYPE_CHECKING:
-    from bgwatch.storebase import StudioStore
+    from bgwatch.storebase import RunStore
 
 T = TypeVar("T")
 
 
-class StudioBucket:
-    """The studio's bucket for one engine (or one for every generation: name it "generations")."""
+class StudioBucket(TokenBucket):
+    """The studio's bucket for one engine (or one for every generation: name it "generations"): a TokenBucket
+    whose tokens are a row every host shares, so it goes wherever the daemon hands a TokenBucket."""
 
     #: the longest single sleep while waiting: a stop is noticed, and the store is asked again, this often
     WAIT_SLICE = 1.0
 
     def __init__(self, store: StudioStore, engine: str, per_minute: float, *, burst: int = 1,
                  sleep: Callable[[float], object] = time.sleep) -> None:
-        if per_minute < 0:
-            raise ValueError(f"per_minute must be >= 0 (0 = unlimited), got {per_minute!r}")
+        super().__init__(per_minute, burst=burst, sleep=sleep)
         self.store = store
         self.engine = engine
-        self.per_minute = float(per_minute)
-        self.burst = int(burst)
-        self._sleep = sleep
 
     @property
     def unlimited(self) -> bool:
@@ -50,6 +48,15 @@ class StudioBucket:
         if per_minute < 0:
             raise ValueError(f"per_minute must be >= 0 (0 = unlimited), got {per_minute!r}")
         self.per_minute = float(per_minute)
+        self._rate = self.per_minute / 60.0
+
+    def try_acquire(self) -> bool:
+        if self.unlimited:
+            return True
+        try:
+            return self.store.take_token(self.engine, self.per_minute, self.burst) == 0.0
+        except StoreUnavailable:
+            return False
 
     def delay(self) -> float:
         """Seconds a caller arriving now would wait (the studio's bucket; a store away: one slice)."""
@@ -75,6 +82,14 @@ class StudioBucket:
             if stop is not None and stop.is_set():
                 return False
         return True
+
+
+def generation_bucket(store: RunStore, per_minute: float) -> TokenBucket:
+    """The daemon's generation bucket: the studio's (one row for every host) on a studio store, else this
+    host's own."""
+    if isinstance(store, StudioStore):
+        return StudioBucket(store, "generations", per_minute)
+    return TokenBucket(per_minute)
 
 
 def generate_once(store: StudioStore, key: str, host: str, read: Callable[[], T | None], generate: Callable[[], T],

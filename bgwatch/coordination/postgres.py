@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from bgwatch.coordination import Coordinator
     from bgwatch.delivery import Custody, Settled
     from bgwatch.pgstore import PgStore
+    from bgwatch.storebase import RunStore
 
 
 class PostgresCoordinator:
@@ -57,7 +58,9 @@ class PostgresCoordinator:
                 if not claim.path.exists():
                     self.rows.settle(row)
                     self._held.pop(name, None)
-            self.rows.renew(self.inbox_key)
+            # Only the claims this coordinator made: rows left by an earlier start or reload run out by
+            # themselves (their files are this host's on the share whatever the row says).
+            self.rows.renew(self.inbox_key, [row.rel for row, _claim in self._held.values()])
         except StoreUnavailable as exc:
             if not self._problem:
                 logger.warning("{}: not claiming until the studio store answers again ({})", self.custody.inbox, exc)
@@ -136,6 +139,16 @@ class PostgresCoordinator:
         for row in taken:
             self._forget(row)
         return back
+
+
+def studio_coordinator(store: RunStore, custody: Custody, lease_seconds: float,
+                       inbox_key: str) -> PostgresCoordinator | None:
+    """The coordinator a studio store gives an inbox (None: the share coordinates, as on SQLite)."""
+    from bgwatch.pgstore import PgStore
+
+    if not isinstance(store, PgStore):
+        return None
+    return PostgresCoordinator(custody, store, lease_seconds, inbox_key=inbox_key)
 
 
 if TYPE_CHECKING:

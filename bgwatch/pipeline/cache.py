@@ -27,7 +27,7 @@ from loguru import logger
 
 if TYPE_CHECKING:
     from bgwatch.pipeline.backgrounds import BackgroundRequest
-    from bgwatch.store import Store
+    from bgwatch.storebase import RunStore
 
 PNG_LEVEL = 1  # OFFLINE.md: level 6 costs 4x the time for ~10% less disk
 
@@ -35,7 +35,7 @@ PNG_LEVEL = 1  # OFFLINE.md: level 6 costs 4x the time for ~10% less disk
 class BackgroundCache:
     """Generated backdrops by request key, bounded to max_bytes (least recently used go first)."""
 
-    def __init__(self, store: Store, cache_dir: Path, max_bytes: int) -> None:
+    def __init__(self, store: RunStore, cache_dir: Path, max_bytes: int) -> None:
         self.store = store
         self.cache_dir = Path(cache_dir)
         self.max_bytes = int(max_bytes)

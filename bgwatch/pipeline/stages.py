@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from bgwatch.pipeline.backgrounds import BackgroundRequest
     from bgwatch.pipeline.imageio import DecodedImage
     from bgwatch.ratelimit import TokenBucket
-    from bgwatch.store import Store
+    from bgwatch.storebase import RunStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +216,7 @@ def mask_on_device(spec: JobSpec, config: Config) -> bool:
 class Engines:
     """The models a daemon keeps loaded, the background cache and the generation token bucket."""
 
-    def __init__(self, config: Config, store: Store | None,
+    def __init__(self, config: Config, store: RunStore | None,
                  generation_bucket: TokenBucket | None = None,
                  stop: threading.Event | None = None) -> None:
         self.config = config

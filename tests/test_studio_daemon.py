@@ -1,0 +1,54 @@
+"""Two workstations on one share and one PostgreSQL (`store:`): the daemon records into the studio store,
+claims through its rows, and every view (status, history) shows every host's runs and each host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bgwatch import report
+from bgwatch.daemon import Daemon
+from bgwatch.samples import write_samples
+from tests import pgserver
+from tests.helpers import files_under, make_config
+
+pg_cluster = pgserver.pg_cluster
+pg_url = pgserver.pg_url
+
+
+def _workstation(share: Path, host: str, url: str) -> Any:
+    return make_config(share, state_dir=str(share.parent / f"state-{host}"), host=host, store=url)
+
+
+def test_two_workstations_one_studio_store(tmp_path: Path, pg_url: str) -> None:
+    from bgwatch.coordination.postgres import PostgresCoordinator
+    from bgwatch.pgstore import PgStore
+
+    share = tmp_path / "share"
+    share.mkdir()
+    url = pg_url.replace("postgresql://bgwatch@", "postgresql://bgwatch:hunter2@")
+    first = _workstation(share, "ws1", url)
+    inbox, outbox = first.inboxes[0].path, first.inboxes[0].outbox
+    write_samples(inbox, 2, size=(160, 120), seed=3)
+    daemon = Daemon(first, once=True)
+    sites = list(daemon.intake.sites.values())
+    assert sites and all(isinstance(site.coordinator, PostgresCoordinator) for site in sites)
+    assert daemon.run() == 0
+    second = _workstation(share, "ws2", url)
+    write_samples(inbox / "more", 2, size=(160, 120), seed=4)
+    assert Daemon(second, once=True).run() == 0
+
+    assert len(files_under(outbox)) == 4 and len(files_under(inbox / "done")) == 4
+    for config in (first, second):  # either workstation sees the studio's runs
+        rows = report.history_rows(config, None, 100)
+        assert sorted((r["host"], r["status"]) for r in rows) == [("ws1", "done")] * 2 + [("ws2", "done")] * 2
+    status = report.status_of(second)
+    assert status["runs"] == {"done": 4}
+    assert {h["host"] for h in status["hosts"]} == {"ws1", "ws2"}
+    assert status["store"].startswith("postgresql://bgwatch:***@") and "hunter2" not in str(status)
+    text = report.format_status(status)
+    assert "host:     ws1" in text and "hunter2" not in text
+    assert not (tmp_path / "state-ws1" / "bgwatch.db").exists()  # nothing recorded beside the studio
+    studio = PgStore(pg_url)
+    assert studio.counts() == {"done": 4}
+    studio.close()
