@@ -7,8 +7,12 @@ divided by the pixels, "net/px" the peak above that base. The issue's goal: peak
 (100 MP <= 2.5 GB, 25 MP <= 700 MB); the code before the change measured ~86 bytes a pixel (8.6 GB for
 10000x9999).
 
-    python bench/bench_memory.py [--sizes 6,25,100] [--modes transparent,color,soften,replace:gradient]
-                                 [--engine classical|rembg-tiny] [--workdir bench/out/memory]
+    python bench/bench_memory.py [--sizes 6,25,100] [--modes transparent,color,soften,replace:gradient,replace:image]
+                                 [--engine classical|rembg-tiny] [--workdir bench/out/memory] [--stages]
+
+replace:image composites onto a 24 MP backdrop photo (synthesised like the inputs). --stages adds, per case,
+the peak RSS above the base in each step (decode, mask, backdrop, refine, composite, encode), sampled every
+10 ms by a thread in the child: where a job's peak is.
 
 Inputs are synthesised once (a product on a studio backdrop, bgwatch.samples, drawn at ~2 MP and scaled
 up, JPEG quality 90) and kept in the work folder. Prints a table; not a timed test.
@@ -29,8 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {6: (3000, 2000), 25: (6124, 4082), 49: (7000, 7000), 100: (10000, 10000)}
 
 
-def synthesise(path: Path, width: int, height: int, seed: int = 3) -> None:
-    """A studio product shot at width x height, written as JPEG (drawn small, scaled up: cheap)."""
+def synthesise(path: Path, width: int, height: int, seed: int = 3, tight: bool = False) -> None:
+    """A studio product shot at width x height, written as JPEG (drawn small, scaled up: cheap). `tight`:
+    cropped to the product with a 4% margin before scaling, so the subject fills the frame as marketplaces
+    ask (the composite's float work covers the subject's box: this is its worst case)."""
     import cv2
     import numpy as np
 
@@ -38,7 +44,12 @@ def synthesise(path: Path, width: int, height: int, seed: int = 3) -> None:
 
     scale = min(1.0, 1600 / max(width, height))
     small = studio_shot(seed, (max(64, round(width * scale)), max(64, round(height * scale))), "white_sweep")
-    big = cv2.resize(small.rgb, (width, height), interpolation=cv2.INTER_CUBIC)
+    rgb = small.rgb
+    if tight:
+        ys, xs = np.nonzero(small.mask > 0.05)
+        my, mx = int(0.04 * rgb.shape[0]), int(0.04 * rgb.shape[1])
+        rgb = rgb[max(0, ys.min() - my) : ys.max() + my, max(0, xs.min() - mx) : xs.max() + mx]
+    big = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_CUBIC)
     del small
     # Grain at full size, strip by strip, so the upscaled edges look photographed, not drawn.
     rng = np.random.default_rng(seed)
@@ -73,17 +84,71 @@ def child(path: Path, mode: str, engine: str, out: Path) -> None:
     base = _rss_now()
     if mode.startswith("replace"):  # replace:ENGINE, e.g. replace:gradient (engines that need no model)
         engine_name = mode.partition(":")[2] or "gradient"
-        spec = JobSpec(operation="replace", engine=engine_name, mask=mask, shadow=True)
+        backdrop = ""
+        if engine_name == "image":
+            backdrop = str(out.parent / "backdrop_6000x4000.jpg")
+            if not Path(backdrop).exists():
+                synthesise(Path(backdrop), 6000, 4000, seed=5)
+        spec = JobSpec(operation="replace", engine=engine_name, mask=mask, shadow=True, background_image=backdrop)
     else:
         spec = JobSpec(operation="cleanup", mode=mode, mask=mask)
     job = Job(run_id=1, inbox="bench", rel_path=path.name, source=path, spec=spec, input_sha256="", key="")
     config = Config(device="cpu")
+    sampler = _StageSampler(base) if os.environ.get("BENCH_STAGES") else None
     start = time.perf_counter()
     finished = stages.run_all(job, config, stages.Engines(config, None))
     seconds = time.perf_counter() - start
     out.write_bytes(finished.data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "bytes": len(finished.data)}))
+    steps = sampler.stop() if sampler is not None else {}
+    print(json.dumps({"base": base, "peak": peak, "seconds": seconds, "bytes": len(finished.data), "steps": steps}))
+
+
+class _StageSampler:
+    """The peak RSS above `base` in each step of one job: the step functions are wrapped (in this bench
+    process only) to name the step running, and a thread samples /proc/self/statm every 10 ms."""
+
+    STEPS = (("imageio", "decode"), ("stages", "check_job_memory"), ("masking", "load_mask_engine"),
+             ("backgrounds", "load_backdrop"), ("backgrounds", "fit_cover"), ("refine", "refine_mask"),
+             ("composite", "composite"), ("cleanup", "cleanup"), ("imageio", "encode"))
+
+    def __init__(self, base: int) -> None:
+        import functools
+        import importlib
+        import threading
+
+        self.base = base
+        self.step = "other"
+        self.peaks: dict[str, int] = {}
+        for module_name, name in self.STEPS:
+            module = importlib.import_module(f"bgwatch.pipeline.{module_name}")
+            original = getattr(module, name)
+
+            def wrapped(*args: object, _original: object = original, _name: str = name, **kwargs: object) -> object:
+                outer, self.step = self.step, _name
+                try:
+                    return _original(*args, **kwargs)  # type: ignore[operator]
+                finally:
+                    self._sample()
+                    self.step = outer
+
+            setattr(module, name, functools.wraps(original)(wrapped))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        rss = _rss_now() - self.base
+        self.peaks[self.step] = max(self.peaks.get(self.step, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self._sample()
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
 
 
 def _rss_now() -> int:
@@ -91,11 +156,11 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(path: Path, mode: str, engine: str, out: Path) -> dict[str, float]:
+def run_case(path: Path, mode: str, engine: str, out: Path, stages: bool = False) -> dict[str, float]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--modes", mode, "--engine",
            engine, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          check=False)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"BENCH_STAGES": "1"} if stages else {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
         return {"error": 1.0, "reason": tail[0]}  # type: ignore[dict-item]
@@ -110,6 +175,9 @@ def main() -> int:
     parser.add_argument("--engine", default="classical",
                         help="mask engine: classical, rembg-tiny (the tests' tiny ONNX net through rembg)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "memory")
+    parser.add_argument("--stages", action="store_true", help="peak above the base in each step of the job")
+    parser.add_argument("--tight", action="store_true",
+                        help="inputs cropped to the product (it fills the frame): the composite's worst case")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,11 +189,11 @@ def main() -> int:
           f"{'net/px':>7} {'seconds':>8}  goal <= 25 B/px (before: ~86)")
     for mp in (int(s) for s in args.sizes.split(",")):
         width, height = SIZES[mp]
-        source = args.workdir / f"studio_{width}x{height}.jpg"
+        source = args.workdir / f"studio_{width}x{height}{'_tight' if args.tight else ''}.jpg"
         if not source.exists():
-            synthesise(source, width, height)
+            synthesise(source, width, height, tight=args.tight)
         for mode in args.modes.split(","):
-            r = run_case(source, mode, args.engine, args.workdir / f"out_{width}x{height}_{mode}.png")
+            r = run_case(source, mode, args.engine, args.workdir / f"out_{width}x{height}_{mode}.png", args.stages)
             label = f"{width}x{height}"
             if "error" in r:
                 print(f"{label:>18} {mode:>16} {args.engine:>9}  FAILED: {r['reason']}")
@@ -134,6 +202,11 @@ def main() -> int:
             print(f"{label:>18} {mode:>16} {args.engine:>9} {r['base'] / 2**20:8.0f} {r['peak'] / 2**20:8.0f} "
                   f"{r['peak'] / pixels:7.1f} {(r['peak'] - r['base']) / pixels:7.1f} {r['seconds']:8.1f}",
                   flush=True)
+            if args.stages:
+                steps = r.get("steps") or {}
+                print(" " * 19 + "peak above base, B/px:  " + "  ".join(
+                    f"{step} {peak / pixels:.1f}" for step, peak in sorted(steps.items(), key=lambda kv: -kv[1])),
+                    flush=True)
     return 0
 
 
