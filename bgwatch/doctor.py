@@ -462,6 +462,9 @@ def run_checks(config: Config, mountinfo: str | None = None, fstab: str | None =
     checks += check_precision(config)
     checks += check_numba()
     checks += folder_checks(config, mountinfo, fstab)
+    from bgwatch.studio import store_checks
+
+    checks += store_checks(config)  # a studio's PostgreSQL: connection, server version, migrations
     return checks
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bgwatch.ratelimit import TokenBucket
 from bgwatch.storebase import StoreUnavailable, StudioStore
 
 if TYPE_CHECKING:
+    from bgwatch.doctor import Check
     from bgwatch.storebase import RunStore
 
 T = TypeVar("T")
@@ -113,3 +114,44 @@ def generate_once(store: StudioStore, key: str, host: str, read: Callable[[], T 
             finally:
                 store.end_generation(key, host)
         sleep(poll)
+
+
+def store_checks(config: Any) -> list[Check]:
+    """`bgwatch doctor` on a studio store: the connection, the server's version, the schema's migrations.
+    Read only: migrations are applied by the daemon at start, never by looking."""
+    from bgwatch.doctor import Check, Level
+    from bgwatch.storebase import is_postgres, redact, scrub
+
+    if not is_postgres(config.store):
+        return []
+    shown = redact(config.store)
+    try:
+        import psycopg
+
+        from bgwatch import pgschema
+    except ImportError as exc:
+        return [Check("store", shown, Level.ERROR, f"psycopg is not installed ({exc.name}): "
+                      "pip install 'bgwatch[studio]'")]
+    try:
+        with psycopg.connect(config.store, connect_timeout=5, autocommit=True) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            version = str(row[0]) if row else "?"
+            have = pgschema.applied(conn)
+    except psycopg.Error as exc:
+        reason = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, config.store)
+        return [Check("store", shown, Level.ERROR, f"cannot connect: {reason}")]
+    detail: dict[str, str | int | float | bool | None] = {
+        "server_version": version, "schema_version": max(have, default=0), "latest": pgschema.LATEST}
+    checks = [Check("store", shown, Level.OK, f"PostgreSQL {version} answers", detail)]
+    newer = [v for v in have if v > pgschema.LATEST]
+    missing = [v for v, _name, _sql in pgschema.MIGRATIONS if v not in have]
+    if newer:
+        checks.append(Check("store", "migrations", Level.ERROR, f"the database has schema version {max(newer)}, "
+                            f"newer than this bgwatch knows ({pgschema.LATEST}): upgrade bgwatch here", detail))
+    elif missing:
+        checks.append(Check("store", "migrations", Level.WARNING, f"{len(missing)} migration(s) to apply "
+                            f"(versions {', '.join(map(str, missing))}): the daemon applies them at its next start",
+                            detail))
+    else:
+        checks.append(Check("store", "migrations", Level.OK, f"schema version {pgschema.LATEST}, up to date", detail))
+    return checks

@@ -174,3 +174,19 @@ def test_store_migrate_refuses_what_it_cannot_use(tmp_path: Path, capsys: pytest
     assert main(["store", "migrate", str(tmp_path), "mysql://bob:hunter2@db/x"]) == 2
     err = capsys.readouterr().err
     assert "TO" in err and "hunter2" not in err
+
+
+def test_doctor_checks_the_connection_the_server_and_the_migrations(pg_url: str, tmp_path: Path) -> None:
+    from bgwatch.doctor import Level
+    from bgwatch.pgstore import PgStore
+    from bgwatch.studio import store_checks
+
+    assert store_checks(parse_config({}, env={})) == []  # SQLite: nothing to say
+    fresh = store_checks(parse_config({"store": pg_url}, env={}))
+    assert [c.level for c in fresh] == [Level.OK, Level.WARNING] and "migration(s) to apply" in fresh[1].message
+    PgStore(pg_url).close()  # a daemon's start migrates it
+    done = store_checks(parse_config({"store": pg_url}, env={}))
+    assert [c.level for c in done] == [Level.OK, Level.OK] and "PostgreSQL" in done[0].message
+    away = f"postgresql://bob:hunter2@/x?host={tmp_path}&port=5999"
+    [failed] = store_checks(parse_config({"store": away}, env={}))
+    assert failed.level is Level.ERROR and "hunter2" not in str(failed.to_dict()) and "bob:***@" in failed.subject
