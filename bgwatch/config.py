@@ -96,6 +96,9 @@ class RunwaySettings:
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     max_bytes: int = 2 * 1024**3  # generated backgrounds beyond this are evicted, least recently used
+    # None: state_dir/cache. A studio (store: postgresql://...) names a folder on the share every host reaches,
+    # so one host's generation is every host's hit.
+    dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +245,7 @@ class Config:
 
     @property
     def cache_dir(self) -> Path:
-        return self.state_dir / "cache"
+        return self.cache.dir or self.state_dir / "cache"
 
     @property
     def log_dir(self) -> Path:
@@ -414,7 +417,8 @@ def parse_config(data: Any, source: Path | None = None, env: Mapping[str, str] |
     r.finish()
 
     c = _Reader(where, "cache", top.get("cache", None))
-    cache = CacheSettings(max_bytes=c.number("max_bytes", CacheSettings().max_bytes, integer=True))
+    cache = CacheSettings(max_bytes=c.number("max_bytes", CacheSettings().max_bytes, integer=True),
+                          dir=c.path("dir", None, base))
     c.finish()
 
     m = _Reader(where, "metrics", top.get("metrics", None))

@@ -143,6 +143,10 @@ def store_checks(config: Any) -> list[Check]:
     detail: dict[str, str | int | float | bool | None] = {
         "server_version": version, "schema_version": max(have, default=0), "latest": pgschema.LATEST}
     checks = [Check("store", shown, Level.OK, f"PostgreSQL {version} answers", detail)]
+    if config.cache.dir is None:
+        checks.append(Check("store", "cache.dir", Level.WARNING, f"the background cache is this host's "
+                            f"{config.cache_dir}: set cache.dir to a folder on the share so that every host's "
+                            "generations are hits for the others"))
     newer = [v for v in have if v > pgschema.LATEST]
     missing = [v for v, _name, _sql in pgschema.MIGRATIONS if v not in have]
     if newer:

@@ -182,11 +182,14 @@ def test_doctor_checks_the_connection_the_server_and_the_migrations(pg_url: str,
     from bgwatch.studio import store_checks
 
     assert store_checks(parse_config({}, env={})) == []  # SQLite: nothing to say
-    fresh = store_checks(parse_config({"store": pg_url}, env={}))
+    studio = {"store": pg_url, "cache": {"dir": str(tmp_path / "share-cache")}}
+    fresh = store_checks(parse_config(studio, env={}))
     assert [c.level for c in fresh] == [Level.OK, Level.WARNING] and "migration(s) to apply" in fresh[1].message
     PgStore(pg_url).close()  # a daemon's start migrates it
-    done = store_checks(parse_config({"store": pg_url}, env={}))
+    done = store_checks(parse_config(studio, env={}))
     assert [c.level for c in done] == [Level.OK, Level.OK] and "PostgreSQL" in done[0].message
+    local_cache = store_checks(parse_config({"store": pg_url}, env={}))
+    assert [(c.subject, c.level) for c in local_cache][1] == ("cache.dir", Level.WARNING)
     away = f"postgresql://bob:hunter2@/x?host={tmp_path}&port=5999"
     [failed] = store_checks(parse_config({"store": away}, env={}))
     assert failed.level is Level.ERROR and "hunter2" not in str(failed.to_dict()) and "bob:***@" in failed.subject
