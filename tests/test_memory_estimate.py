@@ -61,6 +61,7 @@ def test_a_replace_job_whose_product_fills_the_frame_stays_within_its_admitted_m
     usage = json.loads(done.stdout.strip().splitlines()[-1])
     used = usage["peak"] - usage["base"]
     admitted = job_memory(width, height, JobSpec(operation="replace", engine="gradient", shadow=True))
-    assert used > 35 * width * height, "the product fills the frame: the composite's worst case is measured"
     pixels = width * height
+    # ~45 here (a product in the middle of the frame: ~25): the composite's worst case is what is measured
+    assert used > 32 * pixels, f"{used / pixels:.1f} bytes a pixel: the product does not fill the frame"
     assert used <= admitted, f"{used / pixels:.1f} bytes a pixel used, {admitted / pixels:.0f} admitted"
