@@ -1,15 +1,22 @@
 """A net's small mask brought to the photo's full resolution along the photo's own edges.
 
 A mask net works at 320² (U²-Net) to 1024² (BiRefNet); scaled up plainly, its outline on a 24 MP photo is a
-band many pixels wide, blurred and stair-stepped. `guided_upsample` is a fast guided filter (He and Sun,
-2015) with the photo's colour as the guide: in every window the alpha is taken to be a linear function of
-the colour, fitted to the plainly upscaled mask at a working resolution, and the fit is applied to the
-full-resolution pixels. Where the subject and its backdrop differ in colour, the edge follows the photo's
-edge to the pixel; where they do not, the fit is flat and gives back the plain mask.
+band many pixels wide, blurred and stair-stepped. `guided_upsample` fits the mask to the photo's colour in
+windows at a working resolution and applies the fit to the full-resolution pixels of the outline's band:
 
-Memory: the fit is made at GUIDE_SCALE times the mask's size (a few MB), and applied only to the
-pixels of the outline's band, in chunks; the full-size planes are the uint8 plain mask and the float32
-result.
+- a fast guided filter (He and Sun, 2015): in every window the alpha is a linear function of the colour,
+  fitted to the plainly upscaled mask. Each pixel takes the fits of the windows over it, weighted by how
+  much of the mask's variation the colour explains there: where the subject and its backdrop differ in
+  colour the edge follows the photo's edge to the pixel; where they do not, the plain mask comes back.
+- a colour snap against halos: the upscaled mask's ramp leaves pure backdrop pixels near the edge a little
+  opaque (and pure subject pixels a little transparent), which the linear fit keeps. Per window, the mean
+  colours of the pixels the mask is sure are subject (F) and backdrop (B) place a pixel on the line from B
+  to F, as a composite mixes them; where that says plainly "backdrop" or "subject" and F and B stand well
+  apart against their own spread, it wins.
+
+Memory: the fits are made at GUIDE_SCALE times the mask's size on the outline's box (a few MB), and
+applied only to the band's pixels, in chunks; the full-size planes are the uint8 plain mask and the
+float32 result.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ from bgwatch.pipeline.tiles import POINT_CHUNK, strips
 # 2.5 net pixels, beat finer working resolutions (whose windows see too little pure subject and backdrop).
 GUIDE_SCALE = 1.6  # the fit's working resolution: this times the mask's long side (at most the photo's)
 RADIUS = 2.5  # the fit's window radius, in the mask's pixels
-EPS = 5e-5  # the fit's regularisation (colour in [0, 1]): smaller follows weaker colour edges
-# The fit is trusted where the colour explains at least TRUST_FULL of the mask's variance in the window,
-# not at all below TRUST_FROM (the plain mask there), and in between in proportion.
+EPS = 5e-5  # the guided fit's regularisation (colour in [0, 1]): smaller follows weaker colour edges
+# The guided fit is trusted where the colour explains at least TRUST_FULL of the mask's variance in the
+# window, not at all below TRUST_FROM (the plain mask there), and in between in proportion.
 TRUST_FROM, TRUST_FULL = 0.7, 0.9
+SURE = 0.75  # the colour snap's sure subject (mask above this) and sure backdrop (below 1 - this)
+# F and B count as apart from gap / (gap + 4 * spread) = SEPARATE_FROM, fully from SEPARATE_FULL.
+SEPARATE_FROM, SEPARATE_FULL = 0.4, 0.7
+EXTREME = 0.35  # the snap acts where a pixel's place between B and F is this far from one half or more
 
 
 def plain_upsample(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -65,8 +76,10 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     top, bottom, left, right = box
     m = 2 * radius + 1  # the windows of the band's edge pixels reach this far
     t0, b0, l0, r0 = max(top - m, 0), min(bottom + m, size[1]), max(left - m, 0), min(right + m, size[0])
-    field = _fit(guide[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255),
-                 target[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255), radius, eps)
+    g_crop = guide[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255)
+    p_crop = target[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255)
+    field = np.concatenate([_fit(g_crop, p_crop, radius, eps), _fit_colours(g_crop, p_crop, radius)], axis=-1)
+    del g_crop, p_crop
     del guide, target
     # The band's full-resolution pixels: each working pixel in the band covers a block of them.
     sy, sx = size[1] / height, size[0] / width
@@ -90,7 +103,14 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
             fitted += coeff[:, 3]
             np.clip(fitted, 0.0, 1.0, out=fitted)
             plain_here = out[cy, cx]
-            out[cy, cx] = plain_here + coeff[:, 4] * (fitted - plain_here)
+            alpha = plain_here + coeff[:, 4] * (fitted - plain_here)
+            fg, bg = coeff[:, 5:8], coeff[:, 8:11]
+            gap = fg - bg
+            place = ((colour - bg) * gap).sum(axis=1) / ((gap * gap).sum(axis=1) + 1e-4)
+            np.clip(place, 0.0, 1.0, out=place)
+            snap = coeff[:, 11] * np.clip((np.abs(place - 0.5) - EXTREME) / (0.5 - EXTREME), 0.0, 1.0)
+            alpha += snap * (place - alpha)
+            out[cy, cx] = alpha
     return out
 
 
@@ -116,9 +136,41 @@ def _bilinear(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     return np.asarray(top + (bottom - top) * wy, np.float32)
 
 
+def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int) -> np.ndarray:
+    """The colour snap's field: per window the mean colour of the pixels the mask is sure are subject (F)
+    and backdrop (B), and how far apart they stand against the spread within each; each pixel takes the
+    windows over it weighted by that: an hxwx7 field (F, B, trust)."""
+    import cv2
+
+    k = (2 * radius + 1, 2 * radius + 1)
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return np.asarray(cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT))
+
+    sure_f = (target > SURE).astype(np.float32)
+    sure_b = (target < 1 - SURE).astype(np.float32)
+    n_f, n_b = box(sure_f), box(sure_b)
+    inv_f, inv_b = 1 / np.maximum(n_f, 1e-6), 1 / np.maximum(n_b, 1e-6)
+    fg = box(guide * sure_f[..., None]) * inv_f[..., None]
+    bg = box(guide * sure_b[..., None]) * inv_b[..., None]
+    sq = (guide * guide).sum(axis=2)
+    spread_f = box(sq * sure_f) * inv_f - (fg * fg).sum(axis=2)
+    spread_b = box(sq * sure_b) * inv_b - (bg * bg).sum(axis=2)
+    gap = ((fg - bg) ** 2).sum(axis=2)
+    trust = gap / (gap + 4 * (np.maximum(spread_f, 0) + np.maximum(spread_b, 0)) + 1e-4)
+    trust = np.clip((trust - SEPARATE_FROM) / (SEPARATE_FULL - SEPARATE_FROM), 0.0, 1.0)
+    trust *= np.minimum(n_f, n_b) > 0.05  # both sides must be in the window
+    weight = box(trust)
+    norm = 1 / np.maximum(weight, 1e-6)
+    fg *= trust[..., None]
+    bg *= trust[..., None]
+    return np.concatenate([box(fg) * norm[..., None], box(bg) * norm[..., None], weight[..., None]],
+                          axis=-1).astype(np.float32)
+
+
 def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """The guided filter's coefficients at the working resolution: an hxwx5 field (a_r, a_g, a_b, b, trust),
-    box-averaged."""
+    """The guided filter's field at the working resolution: hxwx5 (a_r, a_g, a_b, b, trust), each pixel's
+    coefficients the trust-weighted mean of the windows over it."""
     import cv2
 
     k = (2 * radius + 1, 2 * radius + 1)
@@ -156,4 +208,12 @@ def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.n
     explained = (a[..., 0] * cr + a[..., 1] * cg + a[..., 2] * cb) / np.maximum(var_p, 1e-6)
     trust = np.clip((explained - TRUST_FROM) / (TRUST_FULL - TRUST_FROM), 0.0, 1.0)
     trust[var_p < 1e-4] = 0.0  # no edge in the window at all
-    return np.concatenate([box(a), box(offset)[..., None], box(trust)[..., None]], axis=-1).astype(np.float32)
+    # Each pixel takes the fits of the windows over it weighted by their trust: a window that sees the
+    # colour edge speaks for the pixels near it, one that sees only backdrop (with the plain mask's ramp in
+    # it) does not, so the ramp does not survive as a halo.
+    weight = box(trust)
+    norm = 1 / np.maximum(weight, 1e-6)
+    a *= trust[..., None]
+    offset *= trust
+    return np.concatenate([box(a) * norm[..., None], (box(offset) * norm)[..., None], weight[..., None]],
+                          axis=-1).astype(np.float32)
