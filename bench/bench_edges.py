@@ -162,10 +162,10 @@ def main() -> int:
     worse = 0
     changes: list[float] = []
     skipped: list[str] = []
+    colours: list[list[float]] = []
     for width, height, seed, kind in CASES[:args.cases]:
         fg, truth = cutout(seed, width, height)
         rgb = composite(fg, background(kind, width, height), truth)
-        del fg
         net = (net_mask(rgb) if net_mask else
                to_alpha8(cv2.resize(truth, (320, 320), interpolation=cv2.INTER_AREA)))
         band = edge_band(truth, args.band)
@@ -180,6 +180,18 @@ def main() -> int:
         refined = [refine_mask(to_alpha8(a), post_process=True) for a in (plain, guided)]
         mae_r = [float(np.abs(a[band] - truth[band]).mean()) for a in refined]
         halo = [float(np.abs(a[wide] - truth[wide]).mean()) for a in refined]
+        # The cut-out over black, against the true one: the photo's own colour at the edge (the old
+        # backdrop shows through it) and the transparent cleanup's decontaminated colour, both with the
+        # guided alpha.
+        from bgwatch.jobs import JobSpec
+        from bgwatch.pipeline.cleanup import cleanup
+
+        cut = cleanup(rgb, refined[1], JobSpec(mode="transparent"))
+        a = (cut[..., 3][band].astype(np.float32) / 255)[:, None]
+        true_over_black = fg[band] * truth[band][:, None]
+        colour = [float(np.abs(rgb[band] * a - true_over_black).mean()),
+                  float(np.abs(cut[..., :3][band] * a - true_over_black).mean())]
+        del cut
         name = f"shot {seed} over {kind}"
         crop_png(args.out / f"edge_{seed}_{kind}.png", truth, refined[0], refined[1], band, rgb)
         change, change_r = 1 - mae[1] / mae[0], 1 - mae_r[1] / mae_r[0]
@@ -193,9 +205,13 @@ def main() -> int:
         print(f"{name:28} {width * height / 1e6:>5.1f} {mae[0]:>8.4f} {mae[1]:>8.4f} {-change:>+8.0%} "
               f"{mae_r[0]:>14.4f} {mae_r[1]:>15.4f} {-change_r:>+8.0%} {halo[0]:>11.4f} {halo[1]:>12.4f} "
               f"{t_plain:>8.2f} {t_guided:>9.2f}")
-        del rgb, truth, plain, guided, refined, band, wide
+        colours.append(colour)
+        del rgb, fg, truth, plain, guided, refined, band, wide
     print(f"\nafter refine: edge-band error {np.mean(changes):.0%} lower on average (least {min(changes):.0%}); "
           f"{worse} image(s) worse than plain upscaling. Crops (photo | truth | plain | guided): {args.out}")
+    photo, clean = (float(np.mean([c[i] for c in colours])) for i in (0, 1))
+    print(f"the cut-out over black, mean |error| in the edge band (0-255): {photo:.1f} with the photo's own colour, "
+          f"{clean:.1f} with the cleanup's decontaminated colour ({1 - clean / photo:.0%} lower)")
     if skipped:
         print(f"left out of the summary, the net's cut being wrong: {'; '.join(skipped)}")
     if not args.no_memory:
