@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +56,10 @@ class Compliance:
         return f"{self.preset}: NOT " + ", ".join(str(c) for c in self.checks if not c.ok)
 
 
-def for_run(row: dict[str, Any]) -> Compliance | None:
+def for_run(row: dict[str, Any], roots: Sequence[Path] | None = None) -> Compliance | None:
     """A done run's output marked against the preset its spec names; None for runs without a preset or
-    output. An output that is gone or unreadable fails its checks with that as the reason."""
+    output. An output that is gone, unreadable or reached through a link fails its checks with that as the
+    reason (`roots`: the configured folders below which no link is followed; None: the file's own name)."""
     if row.get("status") not in ("done", "skipped") or not row.get("output_path"):
         return None
     try:
@@ -66,22 +69,31 @@ def for_run(row: dict[str, Any]) -> Compliance | None:
     preset = PRESETS.get(str(preset_name))
     if preset is None:
         return None
-    return check_file(Path(row["output_path"]), preset)
+    return check_file(Path(row["output_path"]), preset, roots)
 
 
-def check_file(path: Path, preset: Preset) -> Compliance:
-    """`path` (an output file) against `preset`."""
+def check_file(path: Path, preset: Preset, roots: Sequence[Path] | None = None) -> Compliance:
+    """`path` (an output file) against `preset`, read through descriptors (sharefiles: anyone on the share
+    may have put a link or a scan bomb in the outbox)."""
     from PIL import Image, ImageCms
 
-    from bgwatch.pipeline.imageio import allowed_formats
+    from bgwatch import sharefiles
+    from bgwatch.errors import InputError
+    from bgwatch.pipeline.imageio import allowed_formats, check_jpeg_scans
 
     try:
-        with Image.open(path, formats=list(allowed_formats())) as im:
+        fd = (sharefiles.open_below(path.parent, (path.name,)) if roots is None
+              else sharefiles.open_under(path, roots))
+        with os.fdopen(fd, "rb") as handle, Image.open(handle, formats=list(allowed_formats())) as im:
+            if im.format == "JPEG":
+                check_jpeg_scans(handle, path)
             fmt, size = im.format or "", im.size
             icc = im.info.get("icc_profile")
             rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        gone = Check("output", False, f"unreadable ({' '.join(str(exc).split())[:80]})", "the delivered file")
+    except (OSError, ValueError, Image.DecompressionBombError, InputError) as exc:
+        why = exc.what if isinstance(exc, sharefiles.RefusedFile) else exc.reason if isinstance(exc, InputError) \
+            else " ".join(str(exc).split())
+        gone = Check("output", False, f"unreadable ({why[:80]})", "the delivered file")
         return Compliance(preset.name, (gone,))
     profile = "none"
     if icc:

@@ -202,10 +202,10 @@ def _run_card(row: dict[str, Any], marked: Any = None, roots: Sequence[Path] = (
     return "\n".join(parts)
 
 
-def _compliance(row: dict[str, Any]) -> Any:
+def _compliance(row: dict[str, Any], roots: Sequence[Path]) -> Any:
     from bgwatch.compliance import for_run
 
-    return for_run(row)
+    return for_run(row, roots)
 
 
 def _compliance_html(marked: Any) -> str:
@@ -224,7 +224,7 @@ def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report", 
     for row in rows:
         counts[str(row.get("status"))] = counts.get(str(row.get("status")), 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs"
-    marked = [_compliance(dict(row)) for row in rows]
+    marked = [_compliance(dict(row), roots) for row in rows]
     marks = [m for m in marked if m is not None]
     if marks:
         summary += f" · {sum(m.ok for m in marks)} of {len(marks)} output(s) meet their preset"

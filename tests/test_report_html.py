@@ -125,7 +125,8 @@ def test_the_report_follows_no_link_in_done_failed_or_the_outbox() -> None:
             assert proc.returncode == 0, proc.stderr
         rows = [
             {"id": 1, "status": "done", "inbox": str(inbox), "rel_path": "photo.jpg",
-             "source_path": str(inbox / "done" / "photo.jpg"), "output_path": str(outbox / "photo.png")},
+             "spec_json": '{"preset": "amazon"}', "source_path": str(inbox / "done" / "photo.jpg"),
+             "output_path": str(outbox / "photo.png")},
             {"id": 2, "status": "failed", "inbox": str(inbox), "rel_path": "album/photo.jpg",
              "source_path": str(inbox / "failed" / "album" / "photo.jpg"), "error": "damaged"},
             {"id": 3, "status": "done", "inbox": str(inbox), "rel_path": own.name, "source_path": str(own),
@@ -137,6 +138,7 @@ def test_the_report_follows_no_link_in_done_failed_or_the_outbox() -> None:
     for card in cards[:2]:
         assert "data:image" not in card and "symbolic link" in card, card
     assert "the folder &#x27;album&#x27; is a symbolic link" in cards[1]
+    assert 'data-compliance="not"' in cards[0] and "96x72" not in cards[0], "the compliance marks read no link"
     assert cards[2].count("data:image/jpeg") == 2, "a real file is still shown"
 
 
