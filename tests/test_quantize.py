@@ -83,18 +83,32 @@ def test_a_record_of_other_weights_is_not_trusted(u2net_home: Path, shots: dict)
     assert quantize.passed_variant(fp32) is None
 
 
+def _measured(fp32: Path, fp32_ms: float, int8_ms: float) -> None:
+    """The record's speed figures set to known values (timing the tiny net says nothing stable)."""
+    record = quantize.record_path(fp32)
+    data = json.loads(record.read_text())
+    data["cpu_ms_an_image"] = {"fp32": fp32_ms, "int8": int8_ms}
+    record.write_text(json.dumps(data))
+
+
 def test_auto_precision_follows_the_cpu_flags(u2net_home: Path, shots: dict) -> None:
     spec = MaskSpec(engine="rembg", model="tiny.onnx")
     assert masking.mask_precision(spec, "cpu", flags=VNNI)[0] == "fp32"  # no variant yet
-    quantize.quantize(u2net_home / "tiny.onnx", U2NET, **shots)
+    record = json.loads(quantize.quantize(u2net_home / "tiny.onnx", U2NET, **shots).record.read_text())
+    assert set(record["cpu_ms_an_image"]) == {"fp32", "int8"} and record["cpu_ms_an_image"]["int8"] > 0
+    _measured(u2net_home / "tiny.onnx", 600.0, 200.0)
     precision, why = masking.mask_precision(spec, "cpu", flags=VNNI)
-    assert precision == "int8" and "avx512_vnni" in why
+    assert precision == "int8" and "avx512_vnni" in why and "x3.0 fp32's speed" in why
     assert masking.mask_precision(spec, "cpu", flags=PLAIN)[0] == "fp32"
     amx = frozenset({"amx_int8", "amx_tile"})
     assert masking.mask_precision(spec, "cpu", flags=amx)[0] == "int8"
     assert masking.mask_precision(MaskSpec(model="tiny.onnx", precision="fp32"), "cpu", flags=VNNI)[0] == "fp32"
     forced, why = masking.mask_precision(MaskSpec(model="tiny.onnx", precision="int8"), "cpu", flags=PLAIN)
     assert forced == "int8" and "no VNNI" in why
+    _measured(u2net_home / "tiny.onnx", 20.0, 19.0)  # a net too small for int8 to pay: auto keeps fp32
+    precision, why = masking.mask_precision(spec, "cpu", flags=VNNI)
+    assert precision == "fp32" and "x1.05 fp32's speed" in why
+    assert masking.mask_precision(MaskSpec(model="tiny.onnx", precision="int8"), "cpu", flags=VNNI)[0] == "int8"
 
 
 def test_choose_precision() -> None:
@@ -104,6 +118,8 @@ def test_choose_precision() -> None:
     assert quantize.choose_precision("auto", "cpu", VNNI, None) == (
         "fp32", "no int8 variant that passed its quality gate (`bgwatch models quantize` makes one)")
     assert quantize.choose_precision("auto", "cpu", frozenset({"avx_vnni"}), variant)[0] == "int8"
+    assert quantize.choose_precision("auto", "cpu", VNNI, variant, gain=3.0)[0] == "int8"
+    assert quantize.choose_precision("auto", "cpu", VNNI, variant, gain=1.1)[0] == "fp32"
     with pytest.raises(ValueError, match="allowed: auto, fp32, int8"):
         quantize.choose_precision("fp16", "cpu", VNNI, variant)
 

@@ -467,8 +467,9 @@ def mask_precision(spec: MaskSpec, device: str, flags: frozenset[str] | None = N
         return "fp32", f"{spec.model} runs through rembg (bgwatch has no int8 variant of it)"
     weights = rembg_weights_path(spec.model)
     variant = quantize.passed_variant(weights) if weights is not None else None
+    gain = quantize.speedup(weights) if weights is not None and variant is not None else None
     return quantize.choose_precision(spec.precision, resolve_onnx_device(device),
-                                     quantize.read_cpu_flags() if flags is None else flags, variant)
+                                     quantize.read_cpu_flags() if flags is None else flags, variant, gain)
 
 
 def _announce_precision(model: str, precision: str, why: str) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from bgwatch.pipeline.onnxnets import NetRecipe, mask8, net_input
 
 PRECISIONS = ("auto", "fp32", "int8")
+MIN_GAIN = 1.2  # auto runs int8 only where its record measured it this much faster than fp32
 #: /proc/cpuinfo flags of 8-bit dot-product instructions, where ONNX Runtime's int8 kernels beat fp32.
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # Generated studio shots (bgwatch.samples seeds): the benchmarks use seeds from 0, so neither set is theirs.
@@ -95,9 +96,11 @@ def read_cpu_flags(path: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
         return frozenset()
 
 
-def choose_precision(requested: str, device: str, flags: frozenset[str], variant: Path | None) -> tuple[str, str]:
+def choose_precision(requested: str, device: str, flags: frozenset[str], variant: Path | None,
+                     gain: float | None = None) -> tuple[str, str]:
     """(fp32 | int8, why) for a mask net. `device`: the resolved one (cuda | cpu); `variant`: a passed int8
-    file or None. int8 asked for but impossible falls back to fp32, and says why."""
+    file or None; `gain`: fp32's CPU time over int8's from its record (auto keeps fp32 below MIN_GAIN: a
+    net too small for int8 to pay). int8 asked for but impossible falls back to fp32, and says why."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r} (allowed: {', '.join(PRECISIONS)})")
     if requested == "fp32":
@@ -111,7 +114,10 @@ def choose_precision(requested: str, device: str, flags: frozenset[str], variant
         return "int8", "mask.precision is int8" + ("" if have else " (this CPU has no VNNI/AMX: it may be slow)")
     if not have:
         return "fp32", f"this CPU has none of {', '.join(INT8_CPU_FLAGS)} (int8 would be slower)"
-    return "int8", f"this CPU has {', '.join(have)} and {variant.name} passed its quality gate"
+    if gain is not None and gain < MIN_GAIN:
+        return "fp32", f"{variant.name} passed its quality gate but ran x{gain:.2f} fp32's speed when measured"
+    faster = f", x{gain:.1f} fp32's speed" if gain is not None else ""
+    return "int8", f"this CPU has {', '.join(have)} and {variant.name} passed its quality gate{faster}"
 
 
 _checked: dict[tuple[str, int, int], Path | None] = {}
@@ -138,6 +144,15 @@ def passed_variant(fp32: Path) -> Path | None:
     with _checked_lock:
         _checked[key] = variant if ok else None
     return variant if ok else None
+
+
+def speedup(fp32: Path) -> float | None:
+    """fp32's CPU time an image over int8's, as the variant's record measured it (None: not recorded)."""
+    try:
+        cpu = json.loads(record_path(fp32).read_text())["cpu_ms_an_image"]
+        return float(cpu["fp32"]) / max(float(cpu["int8"]), 1e-6)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _sha256(path: Path) -> str:
@@ -174,7 +189,7 @@ def quantize(fp32: Path, recipe: NetRecipe, *, gate: Gate = Gate(),
     calibration = list(calibration) if calibration is not None else studio_images(CALIBRATION_SEEDS)
     validation = list(validation) if validation is not None else studio_images(VALIDATION_SEEDS)
     feeds = [net_input(rgb, recipe) for _, rgb in validation]
-    reference = _masks(fp32, feeds, recipe)
+    reference, fp32_ms = _masks(fp32, feeds, recipe)
     started = time.perf_counter()
     attempts: list[dict[str, Any]] = []
     best: tuple[Path, dict[str, Any]] | None = None
@@ -183,10 +198,12 @@ def quantize(fp32: Path, recipe: NetRecipe, *, gate: Gate = Gate(),
         for method in methods:
             out = Path(tmp) / f"{method.name}.onnx"
             excluded = _quantize_static(source, out, recipe, calibration, method)
-            ious = [_iou(a, b) for a, b in zip(reference, _masks(out, feeds, recipe), strict=True)]
+            masks, int8_ms = _masks(out, feeds, recipe)
+            ious = [_iou(a, b) for a, b in zip(reference, masks, strict=True)]
             mean_iou, min_iou = round(float(np.mean(ious)), 4), round(float(np.min(ious)), 4)
             attempt = {"method": method.name, "calibrate": method.calibrate, "fp32_nodes": excluded,
                        "mean_iou": mean_iou, "min_iou": min_iou, "per_image": [round(v, 4) for v in ious],
+                       "cpu_ms": {"fp32": round(fp32_ms, 1), "int8": round(int8_ms, 1)},
                        "passed": mean_iou >= gate.mean_iou and min_iou >= gate.min_iou}
             attempts.append(attempt)
             if best is None or attempt["mean_iou"] > best[1]["mean_iou"]:
@@ -209,6 +226,7 @@ def quantize(fp32: Path, recipe: NetRecipe, *, gate: Gate = Gate(),
         "calibration": {"images": [name for name, _ in calibration], "source": "bgwatch.samples studio shots"},
         "validation": {"images": [name for name, _ in validation], "metric": "IoU of alpha > 0.5 against fp32"},
         "agreement": {"mean_iou": result["mean_iou"], "min_iou": result["min_iou"]},
+        "cpu_ms_an_image": result["cpu_ms"],  # one thread, the validation set: what auto weighs
         "gate": asdict(gate),
         "passed": result["passed"],
         "attempts": attempts,
@@ -298,19 +316,24 @@ def _end_nodes(model: Any) -> list[str]:
     return sorted({n for n in chosen if n})
 
 
-def _masks(path: Path, feeds: Sequence[np.ndarray], recipe: NetRecipe) -> list[np.ndarray]:
-    """The net's uint8 masks (at its own side) for each input, with a throwaway CPU session."""
+def _masks(path: Path, feeds: Sequence[np.ndarray], recipe: NetRecipe) -> tuple[list[np.ndarray], float]:
+    """The net's uint8 masks (at its own side) for each input, and its CPU ms an input on one thread (the
+    first run, which sets the session up, not counted), with a throwaway CPU session."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     masks = []
-    for feed in feeds:
+    cpu = 0.0
+    for i, feed in enumerate(feeds):
+        start = time.process_time()
         plane = np.asarray(session.run(None, {name: feed})[0][0, 0], np.float32)
+        cpu += (time.process_time() - start) if i else 0.0
         masks.append(mask8(np.asarray(1 / (1 + np.exp(-plane)), np.float32) if recipe.sigmoid else plane))
-    return masks
+    return masks, 1000 * cpu / max(len(feeds) - 1, 1)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
