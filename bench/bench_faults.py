@@ -31,6 +31,7 @@ from test_multihost import (  # noqa: E402
     scenario_keep,
     scenario_keep_once,
     scenario_same_name_twice,
+    scenario_share_mode,
     scenario_sigkill,
     scenario_sigstop,
     scenario_unmount,
@@ -47,6 +48,10 @@ def scenarios(args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], Calla
         "crash-after-write": ({}, lambda c: scenario_crash_after_delivery(c)),
         "same-name": ({}, lambda c: scenario_same_name_twice(c, pairs=args.pairs)),
         "full-outbox": ({"hosts": 2}, lambda c: scenario_full_outbox(c)),
+        # The FUSE passthrough answering in 10-20 ms a call (tests/fusefs.py), one row per kind of share
+        **{f"share-{mode}": ({"fs": mode}, lambda c: scenario_share_mode(c, files=args.share_files,
+                                                                          pairs=args.pairs, kills=args.share_kills))
+           for mode in ("posix", "nfs", "smb")},
         "keep": ({"on_success": "keep"}, lambda c: scenario_keep(c)),
         "keep-once": ({"hosts": 1, "on_success": "keep"}, lambda c: scenario_keep_once(c)),
     }
@@ -57,6 +62,8 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
     parser.add_argument("--kill-rounds", type=int, default=30, help="SIGKILL rounds (default 30)")
     parser.add_argument("--files", type=int, default=180, help="files in the SIGKILL scenario (default 180)")
+    parser.add_argument("--share-files", type=int, default=30, help="files per share-mode scenario (default 30)")
+    parser.add_argument("--share-kills", type=int, default=6, help="SIGKILLs per share-mode scenario (default 6)")
     parser.add_argument("--pairs", type=int, default=6, help="same-name and output-name pairs (default 6)")
     parser.add_argument("--workdir", type=Path, help="keep the shares and logs here (default: a temp folder)")
     args = parser.parse_args()
@@ -74,6 +81,10 @@ def main() -> int:
     try:
         for name in chosen:
             kwargs, run = table[name]
+            why = fuse_problem(kwargs.get("fs", "bindfs"))
+            if why is not None:
+                print(f"{name}: skipped: {why}", file=sys.stderr, flush=True)
+                continue
             with Cluster(workdir / name, **kwargs) as cluster:
                 report = run(cluster)
             reports.append(report)

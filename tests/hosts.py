@@ -261,9 +261,9 @@ class Cluster:
 
     def __init__(self, root: Path, hosts: int = 3, *, on_success: str = "move",
                  rules: Mapping[str, Any] | None = None, watch: Mapping[str, Any] | None = None,
-                 pipeline: Mapping[str, Any] | None = None) -> None:
+                 pipeline: Mapping[str, Any] | None = None, fs: str = "bindfs") -> None:
         self.root = root
-        self.share = Share(root)
+        self.share = Share(root, fs)
         self.on_success = on_success
         self.violations: list[str] = []
         self.notes: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -234,3 +235,72 @@ def test_a_new_file_claimed_under_an_old_name_is_processed_not_filed(tmp_path: P
     store = Store(config.db_path)
     assert [r["status"] for r in store.history()] == ["done", "done"]
     assert len(files_under(inbox / "done")) == 2
+
+
+@pytest.mark.slow
+def test_a_full_outbox_is_named_retried_with_back_off_and_delivered_when_there_is_room(tmp_path: Path) -> None:
+    """ENOSPC on the outbox: not a takeover, not a hot loop. The log says "No space left", `status` lists
+    the waiting run, the claim holds; once there is room, the same run delivers (one output, 'done')."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as the outbox needs root")
+    config = make_config(tmp_path)
+    inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox
+    outbox.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(outbox)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message}")
+    try:
+        filler = outbox / "filler.bin"
+        with open(filler, "wb") as handle, contextlib.suppress(OSError):  # the outbox full to the last block
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        [shot] = write_samples(inbox, 1, size=(256, 192), seed=70)
+        with DaemonThread(config) as daemon:
+            wait_for(lambda: daemon.intake.retries.problems(), timeout=30)
+            assert any("No space left on device" in p and str(outbox) in p for p in daemon._problems())
+            row = daemon.store.history(limit=1)[0]
+            assert "No space left on device" in row["error"] and row["status"] == "running"
+            assert files_under(inbox / ".bgwatch" / "claimed") == [f"testhost/{shot.name}"]
+            time.sleep(3)
+            tries = sum("waiting to be delivered" in line for line in lines)
+            assert 1 <= tries <= 3, f"{tries} delivery attempts in ~3 s: a hot loop"
+            filler.unlink()
+            wait_for(lambda: (inbox / "done" / shot.name).exists(), timeout=90)
+            wait_for(lambda: not daemon.intake.inflight, timeout=10)
+        assert statuses(config) == {shot.name: "done"}
+        assert files_under(outbox) == [shot.with_suffix(".png").name]
+        assert not any("taken back by another host" in line for line in lines)
+        assert any("WARNING" in line and "No space left on device" in line for line in lines)
+    finally:
+        logger.remove(sink)
+        subprocess.run(["umount", "-l", str(outbox)], check=False)
+
+
+def test_an_original_that_cannot_be_filed_is_a_warning_and_a_status_line(tmp_path: Path) -> None:
+    """done/ made a plain file: the output is delivered, the original waits in delivering/; the run says so,
+    the log warns, and `status` names the waiting original (not a silent "ok")."""
+    config = make_config(tmp_path)
+    inbox = config.inboxes[0].path
+    (inbox / "done").write_text("a file where done/ should be")
+    [shot] = write_samples(inbox, 1, size=(96, 96), seed=71)
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{level} {message}")
+    try:
+        daemon = Daemon(config, once=True)
+        daemon.run()
+    finally:
+        logger.remove(sink)
+    [result] = list(daemon.results)
+    assert result.state.value == "done" and "could not be filed" in result.error
+    assert any(line.startswith("WARNING") and "could not be filed" in line for line in lines)
+    [problem] = [p for p in daemon._problems() if "original waiting" in p]
+    assert "delivering/" in problem and "not a folder" in problem
+    box = f"testhost/{daemon.epoch}-{result.run_id}"
+    assert files_under(inbox / ".bgwatch" / "delivering") == sorted([f"{box}/{shot.name}", f"{box}/marker.json"])

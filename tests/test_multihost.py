@@ -239,6 +239,33 @@ def scenario_full_outbox(cluster: Cluster, files: int = 12, wait: float = 8.0) -
         subprocess.run(["umount", "-l", str(outbox)], capture_output=True, check=False)
 
 
+def scenario_share_mode(cluster: Cluster, files: int = 18, pairs: int = 3, kills: int = 4, seed: int = 15) -> Report:
+    """Issue 15's studio on one kind of share (cluster.share.fs: the FUSE passthrough answering in 10-20 ms,
+    posix, nfs or smb): three daemons, the same names dropped again while in flight, pairs of inputs that
+    want one output name, and SIGKILLs at random moments. Every input must end with exactly one output of
+    its own, and no original may be renamed when nothing clashed."""
+    rng = random.Random(seed)
+    cluster.start()
+    for host in cluster.hosts:
+        host.wait_ready()
+    for i in range(pairs):
+        name = f"same_{i}.png"
+        cluster.share.drop(name, image_bytes(60_000 + i, size=160))
+        cluster.share.drop(f"pair_{i}.jpg", image_bytes(70_000 + i, size=160, fmt="JPEG"))
+        cluster.share.drop(f"pair_{i}.png", image_bytes(80_000 + i, size=160))
+        wait_until(lambda n=name: not (cluster.share.inbox / n).exists(), 10, interval=0.02)
+        cluster.share.drop(name, image_bytes(90_000 + i, size=160))
+    for _ in range(kills):
+        cluster.share.drop_images(max(1, files // kills), size=160)
+        time.sleep(rng.uniform(0.3, 1.2))
+        victim = rng.choice([h for h in cluster.hosts if h.alive] or cluster.hosts)
+        victim.kill()
+        victim.start()
+    cluster.notes.append(f"{cluster.share.fs} share, {kills} SIGKILLs")
+    cluster.wait_finished(150)
+    return cluster.finish(f"{cluster.share.fs} share: SIGKILLs, same names, output-name pairs", kills)
+
+
 KEEP_SIDECAR = 'background_color: "#eeeeee"\n'
 
 
@@ -299,6 +326,10 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
     def make(name: str = "cluster", **kwargs: Any) -> Cluster:
+        fs_reason = fuse_problem(kwargs.get("fs", "bindfs"))
+        if fs_reason is not None:
+            print(f"skipped: {fs_reason}")
+            pytest.skip(fs_reason)
         cluster = Cluster(tmp_path / name, **kwargs)
         made.append(cluster)
         return cluster
@@ -355,6 +386,14 @@ def test_same_name_dropped_twice_while_in_flight(make_cluster: Callable[..., Clu
 @pytest.mark.timeout(200)
 def test_a_full_outbox_is_waited_out_not_failed(make_cluster: Callable[..., Cluster]) -> None:
     _assert_clean(scenario_full_outbox(make_cluster(hosts=2)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_an_smb_like_share_with_sigkills_and_same_names(make_cluster: Callable[..., Cluster]) -> None:
+    """The hardest of the three share modes in `make test` (bench/bench_faults.py runs all three): no
+    RENAME_NOREPLACE, no hard links, inode numbers that change, 10-20 ms a call."""
+    _assert_clean(scenario_share_mode(make_cluster(fs="smb")))
 
 
 @pytest.mark.slow
