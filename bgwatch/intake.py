@@ -242,7 +242,12 @@ class Intake:
             sidecar, sidecar_error = None, str(exc)
         else:
             sidecar_error = ""
-        claim = site.coordinator.claim(rel, rel_of(inbox, sidecar) if sidecar is not None else None)
+        try:
+            claim = site.coordinator.claim(rel, rel_of(inbox, sidecar) if sidecar is not None else None)
+        except sqlite3.Error as exc:  # a studio store that is away: the file waits, and is claimed once it is back
+            logger.debug("{}: not claimed now ({})", shown(rel), exc)
+            self._requeue(path, site)
+            return None
         logger.debug("{}: claim {} (window {}/{})", shown(rel), "won" if claim else "lost to another host",
                      len(self.inflight), self.config.pipeline.window_per_worker)
         if claim is None:

@@ -16,6 +16,8 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,20 @@ class Cluster:
         if started.returncode != 0:
             log = (self.root / "server.log").read_text(errors="replace")[-500:]
             raise RuntimeError(f"pg_ctl start failed: {started.stderr.strip()} {log}")
+
+    def away_for(self, seconds: float) -> threading.Thread:
+        """Stop the server now (every connection cut, every new one refused) and start it again after
+        `seconds`, from a thread; join it before the test ends so the next test has a server."""
+        self.stop("fast")
+
+        def back() -> None:
+            time.sleep(seconds)  # the outage's length is the point here, not a condition to poll
+            self._run("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "server.log"), "-o",
+                      self.options, "-w", "start")
+
+        thread = threading.Thread(target=back, name="pg-back")
+        thread.start()
+        return thread
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.root / "data"), "-m", mode, "-w", "stop")

@@ -144,6 +144,7 @@ def test_a_store_that_is_away_stops_claiming_and_judges_nobody(pg_cluster: Any, 
     import psycopg
 
     from bgwatch.pgstore import PgStore
+    from bgwatch.storebase import StoreUnavailable
 
     store = PgStore(pg_url, host="h1", connect_timeout=0.3)
     coordinator = _coordinator(store, share, "h1", 60)
@@ -162,7 +163,9 @@ def test_a_store_that_is_away_stops_claiming_and_judges_nobody(pg_cluster: Any, 
         coordinator._last_ok = None  # half a lease later (60 s): not waited for here
         assert not coordinator.may_claim() and "unavailable" in coordinator.why_not_claiming()
         assert "bob" not in coordinator.why_not_claiming()
-        assert coordinator.claim("a.jpg") is None and (share[0] / "a.jpg").exists()
+        with pytest.raises(StoreUnavailable):  # not "another host has it": the file waits for the store
+            coordinator.claim("a.jpg")
+        assert (share[0] / "a.jpg").exists() and not coordinator.may_claim()
         assert coordinator.silent_hosts() == [] and coordinator.reclaim_silent("h2") == []
     finally:
         connections(True)

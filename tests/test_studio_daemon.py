@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bgwatch import report
 from bgwatch.daemon import Daemon
 from bgwatch.samples import write_samples
@@ -51,4 +53,35 @@ def test_two_workstations_one_studio_store(tmp_path: Path, pg_url: str) -> None:
     assert not (tmp_path / "state-ws1" / "bgwatch.db").exists()  # nothing recorded beside the studio
     studio = PgStore(pg_url)
     assert studio.counts() == {"done": 4}
+    studio.close()
+
+
+@pytest.mark.slow  # a 1.5 s outage, and the reconnection after it
+def test_the_studio_store_away_in_the_middle_of_a_batch_loses_and_strands_nothing(tmp_path: Path, pg_cluster: Any,
+                                                                                  pg_url: str) -> None:
+    from bgwatch.pgstore import PgStore
+
+    share = tmp_path / "share"
+    share.mkdir()
+    config = make_config(share, state_dir=str(tmp_path / "state"), host="ws1", store=pg_url,
+                         watch={"lease_seconds": 4})  # a beat a second: claiming resumes soon after the outage
+    inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox
+    write_samples(inbox, 6, size=(160, 120), seed=7)
+    outage: list[Any] = []
+
+    def step(name: str) -> None:  # the first delivery's marker: the server goes away for 1.5 s
+        if name == "marker" and not outage:
+            outage.append(pg_cluster.away_for(1.5))
+
+    try:
+        code = Daemon(config, once=True, step=step).run()
+    finally:
+        for thread in outage:
+            thread.join()
+    assert outage and code == 0
+    assert len(files_under(outbox)) == 6 and len(files_under(inbox / "done")) == 6
+    left = [p for p in files_under(inbox) if not p.startswith(("done/", ".bgwatch/outputs/"))]
+    assert left == []  # nothing stranded in claimed/ or delivering/, nothing back in the inbox
+    studio = PgStore(pg_url)
+    assert studio.counts() == {"done": 6}  # every result recorded once the store was back, none twice
     studio.close()

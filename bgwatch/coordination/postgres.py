@@ -20,7 +20,6 @@ from loguru import logger
 
 from bgwatch.pgclaims import PgClaims, RowClaim
 from bgwatch.storebase import StoreUnavailable
-from bgwatch.text import shown
 
 if TYPE_CHECKING:
     from bgwatch.claims import Claim
@@ -83,12 +82,16 @@ class PostgresCoordinator:
     # ------------------------------------------------------------------ files
 
     def claim(self, rel: str, sidecar_rel: str | None = None) -> Claim | None:
-        """The row first (one host wins it), then the rename (the file may still have gone: its row goes)."""
+        """The row first (one host wins it), then the rename (the file may still have gone: its row goes).
+        StoreUnavailable (an sqlite3.Error, as a busy store's) when the store is away: try again later."""
         try:
             row = self.rows.claim(self.inbox_key, rel)
         except StoreUnavailable as exc:
-            logger.debug("{}: not claiming {} ({})", self.custody.inbox, shown(rel), exc)
-            return None
+            # Not "another host has it": the caller keeps the file waiting, and claims nothing more until a
+            # beat reaches the store again.
+            self._last_ok = None
+            self._problem = f"the studio store is unavailable ({exc})"
+            raise
         if row is None:
             return None
         try:
