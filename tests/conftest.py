@@ -14,6 +14,17 @@ from tinymodels import build_tiny_onnx
 from tinysdxl import tiny_sdxl_fixture  # noqa: F401  (the session fixture `tiny_sdxl`)
 
 
+def forget_mask_engines() -> None:
+    """Between tests with different model homes: the mask engines the process loaded are forgotten (the
+    product keeps them for its life; only tests change the models under a running process)."""
+    from bgwatch.pipeline import masking
+
+    with masking._engines_lock:
+        masking._engines.clear()
+    with masking._announce_lock:
+        masking._announced.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The tiny segmentation net, built once per session."""
@@ -23,28 +34,26 @@ def tiny_onnx_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 @pytest.fixture
 def u2net_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_onnx_bytes: bytes) -> Iterator[Path]:
     """A rembg model home (U2NET_HOME) holding tiny.onnx; loaded mask engines are forgotten afterwards."""
-    from bgwatch.pipeline import masking
 
     home = tmp_path / "u2net"
     home.mkdir()
     (home / "tiny.onnx").write_bytes(tiny_onnx_bytes)
     monkeypatch.setenv("U2NET_HOME", str(home))
-    masking.unload_mask_engines()
+    forget_mask_engines()
     yield home
-    masking.unload_mask_engines()
+    forget_mask_engines()
 
 
 @pytest.fixture
 def empty_model_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A rembg model home with no weights in it (the offline first-run case)."""
-    from bgwatch.pipeline import masking
 
     home = tmp_path / "empty_u2net"
     home.mkdir()
     monkeypatch.setenv("U2NET_HOME", str(home))
-    masking.unload_mask_engines()
+    forget_mask_engines()
     yield home
-    masking.unload_mask_engines()
+    forget_mask_engines()
 
 
 @pytest.fixture(scope="session")

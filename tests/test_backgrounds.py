@@ -16,8 +16,8 @@ from bgwatch.config import Config, RunwaySettings
 from bgwatch.errors import EngineError, InputError
 from bgwatch.jobs import DEFAULT_RUNWAY_MODEL, DEFAULT_SDXL_MODEL, JobSpec
 from bgwatch.pipeline.backgrounds import (
+    BACKGROUND_ENGINES,
     BackgroundRequest,
-    background_engine_names,
     check_input_size,
     draw_seed,
     fit_contain,
@@ -104,7 +104,7 @@ def test_draw_seed_is_random_and_fits_every_engine() -> None:
 
 
 def test_registry_knows_the_engines_and_lists_them_for_an_unknown_name() -> None:
-    assert background_engine_names() == ["sdxl", "runway", "image", "color", "gradient"]
+    assert list(BACKGROUND_ENGINES) == ["sdxl", "runway", "image", "color", "gradient"]
     with pytest.raises(EngineError) as err:
         load_background_engine("dalle", CPU)
     assert "dalle" in str(err.value) and "sdxl, runway, image, color, gradient" in str(err.value)

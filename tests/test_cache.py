@@ -155,7 +155,7 @@ def test_ls_prune_and_clear(store: Store, tmp_path: Path) -> None:
     Path(store.get_background(requests[2].cache_key())["path"]).unlink()  # type: ignore[index]
     assert cache.prune() == 1  # the row whose file vanished
     assert not orphan.exists() and {row["seed"] for row in cache.ls()} == {1, 3}
-    assert cache.prune(max_bytes=cache.total_bytes() - 1) == 1  # the older of the two goes
+    assert cache.prune(max_bytes=cache.store.backgrounds_total_bytes() - 1) == 1  # the older of the two goes
     assert [row["seed"] for row in cache.ls()] == [3]
     assert cache.clear() == 1
     assert cache.ls() == [] and list((tmp_path / "cache").iterdir()) == []

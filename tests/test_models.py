@@ -132,8 +132,8 @@ def test_quantize_makes_a_variant_and_doctor_can_say_which_precision_runs(tmp_pa
     import json
 
     from bgwatch.models import format_quantize, precision_report, quantize_models
-    from bgwatch.pipeline.masking import unload_mask_engines
     from bgwatch.pipeline.quantize import studio_images
+    from tests.conftest import forget_mask_engines
     from tests.tinymodels import build_tiny_onnx
 
     build_tiny_onnx(u2net_home)
@@ -154,7 +154,7 @@ def test_quantize_makes_a_variant_and_doctor_can_say_which_precision_runs(tmp_pa
     report = precision_report(config, vnni)
     assert report[0].startswith("mask tiny.onnx: int8 (this CPU has avx512_vnni")
     assert precision_report(config, frozenset({"avx2"}))[0].startswith("mask tiny.onnx: fp32 (this CPU has none")
-    unload_mask_engines()
+    forget_mask_engines()
 
 
 def test_quantize_says_why_a_model_has_no_variant(tmp_path: Path, u2net_home: Path) -> None:

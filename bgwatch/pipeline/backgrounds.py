@@ -148,10 +148,6 @@ _loaded: dict[tuple[object, ...], BackgroundEngine] = {}
 _loaded_lock = threading.Lock()
 
 
-def background_engine_names() -> list[str]:
-    return list(BACKGROUND_ENGINES)
-
-
 def _engine_class(name: str) -> type:
     if name not in BACKGROUND_ENGINES:
         raise EngineError(name, f"unknown background engine (known: {', '.join(BACKGROUND_ENGINES)})")

@@ -170,9 +170,6 @@ class BackgroundCache:
         created_at, last_used_at, path, ...), most recently used first."""
         return self.store.list_backgrounds()
 
-    def total_bytes(self) -> int:
-        return self.store.backgrounds_total_bytes()
-
     def prune(self, max_bytes: int | None = None) -> int:
         """Drop rows whose file vanished and files with no row (an interrupted write), then evict down
         to max_bytes (the configured cap when None). Returns the number of backgrounds removed."""

@@ -511,14 +511,6 @@ def load_mask_engine(spec: MaskSpec, device: str, *, threads: int | None = None)
     return loaded
 
 
-def unload_mask_engines() -> None:
-    """Forget every loaded engine (config reload, tests)."""
-    with _engines_lock:
-        _engines.clear()
-    with _announce_lock:
-        _announced.clear()
-
-
 def studio_mask(rgb: np.ndarray) -> np.ndarray:
     """The classical engine's cut (see pipeline/classical.py)."""
     from bgwatch.pipeline.classical import studio_mask as cut
