@@ -377,7 +377,10 @@ class Custody(Claims):
                               int(str(marker.get("run_id", 0))))
                 temp = str(marker.get("temp", ""))
                 if found is None and temp and outputs.holds(out_dir, temp, sha):
-                    found = outputs.place(out_dir, temp, wanted, sha, owner, self.outputs)
+                    try:
+                        found = outputs.place(out_dir, temp, wanted, sha, owner, self.outputs)
+                    except FileNotFoundError:  # its owner placed it meanwhile (it woke up mid-takeover)
+                        found = outputs.find(out_dir, wanted, sha)
                 if found is None:
                     return None
                 if self.outputs.owned_by(found, owner) != sha:

@@ -10,7 +10,6 @@ therefore delays the recording, and never strands or fails a job; a claimed file
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import sqlite3
@@ -260,7 +259,12 @@ class Intake:
             return None
         try:
             run_id = self._record(site, claim, path, sidecar_error)
-        except (sqlite3.Error, OSError) as exc:
+        except OSError as exc:  # the claimed file itself: gone (another host's takeover) or unreadable
+            site.custody.unclaim(claim)
+            (logger.debug if isinstance(exc, FileNotFoundError) else logger.warning)(
+                "{}: could not be read after its claim ({}); returned to the inbox", shown(rel), shown(str(exc)))
+            return None
+        except sqlite3.Error as exc:
             # Not recorded: the file goes back to the inbox and is taken again later, never stranded. Claiming
             # pauses (doubling) so that a full state disk costs one line per pause, not a loop of them.
             site.custody.unclaim(claim)
@@ -329,7 +333,7 @@ class Intake:
         """Same bytes and spec as a finished run: no second inference, but this name gets its output. The
         earlier output is read only inside the outbox, without following a link, and only if it still holds
         the bytes its owner record names; otherwise False, and the job is processed again."""
-        data = earlier_output(site.custody, site.inbox.outbox, earlier)
+        data = outputs.earlier(site.custody.outputs, site.inbox.outbox, earlier)
         if data is None:
             logger.info("{}: the earlier output of run {} is not there as it was written; processing again",
                         shown(job.rel_path), earlier_id)
@@ -482,19 +486,3 @@ class Intake:
             logger.info("{}: delivery {} {}", site.inbox.path, shown(token),
                         f"finished (original in {shown(str(settled.parked))})" if settled.finished
                         else "undone: back in the inbox")
-
-
-def earlier_output(custody: Custody, outbox: Path, earlier: Path) -> bytes | None:
-    """The bytes of an earlier run's output, read inside the outbox without following a link, if it still
-    holds what its owner record says it was written with; None otherwise."""
-    try:
-        rel = PurePosixPath(os.path.relpath(earlier, outbox)).as_posix()
-        record = custody.outputs.get(rel)
-        parts = PurePosixPath(rel).parts
-        if record is None or rel.startswith("../") or not parts:
-            return None
-        with safefs.Folder.open_root(outbox) as root, root.sub(*parts[:-1]) as folder:
-            data = folder.read_bytes(parts[-1], outputs.OUTPUT_LIMIT)
-    except (OSError, ValueError):
-        return None
-    return data if hashlib.sha256(data).hexdigest() == record.get("sha256") else None

@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from bgwatch import safefs
 from bgwatch.safefs import Folder
@@ -163,3 +163,19 @@ def _own(out_dir: Folder, name: str, rel: str, owner: Owner, records: OutputReco
 
 def _key(output_rel: str) -> str:
     return hashlib.sha256(output_rel.encode("utf-8", "surrogateescape")).hexdigest()[:40] + ".json"
+
+
+def earlier(records: OutputRecords, outbox: Path, output: Path) -> bytes | None:
+    """The bytes of an earlier run's output (a repeated drop reuses it), read inside the outbox without
+    following a link, and only if it still holds what its owner record says was written; None otherwise."""
+    try:
+        rel = PurePosixPath(os.path.relpath(output, outbox)).as_posix()
+        parts = PurePosixPath(rel).parts
+        record = records.get(rel)
+        if record is None or rel.startswith("../") or not parts:
+            return None
+        with Folder.open_root(outbox) as root, root.sub(*parts[:-1]) as folder:
+            data = folder.read_bytes(parts[-1], OUTPUT_LIMIT)
+    except (OSError, ValueError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == record.get("sha256") else None

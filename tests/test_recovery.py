@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bgwatch.daemon import Daemon
-from bgwatch.intake import earlier_output
 from bgwatch.jobs import JobState
+from bgwatch.outputs import earlier
 from bgwatch.recovery import recover
 from bgwatch.store import Store
 from tests.helpers import make_config
@@ -71,14 +71,14 @@ def test_an_earlier_output_is_read_only_inside_the_outbox_and_never_through_a_li
     assert claim is not None
     outbox.mkdir(parents=True)
     site.custody.deliver(claim, 1, outbox, "a.png", b"the earlier output", "move")
-    assert earlier_output(site.custody, outbox, outbox / "a.png") == b"the earlier output"
+    assert earlier(site.custody.outputs, outbox, outbox / "a.png") == b"the earlier output"
     secret = tmp_path / "id_rsa"
     secret.write_bytes(b"PRIVATE KEY")
     (outbox / "a.png").unlink()
     (outbox / "a.png").symlink_to(secret)
-    assert earlier_output(site.custody, outbox, outbox / "a.png") is None
-    assert earlier_output(site.custody, outbox, secret) is None
+    assert earlier(site.custody.outputs, outbox, outbox / "a.png") is None
+    assert earlier(site.custody.outputs, outbox, secret) is None
     (outbox / "a.png").unlink()
     (outbox / "a.png").write_bytes(b"replaced by hand")
-    assert earlier_output(site.custody, outbox, outbox / "a.png") is None
+    assert earlier(site.custody.outputs, outbox, outbox / "a.png") is None
     daemon.store.close()
