@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -67,14 +66,27 @@ def test_editing_config_rules_applies_to_files_arriving_afterwards(tmp_path: Pat
 
 
 def test_a_broken_config_edit_keeps_the_running_rules(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
-    with DaemonThread(config) as daemon:
-        time.sleep(0.3)
-        config.source.write_text("device: quantum\n")
-        time.sleep(0.6)
-        write_samples(config.inboxes[0].path, 1, size=(120, 90), seed=52)
-        wait_for(lambda: len(daemon.results) == 1)
+    """A config.yaml edited into something invalid is refused with the reason (the daemon noticed it and
+    said so), and the running config goes on: its inbox is still served with its rules."""
+    from loguru import logger
+
+    config = make_config(tmp_path, {"cleanup": {"rules": {"operation": "cleanup", "mode": "color",
+                                                           "background_color": "#00ff00"}}})
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="ERROR", format="{message}")
+    try:
+        with DaemonThread(config) as daemon:
+            wait_for(lambda: InstanceLock.held(config.state_dir))
+            config.source.write_text("device: quantum\n")
+            wait_for(lambda: any("config reload refused" in line and "quantum" in line for line in lines))
+            assert daemon.config.inboxes[0].rules.get("background_color") == "#00ff00"
+            [shot] = write_samples(config.inboxes[0].path, 1, size=(120, 90), seed=52)
+            wait_for(lambda: len(daemon.results) == 1)
+    finally:
+        logger.remove(sink)
     assert daemon.results[0].state.value == "done"
+    with Image.open(config.inboxes[0].outbox / f"{shot.stem}.png") as img:
+        assert img.convert("RGB").getpixel((1, 1)) == (0, 255, 0)
 
 
 @pytest.mark.slow
