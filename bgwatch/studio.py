@@ -9,6 +9,7 @@ A store that is away makes a generation wait (the limit is a promise to a paid s
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +86,14 @@ class StudioBucket(TokenBucket):
         return True
 
 
+def studio_generations(store: RunStore | None, config: Any) -> StudioGenerations | None:
+    """One generation per key for the studio on a studio store (None otherwise: this host's own single flight,
+    workers.SharedGenerations, is all there is). A generation's row outlives a stalled worker by nothing more."""
+    if not isinstance(store, StudioStore):
+        return None
+    return StudioGenerations(store, config.host, config.pipeline.stall_seconds)
+
+
 def generation_bucket(store: RunStore, per_minute: float) -> TokenBucket:
     """The daemon's generation bucket: the studio's (one row for every host) on a studio store, else this
     host's own."""
@@ -93,27 +102,57 @@ def generation_bucket(store: RunStore, per_minute: float) -> TokenBucket:
     return TokenBucket(per_minute)
 
 
+class StudioGenerations:
+    """One generation per background key for the whole studio, as the daemon's gate uses it: the host that
+    leads a key holds its row in `generations` until its image is in the cache (`done`); the others wait
+    for that image instead of generating it again. A store that is away costs at most a second generation,
+    never a job."""
+
+    def __init__(self, store: StudioStore, host: str, lease_seconds: float, *, poll: float = 0.5,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
+        self.store = store
+        self.host = host
+        self.lease_seconds = float(lease_seconds)
+        self.poll = poll
+        self._sleep = sleep
+
+    def lead_or_wait(self, key: str, read: Callable[[], T | None], stop: threading.Event | None = None) -> T | None:
+        """The image another host made (a hit), or None: this host generates it now, and calls done(key)."""
+        while True:
+            found = read()
+            if found is not None:
+                return found
+            try:
+                if self.store.begin_generation(key, self.host, self.lease_seconds):
+                    found = read()  # kept by another host between our read and our turn
+                    if found is not None:
+                        self.done(key)
+                    return found
+            except StoreUnavailable:
+                return None
+            if stop is not None and stop.is_set():
+                return None
+            self._sleep(self.poll)
+
+    def done(self, key: str) -> None:
+        """This host's generation of `key` is in the cache, or failed: the others may go on."""
+        with contextlib.suppress(StoreUnavailable):  # away: its lease runs out by itself
+            self.store.end_generation(key, self.host)
+
+
 def generate_once(store: StudioStore, key: str, host: str, read: Callable[[], T | None], generate: Callable[[], T],
                   *, lease_seconds: float = 600.0, poll: float = 0.5,
                   sleep: Callable[[float], object] = time.sleep) -> tuple[T, bool]:
-    """The background `key` for the whole studio: (image, generated here).
-
-    `read` gives the cached image or None; `generate` makes it and keeps it in the cache (its row written)
-    before returning. Of the hosts asking at once, one generates and the others wait and read its result;
-    if the generating host fails or goes silent past `lease_seconds`, a waiting host takes over."""
-    while True:
-        found = read()
-        if found is not None:
-            return found, False
-        if store.begin_generation(key, host, lease_seconds):
-            try:
-                found = read()  # made and kept between our read and our turn
-                if found is not None:
-                    return found, False
-                return generate(), True
-            finally:
-                store.end_generation(key, host)
-        sleep(poll)
+    """The background `key` for the whole studio: (image, generated here). `read` gives the cached image or
+    None; `generate` makes it and keeps it in the cache (its row written) before returning."""
+    generations = StudioGenerations(store, host, lease_seconds, poll=poll, sleep=sleep)
+    found = generations.lead_or_wait(key, read)
+    if found is not None:
+        return found, False
+    try:
+        return generate(), True
+    finally:
+        generations.done(key)
 
 
 def store_checks(config: Any) -> list[Check]:

@@ -239,6 +239,15 @@ class Workers:
                 self.route(stages.generated(prepared, backdrop, shared=True))
             if not leads:
                 return
+            made = self.engines.studio_backdrop(prepared)
+            if made is not None:  # another host of the studio made it: a hit here, for the followers too
+                for follower in self.shared.generated(request.cache_key(), made):
+                    self.route(stages.generated(follower, made, shared=True))
+                self.route(stages.generated(prepared, made, shared=True))
+                served = self.shared.stored(request.cache_key())
+                if served and self.engines.cache is not None:
+                    self.engines.cache.count_hits(request, served)
+                return
         self.progress.idle()  # waiting for a token is not a stall
         try:
             self.engines.take_generation_token()
@@ -313,6 +322,7 @@ class Workers:
     def _generation_failed(self, prepared: stages.Prepared) -> None:
         """The jobs that waited for this generation try again at the gate (one of them leads)."""
         request = prepared.request
+        self.engines.studio_generated(request)
         if request is not None and request.cacheable:
             for follower in self.shared.failed(request.cache_key()):
                 self.gate_q.put(follower)
@@ -347,6 +357,7 @@ class Workers:
             self._deliver(stages.finish(prepared, self.engines))
         finally:
             if prepared.to_cache and prepared.request is not None:
+                self.engines.studio_generated(prepared.request)  # kept (or not): other hosts read or go on
                 served = self.shared.stored(prepared.request.cache_key())
                 if self.engines.cache is not None:
                     self.engines.cache.count_hits(prepared.request, served)

@@ -234,3 +234,24 @@ def test_a_failed_generation_lets_the_next_host_generate(stores: list[Any]) -> N
     with pytest.raises(RuntimeError):
         generate_once(stores[0], "bg1", "h1", lambda: None, broken)
     assert generate_once(stores[1], "bg1", "h2", lambda: None, lambda: "made") == ("made", True)
+
+
+def test_the_gate_waits_for_the_host_that_leads_a_key(stores: list[Any]) -> None:
+    from bgwatch.studio import StudioGenerations
+
+    kept: dict[str, str] = {}
+    leader = StudioGenerations(stores[0], "h1", 60)
+    waiting: list[float] = []
+
+    def keep_while_the_other_waits(seconds: float) -> None:  # the second host's poll: h1 keeps its image
+        waiting.append(seconds)
+        kept["bg1"] = "h1's image"
+        leader.done("bg1")
+
+    follower = StudioGenerations(stores[1], "h2", 60, sleep=keep_while_the_other_waits)
+    assert leader.lead_or_wait("bg1", lambda: kept.get("bg1")) is None  # h1 generates
+    assert follower.lead_or_wait("bg1", lambda: kept.get("bg1")) == "h1's image" and waiting == [0.5]
+    stop = threading.Event()
+    stop.set()
+    assert leader.lead_or_wait("bg2", lambda: None) is None
+    assert StudioGenerations(stores[1], "h2", 60).lead_or_wait("bg2", lambda: None, stop) is None  # stopping

@@ -85,3 +85,33 @@ def test_the_studio_store_away_in_the_middle_of_a_batch_loses_and_strands_nothin
     studio = PgStore(pg_url)
     assert studio.counts() == {"done": 6}  # every result recorded once the store was back, none twice
     studio.close()
+
+
+def test_a_backdrop_asked_on_two_workstations_is_generated_once_for_the_studio(tmp_path: Path, pg_url: str) -> None:
+    from runway_server import FakeRunway  # tests/ is on sys.path (conftest)
+
+    from bgwatch.pgstore import PgStore
+
+    share = tmp_path / "share"
+    share.mkdir()
+    rules = {"operation": "replace", "engine": "runway", "prompt": "sunlit beach", "seed": 3}
+    with FakeRunway(statuses=["RUNNING", "SUCCEEDED"]) as server:
+        def workstation(host: str) -> Any:
+            return make_config(share, {"cloud": {"rules": rules}}, state_dir=str(tmp_path / f"state-{host}"),
+                               host=host, store=pg_url, cache={"dir": str(share / "cache")},
+                               runway={"base_url": server.url, "api_key": "k-1", "poll_interval": 0.01})
+
+        first = workstation("ws1")
+        write_samples(first.inboxes[0].path, 2, size=(300, 200), seed=30)
+        assert Daemon(first, once=True).run() == 0
+        second = workstation("ws2")
+        write_samples(first.inboxes[0].path / "more", 2, size=(300, 200), seed=31)
+        assert Daemon(second, once=True).run() == 0
+        posts = [r for r in server.requests if r.method == "POST"]
+    assert len(posts) == 1, "one generation for the studio: the second workstation read the first's"
+    studio = PgStore(pg_url)
+    [entry] = studio.list_backgrounds()
+    assert entry["hits"] == 3 and entry["path"].startswith(str(share / "cache"))
+    assert sorted((r["host"], r["bg_engine"].split(":")[0]) for r in studio.history()) == [
+        ("ws1", "runway"), ("ws1", "runway"), ("ws2", "runway"), ("ws2", "runway")]
+    studio.close()

@@ -227,6 +227,9 @@ class Engines:
         self.stop = stop
         self._cache: Any = None
         self._unload_pending = False
+        from bgwatch.studio import studio_generations
+
+        self._studio = studio_generations(store, config)  # a studio store: one generation per key for every host
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config: models whose settings changed are dropped before the device's next job,
@@ -276,6 +279,21 @@ class Engines:
         except BgwatchError as exc:
             logger.warning("sdxl: {} not loaded at start ({}); its jobs will say why if it still fails", model, exc)
             return None
+
+    def studio_backdrop(self, prepared: Prepared) -> np.ndarray | None:
+        """A cacheable backdrop another host of the studio made, waited for while it makes it; None: this host
+        generates it (and calls studio_generated once it is kept, or failed). None at once without a studio."""
+        request = prepared.request
+        if self._studio is None or request is None or not request.cacheable or self.cache is None:
+            return None
+        cache = self.cache
+        found: np.ndarray | None = self._studio.lead_or_wait(request.cache_key(), lambda: cache.lookup(request),
+                                                              self.stop)
+        return found
+
+    def studio_generated(self, request: BackgroundRequest | None) -> None:
+        if self._studio is not None and request is not None and request.cacheable:
+            self._studio.done(request.cache_key())
 
     def take_generation_token(self) -> None:
         """Wait for the generation rate limit (limits.generations_per_minute); before the device stage."""
