@@ -46,7 +46,7 @@ from bgwatch.sources import JobSource
 from bgwatch.sources.folder import FolderSource
 from bgwatch.sources.http import HttpSource
 from bgwatch.storebase import open_store
-from bgwatch.studio import generation_bucket
+from bgwatch.studio import generation_bucket, watch_studio
 from bgwatch.text import shown
 from bgwatch.workers import Workers
 
@@ -76,6 +76,8 @@ class Daemon:
         self.job_bucket = TokenBucket(config.limits.jobs_per_minute)
         self.budget = MemoryBudget(config.limits.max_memory)
         self.generation_bucket = generation_bucket(self.store, config.limits.generations_per_minute)
+        if metrics is not None:
+            watch_studio(metrics, self.store, config.watch.lease_seconds)  # every host, on a studio store
         self.engines = stages.Engines(config, self.store, self.generation_bucket, self.abort_event)
         self.liveness = Liveness()
         self.sites = self._sites(config, {})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bgwatch.ratelimit import TokenBucket
@@ -92,6 +92,44 @@ def studio_generations(store: RunStore | None, config: Any) -> StudioGenerations
     if not isinstance(store, StudioStore):
         return None
     return StudioGenerations(store, config.host, config.pipeline.stall_seconds)
+
+
+def watch_studio(metrics: Any, store: RunStore, lease_seconds: float) -> None:
+    """/metrics on a studio store also shows the studio: each host (up, jobs in flight, seconds since its
+    beat) and every host's runs by status, read from the store when Prometheus scrapes."""
+    if not isinstance(store, StudioStore):
+        return
+    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
+
+    studio = store
+
+    class StudioCollector(Collector):
+        def collect(self) -> Iterator[Metric]:
+            up = GaugeMetricFamily("bgwatch_studio_store_up", "1 while the studio store answers")
+            try:
+                hosts, counts = studio.hosts(), studio.counts()
+            except StoreUnavailable:
+                up.add_metric([], 0.0)
+                yield up
+                return
+            up.add_metric([], 1.0)
+            yield up
+            alive = GaugeMetricFamily("bgwatch_studio_host_up", "1 while the host beats within the lease",
+                                      labels=["host"])
+            busy = GaugeMetricFamily("bgwatch_studio_host_jobs_in_flight", "Jobs each host holds", labels=["host"])
+            age = GaugeMetricFamily("bgwatch_studio_host_seconds_since_beat", "Seconds since each host's last beat "
+                                    "(the server's clock)", labels=["host"])
+            for host in hosts:
+                alive.add_metric([host.host], 1.0 if host.age <= lease_seconds else 0.0)
+                busy.add_metric([host.host], float(host.in_flight))
+                age.add_metric([host.host], host.age)
+            runs = GaugeMetricFamily("bgwatch_studio_runs", "Every host's runs, by status", labels=["status"])
+            for status, n in sorted(counts.items()):
+                runs.add_metric([status], float(n))
+            yield from (alive, busy, age, runs)
+
+    metrics.registry.register(StudioCollector())
 
 
 def generation_bucket(store: RunStore, per_minute: float) -> TokenBucket:

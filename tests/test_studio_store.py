@@ -193,3 +193,29 @@ def test_doctor_checks_the_connection_the_server_and_the_migrations(pg_url: str,
     away = f"postgresql://bob:hunter2@/x?host={tmp_path}&port=5999"
     [failed] = store_checks(parse_config({"store": away}, env={}))
     assert failed.level is Level.ERROR and "hunter2" not in str(failed.to_dict()) and "bob:***@" in failed.subject
+
+
+def test_metrics_show_each_host_of_the_studio(pg_url: str, tmp_path: Path) -> None:
+    from bgwatch.metrics import Metrics
+    from bgwatch.pgstore import PgStore
+    from bgwatch.studio import watch_studio
+
+    store = PgStore(pg_url, host="ws1")
+    store.beat("ws1", 2)
+    store.beat("ws2", 0)
+    store.add_run(key="k", inbox="/in", rel_path="a.jpg", source_path="", input_sha256="", spec_json="", host="ws2")
+    metrics = Metrics()
+    watch_studio(metrics, store, lease_seconds=30)
+    text = metrics.render().decode()
+    assert "bgwatch_studio_store_up 1.0" in text
+    assert 'bgwatch_studio_host_up{host="ws1"} 1.0' in text and 'bgwatch_studio_host_up{host="ws2"} 1.0' in text
+    assert 'bgwatch_studio_host_jobs_in_flight{host="ws1"} 2.0' in text
+    assert 'bgwatch_studio_runs{status="queued"} 1.0' in text
+    store.close()
+    sqlite_metrics = Metrics()
+    from bgwatch.store import Store
+
+    local = Store(tmp_path / "bgwatch.db")
+    watch_studio(sqlite_metrics, local, lease_seconds=30)  # one workstation: nothing more to show
+    assert "bgwatch_studio" not in sqlite_metrics.render().decode()
+    local.close()
