@@ -219,3 +219,21 @@ def test_metrics_show_each_host_of_the_studio(pg_url: str, tmp_path: Path) -> No
     watch_studio(sqlite_metrics, local, lease_seconds=30)  # one workstation: nothing more to show
     assert "bgwatch_studio" not in sqlite_metrics.render().decode()
     local.close()
+
+
+def test_an_http_run_is_readable_from_any_host_with_its_download_on_the_share(pg_url: str, tmp_path: Path) -> None:
+    from bgwatch.httpjobs import HTTP_INBOX
+    from bgwatch.httpresults import ResultsFolder
+    from bgwatch.pgstore import PgStore
+
+    results = tmp_path / "share" / "http-results"  # http.results_dir on the share, the same for every host
+    results.mkdir(parents=True)
+    (results / "photo-7.png").write_bytes(b"png")
+    made_on, asked_on = PgStore(pg_url, host="ws1"), PgStore(pg_url, host="ws2")
+    run = made_on.add_run(key="k", inbox=HTTP_INBOX, rel_path="photo.jpg", source_path="", input_sha256="",
+                          spec_json="{}", host="ws1")
+    made_on.finish_run(run, JobState.DONE, output_path=str(results / "photo-7.png"))
+    record = ResultsFolder(results, private=False).run_record(asked_on, run, HTTP_INBOX)
+    assert record is not None and record["status"] == "done" and record["download_url"] == "/download/photo-7.png"
+    made_on.close()
+    asked_on.close()
