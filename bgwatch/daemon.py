@@ -46,7 +46,6 @@ from bgwatch.sources import JobSource
 from bgwatch.sources.folder import FolderSource
 from bgwatch.sources.http import HttpSource
 from bgwatch.storebase import open_store
-from bgwatch.studio import generation_bucket
 from bgwatch.studio import generation_bucket, watch_studio
 from bgwatch.text import shown
 from bgwatch.workers import Workers
