@@ -18,21 +18,28 @@ from bgwatch.pipeline.stages import job_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# ru_maxrss would count the parent's size at the fork (a pytest process that ran a daemon is bigger than the
+# job): the child resets its own high-water mark after its imports (clear_refs 5) and reads VmHWM at the end.
 CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 import cv2, numpy as np
 from bgwatch.config import Config
 from bgwatch.jobs import Job, JobSpec, MaskSpec
 from bgwatch.pipeline import classical, composite, imageio, masking, stages
 import PIL.PngImagePlugin
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
 path = Path(sys.argv[1])
 spec = JobSpec(operation="replace", engine="gradient", shadow=True, mask=MaskSpec(engine="classical"))
 job = Job(run_id=1, inbox="t", rel_path=path.name, source=path, spec=spec, input_sha256="", key="")
 config = Config()
 stages.run_all(job, config, stages.Engines(config, None))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"base": base, "peak": peak}))
 """
 
