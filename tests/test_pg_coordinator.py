@@ -110,7 +110,7 @@ def _coordinator(store: Any, share: tuple[Path, Path], host: str, lease: float) 
     from bgwatch.coordination.postgres import PostgresCoordinator
     from bgwatch.delivery import Custody
 
-    return PostgresCoordinator(Custody(share[0], host, f"e-{host}", share[1]), store, lease, inbox_key="inbox")
+    return PostgresCoordinator(Custody(share[0], host, f"e-{host}", share[1]), store, lease)
 
 
 def test_the_coordinator_claims_through_the_row_and_the_rename(stores: list[Any], share: tuple[Path, Path]) -> None:
@@ -124,7 +124,7 @@ def test_the_coordinator_claims_through_the_row_and_the_rename(stores: list[Any]
     assert two.claim("a.jpg") is None  # the row is h1's while its claim lives, whatever is in the inbox
     assert one.silent_hosts() == [] and two.silent_hosts() == []
     assert one.claim("gone.jpg") is None  # no such file: no row is left behind
-    assert one.rows.holders("inbox") == {"h1": pytest.approx(-60, abs=5)}
+    assert one.rows.holders(one.inbox_key) == {"h1": pytest.approx(-60, abs=5)}
 
 
 def test_a_silent_host_is_found_by_its_row_and_its_files_go_back(stores: list[Any], share: tuple[Path, Path]) -> None:
@@ -255,3 +255,23 @@ def test_the_gate_waits_for_the_host_that_leads_a_key(stores: list[Any]) -> None
     stop.set()
     assert leader.lead_or_wait("bg2", lambda: None) is None
     assert StudioGenerations(stores[1], "h2", 60).lead_or_wait("bg2", lambda: None, stop) is None  # stopping
+
+
+def test_an_inbox_has_one_name_in_the_rows_wherever_a_host_mounts_the_share(stores: list[Any], tmp_path: Path,
+                                                                            share: tuple[Path, Path]) -> None:
+    from bgwatch.coordination.postgres import inbox_id
+
+    elsewhere = tmp_path / "mnt-ws2"
+    elsewhere.symlink_to(tmp_path)  # the second workstation's mount point of the same share
+    moved = (elsewhere / "inbox", elsewhere / "outbox")
+    one, two = _coordinator(stores[0], share, "h1", 60), _coordinator(stores[1], moved, "h2", 60)
+    assert one.inbox_key == two.inbox_key == inbox_id(share[0]) != inbox_id(share[1])
+    assert one.beat() and two.beat()
+    (share[0] / "a.jpg").write_bytes(b"jpeg")
+    assert one.rows.claim(one.inbox_key, "a.jpg") is not None  # h1's row, before its rename
+    assert two.claim("a.jpg") is None and (share[0] / "a.jpg").exists()
+    planted = tmp_path / "planted"
+    (planted / "real").mkdir(parents=True)
+    (planted / ".bgwatch").symlink_to(planted / "real")
+    with pytest.raises(OSError, match="not a real folder"):
+        inbox_id(planted)

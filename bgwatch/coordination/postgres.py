@@ -12,8 +12,12 @@ outage, and the share's fence still decides every delivery.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -37,14 +41,21 @@ class PostgresCoordinator:
         self.custody = custody
         self.store = store
         self.host = custody.host
-        # The inbox's name in the rows: the same on every host even where the share is mounted elsewhere.
-        self.inbox_key = inbox_key or str(custody.inbox)
+        self._inbox_key = inbox_key  # None: the inbox's own id, read from the share when first needed
         self.lease_seconds = float(lease_seconds)
         self.rows = PgClaims(store, self.host, lease_seconds)
         self.clock = clock
         self._held: dict[str, tuple[RowClaim, Claim]] = {}  # by the claim's name under claimed/<host>/
         self._last_ok: float | None = None
         self._problem = ""
+
+    @property
+    def inbox_key(self) -> str:
+        """The inbox's name in the rows: the same on every host wherever it mounts the share. OSError while
+        the inbox is away."""
+        if self._inbox_key is None:
+            self._inbox_key = inbox_id(self.custody.inbox)
+        return self._inbox_key
 
     # ------------------------------------------------------------------ liveness
 
@@ -59,7 +70,8 @@ class PostgresCoordinator:
                     self._held.pop(name, None)
             # Only the claims this coordinator made: rows left by an earlier start or reload run out by
             # themselves (their files are this host's on the share whatever the row says).
-            self.rows.renew(self.inbox_key, [row.rel for row, _claim in self._held.values()])
+            if self._held:
+                self.rows.renew(self.inbox_key, [row.rel for row, _claim in self._held.values()])
         except StoreUnavailable as exc:
             if not self._problem:
                 logger.warning("{}: not claiming until the studio store answers again ({})", self.custody.inbox, exc)
@@ -85,7 +97,11 @@ class PostgresCoordinator:
         """The row first (one host wins it), then the rename (the file may still have gone: its row goes).
         StoreUnavailable (an sqlite3.Error, as a busy store's) when the store is away: try again later."""
         try:
-            row = self.rows.claim(self.inbox_key, rel)
+            key = self.inbox_key
+        except OSError:
+            return None  # the inbox is away, and the file with it
+        try:
+            row = self.rows.claim(key, rel)
         except StoreUnavailable as exc:
             # Not "another host has it": the caller keeps the file waiting, and claims nothing more until a
             # beat reaches the store again.
@@ -122,7 +138,7 @@ class PostgresCoordinator:
         try:
             ages = {h.host: h.age for h in self.store.hosts()}
             candidates = set(self.custody.other_hosts()) | set(self.rows.holders(self.inbox_key))
-        except StoreUnavailable:
+        except (StoreUnavailable, OSError):  # the store or the share away: nobody is judged
             return []
         candidates.discard(self.host)
         return sorted(h for h in candidates if ages.get(h, float("inf")) > self.lease_seconds)
@@ -144,14 +160,48 @@ class PostgresCoordinator:
         return back
 
 
-def studio_coordinator(store: RunStore, custody: Custody, lease_seconds: float,
-                       inbox_key: str) -> PostgresCoordinator | None:
+ID_FILE = "studio-id"  # in the inbox's work folder: its name in the studio store's rows
+
+
+def inbox_id(inbox: Path) -> str:
+    """The inbox's studio-wide id: made once by the first host that needs it (an exclusive create, so two
+    hosts at once agree), read by every other wherever it mounts the share. Never read through a link."""
+    from bgwatch.claims import WORK_DIR
+
+    work = inbox / WORK_DIR
+    with contextlib.suppress(FileExistsError):
+        work.mkdir()
+    if not stat.S_ISDIR(os.lstat(work).st_mode):  # a link or a file planted in its place: refused
+        raise OSError(f"{work} is not a real folder")
+    path = work / ID_FILE
+    made = uuid.uuid4().hex
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(made + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        return f"inbox-{made}"
+    for _ in range(50):  # its maker may be between the create and the write
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as src:
+            text = src.read(64).strip()
+        if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
+            return f"inbox-{text}"
+        time.sleep(0.02)
+    raise OSError(f"{path}: not an inbox id ({text[:40]!r}); remove it and bgwatch makes a new one")
+
+
+def studio_coordinator(store: RunStore, custody: Custody, lease_seconds: float) -> PostgresCoordinator | None:
     """The coordinator a studio store gives an inbox (None: the share coordinates, as on SQLite)."""
     from bgwatch.pgstore import PgStore
 
     if not isinstance(store, PgStore):
         return None
-    return PostgresCoordinator(custody, store, lease_seconds, inbox_key=inbox_key)
+    return PostgresCoordinator(custody, store, lease_seconds)
 
 
 if TYPE_CHECKING:
