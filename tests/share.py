@@ -552,8 +552,10 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
                 owner = owners.get(written) if written is not None else None
                 if written is not None and written in owners and (owner is None or owner.sha256 != sha):
                     report.overwritten += 1
+                    whose = "no input's" if owner is None else (
+                        f"another input's also named {owner.name}" if owner.name == rel_path else f"{owner.name}'s")
                     violations.append(f"{host}: run {run_id} ({rel_path}) wrote {written}, which now holds "
-                                      f"{owner.name if owner else 'no input'}'s pixels: overwritten")
+                                      f"{whose} pixels: overwritten")
             elif status == "skipped":
                 skipped += 1
             elif status == "failed":
