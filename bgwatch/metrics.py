@@ -60,6 +60,11 @@ class _LiveCollector(Collector):
             for inbox in live.get("inboxes", []):
                 watched.add_metric([str(inbox.get("path", ""))], 1.0 if inbox.get("healthy") else 0.0)
             yield watched
+            storage = CounterMetricFamily("bgwatch_storage_errors", "Deliveries refused by the storage (ENOSPC, "
+                                          "EDQUOT, EROFS, EIO) since the start, by error", labels=["error"])
+            for error, n in (live.get("storage_errors") or {}).items():
+                storage.add_metric([str(error)], float(n))
+            yield storage
         torch = sys.modules.get("torch")  # only if an engine loaded it: a scrape must not import torch
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             memory = GaugeMetricFamily("bgwatch_gpu_memory_bytes", "GPU memory held by PyTorch in this process",

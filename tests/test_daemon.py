@@ -304,3 +304,11 @@ def test_an_original_that_cannot_be_filed_is_a_warning_and_a_status_line(tmp_pat
     assert "delivering/" in problem and "not a folder" in problem
     box = f"testhost/{daemon.epoch}-{result.run_id}"
     assert files_under(inbox / ".bgwatch" / "delivering") == sorted([f"{box}/{shot.name}", f"{box}/marker.json"])
+
+
+def test_storage_errors_reach_metrics_through_the_published_status() -> None:
+    from bgwatch.metrics import Metrics
+
+    status = {"in_flight": 1, "waiting": 0, "stages": {}, "inboxes": [], "storage_errors": {"ENOSPC": 3}}
+    text = Metrics(status=lambda: status).render().decode()
+    assert 'bgwatch_storage_errors_total{error="ENOSPC"} 3.0' in text
