@@ -456,7 +456,7 @@ def _read_untrusted(path: Path, label: str, root: Path) -> dict[str, object]:
     if not _inside(path, root):
         raise SpecError(label, "", "is a link to a file outside the inbox, which bgwatch refuses to read")
     try:
-        return load_yaml_mapping(path)
+        return load_yaml_mapping(path, inside=root)  # checked again on the open file: no swap in between
     except SpecError as exc:
         raise SpecError(label, exc.key, exc.problem, exc.allowed) from None
 

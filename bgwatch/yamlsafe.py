@@ -43,15 +43,17 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def load_yaml_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> object:
+def load_yaml_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, inside: Path | None = None) -> object:
     """The document in `path` as plain Python data ({} for an empty file); SpecError if it is unsafe.
+    `inside`: the file opened must lie in this folder (checked on the open file, not its name: a sidecar
+    swapped for a link to a file elsewhere after it was checked is refused, never read).
 
     Plain data of any shape: text, numbers, true/false, null, lists and mappings; the caller checks it.
 
     Every error is SpecError(source=path, key="", problem=...) with a message a user can act on.
     """
     path = Path(path)
-    text = _read_text(path, max_bytes)
+    text = _read_text(path, max_bytes, inside)
     _check_events(path, text)
     try:
         data: object = yaml.load(text, Loader=_Loader)  # a safe loader; events checked above
@@ -63,9 +65,10 @@ def load_yaml_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> object:
     return {} if data is None else data
 
 
-def load_yaml_mapping(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+def load_yaml_mapping(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, inside: Path | None = None
+                      ) -> dict[str, Any]:
     """Like load_yaml_file, but the document must be a mapping of keys to values."""
-    data = load_yaml_file(path, max_bytes=max_bytes)
+    data = load_yaml_file(path, max_bytes=max_bytes, inside=inside)
     if not isinstance(data, dict):
         raise SpecError(
             path, "", f"must be a mapping of keys to values (like `mode: transparent`), got {_kind(data)}"
@@ -73,7 +76,7 @@ def load_yaml_mapping(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict
     return data
 
 
-def _read_text(path: Path, max_bytes: int) -> str:
+def _read_text(path: Path, max_bytes: int, inside: Path | None = None) -> str:
     try:
         before = os.stat(path)
     except FileNotFoundError:
@@ -92,6 +95,8 @@ def _read_text(path: Path, max_bytes: int) -> str:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for a FIFO or device since the stat
             raise SpecError(path, "", "is not a regular file")
+        if inside is not None and not _opened_inside(fd, inside):
+            raise SpecError(path, "", "is a link to a file outside the inbox, which bgwatch refuses to read")
         chunks: list[bytes] = []
         remaining = max_bytes + 1
         while remaining > 0:
@@ -113,6 +118,15 @@ def _read_text(path: Path, max_bytes: int) -> str:
         raise SpecError(
             path, "", f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save as UTF-8"
         ) from None
+
+
+def _opened_inside(fd: int, folder: Path) -> bool:
+    """Whether the file open on `fd` lies in `folder` (by the kernel's name for the open file)."""
+    try:
+        real = Path(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+    except OSError:
+        return False
+    return Path(os.path.realpath(folder)) in real.parents
 
 
 @dataclass(slots=True)

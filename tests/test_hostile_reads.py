@@ -170,3 +170,24 @@ def test_a_path_decode_never_follows_a_link(tmp_path: Path) -> None:
     for read in (lambda p: imageio.decode(p, max_pixels=10**6), imageio.probe_size):
         with pytest.raises(InputError, match="symbolic link"):
             read(tmp_path / "link.jpg")
+
+
+def test_a_sidecar_read_is_checked_on_the_open_file_not_its_name(tmp_path: Path) -> None:
+    from bgwatch.errors import SpecError
+    from bgwatch.yamlsafe import load_yaml_mapping
+
+    inbox = tmp_path / "inbox"
+    (inbox / "shoot").mkdir(parents=True)
+    (inbox / "shared.yaml").write_text("mode: color\n")
+    (tmp_path / "private.yaml").write_text("password: hunter2\n")
+    os.symlink(inbox / "shared.yaml", inbox / "shoot" / "photo.yaml")  # a link inside the inbox: allowed
+    assert load_yaml_mapping(inbox / "shoot" / "photo.yaml", inside=inbox) == {"mode": "color"}
+    os.unlink(inbox / "shoot" / "photo.yaml")
+    os.symlink(tmp_path / "private.yaml", inbox / "shoot" / "photo.yaml")  # swapped after the name was checked
+    with pytest.raises(SpecError, match="outside the inbox") as caught:
+        load_yaml_mapping(inbox / "shoot" / "photo.yaml", inside=inbox)
+    assert "hunter2" not in str(caught.value) and "password" not in str(caught.value)
+    (inbox / "shoot").rename(tmp_path / "moved")
+    os.symlink(tmp_path, inbox / "shoot")  # or its folder swapped for a link out of the inbox
+    with pytest.raises(SpecError, match="outside the inbox"):
+        load_yaml_mapping(inbox / "shoot" / "private.yaml", inside=inbox)
