@@ -44,14 +44,14 @@ def process_many(images: Sequence[Path], config: Config, out_dir: Path, override
     """process_one for several files with one store and one set of loaded engines. each_error: a file whose
     spec cannot be resolved (its sidecar, say) is a failed result and the others go on; else it raises."""
     from bgwatch.pipeline import stages
-    from bgwatch.ratelimit import TokenBucket
-    from bgwatch.store import Store
+    from bgwatch.storebase import open_store
+    from bgwatch.studio import generation_bucket
 
     for image in images:
         if not image.is_file():
             raise InputError(image, "no such file")
-    store = Store(config.db_path)
-    engines = stages.Engines(config, store, TokenBucket(config.limits.generations_per_minute))
+    store = open_store(config.store, sqlite_path=config.db_path, host=config.host)  # a studio's: its history too
+    engines = stages.Engines(config, store, generation_bucket(store, config.limits.generations_per_minute))
     results = []
     try:
         for image in images:

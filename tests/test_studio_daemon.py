@@ -25,6 +25,7 @@ def _workstation(share: Path, host: str, url: str) -> Any:
 def test_two_workstations_one_studio_store(tmp_path: Path, pg_url: str) -> None:
     from bgwatch.coordination.postgres import PostgresCoordinator
     from bgwatch.pgstore import PgStore
+    from bgwatch.studio import StudioBucket
 
     share = tmp_path / "share"
     share.mkdir()
@@ -35,6 +36,7 @@ def test_two_workstations_one_studio_store(tmp_path: Path, pg_url: str) -> None:
     daemon = Daemon(first, once=True)
     sites = list(daemon.intake.sites.values())
     assert sites and all(isinstance(site.coordinator, PostgresCoordinator) for site in sites)
+    assert isinstance(daemon.generation_bucket, StudioBucket)  # limits.generations_per_minute is the studio's
     assert daemon.run() == 0
     second = _workstation(share, "ws2", url)
     write_samples(inbox / "more", 2, size=(160, 120), seed=4)
@@ -115,3 +117,17 @@ def test_a_backdrop_asked_on_two_workstations_is_generated_once_for_the_studio(t
     assert sorted((r["host"], r["bg_engine"].split(":")[0]) for r in studio.history()) == [
         ("ws1", "runway"), ("ws1", "runway"), ("ws2", "runway"), ("ws2", "runway")]
     studio.close()
+
+
+def test_process_records_into_the_studio_store(tmp_path: Path, pg_url: str) -> None:
+    from bgwatch.pgstore import PgStore
+    from bgwatch.single import process_many
+
+    config = make_config(tmp_path, host="ws3", store=pg_url)
+    [photo] = write_samples(tmp_path / "photos", 1, size=(160, 120), seed=9)
+    [result] = process_many([photo], config, tmp_path / "out", {})
+    assert result.state.value == "done"
+    studio = PgStore(pg_url)
+    assert [(r["host"], r["status"]) for r in studio.history()] == [("ws3", "done")]
+    studio.close()
+    assert not config.db_path.exists()
