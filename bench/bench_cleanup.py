@@ -50,16 +50,26 @@ LAST_CPU = [0.0]  # CPU seconds (user + system) of the last measured child: what
 
 
 def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in MB, exit code) of one child process (its CPU seconds in LAST_CPU)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    LAST_CPU[0] = usage.ru_utime + usage.ru_stime
+    """(wall seconds, peak RSS in MB, exit code) of one child process (its CPU seconds in LAST_CPU).
+
+    The child is started by /usr/bin/time, which reports its own child's peak: Linux counts into a child's
+    ru_maxrss the memory of the process it was forked from, so a child forked straight from this (large)
+    process would show this process's size, not its own."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        start = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M %U %S", "-o", report.name, *cmd], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status = os.waitpid(proc.pid, 0)
+        wall = time.perf_counter() - start
+        fields = report.read().split()[-3:]
     code = os.waitstatus_to_exitcode(status)
     if code != 0 and proc.stderr is not None:
         sys.stderr.write(proc.stderr.read().decode(errors="replace")[-2000:])
-    return wall, usage.ru_maxrss / 1024, code
+    rss_kb, user, system = (float(v) for v in fields)
+    LAST_CPU[0] = user + system
+    return wall, rss_kb / 1024, code
 
 
 def rembg_cli(workdir: Path) -> Path:
