@@ -79,13 +79,17 @@ def print_history(rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         print("no runs recorded")
         return
-    print(f"{'id':>5}  {'status':7}  {'created':14}  {'took':>7}  {'input':36}  {'engines':28}  result")
+    # A studio's history (several hosts in one store) says which host ran each; one workstation's does not.
+    hosts = len({row.get("host") for row in rows}) > 1
+    print(f"{'id':>5}  {'status':7}  {'created':14}  {'took':>7}  " + (f"{'host':12}  " if hosts else "")
+          + f"{'input':36}  {'engines':28}  result")
     for row in rows:
         engines = (row.get("mask_engine") or "") + (f" + {row['bg_engine']}" if row.get("bg_engine") else "")
         result = row.get("output_path") if row["status"] in ("done", "skipped") else row.get("error")
         where = shown(row["inbox"].rsplit("/", 1)[-1] + "/" + row["rel_path"])
         result = shown(result) if result else result
-        print(f"{row['id']:>5}  {row['status']:7}  {_when(row.get('created_at')):14}  {_duration(row):>7}  "
+        host = f"{_short(shown(row.get('host') or ''), 12):12}  " if hosts else ""
+        print(f"{row['id']:>5}  {row['status']:7}  {_when(row.get('created_at')):14}  {_duration(row):>7}  {host}"
               f"{_short(where, 36):36}  {_short(engines, 28):28}  {(result or '').splitlines()[0] if result else ''}"
               f"{_compliance_text(row)}")
 

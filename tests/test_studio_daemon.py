@@ -22,7 +22,7 @@ def _workstation(share: Path, host: str, url: str) -> Any:
     return make_config(share, state_dir=str(share.parent / f"state-{host}"), host=host, store=url)
 
 
-def test_two_workstations_one_studio_store(tmp_path: Path, pg_url: str) -> None:
+def test_two_workstations_one_studio_store(tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     from bgwatch.coordination.postgres import PostgresCoordinator
     from bgwatch.pgstore import PgStore
     from bgwatch.studio import StudioBucket
@@ -46,6 +46,9 @@ def test_two_workstations_one_studio_store(tmp_path: Path, pg_url: str) -> None:
     for config in (first, second):  # either workstation sees the studio's runs
         rows = report.history_rows(config, None, 100)
         assert sorted((r["host"], r["status"]) for r in rows) == [("ws1", "done")] * 2 + [("ws2", "done")] * 2
+    report.print_history(report.history_rows(first, None, 100))
+    table = capsys.readouterr().out.splitlines()
+    assert "host" in table[0] and sum(" ws2 " in line for line in table[1:]) == 2
     status = report.status_of(second)
     assert status["runs"] == {"done": 4}
     assert {h["host"] for h in status["hosts"]} == {"ws1", "ws2"}
