@@ -194,7 +194,7 @@ def quantize(fp32: Path, recipe: NetRecipe, *, gate: Gate = Gate(),
     attempts: list[dict[str, Any]] = []
     best: tuple[Path, dict[str, Any]] | None = None
     with tempfile.TemporaryDirectory(prefix=".bgwatch-quantize-", dir=fp32.parent) as tmp:
-        source = _opset13(fp32, Path(tmp))
+        source = _prepared(_opset13(fp32, Path(tmp)), Path(tmp))
         for method in methods:
             out = Path(tmp) / f"{method.name}.onnx"
             excluded = _quantize_static(source, out, recipe, calibration, method)
@@ -277,6 +277,19 @@ def _quantize_static(source: Path, out: Path, recipe: NetRecipe, images: Sequenc
         extra_options=_flush_every(len(images)),
     )
     return excluded
+
+
+def _prepared(source: Path, tmp: Path) -> Path:
+    """The model as ONNX Runtime's quantizer wants it (shapes inferred, graph optimised: its
+    quant_pre_process); the model as it is when that fails (a graph its shape inference cannot follow)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = tmp / "prepared.onnx"
+    try:
+        quant_pre_process(str(source), str(out))
+    except Exception:  # the quantizer works without it, only less tidily
+        return source
+    return out
 
 
 def _flush_every(count: int) -> dict[str, Any]:
