@@ -309,7 +309,7 @@ class Daemon:
         inboxes = [] if watcher is None else [
             {"path": str(s.inbox.path), "healthy": s.healthy, "observer": s.observer, "problem": s.problem,
              "restarts": s.restarts, "settling": s.tracked,
-             "claiming": self.sites[s.inbox.name].heartbeat.fresh() if s.inbox.name in self.sites else False}
+             "claiming": self.sites[s.inbox.name].coordinator.may_claim() if s.inbox.name in self.sites else False}
             for s in watcher.status()]
         inflight = len(self.intake.inflight)
         status = {"pid": os.getpid(), "host": self.config.host, "epoch": self.epoch, "updated_at": time.time(),

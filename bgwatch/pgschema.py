@@ -84,6 +84,9 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "CREATE INDEX claims_holder ON claims (holder)",
         "CREATE INDEX claims_free ON claims (expires_at NULLS FIRST, offered_at)",
     )),
+    (4, "the epoch of the daemon that beats for a host (two daemons with one name)", (
+        "ALTER TABLE hosts ADD COLUMN epoch text NOT NULL DEFAULT ''",
+    )),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -247,10 +247,18 @@ class PgStore:
 
     # ------------------------------------------------------------------ the studio
 
-    def beat(self, host: str, in_flight: int) -> None:
+    def beat(self, host: str, in_flight: int, epoch: str = "") -> tuple[str, float]:
         with self.transaction() as conn:
-            conn.execute("INSERT INTO hosts (host, in_flight) VALUES (%s, %s) ON CONFLICT (host) DO UPDATE "
-                         "SET last_beat = now(), in_flight = EXCLUDED.in_flight", (host, in_flight))
+            row = conn.execute(
+                "WITH old AS (SELECT epoch, extract(epoch FROM clock_timestamp() - last_beat)::float8 AS age "
+                "FROM hosts WHERE host = %s) "
+                "INSERT INTO hosts (host, in_flight, epoch) VALUES (%s, %s, %s) ON CONFLICT (host) DO UPDATE "
+                "SET last_beat = now(), in_flight = EXCLUDED.in_flight, epoch = EXCLUDED.epoch "
+                "RETURNING (SELECT epoch FROM old) AS epoch, (SELECT age FROM old) AS age",
+                (host, host, in_flight, epoch)).fetchone()
+        if row is None or row["epoch"] is None:
+            return "", float("inf")
+        return str(row["epoch"]), max(0.0, float(row["age"]))
 
     def hosts(self) -> list[HostRow]:
         with self.connection() as conn:

@@ -146,8 +146,10 @@ class HostRow:
 class StudioStore(RunStore, Protocol):
     """What only a store every host shares can do."""
 
-    def beat(self, host: str, in_flight: int) -> None:
-        """This host is alive with `in_flight` jobs (the row `status` and `/metrics` show)."""
+    def beat(self, host: str, in_flight: int, epoch: str = "") -> tuple[str, float]:
+        """This host is alive with `in_flight` jobs (the row `status` and `/metrics` show), beaten by the
+        daemon `epoch`. Returns the epoch that beat before and how long ago ("" and inf: the first beat), so
+        that two daemons beating under one host name see each other."""
 
     def hosts(self) -> list[HostRow]: ...
 

@@ -275,3 +275,19 @@ def test_an_inbox_has_one_name_in_the_rows_wherever_a_host_mounts_the_share(stor
     (planted / ".bgwatch").symlink_to(planted / "real")
     with pytest.raises(OSError, match="not a real folder"):
         inbox_id(planted)
+
+
+def test_two_daemons_beating_under_one_host_name_stop_claiming(stores: list[Any], share: tuple[Path, Path]) -> None:
+    from bgwatch.coordination.postgres import PostgresCoordinator
+    from bgwatch.delivery import Custody
+
+    def daemon(epoch: str, store: Any) -> PostgresCoordinator:  # one host name, two processes (a cloned VM)
+        return PostgresCoordinator(Custody(share[0], "h1", epoch, share[1]), store, 60)
+
+    first, clone = daemon("e-first", stores[0]), daemon("e-clone", stores[1])
+    assert first.beat() and first.may_claim()
+    assert clone.beat() and not clone.may_claim() and "e-first" in clone.why_not_claiming()
+    assert first.beat() and not first.may_claim() and "e-clone" in first.why_not_claiming()
+    (share[0] / "a.jpg").write_bytes(b"jpeg")
+    assert clone.beat() and first.beat()  # the clone stops here: the first's next beat finds its own epoch
+    assert first.beat() and first.may_claim() and first.claim("a.jpg") is not None

@@ -48,6 +48,7 @@ class PostgresCoordinator:
         self._held: dict[str, tuple[RowClaim, Claim]] = {}  # by the claim's name under claimed/<host>/
         self._last_ok: float | None = None
         self._problem = ""
+        self._twin = ""  # the epoch of another daemon beating under this host's name
 
     @property
     def inbox_key(self) -> str:
@@ -63,7 +64,14 @@ class PostgresCoordinator:
         """Alive in `hosts`; leases renewed for the files still claimed, rows of files gone from claimed/
         (fenced for delivery, or returned) settled."""
         try:
-            self.store.beat(self.host, len(self._held))
+            before, ago = self.store.beat(self.host, len(self._held), self.custody.epoch)
+            # Another daemon beating under this host's name within the lease (a cloned VM): neither claims
+            # until one of them has stopped for a lease, as with heartbeat files on the share.
+            twin = before if before not in ("", self.custody.epoch) and ago < self.lease_seconds else ""
+            if twin and twin != self._twin:
+                logger.warning("{}: another daemon beats as host {} (epoch {}); not claiming", self.custody.inbox,
+                               self.host, twin)
+            self._twin = twin
             for name, (row, claim) in list(self._held.items()):
                 if not claim.path.exists():
                     self.rows.settle(row)
@@ -84,11 +92,14 @@ class PostgresCoordinator:
         return True
 
     def may_claim(self) -> bool:
-        return self._last_ok is not None and self.clock() - self._last_ok < self.lease_seconds / 2
+        return not self._twin and self._last_ok is not None and self.clock() - self._last_ok < self.lease_seconds / 2
 
     def why_not_claiming(self) -> str:
         if self.may_claim():
             return ""
+        if self._twin:
+            return (f"another daemon beats as host {self.host} (epoch {self._twin}); claiming resumes once it has "
+                    f"not beaten for {self.lease_seconds:g} s")
         return self._problem or "no recent heartbeat in the studio store"
 
     # ------------------------------------------------------------------ files
