@@ -183,6 +183,9 @@ def _quantize_rembg(name: str, calibration: Shots | None = None, validation: Sho
         return QuantizeStatus(name, False, str(found), f"cannot quantize: {_short(exc)}; fp32 stays")
     agreement = f"IoU with fp32: mean {result.mean_iou:.3f}, lowest {result.min_iou:.3f} ({result.method})"
     if result.passed:
+        gain = quantize.speedup(found)
+        if gain is not None:
+            agreement += f"; x{gain:.2f} fp32's speed" + (" (auto keeps fp32)" if gain < quantize.MIN_GAIN else "")
         return QuantizeStatus(name, True, str(result.variant), agreement)
     return QuantizeStatus(name, False, str(result.record), f"refused, below the gate: {agreement}; fp32 stays")
 
