@@ -191,7 +191,7 @@ def ensure_int8(home: Path, model: str) -> str:
 def run_bgwatch(work: Path, images: Path, model: str, precision: str, args: argparse.Namespace,
                 env: dict[str, str]) -> tuple[float, float, int, Path]:
     """One cold `bgwatch run --once` over a fresh copy of the images: (wall s, peak RSS MB, exit, outbox)."""
-    run = work / f"bgwatch-run-{precision}"
+    run = work / f"bgwatch-run-{args.model}-{precision}"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(images, run / "inbox")
     config = {
