@@ -124,7 +124,8 @@ class Daemon:
             heartbeat.lease_seconds = config.watch.lease_seconds
             custody = Custody(inbox.path, config.host, self.epoch, inbox.outbox, step=self.step)
             # A studio store coordinates through its rows; otherwise the share does, with renames and heartbeat files.
-            coordinator = studio_coordinator(self.store, custody, config.watch.lease_seconds)
+            coordinator = studio_coordinator(self.store, custody, config.watch.lease_seconds,
+                                             in_flight=lambda: len(self.intake.inflight))
             sites[inbox.name] = Site(inbox, custody, heartbeat,
                                      coordinator or ShareCoordinator(custody, heartbeat, self.liveness))
         return sites

@@ -37,7 +37,7 @@ class PostgresCoordinator:
     """One inbox, as one host coordinates with the others through the studio store."""
 
     def __init__(self, custody: Custody, store: PgStore, lease_seconds: float, *, inbox_key: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 in_flight: Callable[[], int] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.custody = custody
         self.store = store
         self.host = custody.host
@@ -45,6 +45,8 @@ class PostgresCoordinator:
         self.lease_seconds = float(lease_seconds)
         self.rows = PgClaims(store, self.host, lease_seconds)
         self.clock = clock
+        # The host's jobs in flight, for `status` and /metrics (the daemon's count; else this inbox's claims).
+        self.in_flight = in_flight or (lambda: len(self._held))
         self._held: dict[str, tuple[RowClaim, Claim]] = {}  # by the claim's name under claimed/<host>/
         self._last_ok: float | None = None
         self._problem = ""
@@ -64,7 +66,7 @@ class PostgresCoordinator:
         """Alive in `hosts`; leases renewed for the files still claimed, rows of files gone from claimed/
         (fenced for delivery, or returned) settled."""
         try:
-            before, ago = self.store.beat(self.host, len(self._held), self.custody.epoch)
+            before, ago = self.store.beat(self.host, self.in_flight(), self.custody.epoch)
             # Another daemon beating under this host's name within the lease (a cloned VM): neither claims
             # until one of them has stopped for a lease, as with heartbeat files on the share.
             twin = before if before not in ("", self.custody.epoch) and ago < self.lease_seconds else ""
@@ -206,13 +208,14 @@ def inbox_id(inbox: Path) -> str:
     raise OSError(f"{path}: not an inbox id ({text[:40]!r}); remove it and bgwatch makes a new one")
 
 
-def studio_coordinator(store: RunStore, custody: Custody, lease_seconds: float) -> PostgresCoordinator | None:
+def studio_coordinator(store: RunStore, custody: Custody, lease_seconds: float, *,
+                       in_flight: Callable[[], int] | None = None) -> PostgresCoordinator | None:
     """The coordinator a studio store gives an inbox (None: the share coordinates, as on SQLite)."""
     from bgwatch.pgstore import PgStore
 
     if not isinstance(store, PgStore):
         return None
-    return PostgresCoordinator(custody, store, lease_seconds)
+    return PostgresCoordinator(custody, store, lease_seconds, in_flight=in_flight)
 
 
 if TYPE_CHECKING:
