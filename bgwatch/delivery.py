@@ -75,6 +75,7 @@ class Settled:
     reason: str = ""  # why it failed (disposition "failed")
     problem: str = ""  # the output is written but the original could not be filed: why
     returned: str = ""  # not finished: why the original went back to the inbox
+    handed_over: bool = False  # taken over mid-way by another host, which finishes it with this output
 
 
 class DeliveryBlocked(Exception):
@@ -179,7 +180,8 @@ class Custody(Claims):
         `disposition` (move | delete | keep), fenced. `data` None: the output there is already this input's
         own (an earlier run of the same bytes and spec), kept as it is. None: superseded (the claim was taken
         back; nothing was written by this host). FolderMissing if the outbox is not there (its share is away);
-        DeliveryBlocked if the output could not be written (the claim still holds)."""
+        DeliveryBlocked if the output could not be written (the claim still holds). `handed_over`: another
+        host took the delivery over after its marker, and finishes it with this output."""
         if disposition not in DISPOSITIONS[:3]:
             raise ValueError(f"unknown disposition {disposition!r}")
         token = self.token(run_id)
@@ -239,10 +241,10 @@ class Custody(Claims):
             final = outputs.place(out_dir, tmp, output_rel, sha, owner, self.outputs,
                                   lambda: self._check_holds(token))
         except _Lost:  # taken over while this host was paused: the taker decides, with our temp output
-            return None
+            return Settled(token, False, "", None, None, handed_over=True)
         except FileNotFoundError:
             if outputs.find(out_dir, output_rel, sha) is not None and not self._holds(token):
-                return None  # the taker finished it with our temp output
+                return Settled(token, False, "", None, None, handed_over=True)  # the taker placed our output
             out_dir.unlink(tmp)
             self._unfence(claim, token)
             raise

@@ -349,6 +349,8 @@ class Intake:
             return True
         if settled is None:
             self.outcomes.put(runs.taken_back(job.run_id))
+        elif settled.handed_over:
+            self.outcomes.put(runs.handed_over(job.run_id))
         else:
             self.outcomes.put(runs.skipped(job.run_id, settled.output, earlier_id, settled.parked))
         logger.info("{}: same image and spec as run {}, skipped", shown(job.rel_path), earlier_id)

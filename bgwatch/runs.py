@@ -97,6 +97,11 @@ def outbox_away(run_id: int, where: str) -> RunResult:
                               "inbox and is taken again when the outbox returns")
 
 
+def handed_over(run_id: int) -> RunResult:
+    return superseded(run_id, "another host took this delivery over mid-way (this one was silent longer than the "
+                              "lease) and finishes it with this run's output")
+
+
 def undone(run_id: int, why: str) -> RunResult:
     return superseded(run_id, f"its delivery was undone ({why}); the original went back to the inbox and is "
                               "processed again")

@@ -176,7 +176,8 @@ def test_a_delivery_taken_over_mid_way_is_finished_once_by_the_taker(inbox: Path
         return held
 
     monkeypatch.setattr(Custody, "_holds", holds_then_taken_over)
-    assert owner.deliver(claim, 5, outbox, "shot.png", b"the output", "move") is None  # superseded
+    settled = owner.deliver(claim, 5, outbox, "shot.png", b"the output", "move")
+    assert settled is not None and settled.handed_over and not settled.finished  # the taker finishes it
     assert taken == [["e1-5: finished"]]
     assert files(outbox) == ["shot.png"] and (outbox / "shot.png").read_bytes() == b"the output"
     assert (inbox / "done" / "shot.jpg").read_bytes() == b"original"

@@ -77,6 +77,8 @@ class FolderSource:
             return
         if settled is None:
             outcomes.put(runs.taken_back(job.run_id))
+        elif settled.handed_over:
+            outcomes.put(runs.handed_over(job.run_id))
         elif not settled.finished:
             outcomes.put(runs.undone(job.run_id, settled.returned))
         else:
