@@ -28,6 +28,7 @@ from test_multihost import (  # noqa: E402
     scenario_crash_after_delivery,
     scenario_db_lock,
     scenario_full_outbox,
+    scenario_full_state_folder,
     scenario_keep,
     scenario_keep_once,
     scenario_same_name_twice,
@@ -48,6 +49,7 @@ def scenarios(args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], Calla
         "crash-after-write": ({}, lambda c: scenario_crash_after_delivery(c)),
         "same-name": ({}, lambda c: scenario_same_name_twice(c, pairs=args.pairs)),
         "full-outbox": ({"hosts": 2}, lambda c: scenario_full_outbox(c)),
+        "full-state": ({"hosts": 2}, lambda c: scenario_full_state_folder(c)),
         # The FUSE passthrough answering in 10-20 ms a call (tests/fusefs.py), one row per kind of share
         **{f"share-{mode}": ({"fs": mode}, lambda c: scenario_share_mode(c, files=args.share_files,
                                                                           pairs=args.pairs, kills=args.share_kills))

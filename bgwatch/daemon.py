@@ -102,6 +102,7 @@ class Daemon:
         if self.http is not None:
             self.sources.append(HttpSource(self.http, self.intake.outcomes))
         self._config_mtime = self._mtime(config.source)
+        self._status_trouble = False
         self._last_heartbeat = time.monotonic()
         self._next_watchdog = 0.0
         usec = os.environ.get("WATCHDOG_USEC", "")
@@ -323,8 +324,15 @@ class Daemon:
                 self.metrics.queue_depth(stage, depth)
         try:
             safefs.write_file_atomic(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=1).encode())
-        except OSError as exc:
-            logger.warning("cannot write {}: {}", STATUS_FILE, exc)
+        except OSError as exc:  # a full state disk: said once, not every STATUS_SECONDS
+            if not self._status_trouble:
+                logger.warning("cannot write {}: {} (said once until it works again)", STATUS_FILE,
+                               exc.strerror or exc)
+            self._status_trouble = True
+        else:
+            if self._status_trouble:
+                logger.info("{} written again", STATUS_FILE)
+            self._status_trouble = False
         unhealthy = [i["path"] for i in inboxes if not i["healthy"]]
         sd_notify(f"STATUS={inflight} in flight, {len(self.intake.pending)} waiting"
                   + (f"; not watching: {', '.join(str(u) for u in unhealthy)}" if unhealthy else ""))

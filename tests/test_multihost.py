@@ -266,6 +266,43 @@ def scenario_share_mode(cluster: Cluster, files: int = 18, pairs: int = 3, kills
     return cluster.finish(f"{cluster.share.fs} share: SIGKILLs, same names, output-name pairs", kills)
 
 
+def scenario_full_state_folder(cluster: Cluster, files: int = 12, wait: float = 8.0) -> Report:
+    """One host's state folder (its SQLite database and logs) fills up mid-batch: no run may be left
+    'queued' or 'running', the console may not flood (loguru's "Logging error" tracebacks, a retry loop's
+    warnings), the other host goes on, and once there is room the host works again."""
+    victim = cluster.hosts[0]
+    state = victim.state_dir
+    size = FREE_SPACE_ERROR + (8 << 20)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(state)],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("a full state folder needs a small tmpfs, mounted as root")
+    try:
+        cluster.start()
+        for host in cluster.hosts:
+            host.wait_ready()
+        before = len(victim.log_path.read_text(errors="replace").splitlines())
+        filler = state / "filler.bin"
+        with open(filler, "wb") as handle, contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+        cluster.share.drop_images(files, size=MID_SIZE)
+        time.sleep(wait)
+        lines = victim.log_path.read_text(errors="replace").splitlines()[before:]
+        floods = sum("Logging error" in line for line in lines)
+        cluster.notes.append(f"{victim.name}'s state folder full for {wait:g} s: {len(lines)} console line(s), "
+                             f"{floods} 'Logging error' traceback(s)")
+        if len(lines) > 60 + 40 * wait:
+            cluster.violations.append(f"{victim.name}: {len(lines)} console lines in {wait:g} s with a full state "
+                                      "folder: a flood")
+        filler.unlink()
+        cluster.wait_finished(120)
+        return cluster.finish(f"state folder full {wait:g} s", 1)
+    finally:
+        cluster.stop()
+        subprocess.run(["umount", "-l", str(state)], capture_output=True, check=False)
+
+
 KEEP_SIDECAR = 'background_color: "#eeeeee"\n'
 
 
@@ -386,6 +423,12 @@ def test_same_name_dropped_twice_while_in_flight(make_cluster: Callable[..., Clu
 @pytest.mark.timeout(200)
 def test_a_full_outbox_is_waited_out_not_failed(make_cluster: Callable[..., Cluster]) -> None:
     _assert_clean(scenario_full_outbox(make_cluster(hosts=2)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_full_state_folder_strands_no_row_and_floods_nothing(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_full_state_folder(make_cluster(hosts=2)))
 
 
 @pytest.mark.slow
