@@ -27,7 +27,7 @@ from bgwatch.safefs import Folder
 
 OUTPUTS = "outputs"
 RECORD_LIMIT = 1 << 14  # bytes: a record is a few hundred
-OUTPUT_LIMIT = 1 << 32  # bytes: an output larger than this (4 GiB) is nobody's that bgwatch wrote
+OUTPUT_LIMIT = 1 << 30  # bytes: more than any output bgwatch writes; a planted giant is not hashed
 _MISSES = 3  # consecutive free numbers after which a numbered output is not looked for further
 
 
