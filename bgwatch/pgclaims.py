@@ -125,6 +125,12 @@ class PgClaims:
                 (inbox, silent, self.host, self.lease_seconds)).fetchall()
         return [RowClaim(r["inbox"], r["rel_path"], int(r["token"]), silent) for r in rows]
 
+    def forget_host(self, inbox: str, host: str) -> int:
+        """Every row `host` holds in `inbox`, gone: called once its files were returned to the inbox, so that
+        rows whose lease has not quite run out do not keep those files from being claimed."""
+        with self.store.transaction() as conn:
+            return conn.execute("DELETE FROM claims WHERE inbox = %s AND holder = %s", (inbox, host)).rowcount
+
     def holders(self, inbox: str) -> dict[str, float]:
         """Each host holding rows in `inbox`, with the seconds since its newest lease ran out (negative: live)."""
         with self.store.connection() as conn:

@@ -37,6 +37,9 @@ BACKGROUND_FIELDS = ("key", "engine", "model", "prompt", "negative_prompt", "see
                      "guidance_scale", "path", "bytes", "created_at", "last_used_at", "hits")
 BACKGROUND_SELECT = "SELECT " + ", ".join(BACKGROUND_FIELDS) + " FROM backgrounds"
 CONNECT_TIMEOUT = 5.0
+# How long a caller waits for a pooled connection before the store counts as away: short, because the
+# daemon's main thread records runs and must go on answering signals while PostgreSQL restarts.
+WAIT_SECONDS = 2.0
 _EPSILON = 1e-9
 
 
@@ -62,7 +65,7 @@ class PgStore:
         except psycopg.Error as exc:
             raise self._away(exc) from None
         self.pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
-            url, min_size=1, max_size=max_connections, open=False, timeout=connect_timeout,
+            url, min_size=1, max_size=max_connections, open=False, timeout=min(connect_timeout, WAIT_SECONDS),
             kwargs={"autocommit": True, "row_factory": dict_row,
                     "connect_timeout": max(1, round(connect_timeout))},
             check=ConnectionPool.check_connection, name="bgwatch-store", reconnect_timeout=float("inf"))

@@ -51,6 +51,7 @@ class PostgresCoordinator:
         self._last_ok: float | None = None
         self._problem = ""
         self._twin = ""  # the epoch of another daemon beating under this host's name
+        self._beats = 0
 
     @property
     def inbox_key(self) -> str:
@@ -67,9 +68,12 @@ class PostgresCoordinator:
         (fenced for delivery, or returned) settled."""
         try:
             before, ago = self.store.beat(self.host, self.in_flight(), self.custody.epoch)
-            # Another daemon beating under this host's name within the lease (a cloned VM): neither claims
-            # until one of them has stopped for a lease, as with heartbeat files on the share.
-            twin = before if before not in ("", self.custody.epoch) and ago < self.lease_seconds else ""
+            # Another daemon beating under this host's name between two of ours, within the lease (a cloned
+            # VM): neither claims until one of them has stopped, as with heartbeat files on the share. A first
+            # beat that finds the previous daemon's epoch is a restart, not a twin.
+            twin = (before if self._beats and before not in ("", self.custody.epoch) and ago < self.lease_seconds
+                    else "")
+            self._beats += 1
             if twin and twin != self._twin:
                 logger.warning("{}: another daemon beats as host {} (epoch {}); not claiming", self.custody.inbox,
                                self.host, twin)
@@ -170,6 +174,8 @@ class PostgresCoordinator:
         back = self.custody.reclaim(host)
         for row in taken:
             self._forget(row)
+        with contextlib.suppress(StoreUnavailable):  # away: its rows' leases run out by themselves
+            self.rows.forget_host(self.inbox_key, host)
         return back
 
 
