@@ -312,3 +312,39 @@ def test_png_encode_uses_the_fast_compression_level() -> None:
     data = encode(image, OutputSpec(format="png"))
     idat = data.index(b"IDAT") + 4
     assert data[idat] & 0x0F == 8 and data[idat + 1] >> 6 == 0  # deflate, fastest level class
+
+
+def test_png_encoder_round_trips_exactly_and_writes_the_chunks_pillow_writes() -> None:
+    """The PNG comes from libpng through OpenCV (faster than Pillow's encoder); its pixels must read back
+    exactly (RGBA, RGB, and an all-opaque RGBA stored as RGB) and the metadata chunks must be the ones
+    Pillow writes for the same image: the sRGB profile, the DPI and the EXIF, each with a valid CRC."""
+    from bgwatch.pipeline.metadata import Carried
+
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x013B] = "A. Photographer"  # Artist
+    carried = Carried(exif=exif.tobytes(), dpi=(300.0, 72.0))
+    for image in (rgba, rgba[..., :3].copy(), np.dstack([rgba[..., :3], np.full((37, 53), 255, np.uint8)])):
+        data = encode(image, OutputSpec(format="png"), carried)
+        expected = image if image.shape[2] == 3 or (image[..., 3] < 255).any() else image[..., :3]
+        with Image.open(io.BytesIO(data)) as back:
+            back.load()  # Pillow checks every chunk's CRC while reading
+            assert back.mode == ("RGBA" if expected.shape[2] == 4 else "RGB")
+            assert np.array_equal(np.asarray(back), expected)
+            reference = io.BytesIO()
+            Image.fromarray(expected).save(reference, "PNG", icc_profile=back.info["icc_profile"],
+                                           exif=carried.exif, dpi=carried.dpi)
+            with Image.open(reference) as pillow:
+                assert back.info["dpi"] == pillow.info["dpi"] and back.info["exif"] == pillow.info["exif"]
+                assert back.getexif()[0x013B] == "A. Photographer"
+        # the chunks in Pillow's order: header, profile, density, EXIF, then the pixels
+        kinds, at = [], 8
+        while at < len(data):
+            (length,) = struct.unpack(">I", data[at : at + 4])
+            kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+            assert struct.unpack(">I", data[at + 8 + length : at + 12 + length])[0] == zlib.crc32(kind + body)
+            kinds.append(kind)
+            at += 12 + length
+        assert kinds[:4] == [b"IHDR", b"iCCP", b"pHYs", b"eXIf"] and kinds[-1] == b"IEND"
+        assert set(kinds[4:-1]) == {b"IDAT"}

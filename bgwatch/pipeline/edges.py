@@ -37,6 +37,7 @@ SURE = 0.75  # the colour snap's sure subject (mask above this) and sure backdro
 # F and B count as apart from gap / (gap + 4 * spread) = SEPARATE_FROM, fully from SEPARATE_FULL.
 SEPARATE_FROM, SEPARATE_FULL = 0.4, 0.7
 EXTREME = 0.35  # the snap acts where a pixel's place between B and F is this far from one half or more
+SAMPLE_ROW = 4096  # positions per row of the maps cv2.remap samples the fits with (it takes < 32767 a side)
 
 
 def plain_upsample(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -87,6 +88,9 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     y_lo, y_hi = int(top / sy), min(height, int(np.ceil(bottom / sy)) + 1)
     cols = np.arange(x_lo, x_hi)
     band_cols = np.minimum((cols * sx).astype(np.intp), size[0] - 1)
+    flat = out.reshape(-1)
+    # The photo's pixels as one row each, to gather by flat index (a view; a strided photo is indexed as is).
+    pixels = rgb.reshape(-1, 3) if rgb.shape[2] == 3 and rgb.flags.c_contiguous else None
     for y0, y1 in strips(y_hi - y_lo, x_hi - x_lo):
         rows = np.arange(y_lo + y0, y_lo + y1)
         hit = band[np.minimum((rows * sy).astype(np.intp), size[1] - 1)][:, band_cols]
@@ -95,22 +99,41 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
         xs += x_lo
         for start in range(0, ys.size, POINT_CHUNK):
             cy, cx = ys[start:start + POINT_CHUNK], xs[start:start + POINT_CHUNK]
-            coeff = _bilinear(field, (cy + 0.5) * sy - 0.5 - t0, (cx + 0.5) * sx - 0.5 - l0)
-            colour = rgb[cy, cx, :3].astype(np.float32) * np.float32(1 / 255)
-            fitted = coeff[:, 0] * colour[:, 0]
-            fitted += coeff[:, 1] * colour[:, 1]
-            fitted += coeff[:, 2] * colour[:, 2]
+            coeff = _sample(field, (cy + 0.5) * sy - 0.5 - t0, (cx + 0.5) * sx - 0.5 - l0)
+            # One channel at a time (1-D runs over the points): numpy's reductions over a short last axis
+            # and its broadcasts of (N, 3) arrays cost several times more.
+            at = cy * width + cx
+            colour = [channel.astype(np.float32) * np.float32(1 / 255) for channel in
+                      (np.take(pixels, at, axis=0) if pixels is not None else rgb[cy, cx, :3]).T]
+            fitted = coeff[:, 0] * colour[0]
+            fitted += coeff[:, 1] * colour[1]
+            fitted += coeff[:, 2] * colour[2]
             fitted += coeff[:, 3]
             np.clip(fitted, 0.0, 1.0, out=fitted)
-            plain_here = out[cy, cx]
-            alpha = plain_here + coeff[:, 4] * (fitted - plain_here)
-            fg, bg = coeff[:, 5:8], coeff[:, 8:11]
-            gap = fg - bg
-            place = ((colour - bg) * gap).sum(axis=1) / ((gap * gap).sum(axis=1) + 1e-4)
-            np.clip(place, 0.0, 1.0, out=place)
-            snap = coeff[:, 11] * np.clip((np.abs(place - 0.5) - EXTREME) / (0.5 - EXTREME), 0.0, 1.0)
-            alpha += snap * (place - alpha)
-            out[cy, cx] = alpha
+            alpha = flat[at]
+            fitted -= alpha
+            fitted *= coeff[:, 4]
+            alpha += fitted
+            # The pixel's place on the line from the backdrop's colour (coeff 8:11) to the subject's (5:8).
+            along = np.zeros(cy.size, np.float32)
+            length = np.full(cy.size, np.float32(1e-4))
+            for c in range(3):
+                gap = coeff[:, 5 + c] - coeff[:, 8 + c]
+                colour[c] -= coeff[:, 8 + c]
+                colour[c] *= gap
+                along += colour[c]
+                gap *= gap
+                length += gap
+            place = np.clip(along / length, 0.0, 1.0, out=along)
+            snap = np.abs(place - 0.5)
+            snap -= EXTREME
+            snap *= np.float32(1 / (0.5 - EXTREME))
+            np.clip(snap, 0.0, 1.0, out=snap)
+            snap *= coeff[:, 11]
+            place -= alpha
+            place *= snap
+            alpha += place
+            flat[at] = alpha
     return out
 
 
@@ -123,17 +146,21 @@ def _box(band: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _bilinear(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
-    """Bilinear samples (N, C) of an hxwxC field at fractional positions (clamped to its edges)."""
-    h, w = field.shape[:2]
-    py = np.clip(py, 0.0, h - 1)
-    px = np.clip(px, 0.0, w - 1)
-    y0, x0 = py.astype(np.intp), px.astype(np.intp)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    wy, wx = (py - y0).astype(np.float32)[:, None], (px - x0).astype(np.float32)[:, None]
-    top = field[y0, x0] + (field[y0, x1] - field[y0, x0]) * wx
-    bottom = field[y1, x0] + (field[y1, x1] - field[y1, x0]) * wx
-    return np.asarray(top + (bottom - top) * wy, np.float32)
+def _sample(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
+    """Bilinear samples (N, C) float32 of an hxwxC float32 field at fractional positions, a position past
+    an edge taking the edge's value. cv2.remap gathers them several times faster than numpy's indexing;
+    it takes at most 32767 positions a side, so the list is laid out in rows of SAMPLE_ROW."""
+    import cv2
+
+    n = py.size
+    if n == 0:
+        return np.zeros((0, field.shape[2]), np.float32)
+    width = min(n, SAMPLE_ROW)
+    pad = -n % width
+    maps = [np.pad(p.astype(np.float32), (0, pad), mode="edge").reshape(-1, width) for p in (px, py)]
+    field = np.ascontiguousarray(field, np.float32)
+    samples = cv2.remap(field, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return np.asarray(samples.reshape(-1, field.shape[2])[:n])
 
 
 def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int) -> np.ndarray:
