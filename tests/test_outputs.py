@@ -208,3 +208,38 @@ def test_a_full_outbox_is_named_and_the_claim_still_holds(share: tuple[Path, Pat
         assert settled is not None and settled.finished and (small / "big.png").read_bytes() == b"small output"
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_half_done_link_move_is_recognised_without_inode_numbers(share: tuple[Path, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filing killed between link and unlink leaves one file under two names. Where a mount makes up inode
+    numbers (FUSE, SMB noserverino), the two names do not share one: the content decides, so the original
+    is filed once (done/x.jpg), not twice (x.jpg and x-2.jpg)."""
+    inbox, _ = share
+    src, done = inbox / "held", inbox / "done"
+    drop(src / "x.jpg", b"the original")
+    done.mkdir()
+    os.link(src / "x.jpg", done / "x.jpg")  # the link happened, the unlink did not
+    monkeypatch.setattr(safefs, "same_file", lambda a, b: False)  # inode numbers that never match
+    with safefs.Folder.open_root(src) as a, safefs.Folder.open_root(done) as b:
+        assert safefs.move_to_free_name(a, "x.jpg", b, "x.jpg", unique_tag="ws1-000000") == "x.jpg"
+    assert tree(done) == ["x.jpg"] and not (src / "x.jpg").exists()
+    # two different files under those names are never taken for one
+    drop(src / "y.jpg", b"one")
+    drop(done / "y.jpg", b"two")
+    with safefs.Folder.open_root(src) as a, safefs.Folder.open_root(done) as b:
+        assert safefs.move_to_free_name(a, "y.jpg", b, "y.jpg", unique_tag="ws1-000000") == "y-2.jpg"
+
+
+def test_deliveries_waiting_for_storage_back_off_and_give_up_in_the_end() -> None:
+    from bgwatch.retries import MAX_DELAY, Retries
+
+    retries: Retries[str] = Retries(give_up_seconds=300)
+    assert retries.add(7, "job", "outbox: No space left on device (ENOSPC)", errno.ENOSPC, 0.0) == (1, 2.0)
+    assert retries.due(1.0) == [] and retries.due(2.0) == [("job", False)]
+    assert retries.due(100.0) == []  # being tried: not handed out twice
+    delays = [retries.add(7, "job", "again", errno.ENOSPC, 0.0)[1] for _ in range(8)]
+    assert delays == [4.0, 8.0, 16.0, 32.0, MAX_DELAY, MAX_DELAY, MAX_DELAY, MAX_DELAY]
+    assert retries.due(400.0) == [("job", True)]  # past give_up_seconds since the first failure: the last try
+    assert retries.errors == {"ENOSPC": 9} and "run 7: again" in retries.problems()[0]
+    assert retries.clear(7) and not retries.clear(7) and len(retries) == 0
