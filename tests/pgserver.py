@@ -1,14 +1,15 @@
 """A throwaway PostgreSQL cluster for the tests: initdb and pg_ctl on a Unix socket in a temporary folder,
-one per test session, gone when the session ends.
+one per test session (however many modules use it), gone when the session ends.
 
 PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres` user (a real setuid in
 the child processes) and the folder is handed to it. Debian's `postgresql` is installed when the server is
 missing and we are root (apt, a package registry); otherwise the tests that need it are skipped with the
-reason. Each test gets an empty database of its own (CREATE DATABASE from a migrated template: fast).
+reason. Each test gets an empty database of its own (a CREATE DATABASE: fast).
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import itertools
 import os
@@ -146,17 +147,32 @@ def start_cluster() -> tuple[Cluster | None, str]:
     return cluster, ""
 
 
+_session: tuple[Cluster | None, str] | None = None
+
+
+def _discard(cluster: Cluster) -> None:
+    cluster.stop("immediate")
+    shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def session_cluster() -> tuple[Cluster | None, str]:
+    """One cluster for the whole test session, whichever module asks first (each module that imports the
+    fixture gets its own copy of it, so the cluster itself is kept here); gone when the process exits."""
+    global _session
+    if _session is None:
+        _session = start_cluster()
+        if _session[0] is not None:
+            atexit.register(_discard, _session[0])
+    return _session
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
-    cluster, why = start_cluster()
+    cluster, why = session_cluster()
     if cluster is None:
         print(f"\nPostgreSQL tests skipped: {why}")
         pytest.skip(why)
-    try:
-        yield cluster
-    finally:
-        cluster.stop("immediate")
-        shutil.rmtree(cluster.root, ignore_errors=True)
+    yield cluster
 
 
 @pytest.fixture
