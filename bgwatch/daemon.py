@@ -83,7 +83,7 @@ class Daemon:
         self.sites = self._sites(config, {})
         self._on_result = on_result
         self.intake = Intake(config, self.store, self.sites, self._submit, once=once,
-                             on_result=self._result_recorded if http else on_result)
+                             on_result=self._result_recorded)
         self.progress = Progress()
         self.workers = Workers(config, self.engines, budget=self.budget, job_bucket=self.job_bucket,
                                progress=self.progress, abort=self.abort_event, started=self._started,
@@ -145,11 +145,11 @@ class Daemon:
         self.intake.outcomes.put(Started(job.run_id, time.time()))
 
     def _result_recorded(self, result: RunResult) -> None:
-        """With the HTTP door: the caller's on_result, then the door wakes the request waiting for it."""
+        """The caller's on_result, then each source (the HTTP door wakes the request waiting for it)."""
         if self._on_result is not None:
             self._on_result(result)
-        if self.http is not None:
-            self.http.recorded(result)
+        for source in self.sources:
+            source.recorded(result)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -229,14 +229,13 @@ class Daemon:
                 # waits and the status tick need no more than a tenth of a second.
                 self.intake.wake.wait(0.1)
             sd_notify("STOPPING=1")
-            if self.http is not None:
-                self.http.stop_accepting()
+            for source in self.sources:
+                source.stop_accepting()
             self._drain()
             clean = True
         finally:
-            if self.http is not None:
-                self.http.close()
-            self.intake.stop()
+            for source in self.sources:
+                source.close()
             self.abort_event.set()
             self._retry_q.put(None)
             alive = self.workers.stop(timeout=5)
@@ -280,7 +279,7 @@ class Daemon:
         if self.intake.busy():
             logger.info("draining {} job(s) in flight (at most {:g} s; signal again to leave now)",
                         len(self.intake.inflight), self.config.pipeline.stop_timeout)
-        while (self.intake.busy() or (self.http is not None and self.http.busy())) and (
+        while any(source.busy() for source in self.sources) and (
                 not self.force_event.is_set() and time.monotonic() < deadline):
             self.intake.apply_outcomes()
             self._watchdog()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from bgwatch.jobs import Job
+    from bgwatch.jobs import Job, RunResult
     from bgwatch.pipeline.stages import Finished
 
 
@@ -35,3 +35,15 @@ class JobSource(Protocol):
 
     def sweep(self) -> None:
         """Main thread: settle what other hosts left (silent longer than the lease)."""
+
+    def recorded(self, result: RunResult) -> None:
+        """Main thread: a run's end was recorded by the ledger (wake whoever waits for it)."""
+
+    def busy(self) -> bool:
+        """Jobs of this source recorded and not ended (a TERM drains them)."""
+
+    def stop_accepting(self) -> None:
+        """Stopping: take no new work from here on."""
+
+    def close(self) -> None:
+        """Stopped: let go of what the source holds open."""

@@ -17,7 +17,7 @@ from bgwatch.text import shown
 
 if TYPE_CHECKING:
     from bgwatch.intake import Intake, Site
-    from bgwatch.jobs import Job
+    from bgwatch.jobs import Job, RunResult
     from bgwatch.pipeline.stages import Finished
 
 
@@ -90,6 +90,18 @@ class FolderSource:
         site = self.intake.sites.get(job.inbox)
         custody = site.custody if site is not None else Custody(claim.inbox, claim.host, self.epoch)
         self.intake.outcomes.put(runs.fail_filed(custody, claim, job.run_id, reason))
+
+    def recorded(self, result: RunResult) -> None:
+        return None  # the intake ends its own runs (it recorded them)
+
+    def busy(self) -> bool:
+        return self.intake.busy()
+
+    def stop_accepting(self) -> None:
+        return None  # the main loop stops ticking the intake: nothing more is claimed
+
+    def close(self) -> None:
+        self.intake.stop()
 
     # ------------------------------------------------------------------ silent hosts
 

@@ -9,7 +9,7 @@ from bgwatch import runs
 
 if TYPE_CHECKING:
     from bgwatch.httpjobs import HttpDoor
-    from bgwatch.jobs import Job
+    from bgwatch.jobs import Job, RunResult
     from bgwatch.outcomes import Outcomes
     from bgwatch.pipeline.stages import Finished
 
@@ -38,3 +38,15 @@ class HttpSource:
 
     def sweep(self) -> None:
         return None
+
+    def recorded(self, result: RunResult) -> None:
+        self.door.recorded(result)
+
+    def busy(self) -> bool:
+        return self.door.busy()
+
+    def stop_accepting(self) -> None:
+        self.door.stop_accepting()
+
+    def close(self) -> None:
+        self.door.close()
