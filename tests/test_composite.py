@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bgwatch.jobs import JobSpec
-from bgwatch.pipeline.composite import composite, contact_shadow, estimate_foreground
+from bgwatch.pipeline.composite import composite, contact_shadow
+from bgwatch.pipeline.foreground import BandedFusion, estimate_foreground
 from bgwatch.samples import studio_shot
 
 OFF = JobSpec(
@@ -148,6 +149,54 @@ def test_foreground_estimation_recovers_true_colours_at_partial_coverage() -> No
     assert np.abs(fg - scene.fg)[partial].mean() < 0.03
     assert np.abs(old - scene.old_bg)[outside(scene.alpha)].mean() < 0.01
 
+
+
+# ---------------------------------------------------------------- bands of rows
+
+
+@pytest.mark.parametrize("band_rows", [1, 3, 50])
+@pytest.mark.parametrize("with_bg", [True, False])
+def test_blur_fusion_in_bands_gives_the_whole_region_s_colours(band_rows: int, with_bg: bool) -> None:
+    """F on the inner box and B_old on every 4th pixel, band by band, are estimate_foreground's on the whole
+    region (cv2's box filters over all of it), whether the inner box touches the region's edge or not."""
+    scene = bottle_scene(with_handle=True)
+    alpha8 = np.rint(scene.alpha * 255).astype(np.uint8)
+    whole_fg, whole_bg = estimate_foreground(scene.photo, alpha8.astype(np.float32) / 255, radii=(29, 2))
+    for inner in [(20, 240, 30, 300), (0, 256, 0, 320)]:
+        e0, e1, f0, f1 = inner
+        fusion = BandedFusion(scene.photo, alpha8, (29, 2), inner, with_bg)
+        bands = list(fusion.bands(band_rows))
+        assert [b[0] for b in bands] == list(range(0, e1 - e0, band_rows))
+        fg = np.concatenate([b[2] for b in bands])
+        assert np.abs(fg - whole_fg[e0:e1, f0:f1]).max() < 1e-5
+        if with_bg:
+            assert fusion.old_bg is not None and np.abs(fusion.old_bg - whole_bg[::4, ::4]).max() < 1e-5
+
+
+def _filled_frame_shot() -> tuple[np.ndarray, np.ndarray]:
+    """A product cropped tight (it fills the frame, touching the top and bottom edges), with a hard mask."""
+    shot = studio_shot(3, (480, 320), "white_sweep")
+    ys, xs = np.nonzero(shot.mask > 0.05)
+    crop = (slice(ys.min() + 6, ys.max() - 6), slice(max(0, xs.min() - 12), xs.max() + 12))
+    rgb = cv2.resize(shot.rgb[crop], (360, 240), interpolation=cv2.INTER_CUBIC)
+    return rgb, (cv2.resize(shot.mask[crop], (360, 240)) > 0.5).astype(np.float32)
+
+
+@pytest.mark.parametrize("band_rows", [1, 7, 40])
+def test_the_composite_in_bands_is_the_whole_box_composite(band_rows: int) -> None:
+    """Bands of rows (each grown by its blurs' reach) give the picture one band over the whole box gives:
+    no seams where bands meet, with every step on (colour matching, light wrap, feathering, shadow)."""
+    rgb, alpha = _filled_frame_shot()
+    backdrop = np.dstack([np.linspace(250, 90, 240)[:, None].repeat(360, 1)] * 3).astype(np.uint8)
+    spec = JobSpec(operation="replace", engine="gradient", shadow=True, enhance_fg=True)
+    # Hard edges (no feathering) show a light wrap cut short at a band's edge; float sums may round apart.
+    for step in (spec, replace(spec, match_colors=False), replace(spec, feather_edges=False)):
+        whole = composite(rgb, alpha, backdrop, step, band_rows=10_000)
+        banded = composite(rgb, alpha, backdrop, step, band_rows=band_rows)
+        differs = np.abs(whole.astype(int) - banded)
+        assert differs.max() <= 1 and np.count_nonzero(differs) < 1e-4 * differs.size
+    # ... and that is not the backdrop: the subject is there, with its own colours.
+    assert delta_e76(banded, rgb)[interior(alpha, margin=6)].mean() < 8.0
 
 def test_feathering_smooths_a_hard_jagged_mask() -> None:
     scene = bottle_scene()

@@ -5,9 +5,7 @@
 In order:
 1. Foreground colours. An edge pixel of the photo is a mix I = aF + (1-a)B_old of the subject and the
    old background; pasting I as it is drags a rim of the old background (a halo) onto the new one. The
-   subject's own colour F is estimated everywhere by blur fusion (Forte & Pitié, "Approximate fast
-   foreground colour estimation", ICIP 2021): B_old and F are local alpha-weighted means, and
-   F = F_mean + a(I - a F_mean - (1-a) B_old), run at a coarse then a fine radius. Where a = 1 F is I.
+   subject's own colour F is estimated by blur fusion, band by band (foreground.py).
 2. enhance_fg: CLAHE on the subject's lightness (cleanup.enhance_foreground).
 3. match_colors: the subject is relit from the old scene's ambient light to the new one's — a bounded
    shift of means in CIELAB (lightness at most 5, chroma cast at most 4, so a product keeps its true
@@ -19,17 +17,24 @@ In order:
 5. shadow: a soft contact shadow under each object — an ellipse at its base (the bottom of its mask),
    a tight dark core and a wide soft penumbra — multiplied onto the backdrop, below the base only.
 
-Heavy work runs on the subject's bounding box (padded for the blurs), one float plane of it at a time, and
-the colours are blended in strips of rows into the uint8 result only where the subject's alpha reaches;
-the rest of the frame is the backdrop, darkened by the shadow, which is kept as small canvases and read at
-full size strip by strip. Peak memory stays near 24 bytes a pixel of the input for the whole job.
+Heavy work runs on the subject's bounding box (padded for the blurs) in bands of rows, each grown by the
+reach of its blurs so that the result does not depend on where the bands fall (the coarse box means of the
+colour estimate run down the rows instead: their reach is a tenth of the image). Colours are blended into
+the uint8 result only where the subject's alpha reaches; with match_colors they wait for the colour shift
+(which reads the whole old background) as 16-bit values, 6 bytes a pixel of the box. The rest of the frame
+is the backdrop, darkened by the shadow, which is kept as small canvases and read at full size strip by
+strip. A whole replace job peaks at about 25 bytes a pixel, even when the product fills the frame.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 
 from bgwatch.jobs import JobSpec
+from bgwatch.pipeline.foreground import BAND_PIXELS, BandedFusion, as_alpha, as_float_rgb
 from bgwatch.pipeline.tiles import strips, upsample_window
 
 ALPHA_EPS = 1.0 / 512
@@ -40,16 +45,16 @@ AB_GAIN = 0.25  # share of the old-vs-new colour cast applied
 WRAP_STRENGTH = 0.3
 SHADOW_CORE = 0.45
 SHADOW_PENUMBRA = 0.3
+BLEND_MARGINS = 4  # a blend band is at least this many times its blurs' reach: margins cost at most half
 
 
-def composite(rgb: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, spec: JobSpec) -> np.ndarray:
+def composite(rgb: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, spec: JobSpec, *,
+              band_rows: int | None = None) -> np.ndarray:
     """The subject of `rgb` (coverage `alpha`, float [0,1] or uint8 HxW) over `backdrop`, same size as
-    `rgb`. The result is the (shaded) backdrop written strip by strip into a uint8 image; float work is
-    limited to the subject's box (padded for the blurs), a few single planes of it at a time, and colours
-    are blended in strips of rows straight into the result, only where the subject's alpha reaches. The
-    shadow is kept as small canvases, read at full size one strip at a time."""
-    import cv2
-
+    `rgb`. The result is the (shaded) backdrop written strip by strip into a uint8 image; the subject's box
+    (padded for the blurs) is then worked in bands of rows (`band_rows`, default: chosen from the blur
+    radii) and blended into it only where the subject's alpha reaches. The result does not depend on the
+    band size. The shadow is kept as small canvases, read at full size one strip at a time."""
     h, w = rgb.shape[:2]
     if alpha.ndim == 3:
         alpha = alpha[..., 0]
@@ -64,7 +69,7 @@ def composite(rgb: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, spec: Jo
     box = None
     for s0, s1 in strips(h, w):
         out[s0:s1] = _shaded_rows(backdrop, shade, (s0, s1, 0, w))
-        box = _union(box, _box(_as_alpha(alpha[s0:s1]) > ALPHA_EPS), s0)
+        box = _union(box, _box(as_alpha(alpha[s0:s1]) > ALPHA_EPS), s0)
     if box is None:
         return out
     coarse, fine = max(3, round(0.09 * side)), max(1, round(0.006 * side))
@@ -73,7 +78,7 @@ def composite(rgb: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, spec: Jo
     y0, y1 = max(0, box[0] - pad), min(h, box[1] + 1 + pad)
     x0, x1 = max(0, box[2] - pad), min(w, box[3] + 1 + pad)
     rh, rw = y1 - y0, x1 - x0
-    a = _as_alpha(alpha[y0:y1, x0:x1])
+    region_alpha = alpha[y0:y1, x0:x1]
     # Where the result can differ from the backdrop: where the (feathered) alpha is above zero. OpenCV's
     # Gaussian kernels for float images reach 4 sigma: the box grown by that and a margin.
     reach = int(np.ceil(4 * feather_sigma)) + 2 if feather_sigma else 1
@@ -82,50 +87,111 @@ def composite(rgb: np.ndarray, alpha: np.ndarray, backdrop: np.ndarray, spec: Jo
     e0, e1, f0, f1 = inner
     src = rgb[y0:y1, x0:x1]
     if spec.enhance_fg:
-        src = _enhance(src, a)
-    fg, old_bg = _blur_fusion(src, a, (coarse, fine), inner, spec.match_colors)
-    shift: tuple[float, np.ndarray] | None = None
-    if spec.match_colors:
-        assert old_bg is not None
-        fg_sampled = None
-        if float((1.0 - a[::4, ::4]).sum()) < 1.0:  # the subject fills the frame: its own colours are read
-            fg_sampled = _as_float_rgb(src[::4, ::4])
-            i0, j0 = -(-e0 // 4), -(-f0 // 4)
-            part = fg[4 * i0 - e0 :: 4, 4 * j0 - f0 :: 4]
+        src = _enhance(src, region_alpha)
+    blend = _Blend(out, backdrop, shade, region_alpha, (y0, x0), inner, feather_sigma)
+    fusion = BandedFusion(src, region_alpha, (coarse, fine), inner, spec.match_colors)
+    if not spec.match_colors:  # each band of the subject's colours is blended as soon as it is made
+        for t0, t1, fg in fusion.bands(band_rows):
+            blend.rows(t0, t1, functools.partial(_rows_of, fg, t0))
+        return out
+    # Matching reads the whole old background first: the colours wait, 16-bit, in a box of their own.
+    blend.glow = _glow_field(backdrop, shade, (y0, y1, x0, x1), wrap_sigma)
+    blend.wrap_sigma = wrap_sigma
+    a4 = as_alpha(region_alpha[::4, ::4])
+    fg_sampled = None
+    if float((1.0 - a4).sum()) < 1.0:  # the subject fills the frame: its own colours are read
+        fg_sampled = as_float_rgb(src[::4, ::4])
+    kept = np.empty((e1 - e0, f1 - f0, 3), np.uint16)
+    for t0, t1, fg in fusion.bands(band_rows):
+        if fg_sampled is not None:
+            i0, j0 = -(-(e0 + t0) // 4), -(-f0 // 4)
+            part = fg[4 * i0 - e0 - t0 :: 4, 4 * j0 - f0 :: 4]
             fg_sampled[i0 : i0 + part.shape[0], j0 : j0 + part.shape[1]] = part
-        shift = _color_shift(a, old_bg, _sampled_backdrop(backdrop, shade, 4), fg_sampled)
-        del old_bg, fg_sampled
+        fg *= 65535.0
+        kept[t0:t1] = np.rint(fg, out=fg)
     del src
-    if feather_sigma:
-        a = cv2.GaussianBlur(a, (0, 0), feather_sigma, borderType=cv2.BORDER_REPLICATE)
-    soft = glow = None
-    if spec.match_colors:
-        soft = cv2.GaussianBlur(a, (0, 0), wrap_sigma, borderType=cv2.BORDER_REPLICATE)[e0:e1, f0:f1].copy()
-        glow = _glow_field(backdrop, shade, (y0, y1, x0, x1), wrap_sigma)
-    a = a[e0:e1, f0:f1].copy()
-    for s0, s1 in strips(e1 - e0, f1 - f0):
-        f = fg[s0:s1]
-        if shift is not None:
-            f = _apply_shift(f, shift)
-        window = (y0 + e0 + s0, y0 + e0 + s1, x0 + f0, x0 + f1)
-        bd = _backdrop_float(backdrop, shade, window)
-        a_s = a[s0:s1]
-        if soft is not None and glow is not None:  # light wrap: fg + rim * (glow - fg)
-            k, small = glow
-            rows = (e0 + s0, e0 + s1, f0, f1)
-            g = upsample_window(small, (rh, rw), rows) if k > 1 else small[e0 + s0 : e0 + s1, f0:f1].copy()
-            rim = np.clip(a_s * (1.0 - soft[s0:s1]) * 2.0, 0.0, 1.0)[..., None] * WRAP_STRENGTH
-            g -= f
-            g *= rim
-            g += f
-            f = g
-        elif shift is None:  # a view of fg: blended in a copy
-            f = f.copy()
-        f -= bd  # fg * a + bd * (1 - a), in place
-        f *= a_s[..., None]
-        f += bd
-        out[window[0] : window[1], window[2] : window[3]] = _to_uint8(f)
+    assert fusion.old_bg is not None
+    blend.shift = _color_shift(a4, fusion.old_bg, _sampled_backdrop(backdrop, shade, 4), fg_sampled)
+    del fusion, fg_sampled
+
+    def kept_rows(s0: int, s1: int) -> np.ndarray:
+        fg = kept[s0:s1].astype(np.float32)
+        fg *= np.float32(1 / 65535)
+        return fg
+
+    ov = blend.overlap()
+    rows = band_rows or max(BAND_PIXELS // max(rw, 1), BLEND_MARGINS * ov, 1)
+    for t0 in range(0, e1 - e0, rows):
+        blend.rows(t0, min(t0 + rows, e1 - e0), kept_rows)
     return out
+
+
+class _Blend:
+    """Blends the subject's colours into `out`, rows of the inner box at a time: F (after the colour shift
+    and light wrap, when there are) times the feathered alpha over the shaded backdrop. The feathered
+    alpha and the wrap's softer one are made for each band from the band grown by their blurs' reach."""
+
+    def __init__(self, out: np.ndarray, backdrop: np.ndarray, shade: Shadow | None, region_alpha: np.ndarray,
+                 origin: tuple[int, int], inner: tuple[int, int, int, int], feather_sigma: float) -> None:
+        self.out, self.backdrop, self.shade, self.region_alpha = out, backdrop, shade, region_alpha
+        self.origin, self.inner, self.feather_sigma = origin, inner, feather_sigma
+        self.shift: tuple[float, np.ndarray] | None = None
+        self.glow: tuple[int, np.ndarray] | None = None  # the light wrap's (k, field), with wrap_sigma
+        self.wrap_sigma = 0.0
+
+    def overlap(self) -> int:
+        """Rows (and columns) beyond a band that its blurred alphas read."""
+        reach = _gauss_reach(self.feather_sigma) if self.feather_sigma else 0
+        return reach + (_gauss_reach(self.wrap_sigma) if self.glow is not None else 0) + 1
+
+    def rows(self, t0: int, t1: int, fg_rows: Callable[[int, int], np.ndarray]) -> None:
+        """Rows t0:t1 of the inner box; fg_rows(s0, s1) gives F's (float32, a fresh array or one the caller
+        no longer needs) for its rows s0:s1."""
+        import cv2
+
+        rh, rw = self.region_alpha.shape[:2]
+        e0, _, f0, f1 = self.inner
+        ov = self.overlap()
+        g0, g1 = max(0, e0 + t0 - ov), min(rh, e0 + t1 + ov)
+        h0, h1 = max(0, f0 - ov), min(rw, f1 + ov)
+        a = as_alpha(self.region_alpha[g0:g1, h0:h1])
+        rep = cv2.BORDER_REPLICATE
+        if self.feather_sigma:
+            a = cv2.GaussianBlur(a, (0, 0), self.feather_sigma, borderType=rep)
+        keep = (slice(e0 + t0 - g0, e0 + t1 - g0), slice(f0 - h0, f1 - h0))
+        soft = cv2.GaussianBlur(a, (0, 0), self.wrap_sigma, borderType=rep)[keep] if self.glow else None
+        a = a[keep]
+        y0, x0 = self.origin
+        for s0, s1 in strips(t1 - t0, f1 - f0, BAND_PIXELS):
+            f = fg_rows(t0 + s0, t0 + s1)
+            if self.shift is not None:
+                f = _apply_shift(f, self.shift)
+            window = (y0 + e0 + t0 + s0, y0 + e0 + t0 + s1, x0 + f0, x0 + f1)
+            bd = _backdrop_float(self.backdrop, self.shade, window)
+            a_s = a[s0:s1]
+            if soft is not None and self.glow is not None:  # light wrap: fg + rim * (glow - fg)
+                k, small = self.glow
+                rows = (e0 + t0 + s0, e0 + t0 + s1, f0, f1)
+                g = upsample_window(small, (rh, rw), rows) if k > 1 else small[rows[0] : rows[1], f0:f1].copy()
+                rim = np.clip(a_s * (1.0 - soft[s0:s1]) * 2.0, 0.0, 1.0)[..., None] * WRAP_STRENGTH
+                g -= f
+                g *= rim
+                g += f
+                f = g
+            f -= bd  # fg * a + bd * (1 - a), in place
+            f *= a_s[..., None]
+            f += bd
+            self.out[window[0] : window[1], window[2] : window[3]] = _to_uint8(f)
+
+
+def _rows_of(band: np.ndarray, top: int, s0: int, s1: int) -> np.ndarray:
+    """Rows s0:s1 of the inner box from a band of it that starts at row `top`."""
+    return band[s0 - top : s1 - top]
+
+
+def _gauss_reach(sigma: float) -> int:
+    """How far OpenCV's Gaussian kernel for a float image reaches: ksize = round(8 sigma + 1), odd."""
+    return (round(sigma * 8 + 1) | 1) // 2
 
 
 def _union(box: tuple[int, int, int, int] | None, part: tuple[int, int, int, int] | None,
@@ -145,12 +211,6 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     cols = np.nonzero(mask.any(axis=0))[0]
     return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-
-
-def _as_float_rgb(image: np.ndarray) -> np.ndarray:
-    if image.dtype == np.uint8:
-        return np.asarray(image.astype(np.float32) / 255.0)
-    return np.array(image, np.float32)
 
 
 def _backdrop_float(backdrop: np.ndarray, shade: Shadow | None, window: tuple[int, int, int, int]) -> np.ndarray:
@@ -185,159 +245,31 @@ def _sampled_backdrop(backdrop: np.ndarray, shade: Shadow | None, step: int) -> 
 def _glow_field(backdrop: np.ndarray, shade: Shadow | None, region: tuple[int, int, int, int],
                 sigma: float) -> tuple[int, np.ndarray]:
     """The light wrap's glow: the shaded backdrop of the region blurred wide, made at a quarter size (the
-    same light) one channel at a time; (k, field) with the field 1/k of the region's size."""
+    same light) one channel at a time, each filled strip by strip; (k, field) with the field 1/k of the
+    region's size."""
     import cv2
 
     y0, y1, x0, x1 = region
     h, w = y1 - y0, x1 - x0
     k = 4 if min(h, w) >= 64 and sigma >= 4 else 1
-    keep = None
-    if shade is not None:
-        keep = np.empty((h, w), np.float32)
-        for s0, s1 in strips(h, w):
-            keep[s0:s1] = 1.0 - shade.rows((y0 + s0, y0 + s1, x0, x1))
     planes = []
     for c in range(3):
-        plane = backdrop[y0:y1, x0:x1, c].astype(np.float32) / 255.0
-        if keep is not None:
-            plane *= keep
+        plane = np.empty((h, w), np.float32)
+        for s0, s1 in strips(h, w):
+            rows = backdrop[y0 + s0 : y0 + s1, x0:x1, c].astype(np.float32) / 255.0
+            if shade is not None:
+                rows *= 1.0 - shade.rows((y0 + s0, y0 + s1, x0, x1))
+            plane[s0:s1] = rows
         planes.append(cv2.resize(plane, (max(1, w // k), max(1, h // k)), interpolation=cv2.INTER_AREA))
         del plane
     small = np.dstack(planes)
     return k, np.asarray(cv2.GaussianBlur(small, (0, 0), sigma / k, borderType=cv2.BORDER_REPLICATE))
 
 
-def _as_alpha(alpha: np.ndarray) -> np.ndarray:
-    if alpha.ndim == 3:
-        alpha = alpha[..., 0]
-    a = alpha.astype(np.float32)  # a fresh copy, scaled and clipped in place
-    if alpha.dtype == np.uint8:
-        a /= 255.0
-    return np.clip(a, 0.0, 1.0, out=a)
-
-
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     image = image * 255.0
     np.rint(image, out=image)
     return np.asarray(np.clip(image, 0, 255, out=image), np.uint8)
-
-
-def _blur_fusion(src: np.ndarray, a: np.ndarray, radii: tuple[int, int], inner: tuple[int, int, int, int],
-                 with_bg: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """estimate_foreground at (coarse, fine) radii, for the pixels that matter: F on `inner` (rows e0:e1,
-    columns f0:f1 of the region) and, with `with_bg`, B_old on every 4th pixel each way of the region.
-
-    The coarse blurs run over the whole region, one plane at a time, and are cropped at once to `inner`
-    grown by the fine radius; the fine pass runs on that crop (a box blur of it equals the region's one
-    more than a radius from its cut edges)."""
-    import cv2
-
-    rh, rw = a.shape
-    e0, e1, f0, f1 = inner
-    coarse, fine = radii
-    c0, c1, d0, d1 = max(0, e0 - fine), min(rh, e1 + fine), max(0, f0 - fine), min(rw, f1 + fine)
-    crop = (slice(c0, c1), slice(d0, d1))
-    keep = (slice(e0 - c0, e1 - c0), slice(f0 - d0, f1 - d0))
-    size_c, size_f = (2 * coarse + 1,) * 2, (2 * fine + 1,) * 2
-    rep = cv2.BORDER_REPLICATE
-
-    def box_blur(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        cv2.blur(plane, size, dst=plane, borderType=rep)  # in place: no second plane
-        return plane
-
-    def solve(i: np.ndarray, mean_fg: np.ndarray, bg_part: np.ndarray) -> np.ndarray:
-        """clip(mean_fg + a (i - a mean_fg - bg_part)), bg_part = (1 - a) mean_bg, in a new plane."""
-        out = a_c * mean_fg
-        np.subtract(i, out, out=out)
-        out -= bg_part
-        out *= a_c
-        out += mean_fg
-        return np.asarray(np.clip(out, 0.0, 1.0, out=out))
-
-    def times_image(plane: np.ndarray, c: int) -> np.ndarray:
-        """plane * I_c in place, I_c read from src strip by strip (no float copy of the channel)."""
-        for s0, s1 in strips(rh, rw):
-            rows = src[s0:s1, :, c]
-            plane[s0:s1] *= rows.astype(np.float32) / 255.0 if rows.dtype == np.uint8 else rows.astype(np.float32)
-        return plane
-
-    def times_inverse(plane: np.ndarray) -> np.ndarray:
-        """plane * (1 - a) in place, strip by strip."""
-        for s0, s1 in strips(rh, rw):
-            plane[s0:s1] *= 1.0 - a[s0:s1]
-        return plane
-
-    mean_a = box_blur(a.copy(), size_c)
-    fg_norm_c = mean_a[crop] + 1e-5
-    bg_norm_c = np.subtract(1.0, mean_a, out=mean_a)
-    bg_norm_c += 1e-5  # 1 - mean_a + 1e-5, in the same plane
-    mean_a = box_blur(a.copy(), size_f)
-    fg_norm_f = mean_a[crop] + 1e-5
-    bg_norm_f = 1.0 - mean_a[crop] + 1e-5
-    bg_norm_s = 1.0 - mean_a[::4, ::4] + 1e-5
-    del mean_a
-    a_c = a[crop]
-    inv_c = 1.0 - a_c
-    fg_out = np.empty((e1 - e0, f1 - f0, 3), np.float32)
-    bg_out = np.empty((*bg_norm_s.shape, 3), np.float32) if with_bg else None
-    for c in range(3):
-        plane = src[crop][..., c]
-        i_crop = plane.astype(np.float32) / 255.0 if plane.dtype == np.uint8 else plane.astype(np.float32)
-        t = box_blur(times_image(a.copy(), c), size_c)  # blur(I a)
-        mean_fg = t[crop] / fg_norm_c
-        t = box_blur(times_image(np.subtract(1.0, a, out=t), c), size_c)  # blur(I (1 - a))
-        np.divide(t, bg_norm_c, out=t)  # the coarse B_old
-        bg_part = np.multiply(t[crop], inv_c)  # (1 - a) B_old
-        if bg_out is not None:  # the fine pass of B_old, read where it is used (every 4th pixel)
-            box_blur(times_inverse(t), size_f)
-            bg_out[..., c] = np.clip(t[::4, ::4] / bg_norm_s, 0.0, 1.0)
-        del t
-        fg = solve(i_crop, mean_fg, bg_part)
-        np.multiply(fg, a_c, out=fg)
-        mean_fg = box_blur(fg, size_f)
-        mean_fg /= fg_norm_f
-        mean_bg = box_blur(bg_part, size_f)
-        mean_bg /= bg_norm_f
-        fg_out[..., c] = solve(i_crop, mean_fg, np.multiply(mean_bg, inv_c, out=mean_bg))[keep]
-        del mean_fg, mean_bg, bg_part, i_crop
-    return fg_out, bg_out
-
-
-# ---------------------------------------------------------------- 1. foreground colours
-
-
-def estimate_foreground(
-    image: np.ndarray, alpha: np.ndarray, radii: tuple[int, ...] = (90, 6)
-) -> tuple[np.ndarray, np.ndarray]:
-    """(F, B_old): the subject's own colours and the old background's, from I = aF + (1-a)B.
-
-    image HxWx3 float32 [0,1] (or uint8, read as /255); alpha HxW float32. Blur fusion at each radius in
-    turn (box filters, so the cost does not grow with the radius), one colour channel at a time: the
-    temporaries are single planes."""
-    import cv2
-
-    a = alpha
-    inverse = 1.0 - a
-    means = []
-    for r in radii:
-        size = (2 * r + 1, 2 * r + 1)
-        mean_a = cv2.blur(alpha, size, borderType=cv2.BORDER_REPLICATE)
-        means.append((size, mean_a + 1e-5, 1.0 - mean_a + 1e-5))
-    fg_out = np.empty((*alpha.shape, 3), np.float32)
-    bg_out = np.empty((*alpha.shape, 3), np.float32)
-    for c in range(3):
-        plane = image[..., c]
-        i_c = plane.astype(np.float32) / 255.0 if plane.dtype == np.uint8 else plane.astype(np.float32)
-        fg, bg = i_c, i_c
-        for size, fg_norm, bg_norm in means:
-            mean_fg = cv2.blur(fg * a, size, borderType=cv2.BORDER_REPLICATE) / fg_norm
-            mean_bg = cv2.blur(bg * inverse, size, borderType=cv2.BORDER_REPLICATE) / bg_norm
-            fg = mean_fg + a * (i_c - a * mean_fg - inverse * mean_bg)
-            fg = np.clip(fg, 0.0, 1.0)
-            bg = mean_bg
-        fg_out[..., c] = fg
-        bg_out[..., c] = np.clip(bg, 0.0, 1.0)
-    return fg_out, bg_out
 
 
 # ---------------------------------------------------------------- 2. enhancement
@@ -358,24 +290,17 @@ def _lab(rgb01: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(rgb01, dtype=np.float32), cv2.COLOR_RGB2LAB)
 
 
-def match_colors(fg: np.ndarray, alpha: np.ndarray, old_bg: np.ndarray, backdrop: np.ndarray, *,
-                 sampled: bool = False) -> np.ndarray:
-    """Shift the subject's CIELAB means by a bounded share of the change in ambient light.
+def _color_shift(a: np.ndarray, old_bg: np.ndarray, backdrop: np.ndarray,
+                 fg: np.ndarray | None) -> tuple[float, np.ndarray] | None:
+    """(delta L, delta ab) for match_colors: shift the subject's CIELAB means by a bounded share of the
+    change in ambient light, from alpha, the old background, the new backdrop and the subject's colours,
+    each read at every 4th pixel each way (fg only needed when the subject fills the frame); None when
+    there is no subject to shift.
 
     Lightness follows the backdrop's mean lightness a little (old scene -> new scene); chroma follows the
     change of colour cast. The subject's own colours are never pulled toward the backdrop's: a red
     product on a grey backdrop stays red. Bounded to MAX_DELTA_L / MAX_DELTA_AB."""
-    shift = _color_shift(alpha, old_bg[::4, ::4], backdrop if sampled else backdrop[::4, ::4], fg[::4, ::4])
-    return fg if shift is None else _apply_shift(fg, shift)
-
-
-def _color_shift(alpha: np.ndarray, old_bg: np.ndarray, backdrop: np.ndarray,
-                 fg: np.ndarray | None) -> tuple[float, np.ndarray] | None:
-    """(delta L, delta ab) for match_colors, from alpha (full) and the old background, the new backdrop and
-    the subject's colours each read at every 4th pixel each way (fg only needed when the subject fills the
-    frame); None when there is no subject to shift."""
     # Means only: every 4th pixel each way reads them as well as all of them, at a sixteenth of the cost.
-    a = alpha[::4, ::4]
     inside = float((a * a).sum())
     if inside < 1.0:
         return None
@@ -454,7 +379,7 @@ def _shadow_stamps(alpha: np.ndarray) -> Shadow:
     shadow = Shadow((h, w))
     hard = np.empty((h, w), np.uint8)
     for s0, s1 in strips(h, w):
-        hard[s0:s1] = _as_alpha(alpha[s0:s1]) > 0.5
+        hard[s0:s1] = as_alpha(alpha[s0:s1]) > 0.5
     # Parts of one object (a mug and its handle) are grouped by closing small gaps first; each group
     # casts one shadow from its lowest part, so a handle or a lid never gets a floating shadow of its own.
     reach = max(3, round(0.03 * max(h, w))) | 1
