@@ -7,6 +7,8 @@ import numpy as np
 
 from bgwatch.pipeline.tiles import strips
 
+_ONE = np.ones(1, np.float64)  # OpenCV's scalar 1 (a 1-element array reads as a scalar)
+
 
 def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
     """Clean a raw alpha (float in [0, 1], or uint8 0..255) into float32 HxW in [0, 1]: specks removed,
@@ -68,16 +70,20 @@ def _as_float(alpha: np.ndarray) -> np.ndarray:
 
 
 def to_alpha8(alpha: np.ndarray) -> np.ndarray:
-    """A float alpha in [0, 1] (NaN as 0) as uint8 0..255, rounded; converted in strips of rows."""
+    """A float alpha in [0, 1] (NaN as 0, above 1 as 1) as uint8 0..255, rounded; converted in strips of
+    rows by OpenCV, which scales, rounds and saturates in one pass (numpy took four)."""
+    import cv2
+
     if alpha.dtype == np.uint8:
         return alpha
     h, w = alpha.shape
     out = np.empty((h, w), np.uint8)
     for y0, y1 in strips(h, w):
-        rows = np.nan_to_num(alpha[y0:y1].astype(np.float32))
-        rows *= 255.0
-        np.round(rows, out=rows)
-        out[y0:y1] = np.clip(rows, 0, 255)
+        # NaN stays NaN here (OpenCV turns it into 0); +inf becomes 1 (OpenCV would make it 0 too). Scaled in
+        # float32, then rounded half to even and saturated by OpenCV's conversion, as np.round and np.clip.
+        rows = np.minimum(alpha[y0:y1], np.float32(1), dtype=np.float32)
+        rows *= np.float32(255)
+        cv2.multiply(rows, _ONE, dst=out[y0:y1], dtype=cv2.CV_8U)
     return out
 
 
