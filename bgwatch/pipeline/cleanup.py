@@ -12,7 +12,8 @@ import numpy as np
 
 from bgwatch.errors import SpecError
 from bgwatch.jobs import JobSpec
-from bgwatch.pipeline.tiles import POINT_CHUNK, block_mean, sample_points, strips, upsample_window
+from bgwatch.pipeline.edges import sample_at
+from bgwatch.pipeline.tiles import POINT_CHUNK, block_mean, strips, upsample_window
 
 CLEANUP_MODES = ("transparent", "soften", "color")
 SOFTEN_SIDE = 2048  # the softened background is made at most this many pixels on its long side
@@ -121,7 +122,8 @@ def foreground_points(rgb: np.ndarray, alpha: np.ndarray,
     found: list[tuple[np.ndarray, np.ndarray]] = []
     top, bottom, left, right = h, -1, w, -1
     for y0, y1 in strips(h, w):
-        a = _alpha_rows(alpha, y0, y1)
+        # float32 rows compare as they are (clipping changes no comparison with 0 or 1 below): no copy
+        a = alpha[y0:y1] if alpha.dtype == np.float32 else _alpha_rows(alpha, y0, y1)
         present = a > 0.0
         rows = np.nonzero(present.any(axis=1))[0]
         if rows.size:
@@ -146,13 +148,15 @@ def foreground_points(rgb: np.ndarray, alpha: np.ndarray,
     inside = (ys >= box[0]) & (ys < box[1]) & (xs >= box[2]) & (xs < box[3])
     ys, xs = ys[inside], xs[inside]
     background, subject, step = _colour_fields(rgb, alpha, box, radius)
+    fields = np.concatenate([background, subject], axis=-1)  # both sampled in one pass
+    del background, subject
     colours = np.empty((ys.size, 3), np.uint8)
     for start in range(0, ys.size, POINT_CHUNK):
         part = slice(start, start + POINT_CHUNK)
         py, px = ys[part], xs[part]
-        fy, fx = py - box[0], px - box[2]
-        bg = sample_points(background, fy, fx, 1 / step, 1 / step)
-        spread_fg = sample_points(subject, fy, fx, 1 / step, 1 / step)
+        # a field pixel covers step x step full pixels (the mapping cv2.resize uses)
+        both = sample_at(fields, (py - box[0] + 0.5) / step - 0.5, (px - box[2] + 0.5) / step - 0.5)
+        bg, spread_fg = both[:, :3], both[:, 3:]
         a = _alpha_points(alpha, py, px)[:, None]
         img = rgb[py, px].astype(np.float32)
         solved = np.clip((img - (1.0 - a) * bg) / np.maximum(a, 1e-3), 0.0, 255.0)

@@ -99,7 +99,7 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
         xs += x_lo
         for start in range(0, ys.size, POINT_CHUNK):
             cy, cx = ys[start:start + POINT_CHUNK], xs[start:start + POINT_CHUNK]
-            coeff = _sample(field, (cy + 0.5) * sy - 0.5 - t0, (cx + 0.5) * sx - 0.5 - l0)
+            coeff = sample_at(field, (cy + 0.5) * sy - 0.5 - t0, (cx + 0.5) * sx - 0.5 - l0)
             # One channel at a time (1-D runs over the points): numpy's reductions over a short last axis
             # and its broadcasts of (N, 3) arrays cost several times more.
             at = cy * width + cx
@@ -146,10 +146,11 @@ def _box(band: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _sample(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
-    """Bilinear samples (N, C) float32 of an hxwxC float32 field at fractional positions, a position past
-    an edge taking the edge's value. cv2.remap gathers them several times faster than numpy's indexing;
-    it takes at most 32767 positions a side, so the list is laid out in rows of SAMPLE_ROW."""
+def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
+    """Bilinear samples (N, C) float32 of an hxwxC float32 field at fractional positions (field pixels,
+    their centres at whole numbers), a position past an edge taking the edge's value. cv2.remap gathers
+    them several times faster than numpy's indexing; it takes at most 32767 positions a side, so the list
+    is laid out in rows of SAMPLE_ROW."""
     import cv2
 
     n = py.size
