@@ -35,6 +35,7 @@ from test_multihost import (  # noqa: E402
     scenario_share_mode,
     scenario_sigkill,
     scenario_sigstop,
+    scenario_stop_mid_filing,
     scenario_unmount,
 )
 
@@ -50,6 +51,8 @@ def scenarios(args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], Calla
         "same-name": ({}, lambda c: scenario_same_name_twice(c, pairs=args.pairs)),
         "full-outbox": ({"hosts": 2}, lambda c: scenario_full_outbox(c)),
         "full-state": ({"hosts": 2}, lambda c: scenario_full_state_folder(c)),
+        "stop-mid-filing": ({}, lambda c: scenario_stop_mid_filing(c)),
+        "stop-mid-filing-smb": ({"fs": "smb"}, lambda c: scenario_stop_mid_filing(c)),
         # The FUSE passthrough answering in 10-20 ms a call (tests/fusefs.py), one row per kind of share
         **{f"share-{mode}": ({"fs": mode}, lambda c: scenario_share_mode(c, files=args.share_files,
                                                                           pairs=args.pairs, kills=args.share_kills))

@@ -75,7 +75,7 @@ class Settled:
     reason: str = ""  # why it failed (disposition "failed")
     problem: str = ""  # the output is written but the original could not be filed: why
     returned: str = ""  # not finished: why the original went back to the inbox
-    handed_over: bool = False  # taken over mid-way by another host, which finishes it with this output
+    handed_over: bool = False  # taken over mid-way by another host, which finishes (or files) it
 
 
 class DeliveryBlocked(Exception):
@@ -164,6 +164,14 @@ class Custody(Claims):
         except (safefs.FolderMissing, safefs.UnsafeFolder):
             return False
         return there is not None and stat.S_ISDIR(there.st_mode)
+
+    def _taken_over(self, token: str) -> bool:
+        """This host's delivering folder is reachable and `token` is no longer in it (not: the share away)."""
+        try:
+            with self._work(DELIVERING, self.host, create=False) as mine:
+                return mine.lstat(token) is None
+        except OSError:
+            return False
 
     def still_holds(self, token: str) -> bool:
         return self._holds(token)
@@ -297,13 +305,16 @@ class Custody(Claims):
         """Park the original of this host's finished delivery. The marker is written, so the outcome is
         decided: if the parking fails (done/ or failed/ unusable, the share gone), the original waits in
         its delivering folder, filed later (by this host's sweep, at the next start, or by another host)."""
+        output = marker.get("output")
         try:
             return self.settle(self.host, token)
         except OSError as exc:
-            output = marker.get("output")
+            # Taken over between the output's placing and the filing (its folder gone): the taker files it.
+            taken = isinstance(exc, FileNotFoundError) and self._taken_over(token)
             return Settled(token, True, str(marker["disposition"]),
                            self.outbox / str(output) if output and self.outbox else None, None,
-                           str(marker.get("reason", "")), waiting(self.host, token, exc))
+                           str(marker.get("reason", "")), "" if taken else waiting(self.host, token, exc),
+                           handed_over=taken)
 
     def _drop_box(self, token: str, host: str | None = None) -> None:
         with contextlib.suppress(OSError), self._work(DELIVERING, host or self.host, create=False) as base:
@@ -337,9 +348,9 @@ class Custody(Claims):
                             with box.sub(*p[:-1]) as src, self.root() as root, \
                                     root.sub(*p[:-1], create=True) as dst:
                                 safefs.move_to_free_name(src, p[-1], dst, p[-1], unique_tag=self._tag())
-            except _Lost:
-                problem = "another host took this delivery over while it was being filed; that host files it"
-                return Settled(token, finished, disposition if finished else "", output, None, reason, problem)
+            except _Lost:  # another host took this delivery over while it was being filed: that host files it
+                return Settled(token, finished, disposition if finished else "", output, None, reason,
+                               handed_over=True)
             if not finished and marker.get("temp"):
                 self._drop_temp(marker)
             for p in [q for q, _ in box.files(any_kind=True)]:

@@ -349,7 +349,7 @@ class Intake:
             return True
         if settled is None:
             self.outcomes.put(runs.taken_back(job.run_id))
-        elif settled.handed_over:
+        elif settled.handed_over and not settled.finished:
             self.outcomes.put(runs.handed_over(job.run_id))
         else:
             self.outcomes.put(runs.skipped(job.run_id, settled.output, earlier_id, settled.parked))

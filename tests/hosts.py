@@ -109,13 +109,15 @@ class Host:
         env.update(extra or {})
         return env
 
-    def start(self, env: Mapping[str, str] | None = None, *, crash_at: str = "", expect_exit: bool = False) -> None:
+    def start(self, env: Mapping[str, str] | None = None, *, crash_at: str = "", stop_at: str = "",
+              expect_exit: bool = False) -> None:
         """Start the daemon (again: same host name, same state folder). `crash_at` (STEP[:N]) starts it through
         tests/faultd.py, which kills it at that delivery step; with `expect_exit` its ending is not reported."""
         assert not self.alive, f"{self.name} is already running"
         self.starts += 1
         self.expect_exit = expect_exit
         command = ([sys.executable, str(FAULTD), str(self.config_path), "--crash-at", crash_at] if crash_at
+                   else [sys.executable, str(FAULTD), str(self.config_path), "--stop-at", stop_at] if stop_at
                    else self.command())
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {self.starts} crash_at={crash_at} env={dict(env or {})} ===\n".encode())
@@ -151,6 +153,16 @@ class Host:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
             self.kills += 1
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the process is stopped (SIGSTOP, state T in /proc)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            return Path(f"/proc/{self.proc.pid}/stat").read_text().split(") ", 1)[1][:1] in ("T", "t")
+        except (OSError, IndexError):
+            return False
 
     def suspend(self) -> None:
         """SIGSTOP: a laptop lid, a paused VM, a hung network call."""

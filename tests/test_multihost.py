@@ -303,6 +303,27 @@ def scenario_full_state_folder(cluster: Cluster, files: int = 12, wait: float = 
         subprocess.run(["umount", "-l", str(state)], capture_output=True, check=False)
 
 
+def scenario_stop_mid_filing(cluster: Cluster, files: int = 16) -> Report:
+    """A host paused (SIGSTOP, at a crash point of tests/faultd.py) in the middle of filing an original, its
+    output already placed, for two leases: another host takes the delivery over and files it; when the
+    paused host wakes up it must not file the original a second time (issue 15: x.jpg and x-2.jpg in
+    done/, one file with two links, where inode numbers cannot be trusted)."""
+    victim = cluster.hosts[0]
+    victim.start(stop_at="filing:2")
+    for host in cluster.hosts[1:]:
+        host.start()
+    cluster.share.drop_images(files, size=MID_SIZE)
+    if not wait_until(lambda: victim.stopped, 30, interval=0.05):
+        cluster.violations.append(f"{victim.name}: never reached the filing stop point")
+    else:
+        cluster.notes.append(f"{victim.name} stopped mid-filing for {2 * LEASE_SECONDS + 1:g} s")
+        time.sleep(2 * LEASE_SECONDS + 1)
+    victim.resume()
+    cluster.wait_finished(90)
+    time.sleep(LEASE_SECONDS)  # the woken host's late moves get their chance to go wrong
+    return cluster.finish(f"SIGSTOP mid-filing on a {cluster.share.fs} share", 1)
+
+
 KEEP_SIDECAR = 'background_color: "#eeeeee"\n'
 
 
@@ -429,6 +450,12 @@ def test_a_full_outbox_is_waited_out_not_failed(make_cluster: Callable[..., Clus
 @pytest.mark.timeout(200)
 def test_a_full_state_folder_strands_no_row_and_floods_nothing(make_cluster: Callable[..., Cluster]) -> None:
     _assert_clean(scenario_full_state_folder(make_cluster(hosts=2)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_host_paused_mid_filing_files_nothing_twice(make_cluster: Callable[..., Cluster]) -> None:
+    _assert_clean(scenario_stop_mid_filing(make_cluster()))
 
 
 @pytest.mark.slow

@@ -138,7 +138,7 @@ def test_a_delivery_taken_over_while_filing_files_the_original_once(share: tuple
     settled = owner.deliver(claim, 4, outbox, "x.png", b"output", "move")
     assert taken == [["e1-4: finished"]]
     assert settled is not None and settled.finished and settled.parked is None
-    assert "took this delivery" in settled.problem
+    assert settled.handed_over and settled.problem == ""  # delivered here, filed by the taker: 'done'
     assert tree(inbox / "done") == ["x.jpg"] and tree(outbox) == ["x.png"]
     assert not (inbox / ".bgwatch" / "delivering" / "ws1").exists() or tree(inbox / ".bgwatch" / "delivering") == []
 

@@ -77,7 +77,7 @@ class FolderSource:
             return
         if settled is None:
             outcomes.put(runs.taken_back(job.run_id))
-        elif settled.handed_over:
+        elif settled.handed_over and not settled.finished:
             outcomes.put(runs.handed_over(job.run_id))
         elif not settled.finished:
             outcomes.put(runs.undone(job.run_id, settled.returned))
