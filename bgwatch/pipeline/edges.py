@@ -179,21 +179,25 @@ def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int) -> np.ndarr
     sure_b = (target < 1 - SURE).astype(np.float32)
     n_f, n_b = box(sure_f), box(sure_b)
     inv_f, inv_b = 1 / np.maximum(n_f, 1e-6), 1 / np.maximum(n_b, 1e-6)
-    fg = box(guide * sure_f[..., None]) * inv_f[..., None]
-    bg = box(guide * sure_b[..., None]) * inv_b[..., None]
-    sq = (guide * guide).sum(axis=2)
-    spread_f = box(sq * sure_f) * inv_f - (fg * fg).sum(axis=2)
-    spread_b = box(sq * sure_b) * inv_b - (bg * bg).sum(axis=2)
-    gap = ((fg - bg) ** 2).sum(axis=2)
+    # Plane by plane: numpy's sums over a last axis of 3 and its (h, w, 3) broadcasts cost several times more.
+    planes = [np.ascontiguousarray(guide[..., c]) for c in range(3)]
+    fg = [box(plane * sure_f) * inv_f for plane in planes]
+    bg = [box(plane * sure_b) * inv_b for plane in planes]
+    sq = planes[0] * planes[0] + planes[1] * planes[1] + planes[2] * planes[2]
+    spread_f = box(sq * sure_f) * inv_f - (fg[0] * fg[0] + fg[1] * fg[1] + fg[2] * fg[2])
+    spread_b = box(sq * sure_b) * inv_b - (bg[0] * bg[0] + bg[1] * bg[1] + bg[2] * bg[2])
+    apart = [f - b for f, b in zip(fg, bg, strict=True)]
+    gap = apart[0] * apart[0] + apart[1] * apart[1] + apart[2] * apart[2]
     trust = gap / (gap + 4 * (np.maximum(spread_f, 0) + np.maximum(spread_b, 0)) + 1e-4)
     trust = np.clip((trust - SEPARATE_FROM) / (SEPARATE_FULL - SEPARATE_FROM), 0.0, 1.0)
     trust *= np.minimum(n_f, n_b) > 0.05  # both sides must be in the window
     weight = box(trust)
     norm = 1 / np.maximum(weight, 1e-6)
-    fg *= trust[..., None]
-    bg *= trust[..., None]
-    return np.concatenate([box(fg) * norm[..., None], box(bg) * norm[..., None], weight[..., None]],
-                          axis=-1).astype(np.float32)
+    out = np.empty((*sq.shape, 7), np.float32)
+    for c, plane in enumerate(fg + bg):
+        out[..., c] = box(plane * trust) * norm
+    out[..., 6] = weight
+    return out
 
 
 def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.ndarray:
@@ -206,11 +210,10 @@ def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.n
     def box(x: np.ndarray) -> np.ndarray:
         return np.asarray(cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT))
 
-    mean_i = box(guide)
+    r, g, b = (np.ascontiguousarray(guide[..., c]) for c in range(3))
+    mr, mg, mb = box(r), box(g), box(b)
     mean_p = box(target)
-    r, g, b = (guide[..., c] for c in range(3))
-    mr, mg, mb = (mean_i[..., c] for c in range(3))
-    cov_ip = np.stack([box(ch * target) for ch in (r, g, b)], axis=-1) - mean_i * mean_p[..., None]
+    cr, cg, cb = box(r * target) - mr * mean_p, box(g * target) - mg * mean_p, box(b * target) - mb * mean_p
     var_rr = box(r * r) - mr * mr + eps
     var_rg = box(r * g) - mr * mg
     var_rb = box(r * b) - mr * mb
@@ -225,15 +228,14 @@ def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.n
     inv_gb = var_rb * var_rg - var_rr * var_gb
     inv_bb = var_rr * var_gg - var_rg * var_rg
     det = var_rr * inv_rr + var_rg * inv_rg + var_rb * inv_rb
-    cr, cg, cb = (cov_ip[..., c] for c in range(3))
-    a = np.stack([inv_rr * cr + inv_rg * cg + inv_rb * cb,
-                  inv_rg * cr + inv_gg * cg + inv_gb * cb,
-                  inv_rb * cr + inv_gb * cg + inv_bb * cb], axis=-1) / det[..., None]
-    offset = mean_p - a[..., 0] * mr - a[..., 1] * mg - a[..., 2] * mb
+    a_r = (inv_rr * cr + inv_rg * cg + inv_rb * cb) / det
+    a_g = (inv_rg * cr + inv_gg * cg + inv_gb * cb) / det
+    a_b = (inv_rb * cr + inv_gb * cg + inv_bb * cb) / det
+    offset = mean_p - a_r * mr - a_g * mg - a_b * mb
     # How much of the mask's variation in the window the colour explains (R²): where little (subject and
     # backdrop alike in colour, texture across the edge), the plain mask is trusted instead.
     var_p = box(target * target) - mean_p * mean_p
-    explained = (a[..., 0] * cr + a[..., 1] * cg + a[..., 2] * cb) / np.maximum(var_p, 1e-6)
+    explained = (a_r * cr + a_g * cg + a_b * cb) / np.maximum(var_p, 1e-6)
     trust = np.clip((explained - TRUST_FROM) / (TRUST_FULL - TRUST_FROM), 0.0, 1.0)
     trust[var_p < 1e-4] = 0.0  # no edge in the window at all
     # Each pixel takes the fits of the windows over it weighted by their trust: a window that sees the
@@ -241,7 +243,8 @@ def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.n
     # it) does not, so the ramp does not survive as a halo.
     weight = box(trust)
     norm = 1 / np.maximum(weight, 1e-6)
-    a *= trust[..., None]
-    offset *= trust
-    return np.concatenate([box(a) * norm[..., None], (box(offset) * norm)[..., None], weight[..., None]],
-                          axis=-1).astype(np.float32)
+    out = np.empty((*target.shape, 5), np.float32)
+    for c, plane in enumerate((a_r, a_g, a_b, offset)):
+        out[..., c] = box(plane * trust) * norm
+    out[..., 4] = weight
+    return out
