@@ -203,9 +203,15 @@ def _colour_fields(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int,
         # each, times 0 or 1) and averaged over the blocks in one 4-channel pass, in uint8 until then.
         rgbw = cv2.cvtColor(np.ascontiguousarray(rgb[y0 + s0 : y0 + s1, x0:x1]), cv2.COLOR_RGB2RGBA)
         rows = slice(s0 // step, -(-s1 // step))
+        # A box that is not a whole number of blocks is filled out here, as block_mean would (edge rows and
+        # columns repeated), in uint8 rather than in its float32 copy.
+        pad_y, pad_x = -(s1 - s0) % step, -bw % step
         for side, total, sums in ((np.less(a, 0.02), bg_w, bg_sum), (np.greater(a, 0.98), fg_w, fg_sum)):
             kept = np.multiply(rgbw.view(np.uint32), side.view(np.uint8)[..., None], dtype=np.uint32)
-            means = block_mean(kept.view(np.uint8).reshape(rgbw.shape), step)
+            kept = kept.view(np.uint8).reshape(rgbw.shape)
+            if pad_y or pad_x:
+                kept = cv2.copyMakeBorder(kept, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
+            means = block_mean(kept, step)
             sums[rows] = means[..., :3]
             total[rows] = means[..., 3] * np.float32(1 / 255)
     fields = []
@@ -346,8 +352,10 @@ def _spread(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
         size = (max(1, w // 4), max(1, h // 4))
         wi = cv2.resize(wi, size, interpolation=cv2.INTER_AREA)
         ii = cv2.resize(ii, size, interpolation=cv2.INTER_AREA)
-    support = weight > 0.5
-    fallback = img[support].mean(axis=0) if support.any() else np.full(3, 128.0, np.float32)
+    support = (weight > 0.5).view(np.uint8)
+    # cv2.mean over the mask: numpy's boolean index and mean over (N, 3) cost several times more
+    fallback = (np.array(cv2.mean(np.ascontiguousarray(img), mask=support)[:3], np.float32) if support.any()
+                else np.full(3, 128.0, np.float32))
     out: np.ndarray | None = None
     for num, den in reversed(levels):
         h, w = den.shape
