@@ -53,13 +53,17 @@ def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
     # error of a 24 MP cut (bench/bench_edges.py).
     sigma = 0.6
     pad = int(4 * sigma) + 2
-    for y0, y1 in strips(h, w):
-        rows = band[y0:y1].astype(bool)
+    # The band lies within the solid box grown by the kernel: only those columns are blurred (each read with
+    # `pad` more either side, or the frame's edge, so every value is the one a whole-row blur gives).
+    x0, x1 = max(left - radius - 1, 0), min(right + radius + 1, w)
+    q0, q1 = max(x0 - pad, 0), min(x1 + pad, w)
+    for y0, y1 in strips(h, x1 - x0):
+        rows = band[y0:y1, x0:x1].view(bool)
         if not rows.any():
             continue
         p0, p1 = max(y0 - pad, 0), min(y1 + pad, h)
-        soft = cv2.GaussianBlur(_as_float(alpha[p0:p1]), (0, 0), sigma)[y0 - p0 : y1 - p0]
-        out[y0:y1][rows] = soft[rows]
+        soft = cv2.GaussianBlur(_as_float(alpha[p0:p1, q0:q1]), (0, 0), sigma)
+        np.copyto(out[y0:y1, x0:x1], soft[y0 - p0 : y1 - p0, x0 - q0 : x1 - q0], where=rows)
     return np.asarray(out)
 
 
