@@ -1,4 +1,4 @@
-"""Peak memory of one cleanup job, per input pixel, for 6, 25 and 100 MP studio shots.
+"""Peak memory of one job, per input pixel, for 6, 25 and 100 MP studio shots.
 
 Each case runs in a fresh child process (the three pipeline stages in a row, as `bgwatch process` runs
 them: decode, mask, refine, cleanup, PNG encode) and reports the child's own peak RSS: its high-water mark is
@@ -10,11 +10,17 @@ divided by the pixels, "net/px" the peak above that base. The issue's goal: peak
 10000x9999).
 
     python bench/bench_memory.py [--sizes 6,25,100] [--modes transparent,color,soften,replace:gradient,replace:image]
-                                 [--engine classical|rembg-tiny] [--workdir bench/out/memory] [--stages]
+                                 [--engine classical|rembg-tiny] [--workdir bench/out/memory] [--stages] [--tight]
+                                 [--against REV]
 
 replace:image composites onto a 24 MP backdrop photo (synthesised like the inputs). --stages adds, per case,
 the peak RSS above the base in each step (decode, mask, backdrop, refine, composite, encode), sampled every
 10 ms by a thread in the child: where a job's peak is.
+
+--tight crops the inputs to the product, so that it fills the frame (the composite's worst case). --against REV
+runs each case first on that git revision of bgwatch (its bgwatch/ taken with `git archive` into a temporary
+folder; this bench's own child code runs against it), so before and after are side by side in one run, with
+the ratio of their peaks; each tree's output image is kept (out_..._REV.png beside out_....png) to compare.
 
 Inputs are synthesised once (a product on a studio backdrop, bgwatch.samples, drawn at ~2 MP and scaled
 up, JPEG quality 90) and kept in the work folder. Prints a table; not a timed test.
@@ -164,15 +170,25 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(path: Path, mode: str, engine: str, out: Path, stages: bool = False) -> dict[str, float]:
+def run_case(path: Path, mode: str, engine: str, out: Path, stages: bool = False,
+             tree: Path = ROOT) -> dict[str, float]:
+    """One job in a fresh child that imports bgwatch from `tree`."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--modes", mode, "--engine",
            engine, "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"BENCH_STAGES": "1"} if stages else {})}
+    env = {**os.environ, "PYTHONPATH": str(tree), **({"BENCH_STAGES": "1"} if stages else {})}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
         return {"error": 1.0, "reason": tail[0]}  # type: ignore[dict-item]
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def reference_tree(revision: str, folder: Path) -> Path:
+    """bgwatch/ as it is at `revision`, unpacked under `folder` (git archive: the checkout is not touched)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "bgwatch"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
 
 
 def main() -> int:
@@ -186,6 +202,7 @@ def main() -> int:
     parser.add_argument("--stages", action="store_true", help="peak above the base in each step of the job")
     parser.add_argument("--tight", action="store_true",
                         help="inputs cropped to the product (it fills the frame): the composite's worst case")
+    parser.add_argument("--against", default="", help="a git revision of bgwatch to measure first, side by side")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,28 +210,51 @@ def main() -> int:
         child(args.child, args.modes, args.engine, args.out)
         return 0
 
-    print(f"{'input':>18} {'mode':>16} {'engine':>9} {'base MB':>8} {'peak MB':>8} {'per px':>7} "
-          f"{'net/px':>7} {'seconds':>8}  goal <= 25 B/px (before: ~86)")
+    trees = [("this tree", ROOT, "")]
+    if args.against:
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="bgwatch-memory-"))
+        trees.insert(0, (args.against, reference_tree(args.against, folder), f"_{args.against}"))
+        try:
+            return table(args, trees)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return table(args, trees)
+
+
+def table(args: argparse.Namespace, trees: list[tuple[str, Path, str]]) -> int:
+    """The table: each size and mode, on each tree in turn."""
+    print(f"{'input':>18} {'mode':>16} {'engine':>9} {'bgwatch':>10} {'base MB':>8} {'peak MB':>8} {'per px':>7} "
+          f"{'net/px':>7} {'seconds':>8}  (net/px: the peak above the child's base, a pixel)")
     for mp in (int(s) for s in args.sizes.split(",")):
         width, height = SIZES[mp]
         source = args.workdir / f"studio_{width}x{height}{'_tight' if args.tight else ''}.jpg"
         if not source.exists():
             synthesise(source, width, height, tight=args.tight)
         for mode in args.modes.split(","):
-            r = run_case(source, mode, args.engine, args.workdir / f"out_{width}x{height}_{mode}.png", args.stages)
             label = f"{width}x{height}"
-            if "error" in r:
-                print(f"{label:>18} {mode:>16} {args.engine:>9}  FAILED: {r['reason']}")
-                continue
             pixels = width * height
-            print(f"{label:>18} {mode:>16} {args.engine:>9} {r['base'] / 2**20:8.0f} {r['peak'] / 2**20:8.0f} "
-                  f"{r['peak'] / pixels:7.1f} {(r['peak'] - r['base']) / pixels:7.1f} {r['seconds']:8.1f}",
-                  flush=True)
-            if args.stages:
-                steps = r.get("steps") or {}
-                print(" " * 19 + "peak above base, B/px:  " + "  ".join(
-                    f"{step} {peak / pixels:.1f}" for step, peak in sorted(steps.items(), key=lambda kv: -kv[1])),
-                    flush=True)
+            nets = []
+            for name, tree, suffix in trees:
+                out = args.workdir / f"out_{width}x{height}{'_tight' if args.tight else ''}_{mode}{suffix}.png"
+                r = run_case(source, mode, args.engine, out, args.stages, tree)
+                if "error" in r:
+                    print(f"{label:>18} {mode:>16} {args.engine:>9} {name:>10}  FAILED: {r['reason']}")
+                    continue
+                nets.append(r["peak"] - r["base"])
+                print(f"{label:>18} {mode:>16} {args.engine:>9} {name:>10} {r['base'] / 2**20:8.0f} "
+                      f"{r['peak'] / 2**20:8.0f} {r['peak'] / pixels:7.1f} {(r['peak'] - r['base']) / pixels:7.1f} "
+                      f"{r['seconds']:8.1f}", flush=True)
+                if args.stages:
+                    steps = r.get("steps") or {}
+                    print(" " * 19 + "peak above base, B/px:  " + "  ".join(
+                        f"{step} {peak / pixels:.1f}" for step, peak in sorted(steps.items(), key=lambda kv: -kv[1])),
+                        flush=True)
+            if len(nets) == 2:
+                print(f"{'':>18} {'':>16} {'':>9} {'ratio':>10} {'':>8} {'':>8} {'':>7} x{nets[1] / nets[0]:6.2f}",
+                      flush=True)
     return 0
 
 

@@ -139,26 +139,23 @@ class _RunningBox:
 
 
 class _Kept:
-    """Rows start:start+len(data) of a plane, kept while the bands below still need them."""
+    """Rows of a plane, made in pieces top to bottom and kept while the bands below still need them."""
 
     def __init__(self) -> None:
-        self.start = 0
-        self.data: np.ndarray | None = None
+        self.pieces: list[tuple[int, np.ndarray]] = []  # (first row, rows), in order, without gaps
 
     def add(self, start: int, rows: np.ndarray) -> None:
-        if self.data is None or self.data.shape[0] == 0:
-            self.start, self.data = start, rows
-            return
-        assert start == self.start + self.data.shape[0]
-        self.data = np.concatenate([self.data, rows])
+        assert not self.pieces or start == self.pieces[-1][0] + self.pieces[-1][1].shape[0]
+        self.pieces.append((start, rows))
 
     def get(self, y0: int, y1: int) -> np.ndarray:
-        assert self.data is not None and y0 >= self.start and y1 <= self.start + self.data.shape[0]
-        return self.data[y0 - self.start : y1 - self.start]
+        """Rows y0:y1 as one contiguous array."""
+        parts = [rows[max(0, y0 - top) : y1 - top] for top, rows in self.pieces if top < y1 and y0 < top + len(rows)]
+        assert sum(len(part) for part in parts) == y1 - y0, (y0, y1)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def drop_before(self, y: int) -> None:
-        if self.data is not None and y > self.start:
-            self.data, self.start = self.data[y - self.start :], y
+        self.pieces = [(top, rows) for top, rows in self.pieces if top + len(rows) > y]
 
 
 class BandedFusion:
@@ -206,7 +203,13 @@ class BandedFusion:
 
     def _make_coarse(self, y0: int, y1: int) -> None:
         """The coarse pass on rows y0:y1 (the previous call's end, or any row at first): the planes the
-        fine pass blurs, kept."""
+        fine pass blurs, kept. Made a sixteenth of a band at a time: each row's running sums take a
+        hundred bytes a pixel while they are made."""
+        step = max(1, BAND_PIXELS // 16 // max(1, self.shape[1]))
+        for c0 in range(y0, y1, step):
+            self._make_coarse_rows(c0, min(c0 + step, y1))
+
+    def _make_coarse_rows(self, y0: int, y1: int) -> None:
         a = self._alpha_rows(y0, y1)
         means, with_bg = self._coarse.rows(y0, y1)
         b0, b1 = self.bg_cols
