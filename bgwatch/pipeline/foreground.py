@@ -203,9 +203,9 @@ class BandedFusion:
 
     def _make_coarse(self, y0: int, y1: int) -> None:
         """The coarse pass on rows y0:y1 (the previous call's end, or any row at first): the planes the
-        fine pass blurs, kept. Made a sixteenth of a band at a time: each row's running sums take a
-        hundred bytes a pixel while they are made."""
-        step = max(1, BAND_PIXELS // 16 // max(1, self.shape[1]))
+        fine pass blurs, kept. Made a sixteenth of a band at a time (at least 8 rows, so that a wide
+        image is not made row by row): each row's running sums take a hundred bytes a pixel meanwhile."""
+        step = max(8, BAND_PIXELS // 16 // max(1, self.shape[1]))
         for c0 in range(y0, y1, step):
             self._make_coarse_rows(c0, min(c0 + step, y1))
 
