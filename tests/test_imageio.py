@@ -315,9 +315,10 @@ def test_png_encode_uses_the_fast_compression_level() -> None:
 
 
 def test_png_encoder_round_trips_exactly_and_writes_the_chunks_pillow_writes() -> None:
-    """The PNG comes from libpng through OpenCV (faster than Pillow's encoder); its pixels must read back
-    exactly (RGBA, RGB, and an all-opaque RGBA stored as RGB) and the metadata chunks must be the ones
-    Pillow writes for the same image: the sRGB profile, the DPI and the EXIF, each with a valid CRC."""
+    """bgwatch writes its PNGs itself (rows 'up'-filtered, deflated strip by strip; faster than Pillow's
+    encoder): the pixels must read back exactly (RGBA, RGB, an all-opaque RGBA stored as RGB, and an image
+    of several strips) and the metadata chunks must be the ones Pillow writes for the same image: the sRGB
+    profile, the DPI and the EXIF, each with a valid CRC."""
     from bgwatch.pipeline.metadata import Carried
 
     rng = np.random.default_rng(5)
@@ -325,7 +326,11 @@ def test_png_encoder_round_trips_exactly_and_writes_the_chunks_pillow_writes() -
     exif = Image.Exif()
     exif[0x013B] = "A. Photographer"  # Artist
     carried = Carried(exif=exif.tobytes(), dpi=(300.0, 72.0))
-    for image in (rgba, rgba[..., :3].copy(), np.dstack([rgba[..., :3], np.full((37, 53), 255, np.uint8)])):
+    # 4096 x 1100 is more than one strip of rows (_STRIP_PIXELS): the filter runs on across their seams
+    tall = np.empty((1100, 4096, 4), np.uint8)
+    tall[...] = np.arange(4096 * 4, dtype=np.uint32).reshape(1, 4096, 4).astype(np.uint8)
+    tall[:, :, 1] += np.arange(1100, dtype=np.uint32).astype(np.uint8)[:, None]
+    for image in (rgba, rgba[..., :3].copy(), np.dstack([rgba[..., :3], np.full((37, 53), 255, np.uint8)]), tall):
         data = encode(image, OutputSpec(format="png"), carried)
         expected = image if image.shape[2] == 3 or (image[..., 3] < 255).any() else image[..., :3]
         with Image.open(io.BytesIO(data)) as back:
@@ -333,7 +338,7 @@ def test_png_encoder_round_trips_exactly_and_writes_the_chunks_pillow_writes() -
             assert back.mode == ("RGBA" if expected.shape[2] == 4 else "RGB")
             assert np.array_equal(np.asarray(back), expected)
             reference = io.BytesIO()
-            Image.fromarray(expected).save(reference, "PNG", icc_profile=back.info["icc_profile"],
+            Image.fromarray(expected[:2]).save(reference, "PNG", icc_profile=back.info["icc_profile"],
                                            exif=carried.exif, dpi=carried.dpi)
             with Image.open(reference) as pillow:
                 assert back.info["dpi"] == pillow.info["dpi"] and back.info["exif"] == pillow.info["exif"]
