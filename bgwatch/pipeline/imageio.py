@@ -226,7 +226,7 @@ def _png(image: np.ndarray, has_alpha: bool, icc: bytes, carried: Carried | None
         np.subtract(rows[0], above, out=filtered[0, 1:])
         np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
         above = rows[-1]
-        idat.append(deflate.compress(memoryview(filtered)))
+        idat.append(deflate.compress(filtered.data))
     idat.append(deflate.flush())
     chunks += [_png_chunk(b"IDAT", b"".join(idat)), _png_chunk(b"IEND", b"")]
     return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
