@@ -77,15 +77,17 @@ class Finished:
 
 
 # Peak working set of one job above the process's own footprint, in bytes a pixel of the input, measured
-# by bench/bench_memory.py (cleanup: 12-22 with the classical or a rembg engine; replace: ~24 at 25 MP and
-# ~28 at 6 MP for a product in the middle of the frame, but 56-61 at 6, 25 and 100 MP when it fills the frame
-# (--tight, as marketplaces ask): the composite's float planes cover the subject's box. Gradient, colour or
-# image backdrop with shadow, colour matching and feathered edges), rounded up: the worst case, since a
-# job's need is judged from its header before its subject is known. limits.max_memory is checked with it.
-JOB_BYTES_PER_PIXEL = {"cleanup": 24, "replace": 64}
+# by bench/bench_memory.py (cleanup: 12-22 with the classical or a rembg engine; replace, gradient backdrop
+# with shadow, colour matching and feathered edges: 30.6 at 6 MP, 25.0 at 25 MP and 23.9 at 100 MP when the
+# product fills the frame, as marketplaces ask (--tight: the composite's worst case, its float work in bands
+# of rows over the subject's box), 19-29 when it sits in the middle). Replace: the worst (6 MP, where a
+# job's fixed costs weigh most) with ~15% margin, since a job's need is judged from its header before its
+# subject is known. Not counted: an image backdrop much bigger than the input adds its own decode (a 24 MP
+# backdrop behind a 6 MP photo: 43). limits.max_memory is checked with it.
+JOB_BYTES_PER_PIXEL = {"cleanup": 24, "replace": 36}
 DENOISE_BYTES_PER_PIXEL = 8  # LAB copy, the denoised lightness and the result
 MATTING_BYTES = 2 * 2**30  # rembg alpha matting runs at <= REMBG_WORK_SIDE px a side: a fixed cost
-DEFAULT_MAX_MEMORY = 8 * 2**30  # the daemon passes limits.max_memory; 8 GiB admits a 100 MP replace (6.4 GB)
+DEFAULT_MAX_MEMORY = 8 * 2**30  # the daemon passes limits.max_memory; 8 GiB admits a 100 MP replace (3.6 GB)
 
 
 def job_memory(width: int, height: int, spec: JobSpec) -> int:
