@@ -1,14 +1,14 @@
 """The subject's own colours: blur fusion (Forte & Pitié, "Approximate fast foreground colour estimation",
-ICIP 2021), over a whole image or in bands of rows.
+ICIP 2021), in bands of rows.
 
 An edge pixel of a photo is a mix I = aF + (1-a)B of the subject and the old background. B and F are local
 alpha-weighted means (box filters), and F = F_mean + a(I - a F_mean - (1-a) B), run at a coarse then a fine
 radius. Where a = 1, F is I.
 
-`estimate_foreground` is the whole-image form. `BandedFusion` gives the same values band by band for the
-composite, whose subject can fill a 100 MP frame: the coarse box means (radius ~9% of the image's side)
-are running sums down the rows, so no band re-reads the rows above it, and the fine pass (radius ~0.6%)
-runs on each band grown by its radius. Float memory is a few bands, never a plane of the whole box.
+`BandedFusion` gives the values the whole-image filters give, band by band, for the composite, whose
+subject can fill a 100 MP frame: the coarse box means (radius ~9% of the image's side) are running sums
+down the rows, so no band re-reads the rows above it, and the fine pass (radius ~0.6%) runs on each band
+grown by its radius. Float memory is a few bands, never a plane of the whole box.
 """
 
 from __future__ import annotations
@@ -22,40 +22,6 @@ EPS = 1e-5  # keeps the alpha-weighted means finite where there is no subject (o
 # Pixels a band of rows: its float work holds ~100 bytes a pixel (seven planes, each made, filtered across and
 # summed down), so a quarter megapixel keeps that under 30 MB while numpy's calls stay long.
 BAND_PIXELS = 1 << 18
-
-
-def estimate_foreground(
-    image: np.ndarray, alpha: np.ndarray, radii: tuple[int, ...] = (90, 6)
-) -> tuple[np.ndarray, np.ndarray]:
-    """(F, B_old): the subject's own colours and the old background's, from I = aF + (1-a)B.
-
-    image HxWx3 float32 [0,1] (or uint8, read as /255); alpha HxW float32. Blur fusion at each radius in
-    turn (box filters, so the cost does not grow with the radius), one colour channel at a time: the
-    temporaries are single planes."""
-    import cv2
-
-    a = alpha
-    inverse = 1.0 - a
-    means = []
-    for r in radii:
-        size = (2 * r + 1, 2 * r + 1)
-        mean_a = cv2.blur(alpha, size, borderType=cv2.BORDER_REPLICATE)
-        means.append((size, mean_a + EPS, 1.0 - mean_a + EPS))
-    fg_out = np.empty((*alpha.shape, 3), np.float32)
-    bg_out = np.empty((*alpha.shape, 3), np.float32)
-    for c in range(3):
-        plane = image[..., c]
-        i_c = plane.astype(np.float32) / 255.0 if plane.dtype == np.uint8 else plane.astype(np.float32)
-        fg, bg = i_c, i_c
-        for size, fg_norm, bg_norm in means:
-            mean_fg = cv2.blur(fg * a, size, borderType=cv2.BORDER_REPLICATE) / fg_norm
-            mean_bg = cv2.blur(bg * inverse, size, borderType=cv2.BORDER_REPLICATE) / bg_norm
-            fg = mean_fg + a * (i_c - a * mean_fg - inverse * mean_bg)
-            fg = np.clip(fg, 0.0, 1.0)
-            bg = mean_bg
-        fg_out[..., c] = fg
-        bg_out[..., c] = np.clip(bg, 0.0, 1.0)
-    return fg_out, bg_out
 
 
 def as_alpha(alpha: np.ndarray) -> np.ndarray:
