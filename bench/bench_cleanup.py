@@ -23,7 +23,7 @@ Prints one table: images/s, peak RSS, the ratios to rembg p, and the masks' qual
 the quantization gate use other seeds), and its agreement with rembg p's alpha. Not a timed test.
 bgwatch's run includes its settle wait (0.2 s here), start-up, the claim/record/move of every file, its
 mask refinement, guided edges and edge clean-up (which rembg p does not do) and its PNG at compress
-level 1 by libpng with 'up'-filtered rows (rembg p: Pillow's default, level 6, adaptive filters).
+level 1, 'up'-filtered rows, written by bgwatch itself (rembg p: Pillow's default, level 6, adaptive filters).
 """
 
 from __future__ import annotations
