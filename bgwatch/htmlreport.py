@@ -159,7 +159,9 @@ def _when(epoch: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch))) if epoch else ""
 
 
-def _run_card(row: dict[str, Any], marked: Any = None, roots: Sequence[Path] = ()) -> str:
+def _run_card(row: dict[str, Any], marked: Any = None, roots: Sequence[Path] = (), *,
+              show_host: bool = False) -> str:
+    """One run; `show_host`: the runs came from several hosts (a studio), so each card says which ran it."""
     status = str(row.get("status", ""))
     source = Path(row["source_path"]) if row.get("source_path") else None
     output = Path(row["output_path"]) if row.get("output_path") else None
@@ -178,11 +180,14 @@ def _run_card(row: dict[str, Any], marked: Any = None, roots: Sequence[Path] = (
     inbox = str(row.get("inbox", "")).rstrip("/").rsplit("/", 1)[-1]
     colour = STATUS_COLOURS.get(status, "#57606a")
     run = _text(row.get("id"), 20)
+    host = _text(row.get("host") or "?", 64) if show_host else ""
+    host_attr = f' data-host="{host}"' if host else ""
     parts = [
-        f'<article class="run" data-run="{run}" data-status="{_text(status, 20)}">',
+        f'<article class="run" data-run="{run}" data-status="{_text(status, 20)}"{host_attr}>',
         f'<header><span class="badge" style="background:{colour}">{_text(status, 20)}</span>'
         f'<span class="name">{_text(inbox)}/{_text(row.get("rel_path", ""))}</span>'
-        f'<span class="meta">run {run} · {_text(engines)} · {_when(row.get("created_at"))}'
+        f'<span class="meta">run {run}{" · host " + host if host else ""} · {_text(engines)} · '
+        f'{_when(row.get("created_at"))}'
         f'{" · " + took if took else ""}</span></header>',
         '<div class="thumbs">',
         _figure(input_uri, "input", "original no longer on disk" if input_missing == "no longer on disk"
@@ -228,7 +233,13 @@ def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report", 
     marks = [m for m in marked if m is not None]
     if marks:
         summary += f" · {sum(m.ok for m in marks)} of {len(marks)} output(s) meet their preset"
-    cards = "\n".join(_run_card(dict(row), mark, roots) for row, mark in zip(rows, marked, strict=True))
+    # A studio's runs (several hosts in one store) say which host ran each, as `bgwatch history` does.
+    hosts = sorted({str(row.get("host") or "?") for row in rows})
+    show_host = len(hosts) > 1
+    if show_host:
+        summary += f" · on {len(hosts)} hosts: {', '.join(hosts)}"
+    cards = "\n".join(_run_card(dict(row), mark, roots, show_host=show_host)
+                      for row, mark in zip(rows, marked, strict=True))
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
             f'<meta http-equiv="Content-Security-Policy" content="{_csp()}">\n<title>{_text(title)}</title>\n'
             f"<style>{STYLE}</style>\n<script>{SCRIPT}</script></head>\n"

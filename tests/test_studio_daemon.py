@@ -3,13 +3,14 @@ claims through its rows, and every view (status, history) shows every host's run
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bgwatch import report
+from bgwatch import cli, htmlreport, report
 from bgwatch.daemon import Daemon
 from bgwatch.samples import write_samples
 from tests import pgserver
@@ -50,6 +51,14 @@ def test_two_workstations_one_studio_store(tmp_path: Path, pg_url: str, capsys: 
     report.print_history(report.history_rows(first, None, 100))
     table = capsys.readouterr().out.splitlines()
     assert "host" in table[0] and sum(" ws2 " in line for line in table[1:]) == 2
+    # `bgwatch report` on either workstation: a card per studio run, each saying its host
+    assert cli.main(["report", "-c", str(second.source), "-o", str(tmp_path / "studio.html")]) == 0
+    page = (tmp_path / "studio.html").read_text()
+    cards = re.findall(r'<article class="run"[^>]*>.*?</article>', page, re.S)
+    assert len(cards) == 4 and sorted(re.findall(r'<article [^>]*data-host="(\w+)"', page)) == ["ws1"] * 2 + ["ws2"] * 2
+    assert all(" · host ws" in card for card in cards) and "on 2 hosts: ws1, ws2" in page
+    one_host = htmlreport.render([r for r in report.history_rows(first, None, 100) if r["host"] == "ws1"])
+    assert "data-host" not in one_host and " · host " not in one_host  # one workstation's page as before
     status = report.status_of(second)
     assert status["runs"] == {"done": 4}
     assert {h["host"] for h in status["hosts"]} == {"ws1", "ws2"}
