@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from bgwatch.rules import FIELDS, Field, ResolvedSpec, _num
+from bgwatch.fields import FIELDS, Field, number_text
+from bgwatch.rules import ResolvedSpec
 
 REFERENCE_START = "<!-- spec-reference:start -->"
 REFERENCE_END = "<!-- spec-reference:end -->"
@@ -44,7 +45,7 @@ def _allowed_text(field: Field) -> str:
     if kind == "choice":
         return ", ".join(f"`{c}`" for c in field.choices)
     if kind in ("int", "float", "seed"):
-        text = f"{_num(field.minimum)}–{_num(field.maximum)}"
+        text = f"{number_text(field.minimum)}–{number_text(field.maximum)}"
         return text + ", or `null` (random)" if kind == "seed" else text
     return {
         "colour": "`#rgb` or `#rrggbb`",
