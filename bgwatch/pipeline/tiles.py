@@ -1,9 +1,9 @@
 """Full-resolution work in pieces: memory bounded by the pixels, never by a second full-size float copy.
 
 Smooth things (a backdrop fit, a colour field, a blurred background) are computed small and read at full
-resolution only where they are needed: a window of rows and columns (`upsample_window`) or a list of
-pixels (`sample_points`), exactly where cv2.resize (INTER_LINEAR) would have put them. Neither uses
-cv2.remap, whose maps and images must stay under 32767 pixels a side.
+resolution only where they are needed: a window of rows and columns (`upsample_window`), exactly where
+cv2.resize (INTER_LINEAR) would have put it, without cv2.remap, whose maps and images must stay under
+32767 pixels a side (a list of pixels is sampled by `edges.sample_at`, which lays it out in rows).
 """
 
 from __future__ import annotations
@@ -46,18 +46,6 @@ def upsample_window(field: np.ndarray, full: tuple[int, int], window: tuple[int,
     left = rows[:, ix0]
     left += (rows[:, ix1] - left) * wx
     return np.asarray(left, np.float32)
-
-
-def sample_points(field: np.ndarray, ys: np.ndarray, xs: np.ndarray, sx: float, sy: float) -> np.ndarray:
-    """Bilinear samples (N, C) float32 of a coarse HxWxC field at full-resolution pixels (ys, xs), where
-    the field's pixel size is 1/sx by 1/sy full pixels (the mapping cv2.resize uses)."""
-    h, w = field.shape[:2]
-    y0, y1, wy = _taps(ys, sy, h)
-    x0, x1, wx = _taps(xs, sx, w)
-    wy, wx = wy[:, None], wx[:, None]
-    top = field[y0, x0] + (field[y0, x1] - field[y0, x0]) * wx
-    bottom = field[y1, x0] + (field[y1, x1] - field[y1, x0]) * wx
-    return np.asarray(top + (bottom - top) * wy, np.float32)
 
 
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
