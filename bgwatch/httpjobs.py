@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from bgwatch import rules, safefs
+from bgwatch import rules, runs, safefs
 from bgwatch.config import Config, InboxConfig, is_loopback, split_listen
 from bgwatch.errors import BgwatchError, ConfigError, InputError, SpecError
 from bgwatch.httpforms import FORMS, REQUEST, FormField, form_fragment, safe_upload_name
 from bgwatch.httpresults import MEDIA_TYPES, ResultsFolder, log_pruned
-from bgwatch.jobs import Job, JobSpec, JobState, RunResult, job_key
+from bgwatch.jobs import Job, JobSpec, RunResult, job_key
 from bgwatch.ratelimit import RequestSchedule, TokenBucket
 from bgwatch.storebase import RunStore
 from bgwatch.text import shown
@@ -118,6 +118,7 @@ class HttpDoor:
         self.config = config
         self.settings = config.http
         self.store = store
+        self.ledger = runs.Ledger(store, config.host)  # the runs table is written through it, as for folder jobs
         self.generation_bucket = generation_bucket
         self.submit = submit
         self.outcomes = outcomes
@@ -152,8 +153,6 @@ class HttpDoor:
 
     def open(self) -> None:
         """Make the folders, settle what a previous process left, then listen."""
-        from bgwatch.service import raise_open_file_limit
-
         host, port = split_listen(self.config.source or "(built-in config)", "http.listen", self.settings.listen)
         self.keys = self.settings.api_keys()
         if not self.keys and (self.settings.api_keys_file is not None or not is_loopback(host)):
@@ -163,13 +162,12 @@ class HttpDoor:
         self.results.make()
         for leftover in os.scandir(self.uploads_dir):
             shutil.rmtree(leftover.path, ignore_errors=True)
-        for row in self.store.runs_in((JobState.QUEUED, JobState.RUNNING), host=self.config.host):
+        for row in self.ledger.open_runs():
             if row.inbox == HTTP_INBOX:
-                self.store.finish_run(row.id, JobState.FAILED, error="bgwatch stopped before this HTTP request "
-                                      "finished; send it again")
+                self.ledger.finish(runs.failed(row.id, "bgwatch stopped before this HTTP request finished; "
+                                               "send it again"))
         self.prune_results()
-        self.device = resolved_device(self.config.device)
-        raise_open_file_limit()
+        self.device = resolved_device(self.config.device)  # the open-file limit was raised at start (share_cores)
         from bgwatch.api import ApiServer
 
         try:
@@ -359,10 +357,9 @@ class HttpDoor:
         key = job_key(item.sha, item.spec)
         output = self.results_dir / item.output_name
         try:
-            run_id = self.store.add_run(key=key, inbox=HTTP_INBOX, rel_path=item.upload.name,
-                                        source_path=str(item.upload.path), input_sha256=item.sha,
-                                        spec_json=item.spec.to_json(), host=self.config.host)
-            self.store.set_output(run_id, str(output))
+            run_id = self.ledger.add(key=key, inbox=HTTP_INBOX, rel_path=item.upload.name,
+                                     source_path=str(item.upload.path), input_sha256=item.sha,
+                                     spec_json=item.spec.to_json(), output_path=str(output))
         except sqlite3.Error as exc:
             logger.warning("{}: could not record an HTTP job ({}); the client is told to send it again",
                            item.upload.name, exc)
@@ -422,8 +419,8 @@ class HttpDoor:
 
     def _finish_unrun(self, run_id: int) -> None:
         try:
-            self.store.finish_run(run_id, JobState.FAILED, error="bgwatch stopped before this HTTP request was "
-                                  "processed; send it again")
+            self.ledger.finish(runs.failed(run_id, "bgwatch stopped before this HTTP request was processed; "
+                                           "send it again"))
         except sqlite3.Error as exc:
             logger.warning("run {}: could not be marked failed ({}); the next start settles it", run_id, exc)
 
@@ -449,8 +446,7 @@ class HttpDoor:
         """Write a finished HTTP job's output and report it (the main thread records it)."""
         job = finished.job
         target = self.results.write(job.output_rel, finished.data)
-        self.outcomes.put(RunResult(job.run_id, JobState.DONE, target, mask_engine=finished.mask_engine,
-                                    bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings))
+        self.outcomes.put(runs.done(job.run_id, target, finished))
 
     # ------------------------------------------------------------------ results
 

@@ -5,8 +5,8 @@ takes it, finished once, or requeued after a restart. All of it happens on the d
 the order the outcomes arrived (intake.apply_outcomes); workers never write a run. A locked or full
 database delays the writing (the caller keeps the outcome and tries again); it never loses one.
 
-The endings below are the only RunResults the daemon's sources build: each says what happened in words.
-(`bgwatch process` and the HTTP door, owned elsewhere, build their own for now.)
+The endings below are the only RunResults bgwatch builds (the folder and HTTP sources, `bgwatch process`):
+each says what happened in words.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bgwatch import safefs
+from bgwatch import runs, safefs
 from bgwatch.config import Config, InboxConfig, load_config
 from bgwatch.errors import BgwatchError, InputError
 from bgwatch.jobs import Job, JobState, RunResult, job_key
+from bgwatch.runs import Ledger
 
 
 def images_to_process(path: Path) -> list[Path]:
@@ -52,23 +53,24 @@ def process_many(images: Sequence[Path], config: Config, out_dir: Path, override
             raise InputError(image, "no such file")
     store = open_store(config.store, sqlite_path=config.db_path, host=config.host)  # a studio's: its history too
     engines = stages.Engines(config, store, generation_bucket(store, config.limits.generations_per_minute))
+    ledger = Ledger(store, config.host)
     results = []
     try:
         for image in images:
             try:
-                job = _record(image.resolve(), config, store, out_dir, overrides)
+                job = _record(image.resolve(), config, ledger, out_dir, overrides)
             except BgwatchError as exc:
                 if not each_error:
                     raise
-                results.append(RunResult(0, JobState.FAILED, error=str(exc)))
+                results.append(runs.failed(0, str(exc)))  # no run recorded: its spec could not be resolved
                 continue
-            results.append(_process_and_record(job, config, engines, store, image.resolve(), out_dir))
+            results.append(_process_and_record(job, config, engines, ledger, image.resolve(), out_dir))
     finally:
         store.close()
     return results
 
 
-def _record(image: Path, config: Config, store: Any, out_dir: Path, overrides: Mapping[str, Any]) -> Job:
+def _record(image: Path, config: Config, ledger: Ledger, out_dir: Path, overrides: Mapping[str, Any]) -> Job:
     """The job for one file, its run recorded as running (SpecError when its spec cannot be resolved)."""
     from bgwatch import rules
 
@@ -76,15 +78,14 @@ def _record(image: Path, config: Config, store: Any, out_dir: Path, overrides: M
     spec = rules.resolve(image, inbox, config, overrides=overrides or None).spec
     sha = safefs.sha256_file(image)
     rel = PurePosixPath(*image.relative_to(inbox.path).parts).as_posix()
-    run_id = store.add_run(key=job_key(sha, spec), inbox="(process)", rel_path=rel, source_path=str(image),
-                           input_sha256=sha, spec_json=spec.to_json(),
-                           host=config.host)
-    store.start_run(run_id, config.host)
+    run_id = ledger.add(key=job_key(sha, spec), inbox="(process)", rel_path=rel, source_path=str(image),
+                        input_sha256=sha, spec_json=spec.to_json())
+    ledger.start(run_id, at=time.time())
     return Job(run_id=run_id, inbox="(process)", rel_path=rel, source=image, spec=spec, input_sha256=sha,
                key=job_key(sha, spec))
 
 
-def _process_and_record(job: Job, config: Config, engines: Any, store: Any, image: Path,
+def _process_and_record(job: Job, config: Config, engines: Any, ledger: Ledger, image: Path,
                         out_dir: Path) -> RunResult:
     from bgwatch.pipeline import stages
 
@@ -97,15 +98,14 @@ def _process_and_record(job: Job, config: Config, engines: Any, store: Any, imag
         out_dir.mkdir(parents=True, exist_ok=True)
         safefs.write_file_atomic(target, finished.data)
     except (BgwatchError, OSError) as exc:
-        store.finish_run(job.run_id, JobState.FAILED, error=str(exc))
-        return RunResult(job.run_id, JobState.FAILED, error=str(exc))
+        result = runs.failed(job.run_id, str(exc))
     except BaseException as exc:  # a bug or ^C: the row must not stay 'running'; then let it surface
-        store.finish_run(job.run_id, JobState.FAILED, error=f"internal error ({type(exc).__name__}: {exc})")
+        ledger.finish(runs.failed(job.run_id, f"internal error ({type(exc).__name__}: {exc})"))
         raise
-    store.finish_run(job.run_id, JobState.DONE, output_path=str(target), mask_engine=finished.mask_engine,
-                     bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings)
-    return RunResult(job.run_id, JobState.DONE, target, mask_engine=finished.mask_engine,
-                     bg_engine=finished.bg_engine, seed=finished.seed, timings=finished.timings)
+    else:
+        result = runs.done(job.run_id, target, finished)
+    ledger.finish(result)
+    return result
 
 
 def retry_runs(config: Config, run_ids: Sequence[int], *, all_failed: bool) -> tuple[list[str], list[str]]:
