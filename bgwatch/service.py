@@ -45,11 +45,14 @@ def share_cores(cores: int, pool_threads: int) -> None:
     - At most one C-heap arena a core (glibc's default is eight a core): the threads' freed images and the
       mask runs' buffers reuse each other's pages instead of each thread keeping its own (about 100 MB
       less peak RSS with the real U²-Net on 2 cores, bench/bench_cleanup.py); a no-op without glibc.
+    - The soft limit on open files raised to the hard one: inboxes, shares, models and (with the HTTP API)
+      connections all take file handles, and 1,024 runs out before any of them is refused.
     """
     import cv2
 
     cv2.setNumThreads(max(1, cores // max(1, pool_threads)))
     limit_malloc_arenas(cores)
+    raise_open_file_limit()
 
 
 def limit_malloc_arenas(cores: int) -> bool:
