@@ -95,7 +95,7 @@ class Daemon:
         self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
                              depth=lambda: sum(self.workers.depths().values()), metrics=metrics,
                              wake=self.intake.wake) if http else None
-        self.folders = FolderSource(self.intake, config.host, self.epoch)
+        self.folders = FolderSource(self.intake, config.host, self.epoch, self._sites)
         # Where jobs come from: the inboxes, and the HTTP door when it listens. Each job is handed back to the
         # source whose ticket it carries; the daemon never asks where a job came from.
         self.sources: list[JobSource] = [self.folders]
@@ -372,10 +372,9 @@ class Daemon:
         self.job_bucket.set_rate(new.limits.jobs_per_minute)
         self.budget.set_total(new.limits.max_memory)
         self.generation_bucket.set_rate(new.limits.generations_per_minute)
-        self.sites = self._sites(new, self.sites)
-        self.intake.reconfigure(new, self.sites)
-        if self.http is not None:
-            self.http.reconfigure(new)
+        for source in self.sources:
+            source.reconfigure(new)
+        self.sites = self.intake.sites  # the folder source's, rebuilt for the new inboxes
         self._make_outboxes()
         logger.info("config reloaded from {}", new.source)
 

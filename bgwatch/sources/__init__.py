@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from bgwatch.config import Config
     from bgwatch.jobs import Job, RunResult
     from bgwatch.pipeline.stages import Finished
 
@@ -35,6 +36,9 @@ class JobSource(Protocol):
 
     def sweep(self) -> None:
         """Main thread: settle what other hosts left (silent longer than the lease)."""
+
+    def reconfigure(self, config: Config) -> None:
+        """Main thread: a reloaded config.yaml (the daemon has checked it and kept state_dir and host)."""
 
     def recorded(self, result: RunResult) -> None:
         """Main thread: a run's end was recorded by the ledger (wake whoever waits for it)."""

@@ -4,6 +4,7 @@ delivery on the share (custody) behind, recovery at start, and the files of sile
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -16,6 +17,7 @@ from bgwatch.recovery import recover
 from bgwatch.text import shown
 
 if TYPE_CHECKING:
+    from bgwatch.config import Config
     from bgwatch.intake import Intake, Site
     from bgwatch.jobs import Job, RunResult
     from bgwatch.pipeline.stages import Finished
@@ -28,9 +30,13 @@ def claim_of(job: Job) -> Claim:
     return job.ticket
 
 
+Sites = Callable[["Config", "dict[str, Site]"], "dict[str, Site]"]  # (new config, the sites now) -> the new sites
+
+
 class FolderSource:
-    def __init__(self, intake: Intake, host: str, epoch: str) -> None:
+    def __init__(self, intake: Intake, host: str, epoch: str, sites: Sites) -> None:
         self.intake = intake
+        self.make_sites = sites  # the daemon's: each inbox's custody, heartbeat and coordinator
         self.host = host
         self.epoch = epoch
         self._silent: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # (inbox name, host)
@@ -43,6 +49,10 @@ class FolderSource:
 
     def poll(self) -> None:
         self.intake.tick()
+
+    def reconfigure(self, config: Config) -> None:
+        """Inboxes added, removed or changed: their sites rebuilt (heartbeats kept), the watchers restarted."""
+        self.intake.reconfigure(config, self.make_sites(config, self.intake.sites))
 
     def _site(self, job: Job) -> Site:
         site = self.intake.sites.get(job.inbox)

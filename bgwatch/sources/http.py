@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from bgwatch import runs
 
 if TYPE_CHECKING:
+    from bgwatch.config import Config
     from bgwatch.httpjobs import HttpDoor
     from bgwatch.jobs import Job, RunResult
     from bgwatch.outcomes import Outcomes
@@ -38,6 +39,9 @@ class HttpSource:
 
     def sweep(self) -> None:
         return None
+
+    def reconfigure(self, config: Config) -> None:
+        self.door.reconfigure(config)
 
     def recorded(self, result: RunResult) -> None:
         self.door.recorded(result)
