@@ -5,7 +5,9 @@ files at once is generated once for the studio, and every view on any one host s
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,8 @@ def test_one_backdrop_asked_by_nine_files_on_three_hosts_is_generated_once(tmp_p
     assert sorted(r["rel_path"] for r in runs) == [f"ring-{i:03}.png" for i in range(9)]
     assert all(r["status"] == "done" and r["bg_engine"].startswith("runway") for r in runs)
     assert {r["host"] for r in runs} == {"h1", "h2", "h3"}, "each host took some of the nine"
+
+    page = tmp_path / "studio.html"
+    assert hosts[0].bgwatch("report", "-o", str(page)).returncode == 0
+    shown = re.findall(r'<article class="run" [^>]*data-host="(h\d)"', page.read_text())
+    assert Counter(shown) == Counter(r["host"] for r in runs)  # the page says which host ran each
