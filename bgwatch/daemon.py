@@ -128,7 +128,8 @@ class Daemon:
             coordinator = studio_coordinator(self.store, custody, config.watch.lease_seconds,
                                              in_flight=lambda: len(self.intake.inflight))
             sites[inbox.name] = Site(inbox, custody, heartbeat,
-                                     coordinator or ShareCoordinator(custody, heartbeat, self.liveness))
+                                     coordinator or ShareCoordinator(custody, heartbeat, self.liveness),
+                                     waits=before.waits if before is not None else "")
         return sites
 
     @staticmethod
@@ -341,6 +342,8 @@ class Daemon:
         lines = [f"not delivered yet, {p}" for p in self.intake.retries.problems()]
         lines += [f"original waiting in {name}'s delivering/{token}: {why}"
                   for (name, token), why in sorted(self.intake.waiting_originals.items())]
+        for source in self.sources:
+            lines += source.problems()
         for site in self.sites.values():
             why = site.coordinator.why_not_claiming()
             if why:

@@ -57,6 +57,7 @@ class Site:
     custody: Custody
     heartbeat: Heartbeat
     coordinator: Coordinator
+    waits: str = ""  # why nothing is claimed here until it clears (a work folder bgwatch may not open)
 
 
 @dataclass(slots=True)
@@ -110,6 +111,7 @@ class Intake:
         self._next_sweep = 0.0
         self._unheld: dict[tuple[str, str], int] = {}  # claims no job holds, by how many sweeps saw them
         self.stuck: set[tuple[str, str]] = set()  # claimed files that could not be filed (logged)
+        self._sweep_trouble: dict[str, str] = {}  # inbox name -> why its work folder could not be read (logged)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,7 +219,7 @@ class Intake:
     def _blocked(site: Site) -> bool:
         """Claim nothing where this host cannot beat (share away, a twin uses its name) or the outbox is
         missing (its share away). An outbox that is a file is not waited for: the jobs fail and say so."""
-        return not site.coordinator.may_claim() or not os.path.lexists(site.inbox.outbox)
+        return bool(site.waits) or not site.coordinator.may_claim() or not os.path.lexists(site.inbox.outbox)
 
     def _awaits_sidecar(self, waiting: Waiting, path: Path, now: float) -> bool:
         """require_sidecar: wait up to watch.sidecar_seconds for the sidecar, then go (and fail)."""
@@ -443,10 +445,19 @@ class Intake:
                     held.add((item.job.inbox, claim.sidecar))
         seen: dict[tuple[str, str], int] = {}
         for name_of_inbox, site in list(self.sites.items()):
-            if site.heartbeat.twin:
-                continue  # another daemon of this name may hold them
-            self._settle_left_deliveries(name_of_inbox, site, seen)
-            for name in site.custody.own_claims():
+            if site.heartbeat.twin or site.waits:
+                continue  # another daemon of this name may hold them; or its work folder cannot be opened
+            try:
+                self._settle_left_deliveries(name_of_inbox, site, seen)
+                claimed = site.custody.own_claims()
+            except OSError as exc:  # its work folder cannot be opened now (its rights changed): not a crash
+                why = shown(str(exc))
+                if self._sweep_trouble.get(name_of_inbox) != why:
+                    logger.error("{}: cannot look through its work folder: {}", site.inbox.path, why)
+                self._sweep_trouble[name_of_inbox] = why
+                continue
+            self._sweep_trouble.pop(name_of_inbox, None)
+            for name in claimed:
                 key = (name_of_inbox, name)
                 if key in held or key in self.stuck:
                     continue

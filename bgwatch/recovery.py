@@ -10,6 +10,10 @@ where a folder should be) is logged and left, and the daemon always starts.
    taken back by another host while this one was stopped, and is recorded as superseded (or done, when
    step 1 finished its delivery).
 3. Claimed files no run holds go back to the inbox; half-written outputs of this host are removed.
+
+An inbox whose work folder (.bgwatch and below) bgwatch may not open, another user's `mkdir -m 700` say, is
+left as it is: its Site.waits says why (logged, and a `status` problem line), nothing is claimed there and
+its open runs stay open; the other inboxes go on. The folder source runs its recovery again once it opens.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 
 from loguru import logger
@@ -32,11 +37,28 @@ from bgwatch.text import shown
 _RECOVERABLE = (OSError, ValueError, UnicodeError, sqlite3.Error, BgwatchError, KeyError, TypeError)
 
 
-def recover(intake: Intake, host: str) -> list[Job]:
-    """Settle this host's leftovers; returns the jobs to queue again."""
+def recover(intake: Intake, host: str, only: Collection[str] | None = None) -> list[Job]:
+    """Settle this host's leftovers (in the inboxes named in `only`, else in all); returns the jobs to queue
+    again. Each inbox's work folders are opened first: one that cannot be opened makes that inbox wait."""
+    sites = {name: site for name, site in intake.sites.items() if only is None or name in only}
+    for site in sites.values():
+        try:
+            site.custody.own_deliveries()
+            site.custody.own_claims()
+        except OSError as exc:
+            _wait(site, exc)
+        else:
+            site.waits = ""
     settled: dict[int, tuple[Site, Settled]] = {}
-    for site in intake.sites.values():
-        for token in site.custody.own_deliveries():
+    for site in sites.values():
+        if site.waits:
+            continue
+        try:
+            tokens = site.custody.own_deliveries()
+        except OSError as exc:
+            _wait(site, exc)
+            continue
+        for token in tokens:
             try:
                 result = site.custody.settle(host, token)
                 if TAKEN not in token:  # taken over from another host: its run ids are not ours
@@ -48,6 +70,9 @@ def recover(intake: Intake, host: str) -> list[Job]:
     jobs: list[Job] = []
     held: set[tuple[str, str]] = set()
     for row in intake.ledger.open_runs():
+        row_site = sites.get(row.inbox)
+        if (only is not None and row_site is None) or (row_site is not None and row_site.waits):
+            continue  # another inbox's run, or one left open until its inbox can be opened
         try:
             job = _reopen(intake, row, settled)
         except (*_RECOVERABLE,) as exc:
@@ -58,8 +83,15 @@ def recover(intake: Intake, host: str) -> list[Job]:
             held.add((job.inbox, job.ticket.name))
             if job.ticket.sidecar:
                 held.add((job.inbox, job.ticket.sidecar))
-    for name, site in intake.sites.items():
-        for claimed in site.custody.own_claims():
+    for name, site in sites.items():
+        if site.waits:
+            continue
+        try:
+            claims = site.custody.own_claims()
+        except OSError as exc:
+            _wait(site, exc)
+            continue
+        for claimed in claims:
             if (name, claimed) in held:
                 continue
             try:
@@ -71,6 +103,16 @@ def recover(intake: Intake, host: str) -> list[Job]:
                 logger.info("returned unfinished claim {} to {}", shown(back), site.inbox.path)
         _remove_own_temp_files(site, host)
     return jobs
+
+
+def _wait(site: Site, exc: OSError) -> None:
+    """The inbox's work folder cannot be opened: it waits, and says why (logged when the reason changes)."""
+    where = exc.filename or site.custody.inbox / WORK_DIR
+    why = f"cannot open {shown(str(where))}: {shown(exc.strerror or str(exc))}"
+    if why != site.waits:
+        logger.error("{}: {}. Nothing is claimed or recovered in this inbox until it can be opened; the other "
+                     "inboxes go on", site.inbox.path, why)
+    site.waits = why
 
 
 def _reopen(intake: Intake, row: RunRow, settled: dict[int, tuple[Site, Settled]]) -> Job | None:

@@ -114,8 +114,14 @@ class Folder:
             except FileNotFoundError:
                 if not create:
                     raise FolderMissing(errno.ENOENT, "folder missing", str(path)) from None
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(name, 0o775, dir_fd=self.fd)
+                except FileExistsError:
+                    pass
+                except PermissionError as exc:
+                    raise _no_access(exc, self.path) from None
+            except PermissionError as exc:  # another user's folder (a `mkdir -m 700`), or a mode that keeps us out
+                raise _no_access(exc, path) from None
             except (NotADirectoryError, OSError) as exc:
                 if isinstance(exc, NotADirectoryError) or exc.errno == errno.ELOOP:
                     raise UnsafeFolder(errno.ELOOP, "is a symbolic link or not a folder; bgwatch will not "
@@ -239,6 +245,14 @@ class Folder:
     def fsync(self) -> None:
         with contextlib.suppress(OSError):  # unsupported on some network filesystems; the rename stands
             os.fsync(self.fd)
+
+
+def _no_access(exc: PermissionError, folder: Path) -> PermissionError:
+    """A folder this user may not open or write (another user's `mkdir -m 700`, or its mode): the error names
+    the folder and the fix."""
+    return PermissionError(exc.errno, f"{exc.strerror}: bgwatch's user (uid {os.geteuid()}) may not open or write "
+                           "this folder; give it read, write and search rights there (on a share: every host's "
+                           "bgwatch user)", str(folder))
 
 
 def _check_name(name: str) -> None:

@@ -4,6 +4,7 @@ with the reason, since only root can become another user."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import shutil
@@ -60,3 +61,18 @@ def open_to_all(*folders: Path) -> None:
     """Make folders writable by every share user, as a share mounted for a team is."""
     for folder in folders:
         folder.chmod(0o777)
+
+
+PR_CAPBSET_DROP = 24
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+
+
+def without_file_rights() -> None:
+    """A `preexec_fn`: the child (root here) loses root's override of file permissions before it runs its
+    program (CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH leave its bounding set, so the program starts without
+    them), and so opens files as its uid may, like an unprivileged service user: for a bgwatch daemon, whose
+    interpreter and venv `nobody` may not reach."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")

@@ -40,6 +40,9 @@ class JobSource(Protocol):
     def reconfigure(self, config: Config) -> None:
         """Main thread: a reloaded config.yaml (the daemon has checked it and kept state_dir and host)."""
 
+    def problems(self) -> list[str]:
+        """What keeps this source's work waiting, one line each (for `bgwatch status`)."""
+
     def recorded(self, result: RunResult) -> None:
         """Main thread: a run's end was recorded by the ledger (wake whoever waits for it)."""
 

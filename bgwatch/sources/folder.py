@@ -4,6 +4,7 @@ delivery on the share (custody) behind, recovery at start, and the files of sile
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ def claim_of(job: Job) -> Claim:
     return job.ticket
 
 
+RECOVER_SECONDS = 2.0  # how often an inbox whose work folder could not be opened is tried again
 Sites = Callable[["Config", "dict[str, Site]"], "dict[str, Site]"]  # (new config, the sites now) -> the new sites
 
 
@@ -40,15 +42,35 @@ class FolderSource:
         self.host = host
         self.epoch = epoch
         self._silent: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # (inbox name, host)
+        self._next_recovery = 0.0
 
     def owns(self, job: Job) -> bool:
         return isinstance(job.ticket, Claim)
 
     def recover(self) -> list[Job]:
+        self._next_recovery = time.monotonic() + RECOVER_SECONDS
         return recover(self.intake, self.host)
 
     def poll(self) -> None:
+        self._recover_waiting()
         self.intake.tick()
+
+    def _recover_waiting(self) -> None:
+        """Inboxes that wait for their work folder to open (recovery.py) are tried again every few seconds;
+        once one opens, its leftovers are settled, its open runs taken again, and claiming there resumes."""
+        waiting = [name for name, site in self.intake.sites.items() if site.waits]
+        if not waiting or time.monotonic() < self._next_recovery:
+            return
+        self._next_recovery = time.monotonic() + RECOVER_SECONDS
+        for job in recover(self.intake, self.host, only=waiting):
+            self.intake.submit(job)
+        for name in waiting:
+            site = self.intake.sites[name]
+            if not site.waits:
+                logger.info("{}: its work folder opens again; recovered, claiming there again", site.inbox.path)
+
+    def problems(self) -> list[str]:
+        return [f"inbox {site.inbox.path} waits: {site.waits}" for site in self.intake.sites.values() if site.waits]
 
     def reconfigure(self, config: Config) -> None:
         """Inboxes added, removed or changed: their sites rebuilt (heartbeats kept), the watchers restarted."""
@@ -128,7 +150,7 @@ class FolderSource:
             except queue.Empty:
                 return
             site = self.intake.sites.get(name)
-            if (name, host) in seen or site is None or not site.coordinator.may_claim():
+            if (name, host) in seen or site is None or site.waits or not site.coordinator.may_claim():
                 continue
             seen.add((name, host))
             try:

@@ -43,6 +43,9 @@ class HttpSource:
     def reconfigure(self, config: Config) -> None:
         self.door.reconfigure(config)
 
+    def problems(self) -> list[str]:
+        return []
+
     def recorded(self, result: RunResult) -> None:
         self.door.recorded(result)
 
