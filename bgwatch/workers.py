@@ -330,23 +330,13 @@ class Workers:
     def _fall_back(self, prepared: stages.Prepared, exc: BaseException) -> bool:
         """A failed generation whose spec names a fallback_engine: the backdrop comes from that engine instead
         (its own default model; the run records it as bg_engine). False: no fallback, the job fails."""
-        from dataclasses import replace
-
-        from bgwatch.models import configured_models
-        from bgwatch.pipeline.backgrounds import BackgroundRequest
-
-        spec, request = prepared.job.spec, prepared.request
-        if request is None or spec.fallback_engine in ("", request.engine) or self.abort.is_set():
+        if self.abort.is_set():
             return False
-        model = next((name for kind, name, _ in configured_models(self.config) if kind == spec.fallback_engine), "")
-        if not model and spec.fallback_engine == "sdxl" and "/" in spec.model:
-            model = spec.model  # a hub id or a folder is an SDXL checkpoint (MODEL_ID), whatever the engine
-        fallback = BackgroundRequest.from_spec(replace(spec, engine=spec.fallback_engine, model=model),
-                                               request.width, request.height, request.seed, config=self.config)
-        logger.warning("run {}: the {} generation failed ({}); the background comes from the fallback engine {}",
-                       prepared.job.run_id, request.engine, str(exc)[:300], spec.fallback_engine)
-        moved = replace(prepared, request=fallback)
-        if fallback.generative:
+        moved = stages.fall_back(prepared, self.config, exc)
+        if moved is None:
+            return False
+        assert moved.request is not None
+        if moved.request.generative:
             self.gate_q.put(moved)
         else:
             self.route(self.engines.backdrop_without_generation(moved))

@@ -54,7 +54,8 @@ def test_cleanup_equals_a_folder_job_and_wait_false_gives_a_run_to_poll(tmp_path
         assert np.array_equal(pixels(api.client.get(record["download_url"]).content), expected)
 
         health = api.client.get("/health").json()
-        assert health["status"] == "healthy" and health["version"] and "rembg:tiny.onnx" in health["engines_loaded"]
+        assert health["status"] == "healthy" and health["version"]
+        assert "rembg:tiny.onnx:fp32" in health["engines_loaded"], "the mask engine with its precision"
         assert "queue_depth" in health and health["configured_device"] == config.device
         assert health["engine"] == "SDXL" and health["device"] in ("cuda", "cpu")
         schema = api.client.get("/openapi.json").json()

@@ -204,8 +204,17 @@ def mask(prepared: Prepared, config: Config, *, threads: int | None = None) -> P
     alpha = refine.to_alpha8(raw)
     del raw
     _timed(timings, "mask", start)
-    label = f"{engine.name}:{engine.model}" if engine.model else engine.name
-    return replace(prepared, alpha=alpha, mask_engine=label, timings=timings)
+    return replace(prepared, alpha=alpha, mask_engine=mask_label(engine), timings=timings)
+
+
+def mask_label(engine: Any) -> str:
+    """The mask engine as recorded on the run (history, report, the API): `rembg:u2net:int8` — the engine,
+    its model and the precision its net actually ran at (masking.mask_precision's choice: fp32, or the int8
+    variant) — or `classical`, which has neither."""
+    if not engine.model:
+        return str(engine.name)
+    precision = getattr(engine, "precision", "")
+    return f"{engine.name}:{engine.model}" + (f":{precision}" if precision else "")
 
 
 def mask_on_device(spec: JobSpec, config: Config) -> bool:
@@ -438,5 +447,35 @@ def run_all(job: Job, config: Config, engines: Engines,
         prepared = mask(prepared, config)
     if prepared.needs_generation:
         engines.take_generation_token()
-        prepared = engines.generate(prepared)
+        try:
+            prepared = engines.generate(prepared)
+        except Exception as exc:  # as the daemon's workers do: the spec's fallback_engine, if it names one
+            moved = fall_back(prepared, config, exc)
+            if moved is None:
+                raise
+            prepared = engines.backdrop_without_generation(moved)
+            if prepared.needs_generation:
+                engines.take_generation_token()
+                prepared = engines.generate(prepared)
     return finish(prepared, engines)
+
+
+def fall_back(prepared: Prepared, config: Config, exc: BaseException) -> Prepared | None:
+    """A failed generation whose spec names a fallback_engine: the job with its request moved to that engine
+    (its configured model; the run records it as bg_engine), to be rendered, read from the cache or
+    generated as any request is. None: no fallback (none named, or the one that failed), the job fails.
+    The daemon's workers and `bgwatch process` (run_all) both go through here."""
+    from bgwatch.models import configured_models
+    from bgwatch.pipeline.backgrounds import BackgroundRequest
+
+    spec, request = prepared.job.spec, prepared.request
+    if request is None or spec.fallback_engine in ("", request.engine):
+        return None
+    model = next((name for kind, name, _ in configured_models(config) if kind == spec.fallback_engine), "")
+    if not model and spec.fallback_engine == "sdxl" and "/" in spec.model:
+        model = spec.model  # a hub id or a folder is an SDXL checkpoint (MODEL_ID), whatever the engine
+    moved = BackgroundRequest.from_spec(replace(spec, engine=spec.fallback_engine, model=model),
+                                        request.width, request.height, request.seed, config=config)
+    logger.warning("run {}: the {} generation failed ({}); the background comes from the fallback engine {}",
+                   prepared.job.run_id, request.engine, shown(str(exc)[:300]), spec.fallback_engine)
+    return replace(prepared, request=moved, backdrop=None, to_cache=False, cache_hit=False)
