@@ -188,10 +188,13 @@ def _rows(config: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
 def cmd_history(args: argparse.Namespace) -> int:
     config = _load(args)
     rows = _rows(config, args)
+    from bgwatch.htmlreport import trusted_folders
+
+    roots = trusted_folders(config)  # an output's compliance marks follow no link below them
     if args.json:
-        _print_json([report.run_record(r) for r in rows])
+        _print_json([report.run_record(r, roots=roots) for r in rows])
         return 0
-    report.print_history(rows)
+    report.print_history(rows, roots=roots)
     return 0
 
 
@@ -302,12 +305,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from bgwatch.compliance import for_run, tally
     from bgwatch.htmlreport import trusted_folders, write_report
 
     config = _load(args)
     rows = _rows(config, args)
-    target = write_report(rows, Path(args.output), roots=trusted_folders(config))
-    print(f"{target}: {len(rows)} run(s)")
+    roots = trusted_folders(config)
+    marked = [for_run(dict(row), roots) for row in rows]  # each output read once, for the page and this line
+    target = write_report(rows, Path(args.output), roots=roots, marked=marked)
+    print(f"{target}: {len(rows)} run(s)" + (f"; {tally(marked)}" if tally(marked) else ""))
     return 0
 
 

@@ -56,10 +56,12 @@ class Compliance:
         return f"{self.preset}: NOT " + ", ".join(str(c) for c in self.checks if not c.ok)
 
 
-def for_run(row: dict[str, Any], roots: Sequence[Path] | None = None) -> Compliance | None:
+def for_run(row: dict[str, Any], roots: Sequence[Path]) -> Compliance | None:
     """A done run's output marked against the preset its spec names; None for runs without a preset or
     output. An output that is gone, unreadable or reached through a link fails its checks with that as the
-    reason (`roots`: the configured folders below which no link is followed; None: the file's own name)."""
+    reason (`roots`: the configured folders, htmlreport.trusted_folders, below which no link is followed;
+    none: no link anywhere on the output's path). Every caller passes them: `report`, `history` (table and
+    JSON)."""
     if row.get("status") not in ("done", "skipped") or not row.get("output_path"):
         return None
     try:
@@ -70,6 +72,13 @@ def for_run(row: dict[str, Any], roots: Sequence[Path] | None = None) -> Complia
     if preset is None:
         return None
     return check_file(Path(row["output_path"]), preset, roots)
+
+
+def tally(marks: Sequence[Compliance | None]) -> str:
+    """'3 of 4 output(s) meet their preset' over the runs marked (None: a run without a preset or output);
+    '' when none was. The report's page and its console line say it alike."""
+    marked = [m for m in marks if m is not None]
+    return f"{sum(m.ok for m in marked)} of {len(marked)} output(s) meet their preset" if marked else ""
 
 
 def check_file(path: Path, preset: Preset, roots: Sequence[Path] | None = None) -> Compliance:

@@ -223,16 +223,18 @@ def _compliance_html(marked: Any) -> str:
 
 
 def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report", *,
-           roots: Sequence[Path] = ()) -> str:
-    """The page; `roots`: the configured folders (trusted_folders) below which no link is followed."""
+           roots: Sequence[Path] = (), marked: Sequence[Any] | None = None) -> str:
+    """The page; `roots`: the configured folders (trusted_folders) below which no link is followed;
+    `marked`: each row's compliance.for_run, when the caller has them already (each output read once)."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[str(row.get("status"))] = counts.get(str(row.get("status")), 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs"
-    marked = [_compliance(dict(row), roots) for row in rows]
-    marks = [m for m in marked if m is not None]
-    if marks:
-        summary += f" · {sum(m.ok for m in marks)} of {len(marks)} output(s) meet their preset"
+    from bgwatch.compliance import tally
+
+    marked = [_compliance(dict(row), roots) for row in rows] if marked is None else marked
+    if tally(marked):
+        summary += f" · {tally(marked)}"
     # A studio's runs (several hosts in one store) say which host ran each, as `bgwatch history` does.
     hosts = sorted({str(row.get("host") or "?") for row in rows})
     show_host = len(hosts) > 1
@@ -249,9 +251,9 @@ def render(rows: Sequence[dict[str, Any]], title: str = "bgwatch batch report", 
 
 
 def write_report(rows: Sequence[dict[str, Any]], target: Path, title: str = "bgwatch batch report", *,
-                 roots: Sequence[Path] = ()) -> Path:
+                 roots: Sequence[Path] = (), marked: Sequence[Any] | None = None) -> Path:
     from bgwatch import safefs
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    safefs.write_file_atomic(target, render(rows, title, roots=roots).encode("utf-8"))
+    safefs.write_file_atomic(target, render(rows, title, roots=roots, marked=marked).encode("utf-8"))
     return target

@@ -75,7 +75,9 @@ def print_results(results: Sequence[RunResult], rows: dict[int, dict[str, Any]],
     print(f"{len(results)} file(s): {len(results) - failed} ok, {failed} failed")
 
 
-def print_history(rows: Sequence[dict[str, Any]]) -> None:
+def print_history(rows: Sequence[dict[str, Any]], *, roots: Sequence[Path]) -> None:
+    """The `history` table; `roots`: the configured folders (htmlreport.trusted_folders) below which an
+    output's compliance marks read nothing through a link."""
     if not rows:
         print("no runs recorded")
         return
@@ -91,14 +93,14 @@ def print_history(rows: Sequence[dict[str, Any]]) -> None:
         host = f"{_short(shown(row.get('host') or ''), 12):12}  " if hosts else ""
         print(f"{row['id']:>5}  {row['status']:7}  {_when(row.get('created_at')):14}  {_duration(row):>7}  {host}"
               f"{_short(where, 36):36}  {_short(engines, 28):28}  {(result or '').splitlines()[0] if result else ''}"
-              f"{_compliance_text(row)}")
+              f"{_compliance_text(row, roots)}")
 
 
-def _compliance_text(row: dict[str, Any]) -> str:
+def _compliance_text(row: dict[str, Any], roots: Sequence[Path]) -> str:
     """'  [amazon: ok]' for an output made under a preset, marked against it (compliance.py); '' otherwise."""
     from bgwatch.compliance import for_run
 
-    marked = for_run(row)
+    marked = for_run(row, roots)
     return f"  [{shown(marked.summary())}]" if marked is not None else ""
 
 
@@ -224,8 +226,9 @@ def parse_since(text: str) -> float:
                           "2026-11-28, 2026-11-28T09:30, 30m, 2h, 7d") from None
 
 
-def run_record(row: dict[str, Any]) -> dict[str, Any]:
-    """A runs row for scripts: ISO times, durations in seconds, the spec and timings as objects."""
+def run_record(row: dict[str, Any], *, roots: Sequence[Path]) -> dict[str, Any]:
+    """A runs row for scripts: ISO times, durations in seconds, the spec and timings as objects; `roots` as
+    for print_history."""
     out = {k: v for k, v in row.items() if not k.endswith("_json") and not k.endswith("_at") and k != "lease_until"}
     for name in ("created_at", "started_at", "finished_at"):
         out[name] = iso(row.get(name))
@@ -240,7 +243,7 @@ def run_record(row: dict[str, Any]) -> dict[str, Any]:
             out[name[:-5]] = raw
     from bgwatch.compliance import for_run
 
-    marked = for_run(row)
+    marked = for_run(row, roots)
     if marked is not None:  # the output against its preset: {"preset", "ok", "checks": [{name, ok, found, wanted}]}
         out["compliance"] = {"preset": marked.preset, "ok": marked.ok,
                              "checks": [{"name": c.name, "ok": c.ok, "found": c.found, "wanted": c.wanted}

@@ -140,12 +140,12 @@ def run_row(tmp_path: Path, preset: str, data: bytes, status: str = "done") -> d
 def test_history_json_and_the_html_report_mark_outputs_against_their_preset(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = run_row(tmp_path, "amazon", product_on_white())
-    report.print_history([good])
+    report.print_history([good], roots=[tmp_path])
     assert "[amazon: ok]" in capsys.readouterr().out
-    record = report.run_record(good)
+    record = report.run_record(good, roots=[tmp_path])
     assert record["compliance"]["ok"] is True and record["compliance"]["preset"] == "amazon"
     plain = run_row(tmp_path, "none", product_on_white())
-    assert "compliance" not in report.run_record(plain)
+    assert "compliance" not in report.run_record(plain, roots=[tmp_path])
     page = htmlreport.render([good])
     assert 'data-compliance="ok"' in page and "1 of 1 output(s) meet their preset" in page
     shopify = run_row(tmp_path, "shopify", product_on_white())  # 2000 px, centred: not shopify's
