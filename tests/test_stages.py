@@ -5,6 +5,7 @@ backdrop made at the canvas's size."""
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import pytest
 from PIL import Image
 
 from bgwatch import rules, samples
-from bgwatch.jobs import Job, JobState
+from bgwatch.jobs import CanvasSpec, Job, JobSpec, JobState
+from bgwatch.pipeline import backgrounds, canvas, stages
 from bgwatch.single import process_one
 from bgwatch.storebase import open_for_reading
 from tests.helpers import make_config
@@ -98,3 +100,108 @@ def test_the_run_records_the_precision_the_mask_net_ran_at(tmp_path: Path, u2net
     store.close()
     report.print_history(rows, roots=())
     assert "rembg:tiny.onnx:int8" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- item 2: a backdrop image's decode
+
+
+def _backdrop(path: Path, size: tuple[int, int]) -> Path:
+    """A backdrop with detail at every scale (a reduced decode of it is visibly the same picture)."""
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    rgb = np.stack([(xx * 255 // size[0]), (yy * 255 // size[1]), ((xx // 64 + yy // 64) % 2) * 200], -1)
+    Image.fromarray(rgb.astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def test_a_big_jpeg_backdrop_is_decoded_reduced_and_its_decode_is_admitted(tmp_path: Path) -> None:
+    big = _backdrop(tmp_path / "hall.jpg", (2400, 1600))
+    # At least twice the target on both sides: the decoder's own scaling, never below the target.
+    assert backgrounds.load_backdrop(big, 100_000_000, at_least=(600, 400)).shape == (400, 600, 3)
+    assert backgrounds.load_backdrop(big, 100_000_000, at_least=(500, 300)).shape == (400, 600, 3)
+    assert backgrounds.load_backdrop(big, 100_000_000, at_least=(1000, 700)).shape == (800, 1200, 3)
+    assert backgrounds.load_backdrop(big, 100_000_000, at_least=(1300, 700)).shape == (1600, 2400, 3)
+    assert backgrounds.decoded_size(big, (600, 400)) == (600, 400)
+    assert backgrounds.decoded_size(big, (1000, 700)) == (1200, 800)
+    assert backgrounds.decoded_size(big, (1300, 700)) == (2400, 1600)
+    png = tmp_path / "hall.png"
+    Image.open(big).save(png)
+    assert backgrounds.decoded_size(png, (600, 400)) == (2400, 1600), "only a JPEG decodes reduced"
+    assert backgrounds.decoded_size(tmp_path / "gone.jpg", (600, 400)) is None
+
+    # Admission counts the backdrop's decode from its header, at the size it is decoded to.
+    plain = JobSpec(operation="replace", engine="gradient")
+    behind = JobSpec(operation="replace", engine="image", background_image=str(big))
+    behind_png = JobSpec(operation="replace", engine="image", background_image=str(png))
+    base = stages.job_memory(300, 200, plain)
+    assert stages.job_memory(300, 200, behind) == base + stages.BACKDROP_BYTES_PER_PIXEL * 300 * 200  # an eighth
+    assert stages.job_memory(300, 200, behind_png) == base + stages.BACKDROP_BYTES_PER_PIXEL * 2400 * 1600
+    # A canvas makes the backdrop at its own size: decoded for that.
+    on_canvas = JobSpec(operation="replace", engine="image", background_image=str(big),
+                        canvas=CanvasSpec(size="1000x700"))
+    assert stages.job_memory(300, 200, on_canvas) - stages.job_memory(
+        300, 200, JobSpec(operation="replace", engine="gradient", canvas=CanvasSpec(size="1000x700"))) \
+        == stages.BACKDROP_BYTES_PER_PIXEL * 1200 * 800
+
+
+def test_the_image_engine_decodes_a_big_backdrop_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = _backdrop(tmp_path / "hall.jpg", (2400, 1600))
+    decoded: list[tuple[int, ...]] = []
+    load = backgrounds.load_backdrop
+
+    def watched(path: Path, max_pixels: int, **kw: Any) -> np.ndarray:
+        rgb = load(path, max_pixels, **kw)
+        decoded.append(rgb.shape)
+        return rgb
+
+    monkeypatch.setattr(backgrounds, "load_backdrop", watched)
+    request = backgrounds.BackgroundRequest(engine="image", width=300, height=200, image=str(big))
+    made = backgrounds.ImageEngine().render(request)
+    assert made.shape == (200, 300, 3) and decoded == [(200, 300, 3)], decoded
+    # The picture is the same as from the whole decode, within the reduced decode's rounding.
+    whole = backgrounds.fit_cover(load(big, 100_000_000), 300, 200)
+    assert np.abs(made.astype(int) - whole).mean() < 4
+
+
+# ---------------------------------------------------------------- item 1: a backdrop made at the canvas's size
+
+
+@pytest.mark.parametrize("keys", [{"size": "400x300"}, {"margin": "10%"}, {"margin": "5% 10%", "max_side": 200},
+                                  {"margin": "30", "min_fill": 0.1},
+                                  {"trim": True, "size": "2:3", "long_side": 500}])
+def test_frame_size_is_the_canvas_plan_makes(keys: dict[str, Any]) -> None:
+    alpha = np.zeros((240, 320), np.float32)
+    alpha[60:200, 100:220] = 1.0
+    spec = JobSpec(canvas=CanvasSpec(**keys))
+    layout = canvas.plan(alpha, spec)
+    made = (layout.width, layout.height) if canvas.active(spec.canvas) else (320, 240)  # finish() plans only then
+    assert canvas.frame_size(spec, 320, 240) == made
+
+
+def test_frame_size_without_a_canvas_and_when_the_subject_decides() -> None:
+    assert canvas.frame_size(JobSpec(), 320, 240) == (320, 240)
+    assert canvas.frame_size(JobSpec(canvas=CanvasSpec(trim=True, margin="5%")), 320, 240) is None
+
+
+def test_a_backdrop_is_made_at_the_canvas_size_not_cropped_from_the_input_size(tmp_path: Path) -> None:
+    config = make_config(tmp_path, {"shop": {"rules": {
+        "operation": "replace", "engine": "gradient", "gradient": ["#2040c0", "#f0d020"],
+        "gradient_direction": "horizontal", "feather_edges": False, "match_colors": False,
+        "canvas": {"size": "400x400", "margin": "10%"}}}})
+    photo = _shot(config.inboxes[0].path / "photo.jpg", size=(320, 160))
+    job = _job(config, photo)
+    prepared = stages.prepare(job, config, stages.Engines(config, None))
+    assert prepared.request is not None and prepared.backdrop is not None
+    assert (prepared.request.width, prepared.request.height) == (400, 400)
+    assert prepared.backdrop.shape == (400, 400, 3)
+    finished = stages.run_all(job, config, stages.Engines(config, None))
+    out = np.asarray(Image.open(io.BytesIO(finished.data)).convert("RGB")).astype(int)
+    # The whole horizontal ramp shows across the canvas: its first and last columns are its two colours
+    # (a backdrop made at 320x160 and cover-fitted to 400x400 loses both ends of the ramp).
+    assert np.abs(out[:20, 0] - (0x20, 0x40, 0xC0)).max() <= 2
+    assert np.abs(out[:20, -1] - (0xF0, 0xD0, 0x20)).max() <= 2
+    # A generation is asked (and cached) at the size it is shown: its key is the canvas's, whatever the input.
+    def key(canvas_size: str, width: int, height: int) -> str:
+        spec = JobSpec(operation="replace", engine="sdxl", seed=1, canvas=CanvasSpec(size=canvas_size))
+        return backgrounds.BackgroundRequest.from_spec(spec, *stages.backdrop_size(spec, width, height)).cache_key()
+
+    assert key("400x400", 320, 160) == key("400x400", 900, 600) != key("500x500", 320, 160)

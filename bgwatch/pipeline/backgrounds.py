@@ -15,6 +15,8 @@ import json
 import os
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -320,18 +322,49 @@ class ImageEngine:
     def render(self, request: BackgroundRequest) -> np.ndarray:
         if not request.image:
             raise EngineError("image", "no background_image given for engine image")
-        rgb = load_backdrop(Path(request.image), self.max_pixels)
+        # Decoded no larger than it must be: a JPEG twice the backdrop's size or more at a reduced scale.
+        rgb = load_backdrop(Path(request.image), self.max_pixels, at_least=(request.width, request.height))
         if request.image_fit == "contain":
             return fit_contain(rgb, request.width, request.height)
         return fit_cover(rgb, request.width, request.height)
 
 
-def load_backdrop(path: Path, max_pixels: int) -> np.ndarray:
+def load_backdrop(path: Path, max_pixels: int, *, at_least: tuple[int, int] | None = None) -> np.ndarray:
     """Decode a backdrop file to HxWx3 uint8 sRGB. rules.py resolved it to a real path (inside the inbox
     for sidecars and folder files), so no link is followed anywhere on it: a folder or the file swapped
-    since for a link, or the file for a pipe or device, is refused, never read."""
-    from bgwatch import sharefiles
+    since for a link, or the file for a pipe or device, is refused, never read. `at_least` (width, height):
+    the size it is fitted to; a JPEG at least twice that on both sides is decoded at a half, quarter or
+    eighth of its size (decoded_size says which), far less memory and time than the whole."""
     from bgwatch.pipeline import imageio
+
+    with _backdrop_fd(path) as fd:
+        return imageio.decode(Path(path), max_pixels=max_pixels, fd=fd, at_least=at_least).rgb
+
+
+def decoded_size(path: Path, at_least: tuple[int, int]) -> tuple[int, int] | None:
+    """(width, height) load_backdrop decodes the backdrop `path` to when it is fitted to `at_least`, from
+    its header (read as load_backdrop reads it, no link followed): admission counts it. None when the header
+    cannot be read (the job then fails in its backdrop stage, saying why)."""
+    from bgwatch.pipeline import imageio
+
+    try:
+        with _backdrop_fd(path) as fd:
+            width, height = imageio.probe_size(Path(path), fd=fd)
+            os.lseek(fd, 0, os.SEEK_SET)
+            is_jpeg = os.read(fd, 3) == b"\xff\xd8\xff"
+    except InputError:
+        return None
+    if not is_jpeg:
+        return width, height
+    # Pillow's JpegImageFile.draft: the largest of 8, 4, 2 that keeps both sides at least the size asked.
+    ratio = min(width // max(1, at_least[0]), height // max(1, at_least[1]))
+    scale = next((s for s in (8, 4, 2) if ratio >= s), 1)
+    return -(-width // scale), -(-height // scale)
+
+
+@contextmanager
+def _backdrop_fd(path: Path) -> Iterator[int]:
+    from bgwatch import sharefiles
 
     try:
         fd = sharefiles.open_no_links(Path(path))
@@ -342,6 +375,6 @@ def load_backdrop(path: Path, max_pixels: int) -> np.ndarray:
     except OSError as exc:
         raise InputError(path, f"background_image cannot be read: {exc.strerror or exc}") from None
     try:
-        return imageio.decode(Path(path), max_pixels=max_pixels, fd=fd).rgb
+        yield fd
     finally:
         os.close(fd)

@@ -75,6 +75,37 @@ def active(canvas: CanvasSpec) -> bool:
                 or canvas.max_fill < 1)
 
 
+def frame_size(spec: JobSpec, width: int, height: int) -> tuple[int, int] | None:
+    """(width, height) of the output for a width x height input, as plan() will make it, known before the
+    mask: the input's own frame without a canvas, canvas.size when set, the frame with its margins (scaled
+    to canvas.max_side) when nothing is trimmed. None when it depends on the subject's box (canvas.trim
+    without a size). A backdrop is made at this size, so it is never fitted twice (stages.prepare)."""
+    canvas = spec.canvas
+    if not active(canvas):
+        return width, height
+    size = parse_size(canvas.size, canvas.long_side)
+    if size is not None:
+        return size
+    if canvas.trim:
+        return None
+    framed_width, framed_height, _, _, _ = _around(canvas, width, height)
+    return framed_width, framed_height
+
+
+def _around(canvas: CanvasSpec, cw: int, ch: int, source: str = "spec") -> tuple[int, int, float, float, float]:
+    """Without a canvas size: the content (cw x ch) with its margins around it, a percent of the content's
+    long side, scaled down to canvas.max_side: (width, height, scale, left margin, top margin)."""
+    top, right, bottom, left = parse_margin(canvas.margin, source=source)
+    along = max(cw, ch)
+    mt, mb, ml, mr = (m.pixels(along) for m in (top, bottom, left, right))
+    width, height = round(cw + ml + mr), round(ch + mt + mb)
+    scale = 1.0
+    if canvas.max_side and max(width, height) > canvas.max_side:
+        scale = canvas.max_side / max(width, height)
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+    return width, height, scale, ml, mt
+
+
 def canvas_pixels(canvas: CanvasSpec) -> int:
     """The pixels of a job's canvas when its size is set (0 otherwise: the canvas is at most the input)."""
     size = parse_size(canvas.size, canvas.long_side) if canvas.size else None
@@ -200,13 +231,7 @@ def plan(alpha: np.ndarray, spec: JobSpec, *, source: str | Path = "input image"
         else:
             oy = mt + (area_h - ch * scale) / 2 - content[1] * scale
     else:
-        along = max(cw, ch)  # without a canvas size a percent margin is of the content's long side
-        mt, mb, ml, mr = (m.pixels(along) for m in (top, bottom, left, right))
-        width, height = round(cw + ml + mr), round(ch + mt + mb)
-        scale = 1.0
-        if canvas.max_side and max(width, height) > canvas.max_side:
-            scale = canvas.max_side / max(width, height)
-            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        width, height, scale, ml, mt = _around(canvas, cw, ch, str(source))
         ox, oy = (ml - content[0]) * scale, (mt - content[1]) * scale
     placed = keep = None
     fill = 0.0

@@ -104,12 +104,15 @@ def probe_size(path: Path, *, fd: int | None = None) -> tuple[int, int]:
         return width, height
 
 
-def decode(path: Path, *, max_pixels: int, fd: int | None = None) -> DecodedImage:
+def decode(path: Path, *, max_pixels: int, fd: int | None = None,
+           at_least: tuple[int, int] | None = None) -> DecodedImage:
     """Decode an image file to sRGB. InputError: empty, not an allowed format (by content and by
     extension), truncated, damaged, too many pixels or JPEG scans, a link. `fd`: the file already open
-    through descriptors (read from its start; `path` then names it in messages and by its extension)."""
+    through descriptors (read from its start; `path` then names it in messages and by its extension).
+    `at_least` (width, height as displayed): a JPEG at least twice that on both sides is decoded at a
+    half, quarter or eighth of its size (its DCT scaled by Pillow's draft), never below it."""
     with _opened_file(path, fd) as (f, fmt):
-        return _decode_from(f, fmt, path, max_pixels)
+        return _decode_from(f, fmt, path, max_pixels, at_least)
 
 
 def decode_bytes(data: bytes, *, name: str, max_pixels: int) -> DecodedImage:
@@ -124,7 +127,8 @@ def decode_bytes(data: bytes, *, name: str, max_pixels: int) -> DecodedImage:
     return _decode_from(io.BytesIO(data), fmt, Path(name), max_pixels)
 
 
-def _decode_from(f: IO[bytes], fmt: str, path: Path, max_pixels: int) -> DecodedImage:
+def _decode_from(f: IO[bytes], fmt: str, path: Path, max_pixels: int,
+                 at_least: tuple[int, int] | None = None) -> DecodedImage:
     """The one decoder: `fmt` (from the content) is the only format Pillow is asked to read."""
     with _open(f, fmt, path) as im:
         width, height = im.size
@@ -138,6 +142,9 @@ def _decode_from(f: IO[bytes], fmt: str, path: Path, max_pixels: int) -> Decoded
         orientation = _orientation(im)
         if fmt == "JPEG":
             check_jpeg_scans(f, path)
+            if at_least is not None:  # the decoder's own scaling: the full size is never held
+                wanted = at_least[::-1] if orientation in _ROTATED_ORIENTATIONS else at_least
+                im.draft(im.mode, (max(1, wanted[0]), max(1, wanted[1])))
         try:
             im.load()
             rgb, alpha = _to_srgb(im, path)

@@ -82,9 +82,12 @@ class Finished:
 # product fills the frame, as marketplaces ask (--tight: the composite's worst case, its float work in bands
 # of rows over the subject's box), 19-29 when it sits in the middle). Replace: the worst (6 MP, where a
 # job's fixed costs weigh most) with ~15% margin, since a job's need is judged from its header before its
-# subject is known. Not counted: an image backdrop much bigger than the input adds its own decode (a 24 MP
-# backdrop behind a 6 MP photo: 43). limits.max_memory is checked with it.
+# subject is known. An image backdrop adds its own decode, counted from its header at the size it is decoded
+# to (backgrounds.decoded_size: a big JPEG at a reduced scale): Pillow's RGB and the numpy copy made from it
+# (a 24 MP backdrop behind a 6 MP photo, decoded whole: 43 bytes a pixel of the photo, not the 36 counted).
+# limits.max_memory is checked with it.
 JOB_BYTES_PER_PIXEL = {"cleanup": 24, "replace": 36}
+BACKDROP_BYTES_PER_PIXEL = 6  # a backdrop image's decoded pixel: Pillow's RGB and bgwatch's copy of it
 DENOISE_BYTES_PER_PIXEL = 8  # LAB copy, the denoised lightness and the result
 MATTING_BYTES = 2 * 2**30  # rembg alpha matting runs at <= REMBG_WORK_SIDE px a side: a fixed cost
 DEFAULT_MAX_MEMORY = 8 * 2**30  # the daemon passes limits.max_memory; 8 GiB admits a 100 MP replace (3.6 GB)
@@ -99,7 +102,28 @@ def job_memory(width: int, height: int, spec: JobSpec) -> int:
     from bgwatch.pipeline.canvas import canvas_pixels
 
     # The composite then runs on the canvas: an upscaled product's canvas can outgrow its input.
-    return per_pixel * (width * height + canvas_pixels(spec.canvas)) + fixed
+    return per_pixel * (width * height + canvas_pixels(spec.canvas)) + fixed + backdrop_memory(width, height, spec)
+
+
+def backdrop_memory(width: int, height: int, spec: JobSpec) -> int:
+    """The bytes a backdrop image's decode takes for a width x height input (0 for other backdrops), from the
+    backdrop's header: its pixels as decoded for the size the backdrop is made at."""
+    if spec.operation != "replace" or spec.engine != "image" or not spec.background_image:
+        return 0
+    from bgwatch.pipeline.backgrounds import decoded_size
+
+    size = decoded_size(Path(spec.background_image), backdrop_size(spec, width, height))
+    return 0 if size is None else BACKDROP_BYTES_PER_PIXEL * size[0] * size[1]
+
+
+def backdrop_size(spec: JobSpec, width: int, height: int) -> tuple[int, int]:
+    """(width, height) a width x height input's backdrop is made at: its output's frame (canvas.frame_size:
+    the canvas's size when the spec gives one), so the backdrop is rendered or generated once at the size it
+    is shown and never cropped or blurred by a second fit; the input's size when the frame waits on the
+    subject (canvas.trim without a size), and the composite fits it then."""
+    from bgwatch.pipeline.canvas import frame_size
+
+    return frame_size(spec, width, height) or (width, height)
 
 
 def check_job_memory(width: int, height: int, spec: JobSpec, *, max_memory: int = DEFAULT_MAX_MEMORY,
@@ -185,7 +209,8 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
         seed = job.spec.seed
         if seed is None and job.spec.is_generative():
             seed = backgrounds.draw_seed()
-        request = backgrounds.BackgroundRequest.from_spec(job.spec, image.width, image.height, seed, config=config)
+        shown_at = backdrop_size(job.spec, image.width, image.height)  # the canvas's size when it has one
+        request = backgrounds.BackgroundRequest.from_spec(job.spec, *shown_at, seed, config=config)
         prepared = replace(prepared, request=request)
         if engines is not None:
             prepared = engines.backdrop_without_generation(prepared)
