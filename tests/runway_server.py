@@ -83,6 +83,7 @@ class FakeRunway:
                 status, headers, payload = fake._answer(self.command, self.path, body, dict(self.headers))
                 if status == 0:  # hang: hold the connection until the test or the server gives up
                     fake._stop.wait(30)
+                    self.close_connection = True  # else the handler waits for a next request, the client an answer
                     return
                 self.send_response(status)
                 for name, value in headers.items():

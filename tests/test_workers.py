@@ -157,6 +157,11 @@ def test_a_runway_task_never_holds_up_the_device(tmp_path: Path, tiny_sdxl: Path
             wait_for(lambda: files_under(local_box.outbox), timeout=60)
             assert not files_under(cloud_box.outbox), "the Runway task is still hanging"
             assert daemon.workers.handled()["remote"] == 1
+            # The hanging poll ends with the server, while the daemon runs: its run fails here, on this test's
+            # watch (stopped first, the daemon left the remote thread polling a dead server after the test).
+            server.stop()
+            wait_for(lambda: files_under(cloud_box.path / "failed"), timeout=60)
+        assert not [t.name for t in daemon.workers.threads if t.is_alive()], "a worker outlived its daemon"
 
 
 @pytest.mark.slow
