@@ -77,12 +77,18 @@ class StudioHost:
             return False
         return "bgwatch watching" in text or not self.alive
 
-    def stop(self, timeout: float = 25.0) -> int | None:
-        """SIGTERM and wait for the drain; SIGKILL past `timeout`. The exit code (None: it had to be killed)."""
+    def terminate(self) -> None:
+        """One SIGTERM: drain and exit (a second one would mean 'leave now')."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 25.0, *, terminated: bool = False) -> int | None:
+        """SIGTERM (unless `terminated` already) and wait for the drain; SIGKILL past `timeout`. The exit code
+        (None: it had to be killed)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if not terminated:
+            self.terminate()
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -122,10 +128,8 @@ def stop_all(hosts: Iterable[StudioHost]) -> dict[str, int | None]:
     """SIGTERM every host at once, then wait for each: name -> exit code."""
     hosts = list(hosts)
     for host in hosts:
-        if host.alive:
-            assert host.proc is not None
-            host.proc.send_signal(signal.SIGTERM)
-    return {host.name: host.stop() for host in hosts}
+        host.terminate()
+    return {host.name: host.stop(terminated=True) for host in hosts}
 
 
 def drop(inbox: Path, name: str, data: bytes) -> Path:
