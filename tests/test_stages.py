@@ -202,6 +202,18 @@ def test_a_backdrop_is_made_at_the_canvas_size_not_cropped_from_the_input_size(t
     # A generation is asked (and cached) at the size it is shown: its key is the canvas's, whatever the input.
     def key(canvas_size: str, width: int, height: int) -> str:
         spec = JobSpec(operation="replace", engine="sdxl", seed=1, canvas=CanvasSpec(size=canvas_size))
-        return backgrounds.BackgroundRequest.from_spec(spec, *stages.backdrop_size(spec, width, height)).cache_key()
+        return backgrounds.BackgroundRequest.from_spec(spec, width, height).cache_key()
 
     assert key("400x400", 320, 160) == key("400x400", 900, 600) != key("500x500", 320, 160)
+
+
+def test_a_fallback_backdrop_is_made_at_the_canvas_size_too(tmp_path: Path) -> None:
+    config = make_config(tmp_path, {"shop": {"rules": {
+        "operation": "replace", "engine": "runway", "prompt": "oak table", "seed": 5, "fallback_engine": "gradient",
+        "canvas": {"size": "400x300"}}}})
+    job = _job(config, _shot(config.inboxes[0].path / "photo.jpg", size=(320, 160)))
+    prepared = stages.prepare(job, config)  # no engines: nothing generated or rendered
+    assert prepared.request is not None and (prepared.request.width, prepared.request.height) == (400, 300)
+    moved = stages.fall_back(prepared, config, RuntimeError("Runway said no"))
+    assert moved is not None and moved.request is not None and moved.backdrop is None
+    assert (moved.request.engine, moved.request.width, moved.request.height) == ("gradient", 400, 300)

@@ -67,14 +67,16 @@ class BackgroundRequest:
     def from_spec(
         cls, spec: JobSpec, width: int, height: int, seed: int | None = None, *, config: Config | None = None
     ) -> BackgroundRequest:
-        """The request for one image of width x height.
+        """The request for one input image of width x height; its backdrop is made at that input's output
+        frame (backdrop_size: the canvas's size when the spec gives one).
 
         seed: the seed to use when the spec has none (the caller draws it with draw_seed() and records
         it); None with no spec seed draws one here. Pass `config` so sdxl requests carry the configured
         scheduler (it changes the pixels, so it belongs in the cache key).
         """
         engine = spec.engine
-        base = cls(engine=engine, width=int(width), height=int(height))
+        width, height = backdrop_size(spec, int(width), int(height))
+        base = cls(engine=engine, width=width, height=height)
         # Only the fields the engine reads are set; the rest keep their defaults, so a change to a field
         # an engine ignores (a colour for sdxl, steps for runway) never misses the cache.
         if engine in GENERATIVE_ENGINES:
@@ -114,6 +116,16 @@ class BackgroundRequest:
         data["gradient"] = list(self.gradient)
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def backdrop_size(spec: JobSpec, width: int, height: int) -> tuple[int, int]:
+    """(width, height) a width x height input's backdrop is made at: its output's frame (canvas.frame_size:
+    the canvas's size when the spec gives one), so the backdrop is rendered or generated once at the size it
+    is shown, never cropped or blurred by a second fit, and cached under that size; the input's size when
+    the frame waits on the subject (canvas.trim without a size), which the composite then fits to."""
+    from bgwatch.pipeline.canvas import frame_size
+
+    return frame_size(spec, width, height) or (width, height)
 
 
 def draw_seed() -> int:

@@ -110,20 +110,10 @@ def backdrop_memory(width: int, height: int, spec: JobSpec) -> int:
     backdrop's header: its pixels as decoded for the size the backdrop is made at."""
     if spec.operation != "replace" or spec.engine != "image" or not spec.background_image:
         return 0
-    from bgwatch.pipeline.backgrounds import decoded_size
+    from bgwatch.pipeline.backgrounds import backdrop_size, decoded_size
 
     size = decoded_size(Path(spec.background_image), backdrop_size(spec, width, height))
     return 0 if size is None else BACKDROP_BYTES_PER_PIXEL * size[0] * size[1]
-
-
-def backdrop_size(spec: JobSpec, width: int, height: int) -> tuple[int, int]:
-    """(width, height) a width x height input's backdrop is made at: its output's frame (canvas.frame_size:
-    the canvas's size when the spec gives one), so the backdrop is rendered or generated once at the size it
-    is shown and never cropped or blurred by a second fit; the input's size when the frame waits on the
-    subject (canvas.trim without a size), and the composite fits it then."""
-    from bgwatch.pipeline.canvas import frame_size
-
-    return frame_size(spec, width, height) or (width, height)
 
 
 def check_job_memory(width: int, height: int, spec: JobSpec, *, max_memory: int = DEFAULT_MAX_MEMORY,
@@ -209,8 +199,8 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
         seed = job.spec.seed
         if seed is None and job.spec.is_generative():
             seed = backgrounds.draw_seed()
-        shown_at = backdrop_size(job.spec, image.width, image.height)  # the canvas's size when it has one
-        request = backgrounds.BackgroundRequest.from_spec(job.spec, *shown_at, seed, config=config)
+        # made at the output's frame (the canvas's size when the spec gives one): backgrounds.backdrop_size
+        request = backgrounds.BackgroundRequest.from_spec(job.spec, image.width, image.height, seed, config=config)
         prepared = replace(prepared, request=request)
         if engines is not None:
             prepared = engines.backdrop_without_generation(prepared)
@@ -500,7 +490,7 @@ def fall_back(prepared: Prepared, config: Config, exc: BaseException) -> Prepare
     if not model and spec.fallback_engine == "sdxl" and "/" in spec.model:
         model = spec.model  # a hub id or a folder is an SDXL checkpoint (MODEL_ID), whatever the engine
     moved = BackgroundRequest.from_spec(replace(spec, engine=spec.fallback_engine, model=model),
-                                        request.width, request.height, request.seed, config=config)
+                                        prepared.image.width, prepared.image.height, request.seed, config=config)
     logger.warning("run {}: the {} generation failed ({}); the background comes from the fallback engine {}",
                    prepared.job.run_id, request.engine, shown(str(exc)[:300]), spec.fallback_engine)
     return replace(prepared, request=moved, backdrop=None, to_cache=False, cache_hit=False)
