@@ -196,6 +196,7 @@ class Daemon:
             pipeline = self.config.pipeline
             share_cores(cpu_cores(), pipeline.prepare_threads + pipeline.finish_threads)
             self._beat()  # before anything: a host back from a long stop must not look dead
+            self.intake.ledger.replay()  # endings the store could not take before a kill, before recovery reads runs
             for source in reversed(self.sources):  # the door first: it fails its own leftovers, then listens
                 for job in source.recover():
                     self._submit(job)

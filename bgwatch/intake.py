@@ -88,7 +88,8 @@ class Intake:
                  clock: Callable[[], float] = time.monotonic, wake: threading.Event | None = None) -> None:
         self.config = config
         self.store = store
-        self.ledger = runs.Ledger(store, config.host)  # the one writer of run records (this thread)
+        # the one writer of run records (this thread); endings the store refused wait in state_dir's journal
+        self.ledger = runs.Ledger(store, config.host, journal=config.state_dir / runs.JOURNAL)
         self.sites = sites
         self.submit = submit
         self.once = once

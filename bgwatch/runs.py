@@ -3,7 +3,11 @@
 A run is added when a source has a job (its spec resolved, its output name chosen), started when a worker
 takes it, finished once, or requeued after a restart. All of it happens on the daemon's main thread, in
 the order the outcomes arrived (intake.apply_outcomes); workers never write a run. A locked or full
-database delays the writing (the caller keeps the outcome and tries again); it never loses one.
+database, or a studio store that is away, delays the writing (the caller keeps the outcome and tries again);
+it never loses one: an ending the store refused is appended to a local journal first (JSON lines in
+state_dir, fsynced), replayed into the store at the next start and as soon as a write succeeds again, so a
+daemon killed meanwhile loses no timings or engines. Replaying is idempotent: an entry ends only a run that
+is still open, and the journal is emptied once every entry is in the store.
 
 The endings below are the only RunResults bgwatch builds (the folder and HTTP sources, `bgwatch process`):
 each says what happened in words.
@@ -11,8 +15,13 @@ each says what happened in words.
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
 
 from bgwatch.jobs import JobState, RunResult
 from bgwatch.store import RunRow
@@ -23,12 +32,20 @@ if TYPE_CHECKING:
     from bgwatch.pipeline.stages import Finished
 
 
-class Ledger:
-    """Writes the runs table for one host. Main thread only."""
+JOURNAL = "journal.jsonl"  # in state_dir: the endings the store could not take yet
+_OPEN = (JobState.QUEUED.value, JobState.RUNNING.value)
 
-    def __init__(self, store: RunStore, host: str) -> None:
+
+class Ledger:
+    """Writes the runs table for one host. Main thread only. `journal`: where endings the store refused wait
+    on local disk (None: they wait in the caller's memory only)."""
+
+    def __init__(self, store: RunStore, host: str, journal: Path | None = None) -> None:
         self.store = store
         self.host = host
+        self.journal = journal
+        self._journaled: set[int] = set()  # run ids in the journal (each appended once however often it fails)
+        self._pending = journal is not None and journal.exists()
 
     def add(self, *, key: str, inbox: str, rel_path: str, source_path: str, input_sha256: str = "",
             spec_json: str = "{}", output_path: str = "") -> int:
@@ -40,11 +57,80 @@ class Ledger:
         self.store.start_run(run_id, self.host, at=at)
 
     def finish(self, result: RunResult) -> None:
-        self.store.finish_run(result.run_id, result.state,
-                              output_path=str(result.output_path) if result.output_path else "",
-                              error=result.error, mask_engine=result.mask_engine, bg_engine=result.bg_engine,
-                              seed=result.seed, timings=result.timings,
-                              source_path=str(result.parked) if result.parked else None)
+        """Record how a run ended. sqlite3.Error (a locked database, a store away): the ending is in the
+        journal, and the caller tries again later."""
+        entry = _entry(result)
+        try:
+            self._write(entry)
+        except sqlite3.Error:
+            self._append(entry)
+            raise
+        if self._pending:
+            self.replay()  # the store takes writes again: what waited in the journal goes first
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        self.store.finish_run(int(entry["run_id"]), JobState(entry["state"]), output_path=entry["output_path"],
+                              error=entry["error"], mask_engine=entry["mask_engine"], bg_engine=entry["bg_engine"],
+                              seed=entry["seed"], timings=entry["timings"], source_path=entry["source_path"])
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        if self.journal is None or entry["run_id"] in self._journaled:
+            return
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        try:
+            fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full state disk: the ending still waits in the caller's memory
+            logger.warning("run {}: cannot write its ending to {}: {} (it waits in memory only)", entry["run_id"],
+                           self.journal, exc.strerror or exc)
+            return
+        self._journaled.add(int(entry["run_id"]))
+        self._pending = True
+
+    def replay(self) -> int:
+        """Write the journal's endings into the store (each only if its run is still open there), then empty
+        it. Returns how many runs it ended; a store still away leaves the journal for later (0)."""
+        if self.journal is None:
+            return 0
+        try:
+            lines = self.journal.read_bytes().splitlines()
+        except FileNotFoundError:
+            self._pending = False
+            return 0
+        except OSError as exc:
+            logger.warning("cannot read {}: {}", self.journal, exc.strerror or exc)
+            return 0
+        ended = 0
+        try:
+            for number, line in enumerate(lines, 1):
+                entry = _parse(line)
+                if entry is None:
+                    if line.strip():  # a line cut short by a kill mid-write
+                        logger.warning("{}: line {} is not a whole entry; skipped", self.journal, number)
+                    continue
+                row = self.store.get_run(int(entry["run_id"]))
+                if row is not None and row.status in _OPEN:
+                    self._write(entry)
+                    ended += 1
+        except sqlite3.Error as exc:
+            logger.debug("{}: not replayed yet ({})", self.journal, exc)
+            return 0
+        try:
+            os.unlink(self.journal)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # replayed again next time: the entries are idempotent
+            logger.warning("cannot remove {}: {}", self.journal, exc.strerror or exc)
+            return ended
+        self._journaled.clear()
+        self._pending = False
+        if ended:
+            logger.info("recorded {} run ending(s) kept in {} while the store was away", ended, self.journal)
+        return ended
 
     def requeue(self, run_id: int) -> None:
         self.store.requeue(run_id)
@@ -56,6 +142,29 @@ class Ledger:
     def open_runs(self) -> list[RunRow]:
         """This host's runs left 'queued' or 'running' (after a restart: orphans by definition)."""
         return self.store.runs_in((JobState.QUEUED, JobState.RUNNING), host=self.host)
+
+
+def _entry(result: RunResult) -> dict[str, Any]:
+    return {"run_id": result.run_id, "state": result.state.value,
+            "output_path": str(result.output_path) if result.output_path else "", "error": result.error,
+            "mask_engine": result.mask_engine, "bg_engine": result.bg_engine, "seed": result.seed,
+            "timings": dict(result.timings) if result.timings else None,
+            "source_path": str(result.parked) if result.parked else None}
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    """One journal line, checked (None: torn or not ours)."""
+    try:
+        entry = json.loads(line)
+        if not isinstance(entry, dict) or not isinstance(entry.get("run_id"), int):
+            return None
+        JobState(entry["state"])
+        for key in ("output_path", "error", "mask_engine", "bg_engine"):
+            if not isinstance(entry[key], str):
+                return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return entry
 
 
 # ---------------------------------------------------------------------- how runs end
