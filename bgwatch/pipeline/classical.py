@@ -272,6 +272,9 @@ def _fill_holes(subject: np.ndarray, diff: np.ndarray, low: float) -> np.ndarray
     return np.asarray(subject | fill[labels])
 
 
+GRABCUT_SEED = 0x6267  # any fixed value: outputs depend on the photo alone
+
+
 def _grabcut(small: np.ndarray, subject: np.ndarray, shadow: np.ndarray) -> np.ndarray:
     """Let grabCut settle the outline inside a narrow band; shadows next to the subject are backdrop."""
     import cv2
@@ -296,6 +299,10 @@ def _grabcut(small: np.ndarray, subject: np.ndarray, shadow: np.ndarray) -> np.n
     if not (crop == cv2.GC_BGD).any():
         return subject
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    # grabCut seeds its colour models with k-means from OpenCV's per-thread RNG: without a fixed seed the
+    # same photo gets another outline depending on what ran on this thread before (up to 0.5 of alpha on
+    # edge pixels between two runs of one file in one process).
+    cv2.setRNGSeed(GRABCUT_SEED)
     try:
         cv2.grabCut(np.ascontiguousarray(small[y0:y1, x0:x1, ::-1]), crop, (0, 0, 0, 0), bgd, fgd, 2,
                     cv2.GC_INIT_WITH_MASK)
