@@ -1,4 +1,5 @@
-"""Decode and encode images: an allow-list of formats, EXIF orientation, colour to sRGB, pixel limits.
+"""Decode images: an allow-list of formats, EXIF orientation, colour to sRGB, pixel limits (encoding.py
+writes them).
 
 Everything a photo can bring (palette, CMYK, 16-bit, greyscale, transparency, a camera or Adobe RGB
 profile, a rotated-by-EXIF phone shot) comes out as one thing: HxWx3 uint8 sRGB plus an optional alpha.
@@ -24,10 +25,8 @@ import mmap
 import os
 import re
 import stat
-import struct
 import threading
 import warnings
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,22 +37,21 @@ import numpy as np
 from loguru import logger
 from PIL import Image, ImageCms, features
 
-from bgwatch.errors import InputError, SpecError
-from bgwatch.jobs import OutputSpec
+from bgwatch.errors import InputError
+from bgwatch.pipeline.encoding import OUTPUT_FORMATS as OUTPUT_FORMATS
+from bgwatch.pipeline.encoding import PNG_COMPRESS_LEVEL as PNG_COMPRESS_LEVEL
+from bgwatch.pipeline.encoding import encode as encode
+from bgwatch.pipeline.encoding import output_extension as output_extension
+from bgwatch.pipeline.encoding import srgb_profile
 from bgwatch.text import shown
 
 if TYPE_CHECKING:
-    from bgwatch.pipeline.metadata import Carried
+    pass
 
-OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
-PNG_COMPRESS_LEVEL = 1  # level 6 (Pillow's default) costs ~4x the time for ~10% smaller files
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # Descriptions of the standard sRGB profiles (cameras, Adobe, HP/Microsoft, LittleCMS's built-in one).
 _SRGB_NAMES = frozenset({"srgb", "srgb iec61966-2.1", "srgb iec61966-2-1 black scaled", "srgb built-in",
                          "srgb iec61966-2-1 no black scaling", "srgb2014", "srgb profile"})
-_SRGB_PROFILE: Any = None
-_SRGB_BYTES: bytes | None = None
-_SRGB_ICCP: tuple[bytes, bytes] | None = None  # the sRGB profile and its zlib form (PNG's iCCP holds it so)
 
 # The decoders bgwatch uses: Pillow format name -> the extensions that may carry it.
 _FORMATS: dict[str, tuple[str, ...]] = {
@@ -159,110 +157,6 @@ def _decode_from(f: IO[bytes], fmt: str, path: Path, max_pixels: int,
     alpha = None if alpha is None else _oriented(alpha, orientation)
     height, width = rgb.shape[:2]
     return DecodedImage(rgb=rgb, alpha=alpha, source_format=source_format, width=width, height=height)
-
-
-def encode(image: np.ndarray, output: OutputSpec, carried: Carried | None = None, *,
-           pure_background: bool = False) -> bytes:
-    """HxWx3 or HxWx4 uint8 -> file bytes in output.format (sRGB profile embedded), with the EXIF and DPI
-    the job's metadata policy kept (`carried`, pipeline/metadata.py). `pure_background`: a JPEG keeps its
-    colour at full resolution (4:4:4) whatever the quality, so a flat background stays exactly its colour
-    outside the 8x8 blocks the subject touches (4:2:0's shared, interpolated colour bleeds further)."""
-    fmt = output.format.lower()
-    if fmt not in OUTPUT_FORMATS:
-        raise SpecError("spec", "output.format", f"{output.format!r} is not an output format",
-                        "png, jpg, webp")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"encode needs HxWx3 or HxWx4 uint8, got {image.shape} {image.dtype}")
-    has_alpha = image.shape[2] == 4 and not _opaque(image)  # opaque after all: no alpha channel to store
-    if fmt in ("jpg", "jpeg") and has_alpha:
-        raise SpecError(
-            "spec", "output.format", "jpg cannot store transparency and this result has transparent pixels",
-            "png or webp for a transparent result, or jpg with mode soften or color (an opaque result)",
-        )
-    icc = _srgb_bytes()
-    if fmt == "png":
-        return _png(image, has_alpha, icc, carried)
-    image = np.ascontiguousarray(image if has_alpha or image.shape[2] == 3 else image[..., :3])
-    height, width = image.shape[:2]
-    if has_alpha:  # Pillow reads RGBA in place: no second copy of a big result
-        pil = Image.frombuffer("RGBA", (width, height), image, "raw", "RGBA", 0, 1)
-    else:
-        pil = Image.fromarray(image, "RGB")
-    buffer = io.BytesIO()
-    extra: dict[str, Any] = {}
-    if carried is not None and carried.exif:
-        extra["exif"] = carried.exif
-    if carried is not None and carried.dpi is not None and fmt != "webp":
-        extra["dpi"] = carried.dpi
-    if fmt == "webp":
-        # quality 100 means "keep every pixel": lossless WebP; otherwise lossy with exact alpha.
-        lossless = output.quality >= 100
-        pil.save(buffer, "WEBP", quality=int(output.quality), lossless=lossless, method=4, icc_profile=icc,
-                 exact=has_alpha, **extra)
-    else:
-        # 4:4:4 keeps product edges crisp at high quality, and a pure background pure (see above)
-        subsampling = 0 if output.quality >= 90 or pure_background else 2
-        pil.save(buffer, "JPEG", quality=int(output.quality), subsampling=subsampling, icc_profile=icc, **extra)
-    return buffer.getvalue()
-
-
-def _png(image: np.ndarray, has_alpha: bool, icc: bytes, carried: Carried | None) -> bytes:
-    """PNG bytes written here, strip by strip: each row 'up'-filtered (its difference from the row above,
-    one numpy subtraction a strip) and deflated by zlib at PNG_COMPRESS_LEVEL. A 1 MP cut-out takes 7.6 ms
-    of CPU against Pillow's 17 at the same level (Pillow tries all five filters on every row) and libpng's
-    9.4 through OpenCV, its file a few per cent smaller than Pillow's; on photos about as large. No copy of
-    the whole image is made. The metadata chunks are the ones Pillow writes (iCCP, pHYs, eXIf), in its order."""
-    height, width = image.shape[:2]
-    channels = 4 if has_alpha else 3
-    header = struct.pack(">IIBBBBB", width, height, 8, 6 if has_alpha else 2, 0, 0, 0)  # 8-bit RGBA / RGB
-    chunks = [_png_chunk(b"IHDR", header), _png_chunk(b"iCCP", b"ICC Profile\0\0" + _srgb_compressed(icc))]
-    if carried is not None and carried.dpi is not None:
-        x, y = (int(d / 0.0254 + 0.5) for d in carried.dpi)  # dots an inch to pixels a metre, as Pillow
-        chunks.append(_png_chunk(b"pHYs", x.to_bytes(4, "big") + y.to_bytes(4, "big") + b"\x01"))
-    if carried is not None and carried.exif:
-        exif = carried.exif
-        chunks.append(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
-    deflate = zlib.compressobj(PNG_COMPRESS_LEVEL)
-    idat: list[bytes] = []
-    above = np.zeros(width * channels, np.uint8)  # the row above the first is all zeros
-    step = max(1, _STRIP_PIXELS // max(width, 1))
-    for y0 in range(0, height, step):
-        rows = image[y0 : y0 + step, :, :channels].reshape(-1, width * channels)
-        filtered = np.empty((rows.shape[0], width * channels + 1), np.uint8)
-        filtered[:, 0] = 2  # PNG filter type 2, 'up': each byte minus the one above it, modulo 256
-        np.subtract(rows[0], above, out=filtered[0, 1:])
-        np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-        above = rows[-1]
-        idat.append(deflate.compress(filtered.data))
-    idat.append(deflate.flush())
-    chunks += [_png_chunk(b"IDAT", b"".join(idat)), _png_chunk(b"IEND", b"")]
-    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(body, zlib.crc32(kind)).to_bytes(4, "big")
-
-
-def _srgb_compressed(icc: bytes) -> bytes:
-    global _SRGB_ICCP
-    if _SRGB_ICCP is None or _SRGB_ICCP[0] is not icc:
-        _SRGB_ICCP = (icc, zlib.compress(icc))
-    return _SRGB_ICCP[1]
-
-
-def _opaque(image: np.ndarray) -> bool:
-    height, width = image.shape[:2]
-    rows = max(1, _STRIP_PIXELS // max(width, 1))
-    return all(bool((image[y : y + rows, :, 3] == 255).all()) for y in range(0, height, rows))
-
-
-def output_extension(output: OutputSpec) -> str:
-    """".png" | ".jpg" | ".webp" for output.format."""
-    try:
-        return OUTPUT_FORMATS[output.format.lower()]
-    except KeyError:
-        raise SpecError("spec", "output.format", f"{output.format!r} is not an output format",
-                        "png, jpg, webp") from None
 
 
 # ---------------------------------------------------------------- decoding helpers
@@ -556,28 +450,13 @@ def _icc_to_srgb(im: Image.Image, icc: bytes, path: Path) -> Image.Image | None:
         if description in _SRGB_NAMES and im.mode == "RGB":
             return None  # already sRGB: skip the transform (and its rounding)
         if im.mode == "RGB":  # converted in place: no second full copy of a big photo
-            ImageCms.profileToProfile(im, source, _srgb_profile(), outputMode="RGB",
+            ImageCms.profileToProfile(im, source, srgb_profile(), outputMode="RGB",
                                       renderingIntent=ImageCms.Intent.PERCEPTUAL, inPlace=True)
             return im
-        return ImageCms.profileToProfile(im, source, _srgb_profile(), outputMode="RGB",
+        return ImageCms.profileToProfile(im, source, srgb_profile(), outputMode="RGB",
                                          renderingIntent=ImageCms.Intent.PERCEPTUAL)
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         # A damaged or mismatched profile: the pixels are still usable, the colours only approximate.
         logger.warning("{}: embedded colour profile ignored ({}); colours may be slightly off",
                        shown(path.name), shown(str(exc)))
         return None
-
-
-def _srgb_profile() -> Any:
-    global _SRGB_PROFILE
-    if _SRGB_PROFILE is None:
-        _SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-    return _SRGB_PROFILE
-
-
-def _srgb_bytes() -> bytes:
-    global _SRGB_BYTES
-    if _SRGB_BYTES is None:
-        _SRGB_BYTES = _srgb_profile().tobytes()
-    return _SRGB_BYTES
-
