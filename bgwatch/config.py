@@ -1,8 +1,12 @@
 """config.yaml -> frozen dataclasses. Every default and every environment override lives here.
 
 Errors name the file, the key and what is allowed; the CLI prints them as one line and exits 2.
-The JobSpec fragments (`defaults`, each inbox's `rules`) are validated by rules.py's schema, the same one
-that checks folder files and sidecars.
+The JobSpec fragments (`defaults`, each inbox's `rules`) are validated by the schema in fields.py, the same
+one that checks folder files and sidecars.
+
+Longer than bgwatch's ~500-line modules on purpose: it is the one place where every setting's default, its
+check and its environment override (the seed's names included) live side by side, so that none of them is
+restated elsewhere (DESIGN.md, "Configuration"). Split it by section if a section grows its own logic.
 """
 
 from __future__ import annotations
