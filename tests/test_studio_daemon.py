@@ -98,6 +98,9 @@ def test_the_studio_store_away_in_the_middle_of_a_batch_loses_and_strands_nothin
     if code != 0:  # --once does not wait for the store: what it could not claim waits in the inbox, unclaimed
         waiting = [p for p in files_under(inbox) if not p.startswith((".bgwatch/", "done/"))]
         assert waiting and all("/" not in p for p in waiting)
+        # A file whose run could not be recorded went back to the inbox, but its claim row (its release did not
+        # reach the store either) holds it until its lease runs out: a new daemon waits for that, as here.
+        _wait_for_leases_to_run_out(pg_url)
         assert Daemon(config, once=True).run() == 0  # the next run takes them
     assert len(files_under(outbox)) == 6 and len(files_under(inbox / "done")) == 6
     left = [p for p in files_under(inbox) if not p.startswith(("done/", ".bgwatch/outputs/", ".bgwatch/studio-id"))]
@@ -105,6 +108,22 @@ def test_the_studio_store_away_in_the_middle_of_a_batch_loses_and_strands_nothin
     studio = PgStore(pg_url)
     assert studio.counts() == {"done": 6}  # every result recorded once the store was back, none twice
     studio.close()
+
+
+def _wait_for_leases_to_run_out(url: str) -> None:
+    from bgwatch.pgstore import PgStore
+
+    studio = PgStore(url)
+    try:
+        for _ in range(200):  # on the server's clock, which judges the leases
+            with studio.connection() as conn:
+                row = conn.execute("SELECT count(*) AS held FROM claims WHERE expires_at > now()").fetchone()
+                if row is not None and row["held"] == 0:
+                    return
+                conn.execute("SELECT pg_sleep(0.05)")
+        pytest.fail("a claim row was still held after 10 s")
+    finally:
+        studio.close()
 
 
 def test_a_backdrop_asked_on_two_workstations_is_generated_once_for_the_studio(tmp_path: Path, pg_url: str) -> None:
