@@ -44,7 +44,7 @@ class Ledger:
         self.store = store
         self.host = host
         self.journal = journal
-        self._journaled: set[int] = set()  # run ids in the journal (each appended once however often it fails)
+        self._journaled: set[tuple[str, int]] = set()  # (op, run id) journaled: once, however often it fails
         self._pending = journal is not None and journal.exists()
 
     def add(self, *, key: str, inbox: str, rel_path: str, source_path: str, input_sha256: str = "",
@@ -54,7 +54,13 @@ class Ledger:
                                   output_path=output_path)
 
     def start(self, run_id: int, at: float) -> None:
-        self.store.start_run(run_id, self.host, at=at)
+        """A worker took the run. A store that refuses it: the start waits in the journal (if there is one),
+        so the ending behind it is tried (and journaled) too rather than held up in memory."""
+        try:
+            self.store.start_run(run_id, self.host, at=at)
+        except sqlite3.Error:
+            if not self._append({"op": "start", "run_id": run_id, "at": at}):
+                raise
 
     def finish(self, result: RunResult) -> None:
         """Record how a run ended. sqlite3.Error (a locked database, a store away): the ending is in the
@@ -73,9 +79,13 @@ class Ledger:
                               error=entry["error"], mask_engine=entry["mask_engine"], bg_engine=entry["bg_engine"],
                               seed=entry["seed"], timings=entry["timings"], source_path=entry["source_path"])
 
-    def _append(self, entry: dict[str, Any]) -> None:
-        if self.journal is None or entry["run_id"] in self._journaled:
-            return
+    def _append(self, entry: dict[str, Any]) -> bool:
+        """Whether the entry is in the journal (fsynced)."""
+        key = (str(entry["op"]), int(entry["run_id"]))
+        if self.journal is None:
+            return False
+        if key in self._journaled:
+            return True
         line = json.dumps(entry, separators=(",", ":")) + "\n"
         try:
             fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -85,11 +95,12 @@ class Ledger:
             finally:
                 os.close(fd)
         except OSError as exc:  # a full state disk: the ending still waits in the caller's memory
-            logger.warning("run {}: cannot write its ending to {}: {} (it waits in memory only)", entry["run_id"],
+            logger.warning("run {}: cannot write its record to {}: {} (it waits in memory only)", entry["run_id"],
                            self.journal, exc.strerror or exc)
-            return
-        self._journaled.add(int(entry["run_id"]))
+            return False
+        self._journaled.add(key)
         self._pending = True
+        return True
 
     def replay(self) -> int:
         """Write the journal's endings into the store (each only if its run is still open there), then empty
@@ -111,6 +122,9 @@ class Ledger:
                 if entry is None:
                     if line.strip():  # a line cut short by a kill mid-write
                         logger.warning("{}: line {} is not a whole entry; skipped", self.journal, number)
+                    continue
+                if entry["op"] == "start":  # queued -> running only: a no-op once it started or ended
+                    self.store.start_run(int(entry["run_id"]), self.host, at=float(entry["at"]))
                     continue
                 row = self.store.get_run(int(entry["run_id"]))
                 if row is not None and row.status in _OPEN:
@@ -145,7 +159,7 @@ class Ledger:
 
 
 def _entry(result: RunResult) -> dict[str, Any]:
-    return {"run_id": result.run_id, "state": result.state.value,
+    return {"op": "finish", "run_id": result.run_id, "state": result.state.value,
             "output_path": str(result.output_path) if result.output_path else "", "error": result.error,
             "mask_engine": result.mask_engine, "bg_engine": result.bg_engine, "seed": result.seed,
             "timings": dict(result.timings) if result.timings else None,
@@ -157,6 +171,10 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     try:
         entry = json.loads(line)
         if not isinstance(entry, dict) or not isinstance(entry.get("run_id"), int):
+            return None
+        if entry.get("op") == "start":
+            return entry if isinstance(entry.get("at"), (int, float)) else None
+        if entry.get("op") != "finish":
             return None
         JobState(entry["state"])
         for key in ("output_path", "error", "mask_engine", "bg_engine"):

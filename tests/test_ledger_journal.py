@@ -4,6 +4,8 @@ goes to a local journal (state_dir, fsynced); a daemon killed meanwhile replays 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -89,3 +91,51 @@ def test_a_later_write_that_succeeds_replays_what_waited(tmp_path: Path) -> None
     assert {r.id: r.status for r in store.runs_in((JobState.DONE,))} == {first: "done", second: "done"}
     assert not journal.exists()
     store.close()
+
+
+def _daemon_until_killed(config: Any, cluster: Any) -> None:
+    """A child process: the daemon, the studio store stopped at its first delivery's marker."""
+    from loguru import logger
+
+    from bgwatch.daemon import Daemon
+
+    logger.add(config.state_dir.parent / "daemon.log", level="DEBUG")  # shown if the test fails
+
+    def step(name: str) -> None:
+        if name == "marker" and cluster is not None:
+            cluster.stop("fast")
+
+    Daemon(config, step=step).run()
+    os._exit(0)
+
+
+@pytest.mark.slow  # a daemon process, killed while the store is away, and a restart
+def test_a_daemon_killed_while_the_store_is_away_keeps_its_runs_timings(tmp_path: Path, pg_cluster: Any,
+                                                                        pg_url: str) -> None:
+    from bgwatch.daemon import Daemon
+    from bgwatch.samples import write_samples
+    from tests.helpers import files_under, make_config, wait_for
+
+    share = tmp_path / "share"
+    share.mkdir()
+    config = make_config(share, state_dir=str(tmp_path / "state"), host="ws1", store=pg_url)
+    write_samples(config.inboxes[0].path, 1, size=(160, 120), seed=5)
+    journal = config.state_dir / runs.JOURNAL
+    child = multiprocessing.get_context("spawn").Process(target=_daemon_until_killed, args=(config, pg_cluster))
+    child.start()
+    try:
+        wait_for(lambda: journal.exists() or not child.is_alive(), timeout=60)  # its ending refused by the store
+        assert journal.exists(), (tmp_path / "daemon.log").read_text()
+    finally:
+        child.kill()
+        child.join(timeout=30)
+        pg_cluster.restart()  # the store is back (it was stopped, so this starts it)
+    assert files_under(config.inboxes[0].outbox), "its output was delivered before the kill"
+
+    assert Daemon(config, once=True).run() == 0  # the restart replays the journal before recovery
+    store = PgStore(pg_url)
+    [row] = store.runs_in((JobState.DONE,))
+    store.close()
+    assert row.mask_engine == "classical" and json.loads(row.timings_json).get("mask", 0) > 0
+    assert "recorded at the restart" not in row.error, "rebuilt from the share, not from its own record"
+    assert not journal.exists()
