@@ -294,3 +294,26 @@ def test_two_daemons_beating_under_one_host_name_stop_claiming(stores: list[Any]
     assert first.beat() and first.may_claim() and first.claim("a.jpg") is not None
     restarted = daemon("e-restarted", stores[1])  # the same host started again after the first stopped
     assert restarted.beat() and restarted.may_claim()
+
+
+def test_a_restarted_host_claims_again_at_once_what_its_earlier_start_left_in_the_rows(
+        stores: list[Any], share: tuple[Path, Path]) -> None:
+    """A row an earlier daemon could not release (the store was away at its last release, then it stopped)
+    kept the same host from claiming that name for a whole lease after its restart."""
+    earlier = _coordinator(stores[0], share, "h1", 300)
+    assert earlier.beat()
+    (share[0] / "a.jpg").write_bytes(b"jpeg")
+    claim = earlier.claim("a.jpg")
+    assert claim is not None
+    claim.path.rename(share[0] / "a.jpg")  # the file went back to the inbox; its row's release never arrived
+    restarted = _coordinator(stores[0], share, "h1", 300)
+    assert restarted.claim("a.jpg") is None  # before its first beat the earlier row still stands
+    assert restarted.beat() and restarted.may_claim()
+    again = restarted.claim("a.jpg")
+    assert again is not None and again.path.read_bytes() == b"jpeg"
+    other = _coordinator(stores[1], share, "h2", 300)
+    assert other.beat()
+    (share[0] / "b.jpg").write_bytes(b"jpeg")
+    assert other.claim("b.jpg") is not None
+    assert restarted.beat()  # a later beat frees nothing of its own, and nothing of another host's
+    assert set(restarted.rows.holders(restarted.inbox_key)) == {"h1", "h2"}

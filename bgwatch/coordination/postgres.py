@@ -73,6 +73,15 @@ class PostgresCoordinator:
             # beat that finds the previous daemon's epoch is a restart, not a twin.
             twin = (before if self._beats and before not in ("", self.custody.epoch) and ago < self.lease_seconds
                     else "")
+            if not self._beats and not self._held:
+                # This start holds nothing yet: rows under this host's name are an earlier daemon's (a restart,
+                # or a `--once` run whose last release could not reach the store). Its files are this host's
+                # on the share, and recovery settles them; left alone, the rows would keep this host from
+                # claiming files of those names until their lease ran out (up to lease_seconds after a
+                # restart). Files already in claimed/ cannot be claimed by anyone, so freeing is safe.
+                freed = self.rows.forget_host(self.inbox_key, self.host)
+                if freed:
+                    logger.debug("{}: {} claim row(s) of an earlier start freed", self.custody.inbox, freed)
             self._beats += 1
             if twin and twin != self._twin:
                 logger.warning("{}: another daemon beats as host {} (epoch {}); not claiming", self.custody.inbox,
