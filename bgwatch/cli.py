@@ -105,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not config.http.listen:
         raise ConfigError(config.source or "(built-in config)", "http.listen",
                           "the HTTP API is off: set http.listen in config.yaml, or pass --listen HOST:PORT")
-    args.once = False
+    args.once, args.no_progress = False, True  # serve has no --once, so no progress bar either
     return _run_daemon(args, replace(config, inboxes=()))
 
 
