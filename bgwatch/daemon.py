@@ -95,10 +95,9 @@ class Daemon:
         self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
                              depth=lambda: sum(self.workers.depths().values()), metrics=metrics,
                              wake=self.intake.wake) if http else None
-        self.folders = FolderSource(self.intake, config.host, self.epoch, self._sites)
         # Where jobs come from: the inboxes, and the HTTP door when it listens. Each job is handed back to the
         # source whose ticket it carries; the daemon never asks where a job came from.
-        self.sources: list[JobSource] = [self.folders]
+        self.sources: list[JobSource] = [FolderSource(self.intake, config.host, self.epoch, self._sites)]
         if self.http is not None:
             self.sources.append(HttpSource(self.http, self.intake.outcomes))
         self._config_mtime = self._mtime(config.source)
@@ -385,7 +384,7 @@ class Daemon:
     # ------------------------------------------------------------------ results from the workers
 
     def _source(self, job: Job) -> JobSource:
-        return next((source for source in self.sources if source.owns(job)), self.folders)
+        return next((source for source in self.sources if source.owns(job)), self.sources[0])
 
     def _deliver(self, finished: stages.Finished, last_try: bool = False) -> None:
         """A finish worker (or the redelivery thread): the job's source delivers it and says how it ended."""
@@ -420,11 +419,8 @@ class Daemon:
     def _beat(self) -> None:
         """Beat in every inbox and note the hosts silent longer than the lease. No SQLite here, and nothing
         read that another host wrote but heartbeats (markers are read by the main thread, in reclaim)."""
-        for name, site in list(self.sites.items()):
-            if not site.coordinator.beat():
-                continue
-            for host in site.coordinator.silent_hosts():
-                self.folders.note_silent(name, host)
+        for source in self.sources:
+            source.beat()
         self._last_heartbeat = time.monotonic()
 
     def _heartbeat_loop(self) -> None:

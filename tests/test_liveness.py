@@ -52,7 +52,8 @@ def test_the_heartbeat_reads_no_marker_and_the_main_thread_settles_silent_hosts(
     now[0] += 10  # the ghost never beats: silent longer than the lease
     daemon._beat()
     assert (box / "marker.json").exists(), "the heartbeat thread settled a delivery (it reads no marker)"
-    daemon.folders.sweep()  # the main loop sweeps each source
+    for source in daemon.sources:  # the main loop sweeps each source
+        source.sweep()
     assert (inbox / "p.jpg").read_bytes() == b"p" and not box.exists()
     [reason] = (inbox / ".bgwatch" / "quarantine").glob("*.txt")
     assert "outside" in reason.read_text()

@@ -34,6 +34,10 @@ class JobSource(Protocol):
     def fail(self, job: Job, reason: str) -> None:
         """A worker thread: the job failed; file its input as failed and report it."""
 
+    def beat(self) -> None:
+        """The heartbeat thread: tell the other hosts this one lives; note those silent longer than the lease
+        (settled by `sweep` on the main thread). Never touches the runs table."""
+
     def sweep(self) -> None:
         """Main thread: settle what other hosts left (silent longer than the lease)."""
 

@@ -137,9 +137,14 @@ class FolderSource:
 
     # ------------------------------------------------------------------ silent hosts
 
-    def note_silent(self, inbox_name: str, host: str) -> None:
-        """The heartbeat thread found `host` silent longer than the lease (it reads no marker itself)."""
-        self._silent.put((inbox_name, host))
+    def beat(self) -> None:
+        """Beat in every inbox and note the hosts silent longer than the lease. No SQLite here, and nothing
+        read that another host wrote but heartbeats (markers are read by the main thread, in sweep)."""
+        for name, site in list(self.intake.sites.items()):
+            if not site.coordinator.beat():
+                continue
+            for host in site.coordinator.silent_hosts():
+                self._silent.put((name, host))
 
     def sweep(self) -> None:
         """Main thread: settle the deliveries and return the claims of the hosts found silent."""

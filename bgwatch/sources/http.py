@@ -37,6 +37,9 @@ class HttpSource:
     def fail(self, job: Job, reason: str) -> None:
         self.outcomes.put(runs.failed(job.run_id, reason))
 
+    def beat(self) -> None:
+        return None
+
     def sweep(self) -> None:
         return None
 
