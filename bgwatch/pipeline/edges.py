@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgwatch.pipeline.tiles import POINT_CHUNK, strips
+from bgwatch.pipeline.tiles import POINT_CHUNK, nonzero_box, strips
 
 # Chosen on bench/bench_edges.py's composites: a fit at about 1.6 times the net's side, over windows of
 # 2.5 net pixels, beat finer working resolutions (whose windows see too little pure subject and backdrop).
@@ -71,7 +71,7 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     unsure = ((target > 2) & (target < 253)).astype(np.uint8)
     k = 2 * radius + 1
     band = cv2.dilate(unsure, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
-    box = _box(band)
+    box = nonzero_box(band)
     if box is None:
         return out
     top, bottom, left, right = box
@@ -135,15 +135,6 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
             alpha += place
             flat[at] = alpha
     return out
-
-
-def _box(band: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right), exclusive, of the band's pixels; None when it is empty."""
-    rows = np.flatnonzero(band.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(band.any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgwatch.pipeline.tiles import strips
+from bgwatch.pipeline.tiles import nonzero_box, strips
 
 _ONE = np.ones(1, np.float64)  # OpenCV's scalar 1 (a 1-element array reads as a scalar)
 
@@ -24,7 +24,7 @@ def refine_mask(alpha: np.ndarray, *, post_process: bool) -> np.ndarray:
     if not post_process or alpha.size == 0:
         return _as_float(alpha)
     h, w = alpha.shape
-    box = _box(solid)
+    box = nonzero_box(solid)
     if box is None:  # nothing over one half: no subject
         return np.zeros((h, w), np.float32)
     # Components, specks and holes are found in the box around everything solid (often half the frame):
@@ -91,13 +91,6 @@ def to_alpha8(alpha: np.ndarray) -> np.ndarray:
     return out
 
 
-def _box(solid: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right), bottom and right exclusive, of the nonzero pixels; None if none."""
-    rows = np.flatnonzero(solid.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(solid.any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def _small_holes(solid: np.ndarray, max_area: float, box: tuple[int, int, int, int] | None = None) -> np.ndarray:

@@ -70,3 +70,13 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
         image = np.pad(image, spec, mode="edge")
     shape = (out_h, factor, out_w, factor, *image.shape[2:])
     return np.asarray(image.reshape(shape).mean(axis=(1, 3), dtype=np.float32))
+
+
+def nonzero_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right), bottom and right exclusive, of a mask's nonzero pixels; None if none: the
+    window the full-resolution work needs."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
