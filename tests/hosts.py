@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from share import Report, Share, check_share, listing, move_aside
+from share import Report, Share, StoreRun, check_share, listing, move_aside
 
 LEASE_SECONDS = 3.0
 STOP_TIMEOUT = 10.0  # pipeline.stop_timeout: the bound on a SIGTERM drain
@@ -279,6 +279,8 @@ class Cluster:
         self.on_success = on_success
         self.violations: list[str] = []
         self.notes: list[str] = []
+        # The runs of a studio store the hosts share (tests/test_multihost_studio.py), checked with their own
+        self.store_runs: Callable[[], list[StoreRun]] | None = None
         self.hosts = [Host(self.share, root / f"h{i}", f"h{i}", self.violations) for i in range(1, hosts + 1)]
         try:
             for host in self.hosts:
@@ -342,7 +344,8 @@ class Cluster:
             if not os.path.ismount(host.mnt):
                 self.violations.append(f"{host.name}: its share is not mounted at the end")
         report = check_share(self.share, [h.db_path for h in self.hosts], fault=fault, rounds=rounds,
-                             keep=self.on_success == "keep", suffix=suffix)
+                             keep=self.on_success == "keep", suffix=suffix,
+                             store_runs=self.store_runs() if self.store_runs is not None else ())
         report.violations[:0] = self.violations
         report.notes[:0] = self.notes
         return report

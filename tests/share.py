@@ -368,8 +368,14 @@ def _output_stem(name: str, stems: set[str], ext: str) -> tuple[str, int] | None
     return None
 
 
+# A run as the checker reads it: host, the host's folder (<host>/mnt/outbox is its view of the outbox), id,
+# rel_path, input_sha256, status, output_path.
+StoreRun = tuple[str, Path, int, str, str, str, str]
+
+
 def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rounds: int = 0,
-                keep: bool = False, ext: str = ".png", suffix: str = "") -> Report:
+                keep: bool = False, ext: str = ".png", suffix: str = "",
+                store_runs: Sequence[StoreRun] = ()) -> Report:
     """Check the share and the hosts' databases once every daemon has exited.
 
     Inputs are followed by their bytes (every dropped file differs), so a name dropped twice is two
@@ -377,7 +383,8 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
     each stays in the inbox, and exactly one 'done' row and no 'skipped' row exist across all hosts.
     Always: nothing left claimed or half-written, one output per finished input, no numbered output for
     a name dropped once, no original overwritten, databases intact with no open row, and no input with
-    two 'done' rows across all hosts.
+    two 'done' rows across all hosts. `store_runs`: the runs of a studio store (PostgreSQL), checked as
+    the hosts' own databases are, beside them.
     """
     images = share.images
     report = Report(fault=fault, rounds=rounds, files=len(images))
@@ -527,6 +534,7 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
     done_rows: dict[tuple[str, str], list[str]] = defaultdict(list)
     skipped = 0
     failed_rows: list[tuple[str, str, str]] = []
+    all_rows: list[StoreRun] = []
     for db in databases:
         host = db.parent.parent.name if db.parent.name == "state" else db.parent.name
         if not db.exists():
@@ -543,23 +551,25 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
             continue
         if check != "ok":
             violations.append(f"{host}: PRAGMA integrity_check says {check!r}")
-        for run_id, rel_path, sha, status, output_path in rows:
-            if status in ("running", "queued"):
-                violations.append(f"{host}: run {run_id} ({rel_path}) left {status!r}")
-            elif status == "done":
-                done_rows[(rel_path, sha or "")].append(f"{host}#{run_id}")
-                written = _on_share(output_path or "", db, share)
-                owner = owners.get(written) if written is not None else None
-                if written is not None and written in owners and (owner is None or owner.sha256 != sha):
-                    report.overwritten += 1
-                    whose = "no input's" if owner is None else (
-                        f"another input's also named {owner.name}" if owner.name == rel_path else f"{owner.name}'s")
-                    violations.append(f"{host}: run {run_id} ({rel_path}) wrote {written}, which now holds "
-                                      f"{whose} pixels: overwritten")
-            elif status == "skipped":
-                skipped += 1
-            elif status == "failed":
-                failed_rows.append((host, rel_path, sha or ""))
+        all_rows.extend((host, db.parent.parent, *row) for row in rows)
+    all_rows.extend(store_runs)
+    for host, host_root, run_id, rel_path, sha, status, output_path in all_rows:
+        if status in ("running", "queued"):
+            violations.append(f"{host}: run {run_id} ({rel_path}) left {status!r}")
+        elif status == "done":
+            done_rows[(rel_path, sha or "")].append(f"{host}#{run_id}")
+            written = _on_share(output_path or "", host_root)
+            owner = owners.get(written) if written is not None else None
+            if written is not None and written in owners and (owner is None or owner.sha256 != sha):
+                report.overwritten += 1
+                whose = "no input's" if owner is None else (
+                    f"another input's also named {owner.name}" if owner.name == rel_path else f"{owner.name}'s")
+                violations.append(f"{host}: run {run_id} ({rel_path}) wrote {written}, which now holds "
+                                  f"{whose} pixels: overwritten")
+        elif status == "skipped":
+            skipped += 1
+        elif status == "failed":
+            failed_rows.append((host, rel_path, sha or ""))
     by_sha = {d.sha256: d for d in images}
     for (rel_path, sha), runs in sorted(done_rows.items()):
         if len(runs) > 1:
@@ -580,9 +590,9 @@ def check_share(share: Share, databases: Sequence[Path], *, fault: str = "", rou
     return report
 
 
-def _on_share(output_path: str, db: Path, share: Share) -> str | None:
+def _on_share(output_path: str, host_root: Path) -> str | None:
     """A host's output path (through its mount, <host>/mnt/outbox/...) as a name in the share's outbox."""
-    mount = db.parent.parent / "mnt" / "outbox"
+    mount = host_root / "mnt" / "outbox"
     try:
         return Path(output_path).relative_to(mount).as_posix()
     except ValueError:
