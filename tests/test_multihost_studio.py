@@ -29,6 +29,7 @@ from test_multihost import (
     scenario_same_name_twice,
     scenario_sigkill,
     scenario_sigstop,
+    scenario_stop_mid_filing,
     scenario_unmount,
 )
 
@@ -160,5 +161,14 @@ def test_a_full_outbox_is_waited_out_not_failed_on_postgresql(make_cluster: Call
 def test_keep_mode_with_sidecars_and_a_slow_job_on_postgresql(make_cluster: Callable[..., Cluster],
                                                               pg_url: str) -> None:
     report = scenario_keep(_on_the_studio(make_cluster(on_success="keep"), pg_url), files=15)
+    _check_the_studio(pg_url, report)
+    _assert_clean(report)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_host_paused_mid_filing_files_nothing_twice_on_postgresql(make_cluster: Callable[..., Cluster],
+                                                                    pg_url: str) -> None:
+    report = scenario_stop_mid_filing(_on_the_studio(make_cluster(), pg_url), files=12)
     _check_the_studio(pg_url, report)
     _assert_clean(report)
