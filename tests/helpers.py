@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bgwatch.config import Config, parse_config
 from bgwatch.daemon import Daemon
@@ -74,3 +79,20 @@ def files_under(folder: Path) -> list[str]:
     if not folder.exists():
         return []
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def chromium() -> str:
+    """Debian's chromium for the browser checks: installed with apt-get when missing and running as root,
+    otherwise the calling test is skipped with the reason."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is missing and this is not root with apt-get: `apt-get install chromium`")
+    proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    found = shutil.which("chromium")
+    if proc.returncode != 0 or not found:
+        pytest.skip(f"could not install Debian's chromium package: {proc.stderr.strip()[-300:]}")
+    return found

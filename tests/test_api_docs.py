@@ -4,13 +4,13 @@ schema says what the API answers: the original service's fields, images from /do
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.apihelpers import ApiDaemon, api_config
+from tests.helpers import chromium
 
 
 def test_the_docs_load_nothing_from_the_network_and_the_schema_is_real(tmp_path: Path) -> None:
@@ -40,11 +40,9 @@ def test_the_docs_load_nothing_from_the_network_and_the_schema_is_real(tmp_path:
 
 @pytest.mark.slow
 def test_docs_render_offline_in_headless_chromium(tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium to run this check)")
+    browser_path = chromium()
     # Every host but loopback resolves to nothing: a page that needs a CDN renders blank.
-    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000",
+    browser = [browser_path, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000",
                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--window-size=1200,1400"]
     shot = tmp_path / "docs.png"
     with ApiDaemon(api_config(tmp_path)) as api:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,24 +16,9 @@ from pathlib import Path
 import pytest
 
 from bgwatch.samples import write_samples
-from tests.helpers import make_config
+from tests.helpers import chromium, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is missing and this is not root with apt-get: `apt-get install chromium`")
-    proc = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    found = shutil.which("chromium")
-    if proc.returncode != 0 or not found:
-        pytest.skip(f"could not install Debian's chromium package: {proc.stderr.strip()[-300:]}")
-    return found
 
 
 def bgwatch(*args: str) -> subprocess.CompletedProcess[str]:
