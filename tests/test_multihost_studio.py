@@ -26,7 +26,9 @@ from test_multihost import (
     scenario_crash_after_delivery,
     scenario_full_outbox,
     scenario_keep,
+    scenario_keep_once,
     scenario_same_name_twice,
+    scenario_share_mode,
     scenario_sigkill,
     scenario_sigstop,
     scenario_stop_mid_filing,
@@ -170,5 +172,21 @@ def test_keep_mode_with_sidecars_and_a_slow_job_on_postgresql(make_cluster: Call
 def test_a_host_paused_mid_filing_files_nothing_twice_on_postgresql(make_cluster: Callable[..., Cluster],
                                                                     pg_url: str) -> None:
     report = scenario_stop_mid_filing(_on_the_studio(make_cluster(), pg_url), files=12)
+    _check_the_studio(pg_url, report)
+    _assert_clean(report)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_keep_mode_run_once_exits_on_postgresql(make_cluster: Callable[..., Cluster], pg_url: str) -> None:
+    # One host: its runs are checked by the cluster's checker; there is no second host to find in the store.
+    _assert_clean(scenario_keep_once(_on_the_studio(make_cluster(hosts=1, on_success="keep"), pg_url), files=10))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_an_smb_like_share_with_sigkills_and_same_names_on_postgresql(make_cluster: Callable[..., Cluster],
+                                                                      pg_url: str) -> None:
+    report = scenario_share_mode(_on_the_studio(make_cluster(fs="smb"), pg_url), files=8, pairs=2, kills=2)
     _check_the_studio(pg_url, report)
     _assert_clean(report)
