@@ -42,7 +42,7 @@ LAYOUTS = (
 def run_layout(paths: list[Path], model: str, prepare: int, lanes: int, intra: int, spinning: bool,
                finish: int, nice: int = 0) -> float:
     from bgwatch.jobs import JobSpec, MaskSpec
-    from bgwatch.pipeline import cleanup, imageio, masking, refine
+    from bgwatch.pipeline import cleanup, imageio, masking, maskweights, refine
 
     spec = JobSpec(mask=MaskSpec(engine="rembg", model=model))
     session = None
@@ -51,7 +51,7 @@ def run_layout(paths: list[Path], model: str, prepare: int, lanes: int, intra: i
 
         session = new_session("u2net_custom" if model.endswith(".onnx") else model,
                               providers=["CPUExecutionProvider"],
-                              **({"model_path": str(masking.rembg_weights_path(model))}
+                              **({"model_path": str(maskweights.rembg_weights_path(model))}
                                  if model.endswith(".onnx") else {}))
     engine = masking.RembgMaskEngine(model, "cpu", session=session, threads=intra)
     todo: queue.Queue[Path | None] = queue.Queue()

@@ -43,7 +43,7 @@ def main() -> int:
     os.environ["U2NET_HOME"] = str(home)
 
     from bgwatch.jobs import JobSpec, MaskSpec
-    from bgwatch.pipeline import cleanup, imageio, masking, refine
+    from bgwatch.pipeline import cleanup, imageio, masking, maskweights, refine
     from bgwatch.pipeline.onnxnets import mask8
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -107,7 +107,7 @@ def main() -> int:
         import onnxruntime as ort
 
         feed = engine.preprocess(imageio.decode(paths[0], max_pixels=10**8).rgb)
-        path = str(masking.rembg_weights_path(model))
+        path = str(maskweights.rembg_weights_path(model))
         print("\nONNX Runtime alone, median of 5 runs:")
         for intra, spin in ((2, "1"), (2, "0"), (1, "1"), (1, "0")):
             opts = ort.SessionOptions()

@@ -331,7 +331,7 @@ def check_torch(device: str, torch: TorchProbe, needs_sdxl: bool) -> list[Check]
 def check_model_home(config: Config, uid: int | None = None) -> list[Check]:
     """Where rembg and Hugging Face weights are looked for, and why there: `sudo bgwatch doctor` must look
     where the service looks (models_dir), not in root's home."""
-    from bgwatch.pipeline.masking import rembg_home
+    from bgwatch.pipeline.maskweights import rembg_home
 
     home = rembg_home()
     hub = os.path.expanduser(os.environ.get("HF_HOME")

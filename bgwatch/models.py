@@ -103,7 +103,7 @@ def _wanted(config: Config, names: Iterable[str]) -> list[tuple[str, str, str]]:
 def rembg_weights(name: str) -> tuple[Path | None, Path]:
     """(the weights file if present, where they belong) — the mask engine's own lookup, so `models ls`
     and the daemon never disagree."""
-    from bgwatch.pipeline.masking import rembg_weights_path, rembg_weights_target
+    from bgwatch.pipeline.maskweights import rembg_weights_path, rembg_weights_target
 
     return rembg_weights_path(name), rembg_weights_target(name)
 

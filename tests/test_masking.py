@@ -15,11 +15,10 @@ from bgwatch.pipeline.masking import (
     load_mask_engine,
     mask_engine_names,
     onnx_providers,
-    rembg_weights_path,
-    rembg_weights_target,
     resolve_mask_engine_name,
     resolve_onnx_device,
 )
+from bgwatch.pipeline.maskweights import rembg_weights_path, rembg_weights_target
 from bgwatch.pipeline.refine import refine_mask
 from bgwatch.samples import BACKDROPS, studio_shot
 

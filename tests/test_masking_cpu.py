@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bgwatch.jobs import MaskSpec
-from bgwatch.pipeline import masking, refine
+from bgwatch.pipeline import masking, maskweights, refine
 from bgwatch.pipeline.tiles import block_mean
 
 
@@ -129,7 +129,7 @@ def test_birefnet_and_isnet_run_without_rembg(u2net_home: Path) -> None:
 
     shot = studio_shot(4, size=(400, 300), backdrop="white_sweep")
     for model in ("birefnet-general", "isnet-general-use"):
-        target, recipe = masking.rembg_weights_target(model), RECIPES[model]
+        target, recipe = maskweights.rembg_weights_target(model), RECIPES[model]
         build_tiny_onnx(target.parent, target.name, side=recipe.side, mean=recipe.mean, std=recipe.std,
                         logits=recipe.sigmoid)
         engine = masking.load_mask_engine(MaskSpec(engine="rembg", model=model), "cpu")
