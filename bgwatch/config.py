@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bgwatch.errors import ConfigError, SpecError
@@ -62,6 +62,10 @@ class InboxConfig:
     @property
     def name(self) -> str:
         return str(self.path)
+
+    def rel_path(self, path: Path) -> str:
+        """`path` relative to this inbox, with forward slashes: how runs, claims and sidecars name a file."""
+        return PurePosixPath(*Path(os.path.abspath(path)).relative_to(os.path.abspath(self.path)).parts).as_posix()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,11 @@ from typing import TypeAlias
 from bgwatch.errors import SpecError
 from bgwatch.jobs import DEFAULT_RUNWAY_MODEL, DEFAULT_SDXL_MODEL, JobSpec
 from bgwatch.presets import PRESET_NAMES
+from bgwatch.sidecars import FOLDER_FILE as FOLDER_FILE
 from bgwatch.text import shown
 
 BUILT_IN = "built-in default"
 OVERRIDES = "command line (--set)"
-FOLDER_FILE = ".bgwatch.yaml"
 GROUPS = ("mask", "output", "canvas")
 MASK_ENGINES = ("auto", "rembg", "classical")  # checked lazily against masking's registry for others
 SEED_MAX = 2**32 - 1

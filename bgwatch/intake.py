@@ -35,7 +35,7 @@ from bgwatch.liveness import Heartbeat
 from bgwatch.orphans import OrphanSidecars
 from bgwatch.outcomes import Blocked, Outcome, Outcomes, Started
 from bgwatch.retries import Retries
-from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
+from bgwatch.sidecars import FOLDER_FILE, IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from bgwatch.storebase import RunStore
 from bgwatch.text import on_share, shown
 from bgwatch.watch import InboxWatcher
@@ -43,7 +43,6 @@ from bgwatch.watch import InboxWatcher
 if TYPE_CHECKING:
     from bgwatch.pipeline.stages import Finished
 
-RULES_FILE = ".bgwatch.yaml"
 RECENT_RESULTS = 1000
 DB_PAUSE_SECONDS = (2.0, 60.0)  # claiming pauses this long (doubling) while runs cannot be recorded
 
@@ -76,10 +75,6 @@ class InFlight:
 class Counters:
     failures: int = 0
     results: deque[RunResult] = field(default_factory=lambda: deque(maxlen=RECENT_RESULTS))
-
-
-def rel_of(inbox: InboxConfig, path: Path) -> str:
-    return PurePosixPath(*Path(os.path.abspath(path)).relative_to(os.path.abspath(inbox.path)).parts).as_posix()
 
 
 class Intake:
@@ -177,16 +172,16 @@ class Intake:
             return  # removed by a config reload
         name = path.name
         suffix = path.suffix.lower()
-        rel = rel_of(site.inbox, path)
-        if name == RULES_FILE:
+        rel = site.inbox.rel_path(path)
+        if name == FOLDER_FILE:
             logger.info("folder rules {} changed: they apply to files arriving from now on", shown(str(path)))
         elif suffix in SIDECAR_SUFFIXES:
             images = sidecars.sidecar_images(path)
             st = os.lstat(path)
             for image in images:
-                if site.custody.kept.sidecar_unchanged(rel_of(site.inbox, image), name, st):
+                if site.custody.kept.sidecar_unchanged(site.inbox.rel_path(image), name, st):
                     continue  # put back beside its kept image, unchanged
-                site.custody.kept.forget(rel_of(site.inbox, image))  # a new or changed sidecar: redo it
+                site.custody.kept.forget(site.inbox.rel_path(image))  # a new or changed sidecar: redo it
                 self.pending.setdefault(image, Waiting(site, now))
             if not images:
                 self.orphans.waiting.setdefault(path, Waiting(site, now))
@@ -237,7 +232,7 @@ class Intake:
     def take(self, site: Site, path: Path) -> int | None:
         """Claim one stable image (and its sidecar), record its run and queue it. Returns the run id."""
         inbox = site.inbox
-        rel = rel_of(inbox, path)
+        rel = inbox.rel_path(path)
         try:
             sidecar = sidecars.find_sidecar(path)
         except SpecError as exc:
@@ -245,7 +240,7 @@ class Intake:
         else:
             sidecar_error = ""
         try:
-            claim = site.coordinator.claim(rel, rel_of(inbox, sidecar) if sidecar is not None else None)
+            claim = site.coordinator.claim(rel, inbox.rel_path(sidecar) if sidecar is not None else None)
         except sqlite3.Error as exc:  # a studio store that is away: the file waits, and is claimed once it is back
             logger.debug("{}: not claimed now ({})", shown(rel), exc)
             self._requeue(path, site)
@@ -306,7 +301,7 @@ class Intake:
             spec = rules.resolve(path, inbox, self.config, sidecar=claimed_sidecar).spec
             if spec.require_sidecar and claimed_sidecar is None:
                 raise SpecError(
-                    path.parent / RULES_FILE, "require_sidecar",
+                    path.parent / FOLDER_FILE, "require_sidecar",
                     f"no sidecar arrived for {path.name} within {self.config.watch.sidecar_seconds:g} s",
                     f"drop {path.stem}.yaml beside it, or set require_sidecar: false")
         except (BgwatchError, ValueError) as exc:

@@ -14,7 +14,7 @@ from loguru import logger
 
 from bgwatch import rules, safefs, sidecars
 from bgwatch.claims import DONE_DIR, FAILED_DIR
-from bgwatch.config import Config, InboxConfig
+from bgwatch.config import Config
 from bgwatch.errors import BgwatchError
 from bgwatch.jobs import job_key
 from bgwatch.storebase import RunStore
@@ -22,12 +22,6 @@ from bgwatch.text import shown
 
 if TYPE_CHECKING:
     from bgwatch.intake import Site, Waiting
-
-
-def _rel_of(inbox: InboxConfig, path: Path) -> str:
-    from bgwatch.intake import rel_of
-
-    return rel_of(inbox, path)
 
 
 class OrphanSidecars:
@@ -55,7 +49,7 @@ class OrphanSidecars:
             del self.waiting[path]  # its image arrived: it travels with it when the image is taken
             return
         site = waiting.site
-        rel = _rel_of(site.inbox, path)
+        rel = site.inbox.rel_path(path)
         done_twin = site.inbox.path / DONE_DIR / rel
         images = sidecars.sidecar_images(done_twin)
         if images:
@@ -71,24 +65,24 @@ class OrphanSidecars:
     def _sidecar_after_image(self, site: Site, sidecar: Path, done_image: Path) -> None:
         """A sidecar arrived after its image was processed: process it again if the resolved spec changed."""
         inbox = site.inbox
-        image_rel = _rel_of(inbox, sidecar.parent / done_image.name)
+        image_rel = inbox.rel_path(sidecar.parent / done_image.name)
         try:
             spec = rules.resolve(inbox.path / image_rel, inbox, self.config(), sidecar=sidecar).spec
         except BgwatchError as exc:
-            site.custody.park_unclaimed(_rel_of(inbox, sidecar), FAILED_DIR, str(exc))
+            site.custody.park_unclaimed(inbox.rel_path(sidecar), FAILED_DIR, str(exc))
             return
         if self.store.find_done(job_key(safefs.sha256_file(done_image), spec)) is not None:
-            site.custody.park_unclaimed(_rel_of(inbox, sidecar), DONE_DIR)
-            logger.info("{}: sidecar changes nothing; filed beside its image in done/", shown(_rel_of(inbox, sidecar)))
+            site.custody.park_unclaimed(inbox.rel_path(sidecar), DONE_DIR)
+            logger.info("{}: sidecar changes nothing; filed beside its image in done/", shown(inbox.rel_path(sidecar)))
             return
         if inbox.late_sidecars != "redo":
             reason = (f"its image {done_image.name} was already processed, and a delivered output is not re-rendered "
                       "by a sidecar dropped later; to redo it, move the image from done/ back into the inbox "
                       "with this sidecar (or set late_sidecars: redo on this inbox in config.yaml)")
-            site.custody.park_unclaimed(_rel_of(inbox, sidecar), FAILED_DIR, reason)
-            logger.warning("{}: {}", shown(_rel_of(inbox, sidecar)), shown(reason))
+            site.custody.park_unclaimed(inbox.rel_path(sidecar), FAILED_DIR, reason)
+            logger.warning("{}: {}", shown(inbox.rel_path(sidecar)), shown(reason))
             return
         logger.info("{}: sidecar arrived after its image; processing it again", shown(image_rel))
-        back = site.custody.restore(DONE_DIR, _rel_of(inbox, done_image)[len(DONE_DIR) + 1:], image_rel)
+        back = site.custody.restore(DONE_DIR, inbox.rel_path(done_image)[len(DONE_DIR) + 1:], image_rel)
         if back is not None:
             self.requeue(inbox.path / back, site)

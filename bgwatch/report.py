@@ -134,8 +134,7 @@ def waiting(inbox: Any) -> int:
     """Images waiting in an inbox (not in its work folders, done/ or failed/)."""
     if not inbox.path.is_dir():
         return 0
-    from bgwatch.sidecars import IMAGE_SUFFIXES
-    from bgwatch.watch import is_ignored
+    from bgwatch.sidecars import IMAGE_SUFFIXES, is_ignored
 
     return sum(1 for p in inbox.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                and not is_ignored(p.relative_to(inbox.path)))

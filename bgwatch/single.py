@@ -201,7 +201,7 @@ def _validate_in_inbox(path: Path, config: Config) -> None:
     inbox = config.inbox_for(absolute)
     if inbox is None:
         return  # not in an inbox: only its own keys and values can be checked
-    if path.name == ".bgwatch.yaml":
+    if path.name == rules.FOLDER_FILE:
         rules.resolve(absolute.parent / "any-image.jpg", inbox, config, sidecar=None)
         return
     images = sidecars.sidecar_images(absolute)

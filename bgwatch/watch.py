@@ -10,7 +10,7 @@ folder was deleted, moved or replaced, is restarted by the next `poll_ready()`. 
 retried there too and reported by `healthy()`; it never raises.
 
 What `poll_ready()` reports, each once when stable: images, sidecars and `.bgwatch.yaml` rule files (a dot
-file that `is_ignored` lets through); `file_kind()` tells which. Other files stay with one warning.
+file that `sidecars.is_ignored` lets through); `sidecars.file_kind()` tells which. Other files stay with one warning.
 Symlinks are never reported: a link could point anywhere on the machine.
 """
 
@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Literal
 
 from loguru import logger
 from watchdog.events import (
@@ -44,63 +43,9 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from bgwatch.config import InboxConfig, WatchSettings
 from bgwatch.observers import INOTIFY_LIMITS, halt, native_observer, polling_observer
-from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
+from bgwatch.sidecars import IMAGE_SUFFIXES, file_kind, is_ignored
 from bgwatch.stability import StabilityTracker
 from bgwatch.text import shown
-
-RULES_FILE_NAMES = frozenset({".bgwatch.yaml"})  # rules.FOLDER_FILE
-# bgwatch's own, at the inbox root only; `_assets/` holds backdrops and other files that rules and sidecars
-# name (`background_image: _assets/oak.jpg`): never taken as input.
-ASSETS_DIR = "_assets"
-WORK_FOLDERS = frozenset({"done", "failed", ".bgwatch", ASSETS_DIR})
-
-FileKind = Literal["image", "sidecar", "rules", "unreadable"]
-
-
-# Names no one means as input: OS litter, NAS metadata, and copy tools' names for unfinished files.
-# Dot names cover .DS_Store, ._* (macOS), .syncthing.*.tmp, rsync's `.photo.jpg.Ab12Cd`, .nfs*.
-_LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "$recycle.bin", "system volume information",
-                     "@eadir", "#recycle", "#snapshot", "lost+found"})  # compared in lower case
-_TEMP_SUFFIXES = (".part", ".crdownload", ".partial", ".download", ".tmp", ".temp", ".!qb", "~")
-
-
-def is_rules_file(rel: PurePath) -> bool:
-    """A folder rule file (`.bgwatch.yaml`): a dot file that the daemon must still hear about."""
-    return rel.name in RULES_FILE_NAMES
-
-
-def is_ignored(rel: PurePath) -> bool:
-    """Whether a path relative to its inbox root is never input: hidden and dot files (not rule files),
-    copy tools' temp names, OS litter, and bgwatch's own done/, failed/ and .bgwatch/ at the root."""
-    parts = rel.parts
-    if not parts or parts[0] in WORK_FOLDERS or ".." in parts:
-        return True
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        low = part.lower()
-        if last and part in RULES_FILE_NAMES:
-            return False
-        if part.startswith((".", "~$")) or low in _LITTER:
-            return True  # hidden and dot files, Office's ~$lock files, OS and NAS litter
-        if last and low.endswith(_TEMP_SUFFIXES):
-            return True
-    return False
-
-
-def file_kind(rel: PurePath) -> FileKind | None:
-    """"rules" for `.bgwatch.yaml`, "image" or "sidecar" by suffix (any case), None for anything else."""
-    if is_rules_file(rel):
-        return "rules"
-    suffix = rel.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return "image"
-    if suffix in SIDECAR_SUFFIXES:
-        return "sidecar"
-    if suffix in UNREADABLE_IMAGE_SUFFIXES:
-        return "unreadable"
-    return None
-
-
 
 # ------------------------------------------------------------------ the watcher
 

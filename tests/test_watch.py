@@ -13,7 +13,8 @@ from pathlib import Path, PurePath
 import pytest
 
 from bgwatch.config import InboxConfig, WatchSettings
-from bgwatch.watch import InboxWatcher, StabilityTracker, file_kind, is_ignored, is_rules_file
+from bgwatch.sidecars import file_kind, is_ignored, is_rules_file
+from bgwatch.watch import InboxWatcher, StabilityTracker
 
 # ------------------------------------------------------------------ filters
 
