@@ -163,10 +163,12 @@ def open_input(job: Job, *, check_hash: bool = True) -> Iterator[int]:
 
 
 def input_size(job: Job) -> tuple[int, int]:
-    """(width, height) of the job's input from its header, read as prepare() reads it (admission)."""
+    """(width, height) of the job's input from its header, read as prepare() reads it (admission). The
+    header alone decides nothing that is published, so the bytes are not hashed here: prepare() checks
+    them before a pixel is decoded (hashing twice cost a full read of every input)."""
     from bgwatch.pipeline.imageio import probe_size
 
-    with open_input(job) as fd:
+    with open_input(job, check_hash=False) as fd:
         return probe_size(Path(job.rel_path), fd=fd)
 
 
