@@ -266,3 +266,43 @@ def test_ordinary_jpegs_and_scans_hidden_in_metadata_are_not_counted(tmp_path: P
     assert decode_bytes(with_app, name="x.jpg", max_pixels=MAX).height == 256
     with pytest.raises(InputError, match="more than 100 scans"):
         decode_bytes(scan_bomb(101 - len(_scans(normal))), name="x.jpg", max_pixels=MAX)
+
+
+def _outcome(decoded: object) -> object:
+    try:
+        return decoded().rgb  # type: ignore[operator]
+    except InputError as exc:
+        return str(exc)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    index=st.sampled_from([i for i, (fmt, _) in enumerate(CORPUS) if fmt == "JPEG"]),
+    flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 7)), max_size=6),
+    cut=st.one_of(st.none(), st.tuples(st.floats(0.0, 1.0), st.integers(1, 200))),
+)
+def test_a_damaged_jpeg_decodes_or_fails_as_pillow_alone_would(
+    index: int, flips: list[tuple[float, int]], cut: tuple[float, int] | None,
+) -> None:
+    """simplejpeg decodes sRGB JPEGs straight into numpy, strictly: a file it finds anything wrong with
+    goes to Pillow, so a damaged JPEG gives the very pixels, or the very message, of Pillow's decoder."""
+    from bgwatch.pipeline import imageio
+
+    data = bytearray(CORPUS[index][1])
+    for where, bit in flips:
+        data[min(int(where * len(data)), len(data) - 1)] ^= 1 << bit
+    if cut is not None:  # bytes lost from the middle (the end marker often survives)
+        at = int(cut[0] * len(data))
+        del data[at : at + cut[1]]
+    blob = bytes(data)
+    straight = _outcome(lambda: decode_bytes(blob, name="x.jpg", max_pixels=MAX))
+    original = imageio._jpeg_rgb
+    imageio._jpeg_rgb = lambda *args: None  # type: ignore[assignment]
+    try:
+        pillow = _outcome(lambda: decode_bytes(blob, name="x.jpg", max_pixels=MAX))
+    finally:
+        imageio._jpeg_rgb = original
+    if isinstance(pillow, str) or isinstance(straight, str):
+        assert straight == pillow
+    else:
+        assert isinstance(straight, np.ndarray) and np.array_equal(straight, pillow)

@@ -90,6 +90,76 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert probe_size(path) == (20, 40)
 
 
+def _pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every JPEG decoded by Pillow (as before simplejpeg): the straight path declines."""
+    from bgwatch.pipeline import imageio
+
+    monkeypatch.setattr(imageio, "_jpeg_rgb", lambda *args: None)
+
+
+def _studio_jpegs(tmp_path: Path) -> list[Path]:
+    """A studio shot and a real photo as cameras and exporters write them: 4:2:0, 4:2:2 and 4:4:4,
+    baseline and progressive, an sRGB profile embedded, a phone's EXIF rotation, an odd size."""
+    from skimage import data as photos
+
+    from bgwatch.samples import studio_shot
+
+    shot = Image.fromarray(studio_shot(3, (96, 64)).rgb)
+    photo = Image.fromarray(photos.coffee()).resize((75, 50))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rotated = shot.getexif()
+    rotated[0x0112] = 6
+    variants = [{"subsampling": 2}, {"subsampling": 1}, {"subsampling": 0, "quality": 97},
+                {"progressive": True}, {"icc_profile": srgb}, {"exif": rotated.tobytes()}]
+    paths = []
+    for i, params in enumerate(variants):
+        for name, image in (("shot", shot), ("photo", photo)):
+            paths.append(_save(tmp_path / f"{name}{i}.jpg", image, "JPEG", **params))
+    return paths
+
+
+def test_jpegs_decode_straight_into_numpy_exactly_as_pillow_decodes_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An sRGB colour JPEG goes straight from libjpeg-turbo into numpy (simplejpeg; Pillow holds RGB as
+    RGBX and its copy out costs twice the decode): the very same pixels, orientation and profile handling."""
+    from bgwatch.pipeline import imageio
+
+    paths = _studio_jpegs(tmp_path)
+    for path in paths:
+        with open(path, "rb") as f, Image.open(f) as im:
+            assert imageio._jpeg_rgb(f, *im.size) is not None, f"{path.name} took Pillow's path"
+    straight = [decode(path, max_pixels=MAX) for path in paths]
+    _pillow_only(monkeypatch)
+    for path, ours in zip(paths, straight, strict=True):
+        theirs = decode(path, max_pixels=MAX)
+        assert np.array_equal(ours.rgb, theirs.rgb), path.name
+        assert ours.rgb.flags.writeable and ours.rgb.flags.c_contiguous
+        assert (ours.width, ours.height, ours.source_format, ours.alpha) == (
+            theirs.width, theirs.height, "JPEG", None)
+    assert [d.rgb.shape for d in straight[-2:]] == [(96, 64, 3), (75, 50, 3)]  # EXIF rotation applied here too
+
+
+def test_jpegs_decode_through_pillow_when_simplejpeg_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = _studio_jpegs(tmp_path)[:2]
+    before = [decode(path, max_pixels=MAX).rgb for path in paths]
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # `import simplejpeg` now fails
+    from bgwatch.pipeline import imageio
+
+    with open(paths[0], "rb") as f:
+        assert imageio._jpeg_rgb(f, 96, 64) is None
+    for path, rgb in zip(paths, before, strict=True):
+        assert np.array_equal(decode(path, max_pixels=MAX).rgb, rgb)
+
+
+def test_a_jpeg_with_another_profile_is_still_converted_by_pillow(tmp_path: Path) -> None:
+    swapped = rgb_matrix_profile(_SRGB_PRIMARIES[::-1], 2.2, "swapped primaries")
+    path = _save(tmp_path / "swap.jpg", Image.new("RGB", (16, 16), (200, 30, 30)), "JPEG", icc_profile=swapped,
+                 quality=95)
+    r, g, b = decode(path, max_pixels=MAX).rgb[8, 8].astype(int)
+    assert b > 170 and r < 60 and g < 60
+
+
 def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
     path = _save(tmp_path / "print.jpg", Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=95)
     img = decode(path, max_pixels=MAX)
