@@ -4,7 +4,9 @@ polling where inotify cannot see (network drives) or refuses (its limits)."""
 from __future__ import annotations
 
 import errno
+import os
 import sys
+from collections.abc import Callable
 
 from loguru import logger
 from watchdog.observers.api import BaseObserver
@@ -23,13 +25,24 @@ def polling_interval(settle_seconds: float) -> float:
 MOVE_PAIRING_SECONDS = 0.02
 
 
-def native_observer() -> tuple[BaseObserver, str]:
+def native_observer(unwatched: Callable[[bytes], bool] | None = None) -> tuple[BaseObserver, str]:
+    """The inotify observer (elsewhere watchdog's native one). `unwatched`: folders below the watched one that
+    get no inotify watch (bgwatch's own work folders): every claim, marker and parked original there would
+    otherwise be an event read, paired and dispatched by two Python threads, to be thrown away."""
     if sys.platform.startswith("linux"):
         from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
 
+        pruned = _pruned_group(unwatched)
+
         class QuickPairingEmitter(InotifyFullEmitter):
             def on_thread_start(self) -> None:
-                super().on_thread_start()
+                if pruned is not None and getattr(self, "_inotify_fd", None) is not None:
+                    self._inotify = pruned(self._inotify_fd, os.fsencode(self.watch.path),
+                                           is_recursive=self.watch.is_recursive,
+                                           event_mask=self.get_event_mask_from_filter(),
+                                           follow_symlink=self.watch.follow_symlink)
+                else:
+                    super().on_thread_start()
                 # watchdog 7's grouper keeps its delay on its queue; another layout keeps watchdog's delay.
                 queue = getattr(getattr(self._inotify, "_move_event_grouper", None), "_queue", None)
                 if queue is not None and hasattr(queue, "delay"):
@@ -42,6 +55,29 @@ def native_observer() -> tuple[BaseObserver, str]:
     from watchdog.observers import Observer
 
     return Observer(), "native"
+
+
+def _pruned_group(unwatched: Callable[[bytes], bool] | None) -> type | None:
+    """watchdog's recursive inotify watch group, adding no watch on the `unwatched` folders (the watched
+    folder itself is always watched). None where watchdog's layout is not the one this knows: everything
+    is watched, as before."""
+    if unwatched is None:
+        return None
+    skip = unwatched
+    try:
+        from watchdog.observers.inotify import InotifyWatchGroup
+    except ImportError:
+        return None
+    if not callable(getattr(InotifyWatchGroup, "_add_callback", None)):
+        return None
+
+    class PrunedWatchGroup(InotifyWatchGroup):
+        def _add_callback(self, path: bytes) -> None:
+            if path != self.path and skip(path):
+                return
+            super()._add_callback(path)
+
+    return PrunedWatchGroup
 
 
 def polling_observer(settle_seconds: float) -> BaseObserver:

@@ -43,7 +43,7 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from bgwatch.config import InboxConfig, WatchSettings
 from bgwatch.observers import INOTIFY_LIMITS, halt, native_observer, polling_observer
-from bgwatch.sidecars import IMAGE_SUFFIXES, file_kind, is_ignored
+from bgwatch.sidecars import IMAGE_SUFFIXES, WORK_FOLDERS, file_kind, is_ignored
 from bgwatch.stability import StabilityTracker
 from bgwatch.text import shown
 
@@ -88,6 +88,14 @@ class _Watch:
         if is_ignored(rel) or any(n == path or n in path.parents for n in self.nested):
             return None
         return rel
+
+    def unwatched(self, folder: bytes) -> bool:
+        """Folders that get no inotify watch: bgwatch's own work folders at the root (claims, deliveries,
+        parked originals: never input) and the roots of nested inboxes (watched by their own observer)."""
+        root = os.fsencode(self.root)
+        skipped = [root + b"/" + os.fsencode(name) for name in WORK_FOLDERS]
+        skipped += [os.fsencode(n) for n in self.nested]
+        return any(folder == s or folder.startswith(s + b"/") for s in skipped)
 
 
 class _InboxEvents(FileSystemEventHandler):
@@ -366,7 +374,7 @@ class InboxWatcher:
                 kind = "polling"
             else:
                 try:
-                    observer, kind = native_observer()
+                    observer, kind = native_observer(w.unwatched)
                 except OSError as exc:
                     if exc.errno not in INOTIFY_LIMITS:
                         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -528,3 +529,55 @@ def test_an_event_the_handler_chokes_on_is_logged_not_raised(tmp_path: Path) -> 
     assert any("carrying on" in m and "Traceback" in m for m in messages)
     handler.dispatch(FileCreatedEvent(src_path=str(inbox / "fine.jpg")))
     assert len(w.tracker) == 1  # and the next event is handled as usual
+
+
+def _inotify_watched_inodes() -> set[int]:
+    """The inodes this process's inotify instances watch, as the kernel lists them (/proc/self/fdinfo)."""
+    inodes: set[int] = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("inotify wd:"):
+                fields = dict(part.split(":", 1) for part in line.split()[1:] if ":" in part)
+                inodes.add(int(fields["ino"], 16))
+    return inodes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
+def test_bgwatch_own_folders_and_nested_inboxes_get_no_inotify_watch(tmp_path: Path) -> None:
+    """Claims, deliveries and parked originals are never input: an inotify watch there would turn each
+    job's renames and markers into events two watchdog threads read and throw away."""
+    outer = tmp_path / "outer"
+    own = [outer / rel for rel in (".bgwatch/claimed/ws1", ".bgwatch/delivering/ws1/tok", "done/sub", "failed")]
+    users = [outer / rel for rel in ("sub", "sub/deep", "sub/done")]
+    nested = outer / "special"
+    for folder in [*own, *users, nested / "inner"]:
+        folder.mkdir(parents=True)
+    watcher = InboxWatcher([inbox_config(outer, False), inbox_config(nested, False)],
+                           WatchSettings(settle_seconds=0.2))
+    with watcher:
+        later = outer / "sub" / "later"
+        later.mkdir()  # made while watched: watched too
+        (outer / ".bgwatch" / "delivering" / "ws1" / "tok2").mkdir()  # and this one not
+        ino = lambda p: os.stat(p).st_ino  # noqa: E731
+        deadline = time.monotonic() + 10
+        while ino(later) not in _inotify_watched_inodes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        watched = _inotify_watched_inodes()
+        assert all(ino(p) in watched for p in [outer, *users, later, nested, nested / "inner"])
+        assert not any(ino(p) in watched for p in [outer / ".bgwatch", *own,
+                                                   outer / ".bgwatch" / "delivering" / "ws1" / "tok2"])
+        # nested's folders are watched once, by its own observer: the outer watch leaves them alone
+        [outer_watch, _] = watcher._watches
+        assert outer_watch.unwatched(os.fsencode(nested / "inner"))
+        (outer / "sub" / "deep" / "a.jpg").write_bytes(b"a")
+        got: list[Path] = []
+        while not got and time.monotonic() < deadline:
+            got = [path for _, path in watcher.poll_ready()]
+            time.sleep(0.02)
+        assert got == [outer / "sub" / "deep" / "a.jpg"]
