@@ -55,16 +55,23 @@ def recipe_for(model: str) -> NetRecipe | None:
 
 
 def net_input(rgb: np.ndarray, recipe: NetRecipe) -> np.ndarray:
-    """HxWx3 uint8 -> the net's 1x3xSxS float32 input, as rembg's BaseSession.normalize makes it."""
+    """HxWx3 uint8 -> the net's 1x3xSxS float32 input, as rembg's BaseSession.normalize makes it, bit for
+    bit (a test holds it against rembg's own). rembg computes ((v / max) - mean) / std in float64 for
+    each pixel value v, then rounds to float32: a value that depends only on v, the channel and the
+    image's max, so it is computed once for the 256 values of each channel and looked up, straight into
+    the channel-first layout (0.1 ms at 320x320, against 1 ms for rembg's five passes over float64)."""
     from PIL import Image
 
     image = Image.fromarray(np.ascontiguousarray(rgb[..., :3])).resize((recipe.side, recipe.side),
                                                                          Image.Resampling.LANCZOS)
-    pixels = np.asarray(image, np.float64)
-    pixels /= max(float(pixels.max()), 1e-6)
-    pixels -= np.asarray(recipe.mean)
-    pixels /= np.asarray(recipe.std)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None], np.float32)
+    pixels = np.asarray(image)
+    top = int(pixels.max())
+    values = np.arange(256, dtype=np.float64) / (top if top > 0 else 1e-6)  # rembg: max(np.max(x), 1e-6)
+    table = ((values[None, :] - np.asarray(recipe.mean)[:, None]) / np.asarray(recipe.std)[:, None]).astype(np.float32)
+    out = np.empty((1, 3, recipe.side, recipe.side), np.float32)
+    for channel in range(3):
+        np.take(table[channel], pixels[..., channel], out=out[0, channel])
+    return out
 
 
 def mask8(plane: np.ndarray) -> np.ndarray:
