@@ -19,6 +19,7 @@ image never holds a small one behind it. The device queue puts masks before gene
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -128,13 +129,16 @@ class Workers:
         self._deliver = deliver
         self._fail = fail
         self.shared = SharedGenerations()
+        # None on a queue: look at the abort flag now (stop() wakes every worker so, rather than letting each
+        # notice it within _POLL: a `run --once` would wait that long to exit).
         self.prepare_q: queue.Queue[Job | None] = queue.Queue()
-        self.mask_q: queue.Queue[stages.Prepared] = queue.Queue()
-        self.gate_q: queue.Queue[stages.Prepared] = queue.Queue()
-        self.device_q: queue.PriorityQueue[tuple[int, int, stages.Prepared]] = queue.PriorityQueue()
-        self.collect_q: queue.Queue[tuple[stages.Prepared, Callable[[], stages.Prepared]]] = queue.Queue(maxsize=1)
-        self.remote_q: queue.Queue[stages.Prepared] = queue.Queue()
-        self.finish_q: queue.Queue[stages.Prepared] = queue.Queue()
+        self.mask_q: queue.Queue[stages.Prepared | None] = queue.Queue()
+        self.gate_q: queue.Queue[stages.Prepared | None] = queue.Queue()
+        self.device_q: queue.PriorityQueue[tuple[int, int, stages.Prepared | None]] = queue.PriorityQueue()
+        self.collect_q: queue.Queue[tuple[stages.Prepared, Callable[[], stages.Prepared]] | None] = queue.Queue(
+            maxsize=1)
+        self.remote_q: queue.Queue[stages.Prepared | None] = queue.Queue()
+        self.finish_q: queue.Queue[stages.Prepared | None] = queue.Queue()
         self._order = itertools.count()  # FIFO among the device's jobs of one priority
         self._mask_lanes = config.pipeline.mask_threads  # as started: thread counts change at a restart
         self._handled: Counter[str] = Counter()  # jobs each stage took in hand (bgwatch status shows them)
@@ -167,7 +171,11 @@ class Workers:
     def stop(self, timeout: float) -> list[str]:
         """After abort is set: wake and join the workers; the names of those still in a job."""
         for _ in self.threads:
-            self.prepare_q.put(None)
+            for q in (self.prepare_q, self.mask_q, self.gate_q, self.remote_q, self.finish_q):
+                q.put(None)
+            self.device_q.put((-1, next(self._order), None))
+        with contextlib.suppress(queue.Full):  # full: the collector has work, and looks at the flag after it
+            self.collect_q.put_nowait(None)
         for thread in self.threads:
             thread.join(timeout=timeout / max(1, len(self.threads)))
         return [t.name for t in self.threads if t.is_alive()]
@@ -275,6 +283,8 @@ class Workers:
                 _, _, prepared = self.device_q.get(timeout=_POLL)
             except queue.Empty:
                 continue
+            if prepared is None:
+                continue
             self.progress.busy()
             self._guard("device", prepared.job, functools.partial(self._device, prepared))
 
@@ -295,9 +305,12 @@ class Workers:
         while not self.abort.is_set():
             self.progress.idle()
             try:
-                prepared, pending = self.collect_q.get(timeout=_POLL)
+                item = self.collect_q.get(timeout=_POLL)
             except queue.Empty:
                 continue
+            if item is None:
+                continue
+            prepared, pending = item
             self.progress.busy()
             self._guard("collect", prepared.job, functools.partial(self._generated, prepared, pending))
 
@@ -355,13 +368,15 @@ class Workers:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _serve(self, stage: str, source: queue.Queue[stages.Prepared],
+    def _serve(self, stage: str, source: queue.Queue[stages.Prepared | None],
                work: Callable[[stages.Prepared], None]) -> None:
         while not self.abort.is_set():
             self.progress.idle()
             try:
                 prepared = source.get(timeout=_POLL)
             except queue.Empty:
+                continue
+            if prepared is None:
                 continue
             self.progress.busy()
             self._guard(stage, prepared.job, functools.partial(work, prepared))
@@ -391,7 +406,7 @@ class Workers:
             self._fail(job, f"internal error ({type(exc).__name__}: {exc}); see logs/error.log")
 
 
-def _put(q: queue.Queue[tuple[stages.Prepared, Callable[[], stages.Prepared]]],
+def _put(q: queue.Queue[tuple[stages.Prepared, Callable[[], stages.Prepared]] | None],
          item: tuple[stages.Prepared, Callable[[], stages.Prepared]], abort: threading.Event) -> None:
     """Hand a started generation to the collector; bounded, so the device starts at most one ahead."""
     while not abort.is_set():

@@ -177,3 +177,26 @@ def test_the_configured_sdxl_model_is_loaded_at_start_before_any_job(tmp_path: P
         write_samples(config.inboxes[0].path, 1, size=(96, 64), seed=8)
         wait_for(lambda: files_under(config.inboxes[0].outbox), timeout=60)
     assert (engine.loads, engine.calls) == (loads + 1, calls + 1)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- leaving
+
+
+def test_stop_wakes_every_idle_worker_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle workers wait on their queues; stop() hands each a None, so none has to notice the abort flag by
+    its own poll (with the poll made an hour here, a worker that was not woken would still be waiting)."""
+    from bgwatch import workers as workers_module
+    from bgwatch.budget import MemoryBudget
+    from bgwatch.service import Progress
+
+    monkeypatch.setattr(workers_module, "_POLL", 3600.0)
+    config = make_config(tmp_path)
+    abort = threading.Event()
+    engines = stages.Engines(config, None, None, abort)  # type: ignore[arg-type]  # no store: no job runs
+    pool = workers_module.Workers(config, engines, budget=MemoryBudget(0), job_bucket=TokenBucket(0),
+                                  progress=Progress(), abort=abort, started=lambda _job: None,
+                                  deliver=lambda _finished: None, fail=lambda _job, _why: None)
+    pool.start()
+    assert len(pool.threads) > 4  # prepare, mask, gate, device, collect, remote and finish threads
+    abort.set()
+    assert pool.stop(timeout=60) == []
