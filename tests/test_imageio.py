@@ -413,6 +413,18 @@ def test_png_is_deflated_by_isal_where_it_imports_and_by_zlib_where_it_does_not(
     assert encoding.png_deflate() is isal_zlib
 
 
+def test_one_transparent_pixel_in_the_last_row_keeps_the_alpha_channel() -> None:
+    """Opacity is judged in small strips from the top (a cut-out's first strip decides): one that is
+    transparent only at its very end still keeps its alpha."""
+    image = np.full((700, 300, 4), 255, np.uint8)
+    image[-1, -1, 3] = 7
+    with Image.open(io.BytesIO(encode(image, OutputSpec(format="png")))) as back:
+        assert back.mode == "RGBA" and np.array_equal(np.asarray(back), image)
+    image[-1, -1, 3] = 255
+    with Image.open(io.BytesIO(encode(image, OutputSpec(format="png")))) as back:
+        assert back.mode == "RGB"
+
+
 @pytest.mark.parametrize("deflate", ["png_deflate", "zlib"])
 def test_png_encoder_round_trips_exactly_and_writes_the_chunks_pillow_writes(
         deflate: str, monkeypatch: pytest.MonkeyPatch) -> None:
