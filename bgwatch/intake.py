@@ -65,6 +65,15 @@ class Waiting:
     first_seen: float
 
 
+@dataclass(frozen=True, slots=True)
+class Looked:
+    """Beside a waiting image: its sidecar (or why not), and without one its spec (None: resolve after the claim)."""
+
+    sidecar: Path | None
+    error: str = ""
+    spec: JobSpec | None = None
+
+
 @dataclass(slots=True)
 class InFlight:
     job: Job
@@ -135,7 +144,8 @@ class Intake:
     def idle(self) -> bool:
         """Nothing left to take: `run --once` exits (orphan sidecars are left for a later run)."""
         assert self.watcher is not None
-        waiting = [w for w in self.pending.values() if not (self.once and self._blocked(w.site))]
+        blocked: dict[str, bool] = {}  # a blocked inbox's files are left by --once: asked once per inbox
+        waiting = any(not (self.once and self._blocked_once(w.site, blocked)) for w in self.pending.values())
         return not waiting and (self.once or not self.orphans.waiting) and self.watcher.settled()
 
     # ------------------------------------------------------------------ tick
@@ -197,6 +207,7 @@ class Intake:
     def _take_pending(self, now: float) -> None:
         if now < self._db_pause:
             return
+        blocked: dict[str, bool] = {}
         for path in list(self.pending):
             if self.room() <= 0:
                 return
@@ -204,12 +215,19 @@ class Intake:
             if not os.path.lexists(path):
                 del self.pending[path]
                 continue
-            if self._blocked(waiting.site):
+            if self._blocked_once(waiting.site, blocked):
                 continue
-            if self._awaits_sidecar(waiting, path, now):
-                continue
+            found = self._look(waiting, path)
+            if found.spec is not None and found.spec.require_sidecar and (
+                    now - waiting.first_seen < self.config.watch.sidecar_seconds):
+                continue  # require_sidecar: wait up to watch.sidecar_seconds for it, then go (and fail)
             del self.pending[path]
-            self._guarded(path, self.take, waiting.site, path)
+            self._guarded(path, self.take, waiting.site, path, found)
+
+    def _blocked_once(self, site: Site, seen: dict[str, bool]) -> bool:
+        """_blocked, asked once per inbox in one pass over the waiting files."""
+        name = site.inbox.name
+        return seen[name] if name in seen else seen.setdefault(name, self._blocked(site))
 
     @staticmethod
     def _blocked(site: Site) -> bool:
@@ -217,28 +235,32 @@ class Intake:
         missing (its share away). An outbox that is a file is not waited for: the jobs fail and say so."""
         return bool(site.waits) or not site.coordinator.may_claim() or not os.path.lexists(site.inbox.outbox)
 
-    def _awaits_sidecar(self, waiting: Waiting, path: Path, now: float) -> bool:
-        """require_sidecar: wait up to watch.sidecar_seconds for the sidecar, then go (and fail)."""
-        try:
-            if sidecars.find_sidecar(path) is not None:
-                return False
-            spec = rules.resolve(path, waiting.site.inbox, self.config, sidecar=None).spec
-        except (BgwatchError, OSError, ValueError):
-            return False  # take it now; the error is reported on the run
-        return spec.require_sidecar and now - waiting.first_seen < self.config.watch.sidecar_seconds
-
-    # ------------------------------------------------------------------ take
-
-    def take(self, site: Site, path: Path) -> int | None:
-        """Claim one stable image (and its sidecar), record its run and queue it. Returns the run id."""
-        inbox = site.inbox
-        rel = inbox.rel_path(path)
+    def _look(self, waiting: Waiting, path: Path) -> Looked:
+        """The image's sidecar, and without one its spec (so that take() resolves it once, not twice)."""
         try:
             sidecar = sidecars.find_sidecar(path)
         except SpecError as exc:
-            sidecar, sidecar_error = None, str(exc)
-        else:
-            sidecar_error = ""
+            return Looked(None, str(exc))
+        if sidecar is not None:
+            return Looked(sidecar)
+        try:
+            return Looked(None, spec=rules.resolve(path, waiting.site.inbox, self.config, sidecar=None).spec)
+        except (BgwatchError, OSError, ValueError):
+            return Looked(None)  # take it now; resolved again after the claim, its error is reported on the run
+
+    # ------------------------------------------------------------------ take
+
+    def take(self, site: Site, path: Path, looked: Looked | None = None) -> int | None:
+        """Claim one stable image (and its sidecar), record its run and queue it. Returns the run id.
+        `looked`: its sidecar (and spec) as _take_pending just found them."""
+        inbox = site.inbox
+        rel = inbox.rel_path(path)
+        if looked is None:
+            try:
+                looked = Looked(sidecars.find_sidecar(path))
+            except SpecError as exc:
+                looked = Looked(None, str(exc))
+        sidecar, sidecar_error = looked.sidecar, looked.error
         try:
             claim = site.coordinator.claim(rel, inbox.rel_path(sidecar) if sidecar is not None else None)
         except sqlite3.Error as exc:  # a studio store that is away: the file waits, and is claimed once it is back
@@ -256,7 +278,8 @@ class Intake:
             site.custody.unclaim(claim)  # put back by the host that processed it while this one waited
             return None
         try:
-            run_id = self._record(site, claim, path, sidecar_error)
+            run_id = self._record(site, claim, path, sidecar_error,
+                                  looked.spec if claim.sidecar is None and sidecar is None else None)
         except OSError as exc:  # the claimed file itself: gone (another host's takeover) or unreadable
             site.custody.unclaim(claim)
             (logger.debug if isinstance(exc, FileNotFoundError) else logger.warning)(
@@ -278,7 +301,8 @@ class Intake:
             self._db_pause_step = DB_PAUSE_SECONDS[0]
         return run_id
 
-    def _record(self, site: Site, claim: Claim, path: Path, sidecar_error: str) -> int:
+    def _record(self, site: Site, claim: Claim, path: Path, sidecar_error: str, spec: JobSpec | None = None) -> int:
+        """`spec`: resolved a moment ago without a sidecar (none found, none claimed); else resolved here."""
         inbox, rel = site.inbox, claim.rel
         claimed_sidecar = claim.sidecar_path
         st = os.lstat(claim.path)
@@ -298,7 +322,8 @@ class Intake:
         try:
             if sidecar_error:
                 raise SpecError(rel, "sidecar", sidecar_error)
-            spec = rules.resolve(path, inbox, self.config, sidecar=claimed_sidecar).spec
+            if spec is None:
+                spec = rules.resolve(path, inbox, self.config, sidecar=claimed_sidecar).spec
             if spec.require_sidecar and claimed_sidecar is None:
                 raise SpecError(
                     path.parent / FOLDER_FILE, "require_sidecar",

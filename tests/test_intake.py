@@ -82,3 +82,40 @@ def test_a_store_that_cannot_record_pauses_claiming_and_strands_nothing(setup: t
     intake._take_pending(intake.clock())  # within the pause: not tried again
     assert intake._db_pause == paused_until and jobs == []
     daemon.store.close()
+
+
+def test_a_waiting_file_is_resolved_once_and_its_inbox_looked_at_once_per_pass(
+        setup: tuple[Intake, list[Job], Daemon], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main thread claims the next file while the stages wait for it: each file's spec is resolved once
+    (not once to see whether it waits for a sidecar and again after its claim), and the checks that hold
+    for a whole inbox (its outbox there, this host may claim) are made once per pass, not once per file."""
+    from bgwatch import intake as intake_module
+    from bgwatch.intake import Waiting
+
+    intake, jobs, daemon = setup
+    site = next(iter(daemon.sites.values()))
+    site.inbox.outbox.mkdir(parents=True, exist_ok=True)
+    shots = write_samples(site.inbox.path, 6, size=(64, 64), seed=4)
+    resolved: list[Path] = []
+    blocked: list[str] = []
+    real_resolve, real_blocked = intake_module.rules.resolve, intake_module.Intake._blocked
+
+    def resolve(image: Path, *args: object, **kwargs: object) -> object:
+        resolved.append(Path(image))
+        return real_resolve(image, *args, **kwargs)  # type: ignore[arg-type]
+
+    def count_blocked(of: object) -> bool:
+        blocked.append(str(of))
+        return real_blocked(of)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake_module.rules, "resolve", resolve)
+    monkeypatch.setattr(intake_module.Intake, "_blocked", staticmethod(count_blocked))
+    intake.once = True
+    for shot in shots:
+        intake.pending[shot] = Waiting(site, 0.0)
+    intake._take_pending(1.0)  # room for window_per_worker files
+    taken = [job.source.name for job in jobs]
+    assert len(taken) == daemon.config.pipeline.window_per_worker
+    assert sorted(p.name for p in resolved) == sorted(taken)  # one resolve per file taken
+    assert len(blocked) == 1
+    daemon.store.close()
