@@ -14,6 +14,8 @@ Every decode in bgwatch (inbox images, backdrop files, downloaded results) goes 
   is a pass over the whole image: one repeated 20,000 times would cost minutes of CPU);
 - a path is opened without following a link (callers that walk from a trusted folder pass a descriptor);
 - whatever goes wrong is an InputError with one line naming the file, what was found, what is allowed.
+Pillow reads every header and decodes every pixel, except an sRGB colour JPEG at full size: libjpeg-turbo
+(simplejpeg) decodes that straight into numpy, strictly, and hands Pillow any file it finds amiss.
 Nothing is changed process-wide at import.
 """
 
