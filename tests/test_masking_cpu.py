@@ -222,6 +222,33 @@ def test_refine_in_the_box_finds_what_the_whole_frame_finds(seed: int) -> None:
     assert np.array_equal(refined[~band] > 0.5, expected[~band])
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_refine_blurs_the_band_in_pieces_as_a_blur_of_the_whole_frame(seed: int) -> None:
+    """refine_mask blurs only pieces of the outline's band (with a margin, on OpenCV's SIMD blocks): its
+    values are those of the solid set (whole frame) with the band taken from a whole-frame blur."""
+    import cv2
+
+    rng = np.random.default_rng(100 + seed)
+    h, w = int(rng.integers(150, 420)), int(rng.integers(150, 420))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    alpha = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(1, 4))):  # soft discs, some past the frame's edge
+        cy, cx, r = rng.uniform(-20, h + 20), rng.uniform(-20, w + 20), rng.uniform(20, 90)
+        alpha = np.maximum(alpha, np.clip((r - np.hypot(yy - cy, xx - cx)) / 3 + 0.5, 0, 1))
+    alpha8 = np.round(alpha * 255).astype(np.uint8)
+    refined = refine.refine_mask(alpha8, post_process=True)
+    kept = _whole_frame_solid(alpha8.astype(np.float32) / 255)
+    radius = max(2, round(min(h, w) / 400))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    k8 = kept.astype(np.uint8)
+    band = (cv2.dilate(k8, kernel) - cv2.erode(k8, kernel)).astype(bool)
+    blurred = cv2.GaussianBlur(alpha8.astype(np.float32) * np.float32(1 / 255), (0, 0), 0.6)
+    assert band.any() and refined.dtype == np.float32
+    assert np.array_equal(refined[~band], kept[~band].astype(np.float32))
+    # to the bit but for OpenCV's scalar tail at the end of the rows it filtered (a float32 ulp)
+    assert float(np.abs(refined[band] - blurred[band]).max()) <= 2e-7
+
+
 def refine_mask_clip(alpha: np.ndarray) -> np.ndarray:
     return refine.refine_mask(alpha, post_process=True)
 
