@@ -58,6 +58,36 @@ def test_transparent_is_rgba_with_decontaminated_edges() -> None:
     assert out[..., 0][ring].mean() > 150
 
 
+def test_transparent_works_in_the_window_around_the_subject() -> None:
+    """A subject past the frame's corner, and faint alpha (below half a level) far from it: the output is
+    the rounded alpha everywhere, the photo's own colour where opaque, and zeros beyond the subject's reach;
+    an alpha that is all zero gives all zeros."""
+    from bgwatch.pipeline.refine import to_alpha8
+
+    rgb, alpha = red_disc_on_white(512)
+    rgb, alpha = rgb[240:496, 20:276], alpha[240:496, 20:276]  # the disc cut by the top and right edges
+    alpha[200:210, 5:15] = 0.001  # rounds to 0: no colour kept there, but part of the subject's box
+    out = cleanup(rgb, alpha, JobSpec(mode="transparent"))
+    a8 = to_alpha8(alpha)
+    assert np.array_equal(out[..., 3], a8)
+    opaque = alpha >= 1
+    assert np.array_equal(out[..., :3][opaque], rgb[opaque])
+    assert not out[150:, :100].any()  # the faint patch and the rest far from the disc: plain zeros
+    edge = (alpha > 0.1) & (alpha < 0.9)
+    assert out[..., 1][edge].mean() < 50 < rgb[..., 1][edge].mean()  # decontaminated up to the frame's edge
+    assert not cleanup(rgb, np.zeros_like(alpha), JobSpec(mode="transparent")).any()
+
+
+@pytest.mark.parametrize("step", [1, 2, 4, 8, 16, 32])
+def test_block_means_in_uint16_are_block_mean_to_the_bit(step: int) -> None:
+    from bgwatch.pipeline.cleanup import _block_means
+    from bgwatch.pipeline.tiles import block_mean
+
+    image = np.random.default_rng(step).integers(0, 256, (3 * step, 5 * step, 4), dtype=np.uint8)
+    image[: step, : step] = 255  # a block at the top of uint16's range
+    assert np.array_equal(_block_means(image, step), block_mean(image, step))
+
+
 def test_color_mode_fills_exactly_and_keeps_the_subject() -> None:
     rgb, alpha = red_disc_on_white()
     out = cleanup(rgb, alpha, JobSpec(mode="color", background_color="#1e2a44"))

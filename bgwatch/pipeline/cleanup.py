@@ -8,12 +8,14 @@ sweep keeps a pale fringe that shows on every dark page it is placed on.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from bgwatch.errors import SpecError
 from bgwatch.jobs import JobSpec
 from bgwatch.pipeline.edges import sample_at
-from bgwatch.pipeline.tiles import POINT_CHUNK, block_mean, strips, upsample_window
+from bgwatch.pipeline.tiles import POINT_CHUNK, block_mean, nonzero_box, strips, upsample_window
 
 CLEANUP_MODES = ("transparent", "soften", "color")
 SOFTEN_SIDE = 2048  # the softened background is made at most this many pixels on its long side
@@ -61,27 +63,7 @@ def cleanup(rgb: np.ndarray, alpha: np.ndarray, spec: JobSpec) -> np.ndarray:
         rgb = enhance_foreground(rgb, alpha)
     h, w = alpha.shape
     if spec.mode == "transparent":
-        import cv2
-
-        from bgwatch.pipeline.refine import to_alpha8
-
-        a8 = to_alpha8(alpha)
-        # Fully transparent pixels keep the subject's colour near the edge (premultiplication-safe for
-        # viewers that filter before blending) and are black further out, which compresses well.
-        near = _near_subject(a8)
-        out = np.empty((h, w, 4), np.uint8)
-        for y0, y1 in strips(h, w):
-            # RGBA rows by cv2, then each pixel (one uint32) times near's 0 or 1: numpy's uint8 multiply
-            # broadcast over three channels costs several times more.
-            cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1]), cv2.COLOR_RGB2RGBA, dst=out[y0:y1])
-            pixels = out[y0:y1].view(np.uint32)
-            np.multiply(pixels, near[y0:y1, :, None], out=pixels)
-            out[y0:y1, :, 3] = a8[y0:y1]
-        del a8
-        ys, xs, colours = foreground_points(rgb, alpha, near)
-        keep = near[ys, xs] > 0
-        out[ys[keep], xs[keep], :3] = colours[keep]
-        return out
+        return _transparent(rgb, alpha)
     ys, xs, colours = foreground_points(rgb, alpha, None)
     soft: tuple[np.ndarray, float, float] | None = None
     colour = np.zeros(3, np.float32)
@@ -112,44 +94,75 @@ def _alpha_rows(alpha: np.ndarray, y0: int, y1: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def _transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """HxWx4 uint8: the photo with `alpha` (rounded to uint8), the subject's own colour on its outline and in
+    the fully transparent pixels near it (premultiplication-safe for viewers that filter before blending),
+    black further out, which compresses well. Only the window around the subject is worked on and written:
+    the rest stays np.zeros' untouched pages."""
+    import cv2
+
+    from bgwatch.pipeline.refine import to_alpha8
+
+    h, w = alpha.shape
+    a8 = to_alpha8(alpha)
+    out = np.zeros((h, w, 4), np.uint8)
+    near = _near_subject(a8)
+    if near is None:
+        return out
+    y0, x0 = near.top, near.left
+    y1, x1 = y0 + near.plane.shape[0], x0 + near.plane.shape[1]
+    for s0, s1 in strips(y1 - y0, x1 - x0):
+        # RGBA rows by cv2, then each pixel (one uint32) times near's 0 or 1: numpy's uint8 multiply
+        # broadcast over three channels costs several times more.
+        rgba = cv2.cvtColor(np.ascontiguousarray(rgb[y0 + s0 : y0 + s1, x0:x1]), cv2.COLOR_RGB2RGBA)
+        pixels = rgba.view(np.uint32)
+        np.multiply(pixels, near.plane[s0:s1, :, None], out=pixels)
+        rgba[..., 3] = a8[y0 + s0 : y0 + s1, x0:x1]
+        out[y0 + s0 : y0 + s1, x0:x1] = rgba
+    del a8
+    ys, xs, colours = foreground_points(rgb, alpha, near)
+    out[ys, xs, :3] = colours
+    return out
+
+
+class Near(NamedTuple):
+    """Where a transparent cut-out keeps colour: `plane` (uint8, 1 within a few pixels of any pixel whose
+    rounded alpha is above 0, else 0) is the frame's window whose top left corner is (top, left); the frame
+    outside it is all 0."""
+
+    top: int
+    left: int
+    plane: np.ndarray
+
+
 def foreground_points(rgb: np.ndarray, alpha: np.ndarray,
-                      near: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      near: Near | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The subject's own colour where the image's pixel is not it: (ys, xs, colours uint8 Nx3), sorted by
-    row. Solved where alpha is partial; with `near` (transparent output), also spread outwards into the
-    fully transparent pixels near the subject. Memory stays near the size of the outline."""
+    row. Without `near`: every pixel whose alpha is partial. With `near` (transparent output): the pixels
+    near the subject that are not opaque: partial ones, their colour solved, and fully transparent ones,
+    the subject's colour spread outwards. Full-resolution work is in the box around the subject (and
+    near's window); memory stays near the size of the outline."""
     h, w = alpha.shape
     empty = (np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros((0, 3), np.uint8))
-    found: list[tuple[np.ndarray, np.ndarray]] = []
-    top, bottom, left, right = h, -1, w, -1
-    for y0, y1 in strips(h, w):
-        # float32 rows compare as they are (clipping changes no comparison with 0 or 1 below): no copy
-        a = alpha[y0:y1] if alpha.dtype == np.float32 else _alpha_rows(alpha, y0, y1)
-        present = a > 0.0
-        rows = np.nonzero(present.any(axis=1))[0]
-        if rows.size:
-            cols = np.nonzero(present.any(axis=0))[0]
-            top, bottom = min(top, y0 + int(rows[0])), y0 + int(rows[-1])
-            left, right = min(left, int(cols[0])), max(right, int(cols[-1]))
-        wanted = present & (a < 1.0)
-        if near is not None:
-            wanted |= (near[y0:y1] > 0) & ~present
-        ys, xs = np.nonzero(wanted)
-        found.append((ys + y0, xs))
-    if bottom < 0:
+    present = _present_box(alpha)
+    if present is None:
         return empty
-    ys = np.concatenate([f[0] for f in found])
-    xs = np.concatenate([f[1] for f in found])
+    top, bottom, left, right = present
+    if near is None:
+        ys, xs = _partial_pixels(alpha, present)
+    else:
+        ys, xs = _near_pixels(alpha, near)
     if ys.size == 0:
         return empty
     radius = max(4.0, max(h, w) / 150)
-    # Only the outline and what is near it matter: the fields are made in the box around the subject.
+    # Only the outline and what is near it matter: the fields are made in the box around the subject (it
+    # holds near's window: near reaches max(h, w) // 256 pixels, far less than m).
     m = int(6 * radius)
-    box = (max(top - m, 0), min(bottom + m + 1, h), max(left - m, 0), min(right + m + 1, w))
+    box = (max(top - m, 0), min(bottom + m, h), max(left - m, 0), min(right + m, w))
     inside = (ys >= box[0]) & (ys < box[1]) & (xs >= box[2]) & (xs < box[3])
-    ys, xs = ys[inside], xs[inside]
-    background, subject, step = _colour_fields(rgb, alpha, box, radius)
-    fields = np.concatenate([background, subject], axis=-1)  # both sampled in one pass
-    del background, subject
+    if not inside.all():
+        ys, xs = ys[inside], xs[inside]
+    fields, step = _colour_fields(rgb, alpha, box, radius)
     colours = np.empty((ys.size, 3), np.uint8)
     for start in range(0, ys.size, POINT_CHUNK):
         part = slice(start, start + POINT_CHUNK)
@@ -169,6 +182,55 @@ def foreground_points(rgb: np.ndarray, alpha: np.ndarray,
     return ys, xs, colours
 
 
+def _alpha_window(alpha: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """alpha[y0:y1, x0:x1] as float32 in [0, 1]: float32 as it is (clipping changes no comparison with 0
+    or 1 made on it: no copy), anything else converted."""
+    if alpha.dtype == np.float32:
+        return np.asarray(alpha[y0:y1, x0:x1])
+    return _alpha_rows(alpha[:, x0:x1], y0, y1)
+
+
+def _present_box(alpha: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right), bottom and right exclusive, of the pixels whose alpha is above 0."""
+    h, w = alpha.shape
+    rows = np.zeros(h, bool)
+    cols = np.zeros(w, bool)
+    for y0, y1 in strips(h, w):
+        present = np.greater(_alpha_window(alpha, y0, y1, 0, w), 0.0)
+        rows[y0:y1] = present.any(axis=1)
+        if rows[y0:y1].any():
+            cols |= present.any(axis=0)
+    found = np.flatnonzero(rows)
+    if found.size == 0:
+        return None
+    across = np.flatnonzero(cols)
+    return int(found[0]), int(found[-1]) + 1, int(across[0]), int(across[-1]) + 1
+
+
+def _partial_pixels(alpha: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) of the pixels whose alpha is above 0 and below 1, in the box holding every pixel above 0."""
+    top, bottom, left, right = box
+    found = []
+    for y0, y1 in strips(bottom - top, right - left):
+        a = _alpha_window(alpha, top + y0, top + y1, left, right)
+        ys, xs = np.nonzero((a > 0.0) & (a < 1.0))
+        found.append((ys + (top + y0), xs + left))
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
+def _near_pixels(alpha: np.ndarray, near: Near) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) of the pixels in near's window that are near the subject and not opaque (not alpha >= 1: a
+    NaN counts as transparent)."""
+    y0, x0 = near.top, near.left
+    height, width = near.plane.shape
+    found = []
+    for s0, s1 in strips(height, width):
+        opaque = np.greater_equal(_alpha_window(alpha, y0 + s0, y0 + s1, x0, x0 + width), 1.0)
+        ys, xs = np.nonzero(np.greater(near.plane[s0:s1].view(bool), opaque))  # near and not opaque
+        found.append((ys + (y0 + s0), xs + x0))
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
 def _alpha_points(alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     values = alpha[ys, xs]
     if values.dtype == np.uint8:
@@ -177,11 +239,12 @@ def _alpha_points(alpha: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarr
 
 
 def _colour_fields(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int, int],
-                   radius: float) -> tuple[np.ndarray, np.ndarray, int]:
+                   radius: float) -> tuple[np.ndarray, int]:
     """The backdrop's and the subject's colours spread over the box (see _spread), computed at 1/step of
     the full resolution: the fields are smooth (radius >= 4 px), so they are made where the radius is
-    still 2-8 field pixels and sampled bilinearly. Weighted colours are averaged down premultiplied, strip
-    by strip, so no colour leaks across the mask's edge and no full-size float copy is made."""
+    still 2-8 field pixels and sampled bilinearly. One hxwx6 float32 field (backdrop RGB, subject RGB) and
+    step. Weighted colours are averaged down premultiplied, strip by strip, so no colour leaks across the
+    mask's edge and no full-size float copy is made."""
     y0, y1, x0, x1 = box
     bh, bw = y1 - y0, x1 - x0
     step = 1
@@ -190,15 +253,12 @@ def _colour_fields(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int,
         while radius / (step * 2) >= 4.0:  # a thin frame may end up one field pixel tall: still right
             step *= 2
     sh, sw = -(-bh // step), -(-bw // step)
-    bg_sum = np.zeros((sh, sw, 3), np.float32)
-    bg_w = np.zeros((sh, sw), np.float32)
-    fg_sum = np.zeros((sh, sw, 3), np.float32)
-    fg_w = np.zeros((sh, sw), np.float32)
+    # Each side's block means: RGB and, fourth, 255 times the share of the block's pixels on that side.
+    means = (np.empty((sh, sw, 4), np.float32), np.empty((sh, sw, 4), np.float32))
     import cv2
 
     for s0, s1 in strips(bh, bw, multiple=step):
-        rows_alpha = alpha[y0 + s0 : y0 + s1, x0:x1]
-        a = rows_alpha if rows_alpha.dtype == np.float32 else _alpha_rows(alpha[y0:y1, x0:x1], s0, s1)
+        a = _alpha_window(alpha, y0 + s0, y0 + s1, x0, x1)
         # RGBA rows whose fourth channel (255) counts the pixels: each side's pixels kept whole (one uint32
         # each, times 0 or 1) and averaged over the blocks in one 4-channel pass, in uint8 until then.
         rgbw = cv2.cvtColor(np.ascontiguousarray(rgb[y0 + s0 : y0 + s1, x0:x1]), cv2.COLOR_RGB2RGBA)
@@ -206,19 +266,34 @@ def _colour_fields(rgb: np.ndarray, alpha: np.ndarray, box: tuple[int, int, int,
         # A box that is not a whole number of blocks is filled out here, as block_mean would (edge rows and
         # columns repeated), in uint8 rather than in its float32 copy.
         pad_y, pad_x = -(s1 - s0) % step, -bw % step
-        for side, total, sums in ((np.less(a, 0.02), bg_w, bg_sum), (np.greater(a, 0.98), fg_w, fg_sum)):
+        for side, sums in ((np.less(a, 0.02), means[0]), (np.greater(a, 0.98), means[1])):
             kept = np.multiply(rgbw.view(np.uint32), side.view(np.uint8)[..., None], dtype=np.uint32)
             kept = kept.view(np.uint8).reshape(rgbw.shape)
             if pad_y or pad_x:
                 kept = cv2.copyMakeBorder(kept, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
-            means = block_mean(kept, step)
-            sums[rows] = means[..., :3]
-            total[rows] = means[..., 3] * np.float32(1 / 255)
-    fields = []
-    for sums, total in ((bg_sum, bg_w), (fg_sum, fg_w)):
-        sums /= np.maximum(total, 1e-6)[..., None]
-        fields.append(_spread(sums, total, radius / step))
-    return fields[0], fields[1], step
+            sums[rows] = _block_means(kept, step)
+    fields = np.empty((sh, sw, 6), np.float32)
+    for c, sums in enumerate(means):
+        total = sums[..., 3] * np.float32(1 / 255)
+        colour = sums[..., :3] / np.maximum(total, 1e-6)[..., None]
+        _spread(colour, total, radius / step, out=fields[..., 3 * c : 3 * c + 3])
+    return fields, step
+
+
+def _block_means(image: np.ndarray, step: int) -> np.ndarray:
+    """block_mean of an hxwx4 uint8 image whose sides are multiples of step, to the bit: the values
+    scaled by step² in uint16 (exact up to step 16), so that OpenCV's area mean of each block is its exact
+    sum; scaled back in float32 (a power of two: exact)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    if step == 1 or step > 16:
+        return block_mean(image, step)
+    sums = cv2.resize(np.left_shift(image, 2 * step.bit_length() - 2, dtype=np.uint16), (w // step, h // step),
+                      interpolation=cv2.INTER_AREA)
+    out: np.ndarray = sums.astype(np.float32)
+    out *= np.float32(1 / (step * step))
+    return out
 
 
 def soften_field(rgb: np.ndarray, alpha: np.ndarray, *, blur_radius: int = 0,
@@ -334,10 +409,11 @@ def estimate_noise(grey: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2) * total / (6.0 * (w - 2) * (h - 2)))
 
 
-def _spread(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
+def _spread(img: np.ndarray, weight: np.ndarray, radius: float, out: np.ndarray | None = None) -> np.ndarray:
     """Normalised convolution: each pixel gets the weighted mean colour of where `weight` is set nearby.
     Coarser levels (each a quarter the size) reach further; each level fills in under the finer one,
-    blended by how much support the finer one had, so no seam shows."""
+    blended by how much support the finer one had, so no seam shows. `out`: where the result goes (an
+    hxwx3 view of a wider field)."""
     import cv2
 
     sigma = max(radius, 1.0)
@@ -352,31 +428,45 @@ def _spread(img: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
         size = (max(1, w // 4), max(1, h // 4))
         wi = cv2.resize(wi, size, interpolation=cv2.INTER_AREA)
         ii = cv2.resize(ii, size, interpolation=cv2.INTER_AREA)
+    del wi, ii
     support = (weight > 0.5).view(np.uint8)
     # cv2.mean over the mask: numpy's boolean index and mean over (N, 3) cost several times more
     fallback = (np.array(cv2.mean(np.ascontiguousarray(img), mask=support)[:3], np.float32) if support.any()
                 else np.full(3, 128.0, np.float32))
-    out: np.ndarray | None = None
-    for num, den in reversed(levels):
+    below: np.ndarray | None = None
+    for i in range(len(levels) - 1, -1, -1):
+        num, den = levels.pop()
         h, w = den.shape
-        colour = num / np.maximum(den, 1e-6)[..., None]
-        below = (np.broadcast_to(fallback.astype(np.float32), colour.shape) if out is None
-                 else cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR))
-        trust = np.clip(den * 20.0, 0.0, 1.0)[..., None]
-        out = below + trust * (colour - below)
-    assert out is not None
-    return out
+        # below + trust (colour - below), in colour's array: the same arithmetic, no temporaries
+        colour = num
+        colour /= np.maximum(den, 1e-6)[..., None]
+        under = (np.broadcast_to(fallback.astype(np.float32), colour.shape) if below is None
+                 else cv2.resize(below, (w, h), interpolation=cv2.INTER_LINEAR))
+        colour -= under
+        colour *= np.clip(den * 20.0, 0.0, 1.0)[..., None]
+        if i == 0 and out is not None:
+            np.add(colour, under, out=out)
+            return out
+        colour += under
+        below = colour
+    assert below is not None
+    return below
 
 
-def _near_subject(a8: np.ndarray) -> np.ndarray:
-    """uint8 HxW: 1 within a few pixels (a square's reach) of any pixel with a8 > 0, else 0. A square,
-    because OpenCV dilates by a rectangle in a time that does not grow with its size (a disc's does)."""
+def _near_subject(a8: np.ndarray) -> Near | None:
+    """Near: 1 within a few pixels (a square's reach) of any pixel with a8 > 0, else 0; None if there is
+    none. A square, because OpenCV dilates by a rectangle in a time that does not grow with its size (a
+    disc's does). Made in the box of a8 > 0 grown by the reach: outside it there is nothing to dilate (the
+    dilation's border adds nothing)."""
     import cv2
 
     h, w = a8.shape
     radius = max(2, max(h, w) // 256)
+    box = nonzero_box(a8)
+    if box is None:
+        return None
+    top, bottom, left, right = box
+    y0, y1, x0, x1 = max(top - radius, 0), min(bottom + radius, h), max(left - radius, 0), min(right + radius, w)
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * radius + 1, 2 * radius + 1))
-    present = np.empty((h, w), np.uint8)
-    for y0, y1 in strips(h, w):
-        np.greater(a8[y0:y1], 0, out=present[y0:y1].view(bool))
-    return cv2.dilate(present, kernel, dst=present)
+    present = np.greater(a8[y0:y1, x0:x1], 0).view(np.uint8)
+    return Near(y0, x0, cv2.dilate(present, kernel, dst=present))
