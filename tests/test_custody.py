@@ -150,6 +150,45 @@ def test_a_kill_after_the_output_is_written_is_finished_by_another_host(inbox: P
     assert [p for p in files(inbox) if not p.startswith("done/")] == []
 
 
+def test_a_kill_after_a_numbered_output_is_finished_with_that_output(inbox: Path) -> None:
+    """The name it wanted was another input's: its output went to shot-2.png, and the marker on the share
+    names only the name it wanted. The host that settles it finds the output by its bytes."""
+    outbox = inbox.parent / "outbox"
+    drop(inbox / "shot.jpg", b"original")
+    (outbox / "shot.png").write_bytes(b"another input's output")
+    proc = subprocess.run([sys.executable, "-c", _CRASHING_DELIVERY, str(inbox)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -9
+    assert Custody(inbox, "ws2", "e2", outbox).reclaim("ws1") == ["e1-5: finished"]
+    assert (inbox / "done" / "shot.jpg").read_bytes() == b"original"
+    assert (outbox / "shot.png").read_bytes() == b"another input's output"
+    assert (outbox / "shot-2.png").read_bytes() == b"the output"
+
+
+def test_a_delivery_makes_six_things_durable(inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsyncs of one delivery: the output, the marker and its folder, the outbox after the output's move,
+    the owner record and its folder. The original is filed (renames) after the output is durable."""
+    drop(inbox / "a.jpg")
+    custody = Custody(inbox, "ws1", "e1")
+    claim = custody.claim("a.jpg")
+    assert claim is not None
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    settled = custody.deliver(claim, 1, inbox.parent / "outbox", "a.png", b"out", "move")
+    assert settled is not None and settled.finished and settled.output == inbox.parent / "outbox" / "a.png"
+    outbox, box = str(inbox.parent / "outbox"), str(inbox / ".bgwatch" / "delivering" / "ws1" / "e1-1")
+    assert len(synced) == 6
+    assert synced.count(outbox) == 1 and synced.count(box) == 1
+    assert synced.count(str(inbox / ".bgwatch" / "outputs")) == 1
+    assert files(inbox) == ["done/a.jpg"]
+
+
 @pytest.mark.parametrize("when", ["after the marker", "after the owner's last check"])
 def test_a_delivery_taken_over_mid_way_is_finished_once_by_the_taker(inbox: Path, when: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
