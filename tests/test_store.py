@@ -23,9 +23,9 @@ def add(store: Store, key: str = "k", **extra: str) -> int:
 
 def test_wal_busy_timeout_and_schema(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite")
-    assert store.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.db.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
-    assert store.db.conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == str(
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+    assert store.conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == str(
         SCHEMA_VERSION)
     store.close()
     # a second connection sees WAL persisted
@@ -105,3 +105,50 @@ def test_a_run_is_recorded_with_its_output_name_in_one_step_and_notes_what_it_wa
     row = store.get_run(run_id)
     assert row is not None and "ENOSPC" in row.error and row.status == "queued"
     store.close()
+
+
+def _made_by_sqlite_utils(path: Path) -> None:
+    """The tables as bgwatch made them through sqlite-utils before it wrote their SQL itself."""
+    import sqlite_utils
+
+    from bgwatch.store import BACKGROUND_COLUMNS, RUN_COLUMNS
+
+    db = sqlite_utils.Database(path)
+    db.enable_wal()
+    db.table("runs").create(RUN_COLUMNS, pk="id", not_null={"key", "status"})
+    db.table("runs").create_index(["key", "status"])
+    db.table("runs").create_index(["status"])
+    db.table("backgrounds").create(BACKGROUND_COLUMNS, pk="key")
+    db.table("backgrounds").create_index(["last_used_at"])
+    db.table("meta").insert({"name": "schema_version", "value": str(SCHEMA_VERSION)}, pk="name")
+    db.table("runs").insert({"key": "old", "status": "done", "inbox": "in", "rel_path": "a.jpg", "attempts": 1})
+    db.conn.close()
+
+
+def test_a_database_made_by_sqlite_utils_is_the_same_and_opens_as_it_was(tmp_path: Path) -> None:
+    """The daemon no longer imports sqlite-utils; the tables it makes are the ones sqlite-utils made, and a
+    database an earlier version made is used as it is."""
+    _made_by_sqlite_utils(tmp_path / "old.sqlite")
+    Store(tmp_path / "new.sqlite").close()
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    assert (sqlite3.connect(tmp_path / "old.sqlite").execute(schema).fetchall()
+            == sqlite3.connect(tmp_path / "new.sqlite").execute(schema).fetchall())
+    old = Store(tmp_path / "old.sqlite")
+    assert [r["key"] for r in old.history()] == ["old"]
+    run_id = add(old, "k2")
+    assert old.get_run(run_id) is not None and old.counts() == {"done": 1, "queued": 1}
+    old.put_background({"key": "b", "engine": "sdxl", "path": "/x.png", "bytes": 5})
+    old.put_background({"key": "b", "bytes": 7})  # an upsert: the columns not given stay
+    row = old.get_background("b")
+    assert row is not None and (row["engine"], row["path"], row["bytes"]) == ("sdxl", "/x.png", 7)
+    old.close()
+
+
+def test_opening_the_store_imports_no_sqlite_utils(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from bgwatch.store import Store; "
+            f"Store(Path({str(tmp_path / 'db.sqlite')!r})).close(); print('sqlite_utils' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
