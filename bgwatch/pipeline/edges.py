@@ -79,7 +79,9 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     t0, b0, l0, r0 = max(top - m, 0), min(bottom + m, size[1]), max(left - m, 0), min(right + m, size[0])
     g_crop = guide[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255)
     p_crop = target[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255)
-    field = np.concatenate([_fit(g_crop, p_crop, radius, eps), _fit_colours(g_crop, p_crop, radius)], axis=-1)
+    field = np.empty((*p_crop.shape, 12), np.float32)  # the guided fit (0:5) and the colour snap (5:12)
+    _fit(g_crop, p_crop, radius, eps, field[..., :5])
+    _fit_colours(g_crop, p_crop, radius, field[..., 5:])
     del g_crop, p_crop
     del guide, target
     # The band's full-resolution pixels: each working pixel in the band covers a block of them.
@@ -155,10 +157,10 @@ def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     return np.asarray(samples.reshape(-1, field.shape[2])[:n])
 
 
-def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int) -> np.ndarray:
+def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int, out: np.ndarray) -> None:
     """The colour snap's field: per window the mean colour of the pixels the mask is sure are subject (F)
     and backdrop (B), and how far apart they stand against the spread within each; each pixel takes the
-    windows over it weighted by that: an hxwx7 field (F, B, trust)."""
+    windows over it weighted by that: an hxwx7 field (F, B, trust), written into `out`."""
     import cv2
 
     k = (2 * radius + 1, 2 * radius + 1)
@@ -184,16 +186,14 @@ def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int) -> np.ndarr
     trust *= np.minimum(n_f, n_b) > 0.05  # both sides must be in the window
     weight = box(trust)
     norm = 1 / np.maximum(weight, 1e-6)
-    out = np.empty((*sq.shape, 7), np.float32)
     for c, plane in enumerate(fg + bg):
-        out[..., c] = box(plane * trust) * norm
+        np.multiply(box(plane * trust), norm, out=out[..., c])
     out[..., 6] = weight
-    return out
 
 
-def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.ndarray:
+def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float, out: np.ndarray) -> None:
     """The guided filter's field at the working resolution: hxwx5 (a_r, a_g, a_b, b, trust), each pixel's
-    coefficients the trust-weighted mean of the windows over it."""
+    coefficients the trust-weighted mean of the windows over it, written into `out`."""
     import cv2
 
     k = (2 * radius + 1, 2 * radius + 1)
@@ -234,8 +234,6 @@ def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float) -> np.n
     # it) does not, so the ramp does not survive as a halo.
     weight = box(trust)
     norm = 1 / np.maximum(weight, 1e-6)
-    out = np.empty((*target.shape, 5), np.float32)
     for c, plane in enumerate((a_r, a_g, a_b, offset)):
-        out[..., c] = box(plane * trust) * norm
+        np.multiply(box(plane * trust), norm, out=out[..., c])
     out[..., 4] = weight
-    return out
