@@ -5,6 +5,14 @@ close-after-write or moved-in event (inotify: local writers) makes a file ready 
 (quick_seconds, 0 by default): a local writer's close is proof the file is whole. A write seen after that
 close, or a second close before the look, cancels the short-cut and the full settle time applies. A writer
 that closes and reopens a file to append must write under a temporary name and rename (see README).
+
+Where the inbox's filesystem is stamped by this machine's kernel (a local disk: `kernel_times`), a file's
+ctime says when it last changed by the same clock a watcher would use, so a file whose ctime is already
+settle_seconds old at the first look (one there before the daemon started) is as settled as one watched
+that long. ctime, not mtime: a copy tool (cp -p, rsync -t) sets an old mtime on a file it has just
+written, but nothing sets ctime but the kernel, at every write, truncate, rename and attribute change.
+Never on a share: there the times come from other hosts' clocks (and FUSE daemons). A step of the wall
+clock seen while the daemon runs turns the short-cut off.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ class StabilityTracker:
         *,
         quick_seconds: float | None = None,
         check_seconds: float | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settle_seconds = float(settle_seconds)
         # A close-after-write seen by inotify is a local writer's proof that the file is whole: taken at the
@@ -69,6 +78,11 @@ class StabilityTracker:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[Path, _Entry] = {}
+        # ctime stamped by this machine's kernel (a local filesystem): its age counts as settled time.
+        self.kernel_times = False
+        self._wall = wall_clock
+        self._wall_offset: float | None = None  # wall - monotonic at the last look: a jump is a clock step
+        self._stepped = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -112,6 +126,7 @@ class StabilityTracker:
     def ready(self) -> list[Path]:
         """Files newly stable since the last call (sorted); vanished files are dropped."""
         now = self._clock()
+        wall = self._kernel_wall(now)
         with self._lock:
             todo = [
                 (path, entry) for path, entry in self._entries.items()
@@ -140,7 +155,7 @@ class StabilityTracker:
                 entry.checked = now
                 if sig is None:
                     del self._entries[path]
-                elif self._settled(entry, sig, now):
+                elif self._settled(entry, sig, now, wall):
                     entry.active = False
                     if sig != entry.reported:
                         entry.reported = sig
@@ -149,10 +164,25 @@ class StabilityTracker:
                         out.append(path)
         return sorted(out)
 
-    def _settled(self, entry: _Entry, sig: _Signature, now: float) -> bool:
+    def _kernel_wall(self, now: float) -> float | None:
+        """The wall clock to judge ctimes by; None where they are not this kernel's, or the clock stepped."""
+        if not self.kernel_times or self._stepped:
+            return None
+        wall = self._wall()
+        offset, self._wall_offset = self._wall_offset, wall - now
+        if offset is not None and abs(wall - now - offset) > 0.5:  # slewing moves it by microseconds a look
+            logger.warning("the wall clock stepped by {:+.1f} s: files are watched for the whole settle time "
+                           "from now on", wall - now - offset)
+            self._stepped = True
+            return None
+        return wall
+
+    def _settled(self, entry: _Entry, sig: _Signature, now: float, wall: float | None = None) -> bool:
         if sig != entry.sig:
             entry.sig = sig
             entry.since = now
+        if wall is not None and wall - _changed_at(sig[2]) >= self.settle_seconds:
+            return True  # unchanged since its ctime, by this kernel's clock: as good as watched that long
         if entry.closed_at is not None:
             if entry.closed_sig is None:
                 entry.closed_sig = sig
@@ -166,3 +196,10 @@ class StabilityTracker:
             and entry.closes == 1
             and now - max(entry.since, entry.closed_at) >= self.quick_seconds
         )
+
+
+def _changed_at(ctime_ns: int) -> float:
+    """The latest moment the kernel can have stamped `ctime_ns` (seconds): stamps come from a coarse clock
+    up to a tick (<= 10 ms) behind, and a filesystem keeping whole seconds (ext4 with small inodes)
+    truncates them."""
+    return ctime_ns / 1e9 + (1.0 if ctime_ns % 1_000_000_000 == 0 else 0.02)

@@ -349,6 +349,7 @@ class InboxWatcher:
             return
         w.root_id = ident
         w.root_gone.clear()
+        w.tracker.kernel_times = _kernel_stamped(w.root)
         if w.started_once:
             w.restarts += 1
             logger.info("inbox {}: watching again ({})", w.root, w.kind)
@@ -415,6 +416,20 @@ class InboxWatcher:
         """Hint every file below `folder` that is ours; unreadable subfolders are skipped with a warning."""
         for path in _walk_files(folder, w.root, w.nested, self._leave):
             w.tracker.hint(path)
+
+
+# Filesystems on this machine's own disks (or memory): their file times come from this kernel's clock.
+KERNEL_STAMPED_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "overlay"})
+
+
+def _kernel_stamped(root: Path, mountinfo: str | None = None) -> bool:
+    """Whether the inbox at `root` is on a local filesystem (stability.StabilityTracker.kernel_times): never a
+    network share or a FUSE mount, whose times come from other hosts' clocks or a user-space daemon."""
+    from bgwatch import mounts
+
+    text = mounts.read_text("/proc/self/mountinfo") if mountinfo is None else mountinfo
+    mount = mounts.mount_of(Path(os.path.realpath(root)), mounts.parse_mountinfo(text))
+    return mount is not None and mount.fstype in KERNEL_STAMPED_FS
 
 
 def _dir_identity(path: Path) -> tuple[int, int]:

@@ -104,6 +104,68 @@ def test_a_change_no_event_told_of_is_still_seen_in_time(tmp_path: Path) -> None
     assert tracker.ready() == [f]
 
 
+def test_on_a_local_disk_a_file_unchanged_since_its_ctime_for_the_settle_time_is_ready_at_once(
+        tmp_path: Path) -> None:
+    """A file there before the daemon started: its ctime, stamped by this kernel, already says it has not
+    changed for the settle time. Only with kernel_times (a local filesystem), and never by its mtime, which
+    copy tools set to the past on a file they are writing."""
+    old = tmp_path / "old.jpg"
+    old.write_bytes(b"o")
+    wall = Clock()
+    wall.now = os.stat(old).st_ctime + 2.1  # looked at 2.1 s after its last change
+    for kernel_times, ready in ((False, []), (True, [old])):
+        tracker = StabilityTracker(2.0, Clock(), wall_clock=wall)
+        tracker.kernel_times = kernel_times
+        tracker.hint(old)
+        assert tracker.ready() == ready
+    fresh, copied = tmp_path / "fresh.jpg", tmp_path / "copied.jpg"
+    fresh.write_bytes(b"f")
+    copied.write_bytes(b"c")
+    os.utime(copied, ns=(1, 1))  # cp -p: an mtime in 1970 on bytes just written
+    clock = Clock()
+    tracker = StabilityTracker(2.0, clock)  # the real wall clock
+    tracker.kernel_times = True
+    tracker.hint(fresh)
+    tracker.hint(copied)
+    assert tracker.ready() == []
+    clock.now += 2.1
+    assert tracker.ready() == [copied, fresh]
+
+
+def test_a_wall_clock_step_turns_the_ctime_short_cut_off(tmp_path: Path) -> None:
+    clock = Clock()
+    wall = Clock()
+    wall.now = time.time()
+    tracker = StabilityTracker(2.0, clock, wall_clock=wall)
+    tracker.kernel_times = True
+    f = tmp_path / "a.jpg"
+    assert tracker.ready() == []
+    f.write_bytes(b"a")
+    tracker.hint(f)
+    wall.now += 3600  # stepped an hour ahead: every file would look an hour old
+    assert tracker.ready() == []
+    clock.now += 2.1
+    wall.now += 2.1
+    assert tracker.ready() == [f]
+
+
+def test_a_ctime_in_whole_seconds_counts_from_the_end_of_its_second() -> None:
+    from bgwatch.stability import _changed_at
+
+    assert _changed_at(1_700_000_000_000_000_000) == 1_700_000_001.0  # truncated to the second it fell in
+    assert abs(_changed_at(1_700_000_000_123_456_789) - 1_700_000_000.143456789) < 1e-6  # a clock tick
+
+
+@pytest.mark.parametrize("fstype, local", [("ext4", True), ("xfs", True), ("tmpfs", True), ("nfs4", False),
+                                           ("cifs", False), ("fuse.sshfs", False), ("fuse", False), ("9p", False)])
+def test_only_local_filesystems_count_as_stamped_by_this_kernel(tmp_path: Path, fstype: str, local: bool) -> None:
+    from bgwatch.watch import _kernel_stamped
+
+    mountinfo = (f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                 f"40 22 0:50 / {tmp_path} rw,relatime - {fstype} server:/share rw\n")
+    assert _kernel_stamped(tmp_path / "inbox", mountinfo) is local
+
+
 def settled_once(tmp_path: Path) -> tuple[Clock, StabilityTracker, Path]:
     """One file, seen, left alone for the settle time, and reported ready once."""
     clock = Clock()
@@ -581,3 +643,21 @@ def test_bgwatch_own_folders_and_nested_inboxes_get_no_inotify_watch(tmp_path: P
             got = [path for _, path in watcher.poll_ready()]
             time.sleep(0.02)
         assert got == [outer / "sub" / "deep" / "a.jpg"]
+
+
+def test_files_there_before_the_watch_are_ready_at_its_first_look_on_a_local_disk(tmp_path: Path) -> None:
+    """run --once over files copied in before it started: they wait no settle time (the watcher's own clock
+    is frozen here, so only their ctime can make them ready)."""
+    from bgwatch.watch import _kernel_stamped
+
+    if not _kernel_stamped(tmp_path):
+        pytest.skip("the test folder is not on a local filesystem")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.jpg").write_bytes(b"a")
+    deadline = time.monotonic() + 10
+    while time.time() - os.stat(inbox / "a.jpg").st_ctime < 0.4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    watcher = InboxWatcher([inbox_config(inbox, False)], WatchSettings(settle_seconds=0.3), Clock())
+    with watcher:
+        assert [path for _, path in watcher.poll_ready()] == [inbox / "a.jpg"]
