@@ -84,6 +84,11 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     _fit_colours(g_crop, p_crop, radius, field[..., 5:])
     del g_crop, p_crop
     del guide, target
+    # Where neither fit has any weight the pixel keeps the plain mask (alpha + 0 * change, every value
+    # finite): only the band's pixels whose samples read a weighted field pixel (the 3x3 around theirs) are
+    # worked on at full resolution.
+    weighted = np.greater(field[..., 4], 0) | np.greater(field[..., 11], 0)
+    band[t0:b0, l0:r0] &= cv2.dilate(weighted.view(np.uint8), np.ones((3, 3), np.uint8))
     # The band's full-resolution pixels: each working pixel in the band covers a block of them.
     sy, sx = size[1] / height, size[0] / width
     x_lo, x_hi = int(left / sx), min(width, int(np.ceil(right / sx)) + 1)
