@@ -30,11 +30,9 @@ from loguru import logger
 from bgwatch import safefs
 from bgwatch.budget import MemoryBudget
 from bgwatch.config import Config, load_config
-from bgwatch.coordination.postgres import studio_coordinator
 from bgwatch.coordination.share import ShareCoordinator
 from bgwatch.custody import Custody, Step
 from bgwatch.errors import BgwatchError
-from bgwatch.httpjobs import HttpDoor
 from bgwatch.intake import Intake, Site
 from bgwatch.jobs import Job, RunResult
 from bgwatch.liveness import Heartbeat, Liveness, new_epoch
@@ -44,13 +42,13 @@ from bgwatch.ratelimit import TokenBucket
 from bgwatch.service import STATUS_FILE, InstanceLock, Progress, sd_notify, share_cores, trim_memory
 from bgwatch.sources import JobSource
 from bgwatch.sources.folder import FolderSource
-from bgwatch.sources.http import HttpSource
-from bgwatch.storebase import open_store
+from bgwatch.storebase import StudioStore, open_store
 from bgwatch.studio import generation_bucket, watch_studio
 from bgwatch.text import shown
 from bgwatch.workers import Workers
 
 if TYPE_CHECKING:
+    from bgwatch.httpjobs import HttpDoor
     from bgwatch.metrics import Metrics
 
 STATUS_SECONDS = 2.0
@@ -91,14 +89,17 @@ class Daemon:
         self.heartbeat_thread: threading.Thread | None = None
         self._retry_thread: threading.Thread | None = None
         self._retry_q: queue.SimpleQueue[tuple[stages.Finished, bool] | None] = queue.SimpleQueue()
-        # The HTTP door (http.listen): its own window in the same queue; its runs are recorded by this thread.
-        self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
-                             depth=lambda: sum(self.workers.depths().values()), metrics=metrics,
-                             wake=self.intake.wake) if http else None
         # Where jobs come from: the inboxes, and the HTTP door when it listens. Each job is handed back to the
         # source whose ticket it carries; the daemon never asks where a job came from.
         self.sources: list[JobSource] = [FolderSource(self.intake, config.host, self.epoch, self._sites)]
-        if self.http is not None:
+        self.http: HttpDoor | None = None
+        if http:  # the HTTP door (http.listen): its own window in the same queue; its runs recorded here
+            from bgwatch.httpjobs import HttpDoor
+            from bgwatch.sources.http import HttpSource
+
+            self.http = HttpDoor(config, self.store, self.generation_bucket, self._submit, self.intake.outcomes,
+                                 depth=lambda: sum(self.workers.depths().values()), metrics=metrics,
+                                 wake=self.intake.wake)
             self.sources.append(HttpSource(self.http, self.intake.outcomes))
         self._config_mtime = self._mtime(config.source)
         self._status_trouble = False
@@ -124,8 +125,12 @@ class Daemon:
             heartbeat.lease_seconds = config.watch.lease_seconds
             custody = Custody(inbox.path, config.host, self.epoch, inbox.outbox, step=self.step)
             # A studio store coordinates through its rows; otherwise the share does, with renames and heartbeat files.
-            coordinator = studio_coordinator(self.store, custody, config.watch.lease_seconds,
-                                             in_flight=lambda: len(self.intake.inflight))
+            coordinator = None
+            if isinstance(self.store, StudioStore):
+                from bgwatch.coordination.postgres import studio_coordinator
+
+                coordinator = studio_coordinator(self.store, custody, config.watch.lease_seconds,
+                                                 in_flight=lambda: len(self.intake.inflight))
             sites[inbox.name] = Site(inbox, custody, heartbeat,
                                      coordinator or ShareCoordinator(custody, heartbeat, self.liveness),
                                      waits=before.waits if before is not None else "")

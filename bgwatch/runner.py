@@ -50,14 +50,15 @@ def run_daemon(config: Any, *, once: bool, show_progress: bool, warnings: Sequen
     # A share that is not mounted: `run --once` says so, and exits 1 when no inbox could be looked at (a cron
     # job must learn that nothing was done, not read "the inboxes are empty").
     missing = [str(ib.path) for ib in config.inboxes if not ib.path.is_dir()] if once else []
-    if once:
+    if once and show_progress:  # tqdm, and the count of waiting files, only for a bar someone sees
         from tqdm import tqdm
 
-        progress = tqdm(desc="bgwatch", unit="img", file=sys.stderr, disable=not show_progress,
+        progress = tqdm(desc="bgwatch", unit="img", file=sys.stderr,
                         total=sum(report.waiting(inbox) for inbox in config.inboxes) or None)
 
     def advance(_result: Any) -> None:
-        assert progress is not None
+        if progress is None:
+            return
         if progress.total is not None and progress.n >= progress.total:
             progress.total = progress.n + 1  # a file dropped meanwhile
         progress.update(1)
@@ -80,8 +81,7 @@ def run_daemon(config: Any, *, once: bool, show_progress: bool, warnings: Sequen
         logger.info("metrics on {}/metrics, health check on {}/healthz", server.url, server.url)
 
     def finished(result: Any) -> None:
-        if progress is not None:
-            advance(result)
+        advance(result)
         if metrics is not None:
             engine = "+".join(e for e in (result.mask_engine, result.bg_engine) if e) or "none"
             inbox = "http" if daemon.http is not None and daemon.http.knows(result.run_id) else report.inbox_of(
@@ -103,8 +103,9 @@ def run_daemon(config: Any, *, once: bool, show_progress: bool, warnings: Sequen
         # Stopped on request (systemctl stop): exit 0 whatever the jobs did. Failed jobs are reported per
         # file; a non-zero status would mark the unit failed and restart it.
         return 0
-    if progress is not None:
-        progress.close()
+    if once:
+        if progress is not None:
+            progress.close()
         from bgwatch.storebase import open_store
 
         store = open_store(config.store, sqlite_path=config.db_path, host=config.host)

@@ -293,6 +293,10 @@ class Engines:
         its jobs; here it is a warning. Returns the model loaded."""
         import importlib.util
 
+        from bgwatch.models import configured_models
+
+        if not any(kind == "sdxl" for kind, _, _ in configured_models(self.config)):
+            return None  # nothing to load: the SDXL modules are not even imported
         from bgwatch.pipeline import backgrounds
         from bgwatch.pipeline.sdxl import SdxlEngine
         from bgwatch.pipeline.sdxl_load import torch_device
