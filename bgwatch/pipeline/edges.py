@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgwatch.pipeline.tiles import POINT_CHUNK, nonzero_box, strips
+from bgwatch.pipeline.tiles import CACHE_PIXELS, POINT_CHUNK, nonzero_box, strips
 
 # Chosen on bench/bench_edges.py's composites: a fit at about 1.6 times the net's side, over windows of
 # 2.5 net pixels, beat finer working resolutions (whose windows see too little pure subject and backdrop).
@@ -88,7 +88,8 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     # finite): only the band's pixels whose samples read a weighted field pixel (the 3x3 around theirs) are
     # worked on at full resolution.
     weighted = np.greater(field[..., 4], 0) | np.greater(field[..., 11], 0)
-    band[t0:b0, l0:r0] &= cv2.dilate(weighted.view(np.uint8), np.ones((3, 3), np.uint8))
+    crop = band[t0:b0, l0:r0]
+    np.bitwise_and(crop, cv2.dilate(weighted.view(np.uint8), np.ones((3, 3), np.uint8)), out=crop)
     # The band's full-resolution pixels: each working pixel in the band covers a block of them.
     sy, sx = size[1] / height, size[0] / width
     x_lo, x_hi = int(left / sx), min(width, int(np.ceil(right / sx)) + 1)
@@ -98,7 +99,7 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     flat = out.reshape(-1)
     # The photo's pixels as one row each, to gather by flat index (a view; a strided photo is indexed as is).
     pixels = rgb.reshape(-1, 3) if rgb.shape[2] == 3 and rgb.flags.c_contiguous else None
-    for y0, y1 in strips(y_hi - y_lo, x_hi - x_lo):
+    for y0, y1 in strips(y_hi - y_lo, x_hi - x_lo, CACHE_PIXELS):
         rows = np.arange(y_lo + y0, y_lo + y1)
         hit = band[np.minimum((rows * sy).astype(np.intp), size[1] - 1)][:, band_cols]
         ys, xs = np.nonzero(hit)

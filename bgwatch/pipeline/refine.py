@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgwatch.pipeline.tiles import nonzero_box, strips
+from bgwatch.pipeline.tiles import CACHE_PIXELS, nonzero_box, strips
 
 _ONE = np.ones(1, np.float64)  # OpenCV's scalar 1 (a 1-element array reads as a scalar)
 
@@ -150,14 +150,15 @@ def _as_float(alpha: np.ndarray) -> np.ndarray:
 
 def to_alpha8(alpha: np.ndarray) -> np.ndarray:
     """A float alpha in [0, 1] (NaN as 0, above 1 as 1) as uint8 0..255, rounded; converted in strips of
-    rows by OpenCV, which scales, rounds and saturates in one pass (numpy took four)."""
+    rows (small: their float temporary stays in the cache) by OpenCV, which scales, rounds and saturates in
+    one pass (numpy took four)."""
     import cv2
 
     if alpha.dtype == np.uint8:
         return alpha
     h, w = alpha.shape
     out = np.empty((h, w), np.uint8)
-    for y0, y1 in strips(h, w):
+    for y0, y1 in strips(h, w, CACHE_PIXELS):
         # NaN stays NaN here (OpenCV turns it into 0); +inf becomes 1 (OpenCV would make it 0 too). Scaled in
         # float32, then rounded half to even and saturated by OpenCV's conversion, as np.round and np.clip.
         rows = np.minimum(alpha[y0:y1], np.float32(1), dtype=np.float32)
