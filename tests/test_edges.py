@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bgwatch.pipeline.edges import guided_upsample, plain_upsample
 
@@ -73,3 +74,15 @@ def test_a_mask_at_full_size_or_empty() -> None:
     assert same.shape == (320, 320) and float(np.abs(same - truth).mean()) < 0.02
     empty = guided_upsample(np.zeros((320, 320), np.uint8), np.zeros((1000, 700, 3), np.uint8))
     assert empty.shape == (1000, 700) and not empty.any()
+
+
+def test_the_fits_made_in_blocks_of_rows_are_the_whole_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fits are made a few dozen rows at a time, each block with two windows' reach more rows: the
+    alpha is the one a single block over the whole crop gives, to the bit."""
+    from bgwatch.pipeline import edges
+
+    photo, alpha = _known_alpha(600, 450)
+    mask = _net_mask(alpha)
+    in_blocks = guided_upsample(mask, photo)
+    monkeypatch.setattr(edges, "FIELD_ROWS", 10_000)
+    assert np.array_equal(in_blocks, guided_upsample(mask, photo))

@@ -37,6 +37,7 @@ SURE = 0.75  # the colour snap's sure subject (mask above this) and sure backdro
 # F and B count as apart from gap / (gap + 4 * spread) = SEPARATE_FROM, fully from SEPARATE_FULL.
 SEPARATE_FROM, SEPARATE_FULL = 0.4, 0.7
 EXTREME = 0.35  # the snap acts where a pixel's place between B and F is this far from one half or more
+FIELD_ROWS = 64  # rows of the fits made at a time (and 2 windows' reach more above and below)
 SAMPLE_ROW = 4096  # positions per row of the maps cv2.remap samples the fits with (it takes < 32767 a side)
 
 
@@ -79,9 +80,21 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     t0, b0, l0, r0 = max(top - m, 0), min(bottom + m, size[1]), max(left - m, 0), min(right + m, size[0])
     g_crop = guide[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255)
     p_crop = target[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255)
-    field = np.empty((*p_crop.shape, 12), np.float32)  # the guided fit (0:5) and the colour snap (5:12)
-    _fit(g_crop, p_crop, radius, eps, field[..., :5])
-    _fit_colours(g_crop, p_crop, radius, field[..., 5:])
+    # The guided fit (0:5) and the colour snap (5:12), a few dozen rows at a time: a field row reads the
+    # windows within `radius` of it, each of which reads `radius` more rows, so each block is made with
+    # 2 * radius rows more above and below. The box filters sum in float64, so a block's rows are the whole
+    # crop's; the dozens of planes each fit makes stay small (fresh pages for them cost more than the
+    # arithmetic).
+    crop_h, crop_w = p_crop.shape
+    field = np.empty((crop_h, crop_w, 12), np.float32)
+    reach = 2 * radius
+    for s0 in range(0, crop_h, FIELD_ROWS):
+        s1 = min(s0 + FIELD_ROWS, crop_h)
+        q0, q1 = max(s0 - reach, 0), min(s1 + reach, crop_h)
+        block = np.empty((q1 - q0, crop_w, 12), np.float32)
+        _fit(g_crop[q0:q1], p_crop[q0:q1], radius, eps, block[..., :5])
+        _fit_colours(g_crop[q0:q1], p_crop[q0:q1], radius, block[..., 5:])
+        field[s0:s1] = block[s0 - q0 : s1 - q0]
     del g_crop, p_crop
     del guide, target
     # Where neither fit has any weight the pixel keeps the plain mask (alpha + 0 * change, every value
