@@ -91,10 +91,9 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     for s0 in range(0, crop_h, FIELD_ROWS):
         s1 = min(s0 + FIELD_ROWS, crop_h)
         q0, q1 = max(s0 - reach, 0), min(s1 + reach, crop_h)
-        block = np.empty((q1 - q0, crop_w, 12), np.float32)
-        _fit(g_crop[q0:q1], p_crop[q0:q1], radius, eps, block[..., :5])
-        _fit_colours(g_crop[q0:q1], p_crop[q0:q1], radius, block[..., 5:])
-        field[s0:s1] = block[s0 - q0 : s1 - q0]
+        kept = slice(s0 - q0, s1 - q0)  # the block's rows that are its own
+        _fit(g_crop[q0:q1], p_crop[q0:q1], radius, eps, field[s0:s1, :, :5], kept)
+        _fit_colours(g_crop[q0:q1], p_crop[q0:q1], radius, field[s0:s1, :, 5:], kept)
     del g_crop, p_crop
     del guide, target
     # Where neither fit has any weight the pixel keeps the plain mask (alpha + 0 * change, every value
@@ -176,10 +175,10 @@ def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     return np.asarray(samples.reshape(-1, field.shape[2])[:n])
 
 
-def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int, out: np.ndarray) -> None:
+def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int, out: np.ndarray, rows: slice) -> None:
     """The colour snap's field: per window the mean colour of the pixels the mask is sure are subject (F)
     and backdrop (B), and how far apart they stand against the spread within each; each pixel takes the
-    windows over it weighted by that: an hxwx7 field (F, B, trust), written into `out`."""
+    windows over it weighted by that: an hxwx7 field (F, B, trust), its `rows` written into `out`."""
     import cv2
 
     k = (2 * radius + 1, 2 * radius + 1)
@@ -206,13 +205,13 @@ def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int, out: np.nda
     weight = box(trust)
     norm = 1 / np.maximum(weight, 1e-6)
     for c, plane in enumerate(fg + bg):
-        np.multiply(box(plane * trust), norm, out=out[..., c])
-    out[..., 6] = weight
+        np.multiply(box(plane * trust)[rows], norm[rows], out=out[..., c])
+    out[..., 6] = weight[rows]
 
 
-def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float, out: np.ndarray) -> None:
+def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float, out: np.ndarray, rows: slice) -> None:
     """The guided filter's field at the working resolution: hxwx5 (a_r, a_g, a_b, b, trust), each pixel's
-    coefficients the trust-weighted mean of the windows over it, written into `out`."""
+    coefficients the trust-weighted mean of the windows over it, its `rows` written into `out`."""
     import cv2
 
     k = (2 * radius + 1, 2 * radius + 1)
@@ -254,5 +253,5 @@ def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float, out: np
     weight = box(trust)
     norm = 1 / np.maximum(weight, 1e-6)
     for c, plane in enumerate((a_r, a_g, a_b, offset)):
-        np.multiply(box(plane * trust), norm, out=out[..., c])
-    out[..., 4] = weight
+        np.multiply(box(plane * trust)[rows], norm[rows], out=out[..., c])
+    out[..., 4] = weight[rows]
