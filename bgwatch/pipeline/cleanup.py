@@ -104,9 +104,17 @@ def _transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     from bgwatch.pipeline.refine import to_alpha8
 
     h, w = alpha.shape
-    a8 = to_alpha8(alpha)
     out = np.zeros((h, w, 4), np.uint8)
-    near = _near_subject(a8)
+    present = _present_box(alpha)
+    if present is None:
+        return out
+    # Rounded alpha above 0 lies in the box of alpha above 0, and near reaches `reach` past it: the alpha is
+    # rounded in that window only (outside it, it rounds to 0).
+    reach = max(2, max(h, w) // 256)
+    top, bottom, left, right = present
+    wy, wx = max(top - reach, 0), max(left - reach, 0)
+    a8 = to_alpha8(alpha[wy : min(bottom + reach, h), wx : min(right + reach, w)])
+    near = _near_subject(a8, reach, (wy, wx))
     if near is None:
         return out
     y0, x0 = near.top, near.left
@@ -117,10 +125,10 @@ def _transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         rgba = cv2.cvtColor(np.ascontiguousarray(rgb[y0 + s0 : y0 + s1, x0:x1]), cv2.COLOR_RGB2RGBA)
         pixels = rgba.view(np.uint32)
         np.multiply(pixels, near.plane[s0:s1, :, None], out=pixels)
-        rgba[..., 3] = a8[y0 + s0 : y0 + s1, x0:x1]
+        rgba[..., 3] = a8[y0 - wy + s0 : y0 - wy + s1, x0 - wx : x1 - wx]
         out[y0 + s0 : y0 + s1, x0:x1] = rgba
     del a8
-    ys, xs, colours = foreground_points(rgb, alpha, near)
+    ys, xs, colours = _foreground_points(rgb, alpha, near, present)
     out[ys, xs, :3] = colours
     return out
 
@@ -142,9 +150,14 @@ def foreground_points(rgb: np.ndarray, alpha: np.ndarray,
     near the subject that are not opaque: partial ones, their colour solved, and fully transparent ones,
     the subject's colour spread outwards. Full-resolution work is in the box around the subject (and
     near's window); memory stays near the size of the outline."""
+    return _foreground_points(rgb, alpha, near, _present_box(alpha))
+
+
+def _foreground_points(rgb: np.ndarray, alpha: np.ndarray, near: Near | None,
+                       present: tuple[int, int, int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """foreground_points, given the box of the pixels whose alpha is above 0 (None: there are none)."""
     h, w = alpha.shape
     empty = (np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros((0, 3), np.uint8))
-    present = _present_box(alpha)
     if present is None:
         return empty
     top, bottom, left, right = present
@@ -460,20 +473,20 @@ def _spread(img: np.ndarray, weight: np.ndarray, radius: float, out: np.ndarray 
     return below
 
 
-def _near_subject(a8: np.ndarray) -> Near | None:
-    """Near: 1 within a few pixels (a square's reach) of any pixel with a8 > 0, else 0; None if there is
-    none. A square, because OpenCV dilates by a rectangle in a time that does not grow with its size (a
-    disc's does). Made in the box of a8 > 0 grown by the reach: outside it there is nothing to dilate (the
-    dilation's border adds nothing)."""
+def _near_subject(a8: np.ndarray, reach: int, at: tuple[int, int]) -> Near | None:
+    """Near: 1 within `reach` pixels (a square's) of any pixel with a8 > 0, else 0; None if there is none.
+    `a8` is the frame's window whose top left corner is `at`, holding every pixel above 0 and `reach` more
+    around them (or the frame's edge). A square, because OpenCV dilates by a rectangle in a time that does
+    not grow with its size (a disc's does). Made in the box of a8 > 0 grown by the reach: outside it there is
+    nothing to dilate (the dilation's border adds nothing)."""
     import cv2
 
     h, w = a8.shape
-    radius = max(2, max(h, w) // 256)
     box = nonzero_box(a8)
     if box is None:
         return None
     top, bottom, left, right = box
-    y0, y1, x0, x1 = max(top - radius, 0), min(bottom + radius, h), max(left - radius, 0), min(right + radius, w)
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * radius + 1, 2 * radius + 1))
+    y0, y1, x0, x1 = max(top - reach, 0), min(bottom + reach, h), max(left - reach, 0), min(right + reach, w)
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * reach + 1, 2 * reach + 1))
     present = np.greater(a8[y0:y1, x0:x1], 0).view(np.uint8)
-    return Near(y0, x0, cv2.dilate(present, kernel, dst=present))
+    return Near(at[0] + y0, at[1] + x0, cv2.dilate(present, kernel, dst=present))
