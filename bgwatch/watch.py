@@ -98,6 +98,13 @@ class _Watch:
         return any(folder == s or folder.startswith(s + b"/") for s in skipped)
 
 
+# The events _InboxEvents acts on. Given to watchdog, which then asks inotify for no others: no open/close-
+# without-write events, of which bgwatch's own work makes several per job (every custody step opens the
+# inbox folder), each read and parsed by watchdog's thread only to be dropped.
+HANDLED = (FileMovedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileAttribEvent,
+           FileDeletedEvent, DirDeletedEvent, DirCreatedEvent)
+
+
 class _InboxEvents(FileSystemEventHandler):
     """Turns one inbox's watchdog events into hints. Never raises: that would kill the observer thread."""
 
@@ -383,7 +390,7 @@ class InboxWatcher:
                     continue
             try:
                 w.handler = handler
-                w.observed = observer.schedule(handler, str(w.root), recursive=True)
+                w.observed = observer.schedule(handler, str(w.root), recursive=True, event_filter=list(HANDLED))
                 observer.start()
             except OSError as exc:
                 halt(observer)

@@ -593,9 +593,9 @@ def test_an_event_the_handler_chokes_on_is_logged_not_raised(tmp_path: Path) -> 
     assert len(w.tracker) == 1  # and the next event is handled as usual
 
 
-def _inotify_watched_inodes() -> set[int]:
-    """The inodes this process's inotify instances watch, as the kernel lists them (/proc/self/fdinfo)."""
-    inodes: set[int] = set()
+def _inotify_watches() -> dict[int, int]:
+    """inode -> event mask of every inotify watch of this process, as the kernel lists them (/proc/self/fdinfo)."""
+    watches: dict[int, int] = {}
     for fd in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
@@ -606,8 +606,12 @@ def _inotify_watched_inodes() -> set[int]:
         for line in info.splitlines():
             if line.startswith("inotify wd:"):
                 fields = dict(part.split(":", 1) for part in line.split()[1:] if ":" in part)
-                inodes.add(int(fields["ino"], 16))
-    return inodes
+                watches[int(fields["ino"], 16)] = int(fields["mask"], 16)
+    return watches
+
+
+def _inotify_watched_inodes() -> set[int]:
+    return set(_inotify_watches())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
@@ -661,3 +665,18 @@ def test_files_there_before_the_watch_are_ready_at_its_first_look_on_a_local_dis
     watcher = InboxWatcher([inbox_config(inbox, False)], WatchSettings(settle_seconds=0.3), Clock())
     with watcher:
         assert [path for _, path in watcher.poll_ready()] == [inbox / "a.jpg"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
+def test_inotify_is_asked_for_no_open_or_read_events(tmp_path: Path) -> None:
+    """Each custody step opens the inbox folder: with IN_OPEN and IN_CLOSE_NOWRITE asked for, every job made
+    several events that watchdog's thread read and dropped."""
+    in_open, in_close_nowrite, in_access = 0x20, 0x10, 0x1
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    with InboxWatcher([inbox_config(inbox, False)], WatchSettings(settle_seconds=0.2)):
+        masks = [m for ino, m in _inotify_watches().items() if ino in (os.stat(inbox).st_ino,
+                                                                        os.stat(inbox / "sub").st_ino)]
+    assert len(masks) == 2
+    assert not any(m & (in_open | in_close_nowrite | in_access) for m in masks)
+    assert all(m & 0x8 and m & 0x80 and m & 0x100 for m in masks)  # close-after-write, moved in, created
