@@ -182,16 +182,23 @@ def _foreground_points(rgb: np.ndarray, alpha: np.ndarray, near: Near | None,
         py, px = ys[part], xs[part]
         # a field pixel covers step x step full pixels (the mapping cv2.resize uses)
         both = sample_at(fields, (py - box[0] + 0.5) / step - 0.5, (px - box[2] + 0.5) / step - 0.5)
-        bg, spread_fg = both[:, :3], both[:, 3:]
-        a = _alpha_points(alpha, py, px)[:, None]
-        img = rgb[py, px].astype(np.float32)
-        solved = np.clip((img - (1.0 - a) * bg) / np.maximum(a, 1e-3), 0.0, 255.0)
+        # A channel at a time, each a 1-D run over the points: numpy's broadcasts of (N, 3) by (N, 1) cost
+        # several times more (the same values).
+        bg, spread_fg = np.ascontiguousarray(both[:, :3].T), np.ascontiguousarray(both[:, 3:].T)
+        img = np.ascontiguousarray(rgb[py, px].T).astype(np.float32)
+        a = _alpha_points(alpha, py, px)
+        through = 1.0 - a  # the old backdrop's share
+        subject = np.maximum(a, 1e-3)
         # Trust the solved colour where enough of the subject is in the pixel; below that, borrow the
         # colour of the subject next to it. Fully transparent pixels get the subject's colour spread out.
         trust = np.clip((a - 0.15) / 0.35, 0.0, 1.0)
-        estimate = trust * solved + (1.0 - trust) * spread_fg
-        values = np.where(a > 0.0, estimate, spread_fg)
-        colours[part] = np.clip(np.round(values), 0, 255).astype(np.uint8)
+        borrowed = 1.0 - trust
+        seen = a > 0.0
+        for c in range(3):
+            solved = np.clip((img[c] - through * bg[c]) / subject, 0.0, 255.0)
+            estimate = trust * solved + borrowed * spread_fg[c]
+            values = np.where(seen, estimate, spread_fg[c])
+            colours[part, c] = np.clip(np.round(values), 0, 255).astype(np.uint8)
     return ys, xs, colours
 
 
