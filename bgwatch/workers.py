@@ -223,11 +223,13 @@ class Workers:
 
     def _prepare(self, job: Job) -> None:
         max_memory = self.config.limits.max_memory
-        width, height = stages.input_size(job)  # the header only: admission before a pixel is decoded
-        stages.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
-        if not self.budget.acquire(job.run_id, stages.job_memory(width, height, job.spec), self.abort):
-            raise Aborted
-        self.route(stages.prepare(job, self.config, self.engines, max_memory=max_memory))
+        with stages.open_input(job, check_hash=False) as fd:  # opened once, for admission and for the pixels
+            width, height = stages.input_size(job, fd)  # the header only: admission before a pixel is decoded
+            stages.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
+            if not self.budget.acquire(job.run_id, stages.job_memory(width, height, job.spec), self.abort):
+                raise Aborted
+            prepared = stages.prepare(job, self.config, self.engines, max_memory=max_memory, fd=fd)
+        self.route(prepared)
 
     def _mask(self, prepared: stages.Prepared) -> None:
         from bgwatch.pipeline.masking import cpu_cores

@@ -217,3 +217,53 @@ def test_a_fallback_backdrop_is_made_at_the_canvas_size_too(tmp_path: Path) -> N
     moved = stages.fall_back(prepared, config, RuntimeError("Runway said no"))
     assert moved is not None and moved.request is not None and moved.backdrop is None
     assert (moved.request.engine, moved.request.width, moved.request.height) == ("gradient", 400, 300)
+
+
+# ---------------------------------------------------------------- one open of the input per job
+
+
+def test_a_job_opens_its_input_once_for_admission_hash_pixels_and_metadata(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prepare worker opens the input once (a chain of openat calls from the inbox down): its header
+    for admission, its bytes against the claimed hash, its pixels and the metadata the output keeps; the
+    finish step does not open it again."""
+    import threading
+
+    from PIL.ExifTags import Base
+
+    from bgwatch import sharefiles
+    from bgwatch.budget import MemoryBudget
+    from bgwatch.ratelimit import TokenBucket
+    from bgwatch.service import Progress
+    from bgwatch.workers import Workers
+
+    config = make_config(tmp_path, {"shop": {"rules": {"mode": "color", "mask": {"engine": "classical"},
+                                                       "metadata": "web"}}})
+    path = config.inboxes[0].path / "bottle.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[Base.Artist] = "Ann Lens"
+    Image.fromarray(samples.studio_shot(2, (160, 120)).rgb).save(path, quality=92, exif=exif.tobytes())
+    job = _job(config, path)
+    opened: list[tuple[str, ...]] = []
+    real_open_below = sharefiles.open_below
+
+    def open_below(root: Path, rel: Any) -> int:
+        opened.append(tuple(rel))
+        return real_open_below(root, rel)
+
+    monkeypatch.setattr(sharefiles, "open_below", open_below)
+    abort = threading.Event()
+    engines = stages.Engines(config, None, None, abort)  # type: ignore[arg-type]  # no store needed here
+    routed: list[stages.Prepared] = []
+    pool = Workers(config, engines, budget=MemoryBudget(0), job_bucket=TokenBucket(0), progress=Progress(),
+                   abort=abort, started=lambda _job: None, deliver=lambda _f: None, fail=lambda _j, _w: None)
+    monkeypatch.setattr(pool, "route", routed.append)
+    pool._prepare(job)
+    [prepared] = routed
+    assert opened == [("bottle.jpg",)]
+    assert prepared.kept is not None and prepared.kept.exif
+    finished = stages.finish(prepared, engines)
+    assert opened == [("bottle.jpg",)]
+    with Image.open(io.BytesIO(finished.data)) as im:
+        assert im.getexif()[Base.Artist] == "Ann Lens"

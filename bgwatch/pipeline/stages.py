@@ -11,6 +11,7 @@ Each stage takes a frozen `Prepared` and returns a new one, so the daemon can ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from bgwatch.config import Config
     from bgwatch.pipeline.backgrounds import BackgroundRequest
     from bgwatch.pipeline.imageio import DecodedImage
+    from bgwatch.pipeline.metadata import Carried
     from bgwatch.ratelimit import TokenBucket
     from bgwatch.storebase import RunStore
 
@@ -50,6 +52,7 @@ class Prepared:
     bg_engine: str = ""
     cache_hit: bool = False
     to_cache: bool = False  # generated for this job and cacheable: finish() stores it
+    kept: Carried | None = None  # the input's metadata the output carries, read with its pixels; None: not read
 
     @property
     def seed(self) -> int | None:
@@ -149,27 +152,39 @@ def open_input(job: Job, *, check_hash: bool = True) -> Iterator[int]:
     except OSError as exc:
         raise InputError(job.rel_path, f"cannot read the file: {exc.strerror or exc}") from None
     try:
-        if check_hash and job.input_sha256:
-            try:
-                same = sharefiles.sha256_fd(fd) == job.input_sha256
-            except OSError as exc:
-                raise InputError(job.rel_path, f"cannot read the file: {exc.strerror or exc}") from None
-            if not same:
-                raise InputError(job.rel_path, "the file changed after it was claimed (its bytes are not the "
-                                 "ones claimed); refused unread, drop it again")
+        if check_hash:
+            check_input_hash(job, fd)
         yield fd
     finally:
         os.close(fd)
 
 
-def input_size(job: Job) -> tuple[int, int]:
+def check_input_hash(job: Job, fd: int) -> None:
+    """InputError unless the open input holds the bytes recorded (sha256) when it was claimed."""
+    from bgwatch import sharefiles
+
+    if not job.input_sha256:
+        return
+    try:
+        same = sharefiles.sha256_fd(fd) == job.input_sha256
+    except OSError as exc:
+        raise InputError(job.rel_path, f"cannot read the file: {exc.strerror or exc}") from None
+    if not same:
+        raise InputError(job.rel_path, "the file changed after it was claimed (its bytes are not the "
+                         "ones claimed); refused unread, drop it again")
+
+
+def input_size(job: Job, fd: int | None = None) -> tuple[int, int]:
     """(width, height) of the job's input from its header, read as prepare() reads it (admission). The
     header alone decides nothing that is published, so the bytes are not hashed here: prepare() checks
-    them before a pixel is decoded (hashing twice cost a full read of every input)."""
+    them before a pixel is decoded (hashing twice cost a full read of every input). `fd`: the input as
+    open_input(job, check_hash=False) opened it; None: opened here."""
     from bgwatch.pipeline.imageio import probe_size
 
-    with open_input(job, check_hash=False) as fd:
+    if fd is not None:
         return probe_size(Path(job.rel_path), fd=fd)
+    with open_input(job, check_hash=False) as opened:
+        return probe_size(Path(job.rel_path), fd=opened)
 
 
 def _timed(timings: dict[str, float], name: str, start: float) -> None:
@@ -177,24 +192,28 @@ def _timed(timings: dict[str, float], name: str, start: float) -> None:
 
 
 def prepare(job: Job, config: Config, engines: Engines | None = None, *,
-            max_memory: int = DEFAULT_MAX_MEMORY) -> Prepared:
+            max_memory: int = DEFAULT_MAX_MEMORY, fd: int | None = None) -> Prepared:
     """Decode the job's image (pixel limit from config; `max_memory` is limits.max_memory in bytes): an
     input whose job could never fit in that memory fails here, before a pixel is decoded. A classical mask
     and a backdrop that needs no generation (`engines` given) are made here too, in the CPU pool, so a big
-    image never holds up the device worker and a cache hit never reaches it."""
-    from bgwatch.pipeline import backgrounds, imageio, masking
+    image never holds up the device worker and a cache hit never reaches it. The metadata the output
+    keeps is read here too, from the same descriptor. `fd`: the input as open_input(job, check_hash=False)
+    opened it for admission (its bytes are checked here); None: opened here."""
+    from bgwatch.pipeline import backgrounds, imageio, masking, metadata
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
     name = Path(job.rel_path)  # messages name the file as dropped, never a path on the server
-    with open_input(job) as fd:
+    with contextlib.nullcontext(fd) if fd is not None else open_input(job, check_hash=False) as fd:
+        check_input_hash(job, fd)
         width, height = imageio.probe_size(name, fd=fd)
         if job.spec.operation == "replace":
             backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
         check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
         image = imageio.decode(name, max_pixels=config.limits.max_pixels, fd=fd)
+        kept = metadata.carried(fd, job.spec.metadata, name=job.rel_path)
     _timed(timings, "prepare", start)
-    prepared = Prepared(job=job, image=image, timings=timings)
+    prepared = Prepared(job=job, image=image, timings=timings, kept=kept)
     if masking.resolve_mask_engine_name(job.spec.mask) == "classical":
         prepared = mask(prepared, config)
     if job.spec.operation == "replace":
@@ -441,8 +460,8 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
     from bgwatch.presets import PRESETS
 
     preset = PRESETS.get(spec.preset)
-    kept = metadata.NOTHING
-    if spec.metadata != "strip":
+    kept = prepared.kept if prepared.kept is not None else metadata.NOTHING
+    if prepared.kept is None and spec.metadata != "strip":
         try:  # the input's header, read again through the same descriptors as its pixels
             with open_input(job, check_hash=False) as fd:
                 kept = metadata.carried(fd, spec.metadata, name=job.rel_path)
