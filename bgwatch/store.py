@@ -164,12 +164,15 @@ class Store:
         if result != "ok":
             raise damaged(self.path, result)
 
+    def _tables(self) -> set[str]:
+        return {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
     def _migrate(self) -> None:
         with self._lock:
-            tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if {"runs", "backgrounds", "meta"} <= tables:
+            if {"runs", "backgrounds", "meta"} <= self._tables():
                 return
             with self._tx() as conn:
+                tables = self._tables()  # again, under the write lock: another process may have just made them
                 if "runs" not in tables:
                     conn.execute(_create_table("runs", RUN_COLUMNS, "id", frozenset({"key", "status"})))
                     conn.execute(_create_index("runs", "key", "status"))
