@@ -41,8 +41,9 @@ Outcome = Started | RunResult | Blocked
 
 
 class Outcomes(queue.SimpleQueue[Outcome]):
-    """The workers' outcomes for the main thread; each one wakes it, so a finished job frees its room in
-    the window at once."""
+    """The workers' outcomes for the main thread; each ending wakes it, so a finished job frees its room in
+    the window at once. A start does not: it frees nothing, and is recorded (with the time the worker
+    took) at the main loop's next turn, in order, before that job's ending (one wake a job, not two)."""
 
     def __init__(self, wake: threading.Event) -> None:
         super().__init__()
@@ -50,4 +51,5 @@ class Outcomes(queue.SimpleQueue[Outcome]):
 
     def put(self, item: Outcome, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self.wake.set()
+        if not isinstance(item, Started):
+            self.wake.set()

@@ -119,3 +119,25 @@ def test_a_waiting_file_is_resolved_once_and_its_inbox_looked_at_once_per_pass(
     assert sorted(p.name for p in resolved) == sorted(taken)  # one resolve per file taken
     assert len(blocked) == 1
     daemon.store.close()
+
+
+def test_an_ending_wakes_the_main_loop_and_a_start_waits_for_its_next_turn(
+        setup: tuple[Intake, list[Job], Daemon]) -> None:
+    """One wake a job: a start frees no room in the window; it is recorded at the next turn, before the
+    ending that follows it, with the time the worker took."""
+    from bgwatch.outcomes import Started
+
+    intake, _, daemon = setup
+    site = next(iter(daemon.sites.values()))
+    [shot] = write_samples(site.inbox.path, 1, size=(64, 64), seed=5)
+    run_id = intake.take(site, shot)
+    assert run_id is not None
+    intake.wake.clear()
+    intake.outcomes.put(Started(run_id, 50.0))
+    assert not intake.wake.is_set()
+    intake.outcomes.put(runs.undone(run_id, "its output is not in the outbox"))
+    assert intake.wake.is_set()
+    intake.apply_outcomes()
+    row = daemon.store.get_run(run_id)
+    assert row is not None and row.started_at == 50.0 and row.status == JobState.SUPERSEDED.value
+    daemon.store.close()
