@@ -78,7 +78,8 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     top, bottom, left, right = box
     m = 2 * radius + 1  # the windows of the band's edge pixels reach this far
     t0, b0, l0, r0 = max(top - m, 0), min(bottom + m, size[1]), max(left - m, 0), min(right + m, size[0])
-    g_crop = guide[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255)
+    # The photo's colour planes (numpy's arithmetic over a last axis of 3 costs several times more)
+    g_crop = [guide[t0:b0, l0:r0, c].astype(np.float32) * np.float32(1 / 255) for c in range(3)]
     p_crop = target[t0:b0, l0:r0].astype(np.float32) * np.float32(1 / 255)
     # The guided fit (0:5) and the colour snap (5:12), a few dozen rows at a time: a field row reads the
     # windows within `radius` of it, each of which reads `radius` more rows, so each block is made with
@@ -92,8 +93,9 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
         s1 = min(s0 + FIELD_ROWS, crop_h)
         q0, q1 = max(s0 - reach, 0), min(s1 + reach, crop_h)
         kept = slice(s0 - q0, s1 - q0)  # the block's rows that are its own
-        _fit(g_crop[q0:q1], p_crop[q0:q1], radius, eps, field[s0:s1, :, :5], kept)
-        _fit_colours(g_crop[q0:q1], p_crop[q0:q1], radius, field[s0:s1, :, 5:], kept)
+        planes = [plane[q0:q1] for plane in g_crop]
+        _fit(planes, p_crop[q0:q1], radius, eps, field[s0:s1, :, :5], kept)
+        _fit_colours(planes, p_crop[q0:q1], radius, field[s0:s1, :, 5:], kept)
     del g_crop, p_crop
     del guide, target
     # Where neither fit has any weight the pixel keeps the plain mask (alpha + 0 * change, every value
@@ -175,7 +177,7 @@ def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     return np.asarray(samples.reshape(-1, field.shape[2])[:n])
 
 
-def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int, out: np.ndarray, rows: slice) -> None:
+def _fit_colours(planes: list[np.ndarray], target: np.ndarray, radius: int, out: np.ndarray, rows: slice) -> None:
     """The colour snap's field: per window the mean colour of the pixels the mask is sure are subject (F)
     and backdrop (B), and how far apart they stand against the spread within each; each pixel takes the
     windows over it weighted by that: an hxwx7 field (F, B, trust), its `rows` written into `out`."""
@@ -191,7 +193,6 @@ def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int, out: np.nda
     n_f, n_b = box(sure_f), box(sure_b)
     inv_f, inv_b = 1 / np.maximum(n_f, 1e-6), 1 / np.maximum(n_b, 1e-6)
     # Plane by plane: numpy's sums over a last axis of 3 and its (h, w, 3) broadcasts cost several times more.
-    planes = [np.ascontiguousarray(guide[..., c]) for c in range(3)]
     fg = [box(plane * sure_f) * inv_f for plane in planes]
     bg = [box(plane * sure_b) * inv_b for plane in planes]
     sq = planes[0] * planes[0] + planes[1] * planes[1] + planes[2] * planes[2]
@@ -209,7 +210,7 @@ def _fit_colours(guide: np.ndarray, target: np.ndarray, radius: int, out: np.nda
     out[..., 6] = weight[rows]
 
 
-def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float, out: np.ndarray, rows: slice) -> None:
+def _fit(planes: list[np.ndarray], target: np.ndarray, radius: int, eps: float, out: np.ndarray, rows: slice) -> None:
     """The guided filter's field at the working resolution: hxwx5 (a_r, a_g, a_b, b, trust), each pixel's
     coefficients the trust-weighted mean of the windows over it, its `rows` written into `out`."""
     import cv2
@@ -219,7 +220,7 @@ def _fit(guide: np.ndarray, target: np.ndarray, radius: int, eps: float, out: np
     def box(x: np.ndarray) -> np.ndarray:
         return np.asarray(cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT))
 
-    r, g, b = (np.ascontiguousarray(guide[..., c]) for c in range(3))
+    r, g, b = planes
     mr, mg, mb = box(r), box(g), box(b)
     mean_p = box(target)
     cr, cg, cb = box(r * target) - mr * mean_p, box(g * target) - mg * mean_p, box(b * target) - mb * mean_p
