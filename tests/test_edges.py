@@ -86,3 +86,18 @@ def test_the_fits_made_in_blocks_of_rows_are_the_whole_crops(monkeypatch: pytest
     in_blocks = guided_upsample(mask, photo)
     monkeypatch.setattr(edges, "FIELD_ROWS", 10_000)
     assert np.array_equal(in_blocks, guided_upsample(mask, photo))
+
+
+def test_the_uint8_alpha_is_the_float_alphas_rounded_to_the_bit() -> None:
+    """guided_upsample8 makes no float32 plane: its alpha is refine.to_alpha8 of guided_upsample's, and a
+    mask already at the photo's size is left as it was."""
+    from bgwatch.pipeline.edges import guided_upsample8
+    from bgwatch.pipeline.refine import to_alpha8
+
+    photo, alpha = _known_alpha(600, 450)
+    for mask in (_net_mask(alpha), np.round(alpha * 255).astype(np.uint8)):
+        given = mask.copy()
+        rounded = guided_upsample8(mask, photo)
+        assert rounded.dtype == np.uint8 and rounded.shape == alpha.shape
+        assert np.array_equal(rounded, to_alpha8(guided_upsample(mask, photo)))
+        assert np.array_equal(mask, given)

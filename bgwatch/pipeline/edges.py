@@ -38,6 +38,7 @@ SURE = 0.75  # the colour snap's sure subject (mask above this) and sure backdro
 SEPARATE_FROM, SEPARATE_FULL = 0.4, 0.7
 EXTREME = 0.35  # the snap acts where a pixel's place between B and F is this far from one half or more
 FIELD_ROWS = 64  # rows of the fits made at a time (and 2 windows' reach more above and below)
+_ONE = np.ones(1, np.float64)  # OpenCV's scalar 1 (a 1-element array reads as a scalar)
 SAMPLE_ROW = 4096  # positions per row of the maps cv2.remap samples the fits with (it takes < 32767 a side)
 
 
@@ -53,6 +54,18 @@ def plain_upsample(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> np.ndarray:
     """A uint8 mask (any size) -> float32 HxW alpha in [0, 1] at `rgb`'s size, its outline following the
     photo's edges (see the module's text)."""
+    return _guided(mask, rgb, eps, rounded=False)
+
+
+def guided_upsample8(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> np.ndarray:
+    """guided_upsample's alpha rounded to uint8 HxW, as refine.to_alpha8 rounds it, to the bit, without its
+    float32 plane: outside the band the plain mask is the result as it is, and the band's pixels are
+    rounded as they are made (for a caller that keeps the mask as uint8 anyway: 4 bytes a pixel less to
+    write and fault in, and no second pass)."""
+    return _guided(mask, rgb, eps, rounded=True)
+
+
+def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> np.ndarray:
     import cv2
 
     height, width = rgb.shape[:2]
@@ -64,9 +77,12 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
     target = cv2.resize(mask, size, interpolation=cv2.INTER_CUBIC) if mask.shape != size[::-1] else mask
     # Window radius at the working resolution: the blur of one net pixel scaled up, and then some.
     radius = max(2, round(RADIUS * max(size) / max(mask.shape)))
-    out = np.empty((height, width), np.float32)
-    for y0, y1 in strips(height, width):
-        np.multiply(plain[y0:y1], np.float32(1 / 255), out=out[y0:y1], casting="unsafe")
+    if rounded:
+        out = plain.copy() if plain is mask else plain  # plain_upsample hands a mask at full size back
+    else:
+        out = np.empty((height, width), np.float32)
+        for y0, y1 in strips(height, width):
+            np.multiply(plain[y0:y1], np.float32(1 / 255), out=out[y0:y1], casting="unsafe")
     del plain
     # Only the outline's neighbourhood is fitted: where the mask is neither 0 nor 1, grown by the window.
     unsure = ((target > 2) & (target < 253)).astype(np.uint8)
@@ -132,7 +148,7 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
             fitted += coeff[:, 2] * colour[2]
             fitted += coeff[:, 3]
             np.clip(fitted, 0.0, 1.0, out=fitted)
-            alpha = flat[at]
+            alpha = flat[at].astype(np.float32) * np.float32(1 / 255) if rounded else flat[at]
             fitted -= alpha
             fitted *= coeff[:, 4]
             alpha += fitted
@@ -155,8 +171,18 @@ def guided_upsample(mask: np.ndarray, rgb: np.ndarray, *, eps: float = EPS) -> n
             place -= alpha
             place *= snap
             alpha += place
-            flat[at] = alpha
+            flat[at] = _round8(alpha) if rounded else alpha
     return out
+
+
+def _round8(alpha: np.ndarray) -> np.ndarray:
+    """Values of a 1-D float32 alpha (finite, >= 0) as refine.to_alpha8 rounds them: times 255 in float32,
+    rounded half to even and saturated by OpenCV's conversion."""
+    import cv2
+
+    scaled = np.minimum(alpha, np.float32(1))
+    scaled *= np.float32(255)
+    return np.asarray(cv2.multiply(scaled.reshape(1, -1), _ONE, dtype=cv2.CV_8U)).reshape(-1)
 
 
 def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
