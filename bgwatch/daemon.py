@@ -328,7 +328,11 @@ class Daemon:
             for stage, depth in self.workers.depths().items():
                 self.metrics.queue_depth(stage, depth)
         try:
-            safefs.write_file_atomic(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=1).encode())
+            # Atomic (a reader sees a whole file) but not fsynced: it is rewritten every STATUS_SECONDS, and once
+            # this process is gone it says nothing true, whether a power cut kept it or not (live_status reads
+            # a damaged one as none). Two fsyncs every 2 s held up the main loop, and with it the claims.
+            safefs.write_file_atomic(self.config.state_dir / STATUS_FILE, json.dumps(status, indent=1).encode(),
+                                     sync=False)
         except OSError as exc:  # a full state disk: said once, not every STATUS_SECONDS
             if not self._status_trouble:
                 logger.warning("cannot write {}: {} (said once until it works again)", STATUS_FILE,

@@ -216,9 +216,9 @@ class Folder:
                 raise OSError(errno.EINVAL, "not a regular file", str(self.path / name))
             return handle.read(limit)
 
-    def write_temp(self, name: str, data: bytes, *, owner: str = "") -> str:
-        """Write `data` under a fresh temp name for `name` and fsync it; returns the temp name (removed
-        again if the write fails). The caller renames it into place."""
+    def write_temp(self, name: str, data: bytes, *, owner: str = "", sync: bool = True) -> str:
+        """Write `data` under a fresh temp name for `name` and fsync it (`sync`); returns the temp name
+        (removed again if the write fails). The caller renames it into place."""
         tmp = temp_name(name, owner)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                      dir_fd=self.fd)
@@ -226,21 +226,24 @@ class Folder:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if sync:
+                    os.fsync(handle.fileno())
         except BaseException:
             self.unlink(tmp)
             raise
         return tmp
 
-    def write_atomic(self, name: str, data: bytes, *, owner: str = "") -> None:
-        """Readers see the old file or the whole new one: temp name, fsync, rename over `name`."""
-        tmp = self.write_temp(name, data, owner=owner)
+    def write_atomic(self, name: str, data: bytes, *, owner: str = "", sync: bool = True) -> None:
+        """Readers see the old file or the whole new one: temp name, fsync, rename over `name`. `sync`
+        False: not made durable (a file that means nothing once this process is gone, such as its status)."""
+        tmp = self.write_temp(name, data, owner=owner, sync=sync)
         try:
             os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except BaseException:
             self.unlink(tmp)
             raise
-        self.fsync()
+        if sync:
+            self.fsync()
 
     def fsync(self) -> None:
         with contextlib.suppress(OSError):  # unsupported on some network filesystems; the rename stands
@@ -466,7 +469,7 @@ def sha256_file(path: Path) -> str:
         return sha256_at(folder, path.name)
 
 
-def write_file_atomic(path: Path, data: bytes, *, owner: str = "") -> None:
+def write_file_atomic(path: Path, data: bytes, *, owner: str = "", sync: bool = True) -> None:
     """Atomic write of a file bgwatch owns (state files, outputs): the folder must exist."""
     with Folder.open_root(path.parent) as folder:
-        folder.write_atomic(path.name, data, owner=owner)
+        folder.write_atomic(path.name, data, owner=owner, sync=sync)

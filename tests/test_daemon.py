@@ -312,3 +312,24 @@ def test_storage_errors_reach_metrics_through_the_published_status() -> None:
     status = {"in_flight": 1, "waiting": 0, "stages": {}, "inboxes": [], "storage_errors": {"ENOSPC": 3}}
     text = Metrics(status=lambda: status).render().decode()
     assert 'bgwatch_storage_errors_total{error="ENOSPC"} 3.0' in text
+
+
+def test_the_status_file_is_replaced_whole_and_never_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """status.json is rewritten every 2 s and says nothing true once the daemon is gone: a reader sees a whole
+    file (temp and rename), but the main loop does not wait for the disk; a damaged one reads as no status."""
+    from bgwatch import report
+    from bgwatch.service import STATUS_FILE
+
+    config = make_config(tmp_path)
+    daemon = Daemon(config)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    daemon._publish_status()
+    assert synced == []
+    status = report.live_status(config)
+    assert status is not None and status["pid"] == os.getpid()
+    assert [p.name for p in config.state_dir.iterdir() if p.name.startswith(".")] == []  # no temp left
+    (config.state_dir / STATUS_FILE).write_bytes(b"\0" * 16)  # what a power cut may leave
+    assert report.live_status(config) is None
+    daemon.store.close()
