@@ -192,6 +192,10 @@ class Daemon:
     def run(self) -> int:
         lock = InstanceLock(self.config.state_dir)
         clean = False
+        if not self.once or any(_has_image(inbox.path) for inbox in self.config.inboxes):
+            # The mask nets load while the rest starts (store, recovery, watches): not for a --once run
+            # over empty inboxes, which would only wait for them.
+            threading.Thread(target=self.workers.warm_masks, name="bgwatch-warm-0", daemon=True).start()
         try:
             self.store.check()
             self._make_outboxes()
@@ -438,3 +442,25 @@ class Daemon:
                 self._beat()
             except Exception:  # the heartbeat must never die: a dead heartbeat gets this host's claims taken
                 logger.exception("heartbeat: unexpected error; beating again in {:g} s", self._heartbeat_interval())
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether an image waits anywhere below an inbox; stops at the first, and never looks into the work
+    folders (done/ may hold years of originals) or anything else the watcher ignores."""
+    from bgwatch.sidecars import IMAGE_SUFFIXES, is_ignored
+
+    stack = [folder]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    path = Path(entry.path)
+                    if is_ignored(path.relative_to(folder)):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(path)
+                    elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file(follow_symlinks=False):
+                        return True
+        except OSError:
+            continue
+    return False

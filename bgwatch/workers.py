@@ -231,13 +231,32 @@ class Workers:
             prepared = stages.prepare(job, self.config, self.engines, max_memory=max_memory, fd=fd)
         self.route(prepared)
 
-    def _mask(self, prepared: stages.Prepared) -> None:
+    def _lane_threads(self) -> int:
         from bgwatch.pipeline.masking import cpu_cores
 
         # The mask lane's threads share the cores: two single-threaded runs at once beat one on two threads
         # (bench/bench_mask_layout.py), as ONNX Runtime's operators do not keep two cores busy.
-        threads = max(1, cpu_cores() // self._mask_lanes)
-        self.route(stages.mask(prepared, self.config, threads=threads))
+        return max(1, cpu_cores() // self._mask_lanes)
+
+    def _mask(self, prepared: stages.Prepared) -> None:
+        self.route(stages.mask(prepared, self.config, threads=self._lane_threads()))
+
+    def warm_masks(self) -> None:
+        """Load the mask nets the inboxes' rules name (at their roots), as the lanes that will run them ask
+        for them (on the device or with the lane's threads), so that the first jobs do not wait for ONNX
+        Runtime and the weights. One that cannot load is left to its first job, which says why."""
+        from bgwatch import rules
+        from bgwatch.pipeline import masking
+
+        for inbox in self.config.inboxes:
+            try:
+                spec = rules.resolve(inbox.path / "warm.jpg", inbox, self.config, sidecar=None).spec
+                if masking.resolve_mask_engine_name(spec.mask) == "classical" or self.abort.is_set():
+                    continue
+                threads = None if stages.mask_on_device(spec, self.config) else self._lane_threads()
+                masking.load_mask_engine(spec.mask, self.config.device, threads=threads)
+            except Exception as exc:  # a warm-up only: the job that needs the net loads it and reports
+                logger.debug("inbox {}: its mask net not loaded ahead ({})", inbox.path, exc)
 
     def _gate(self, prepared: stages.Prepared) -> None:
         """The generation rate limit, and one generation per request in flight; then the device or Runway."""

@@ -333,3 +333,19 @@ def test_the_status_file_is_replaced_whole_and_never_fsynced(tmp_path: Path, mon
     (config.state_dir / STATUS_FILE).write_bytes(b"\0" * 16)  # what a power cut may leave
     assert report.live_status(config) is None
     daemon.store.close()
+
+
+def test_a_run_once_over_inboxes_with_nothing_waiting_loads_no_mask_net(tmp_path: Path) -> None:
+    """The mask nets are loaded at start only where there is work: originals in done/ or claims in
+    .bgwatch/ are none, an image in a subfolder is."""
+    from bgwatch.daemon import _has_image
+
+    inbox = tmp_path / "inbox"
+    for rel in ("done/a.jpg", "failed/b.png", ".bgwatch/claimed/h/c.jpg", "sub/notes.txt", ".hidden/d.jpg"):
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(b"x")
+    assert not _has_image(inbox)
+    (inbox / "sub" / "deep").mkdir()
+    (inbox / "sub" / "deep" / "e.JPG").write_bytes(b"x")
+    assert _has_image(inbox)
+    assert not _has_image(tmp_path / "missing")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from runway_server import FakeRunway  # tests/ is on sys.path (conftest)
 
 from bgwatch.config import Config
 from bgwatch.daemon import Daemon
-from bgwatch.jobs import Job, JobSpec
+from bgwatch.jobs import Job, JobSpec, MaskSpec
 from bgwatch.pipeline import stages
 from bgwatch.pipeline.backgrounds import BackgroundRequest, load_background_engine, unload_background_engines
 from bgwatch.pipeline.imageio import DecodedImage
@@ -200,3 +201,35 @@ def test_stop_wakes_every_idle_worker_at_once(tmp_path: Path, monkeypatch: pytes
     assert len(pool.threads) > 4  # prepare, mask, gate, device, collect, remote and finish threads
     abort.set()
     assert pool.stop(timeout=60) == []
+
+
+def test_the_inboxes_mask_nets_are_loaded_ahead_as_the_lanes_will_ask_for_them(
+        tmp_path: Path, u2net_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start the daemon loads each inbox's mask net with the lane's thread count, so the first jobs do
+    not wait for ONNX Runtime and the weights: the lane's own load then finds it loaded."""
+    from bgwatch import workers as workers_module
+    from bgwatch.budget import MemoryBudget
+    from bgwatch.pipeline import masking
+    from bgwatch.service import Progress
+
+    config = make_config(tmp_path, {"shop": {"rules": {"mask": {"engine": "rembg", "model": "tiny.onnx",
+                                                                "precision": "fp32"}}},
+                                    "plain": {"rules": {"mask": {"engine": "classical"}}}})
+    made: list[str] = []
+    real_init = masking.RembgMaskEngine.__init__
+
+    def init(self: masking.RembgMaskEngine, model: str, *args: Any, **kwargs: Any) -> None:
+        made.append(model)
+        real_init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(masking.RembgMaskEngine, "__init__", init)
+    abort = threading.Event()
+    pool = workers_module.Workers(config, stages.Engines(config, None, None, abort),  # type: ignore[arg-type]
+                                  budget=MemoryBudget(0), job_bucket=TokenBucket(0), progress=Progress(),
+                                  abort=abort, started=lambda _j: None, deliver=lambda _f: None,
+                                  fail=lambda _j, _w: None)
+    pool.warm_masks()
+    assert made == ["tiny.onnx"]  # the classical inbox needs no net
+    lane_spec = MaskSpec(engine="rembg", model="tiny.onnx", precision="fp32", post_process=False)
+    masking.load_mask_engine(lane_spec, config.device, threads=pool._lane_threads())
+    assert made == ["tiny.onnx"]  # the lane's load found it loaded
