@@ -77,15 +77,19 @@ def test_a_mask_at_full_size_or_empty() -> None:
 
 
 def test_the_fits_made_in_blocks_of_rows_are_the_whole_crops(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fits are made a few dozen rows at a time, each block with two windows' reach more rows: the
-    alpha is the one a single block over the whole crop gives, to the bit."""
+    """The fits are made a few dozen rows at a time, each block with two windows' reach more rows, and the
+    windows' means worked on only in the rows within one window of the block's own: the alpha is the one
+    a single block over the whole crop gives, to the bit (blocks shorter than a window's radius too)."""
     from bgwatch.pipeline import edges
 
     photo, alpha = _known_alpha(600, 450)
     mask = _net_mask(alpha)
     in_blocks = guided_upsample(mask, photo)
+    monkeypatch.setattr(edges, "FIELD_ROWS", 3)
+    in_thin_blocks = guided_upsample(mask, photo)
     monkeypatch.setattr(edges, "FIELD_ROWS", 10_000)
-    assert np.array_equal(in_blocks, guided_upsample(mask, photo))
+    whole = guided_upsample(mask, photo)
+    assert np.array_equal(in_blocks, whole) and np.array_equal(in_thin_blocks, whole)
 
 
 def test_the_uint8_alpha_is_the_float_alphas_rounded_to_the_bit() -> None:

@@ -132,7 +132,8 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
     for y0, y1 in strips(y_hi - y_lo, x_hi - x_lo, CACHE_PIXELS):
         rows = np.arange(y_lo + y0, y_lo + y1)
         hit = band[np.minimum((rows * sy).astype(np.intp), size[1] - 1)][:, band_cols]
-        ys, xs = np.nonzero(hit)
+        # np.nonzero of a 2-D mask costs four times the flat indices split by the row length.
+        ys, xs = np.divmod(np.flatnonzero(hit), x_hi - x_lo)
         ys += y_lo + y0
         xs += x_lo
         for start in range(0, ys.size, POINT_CHUNK):
@@ -185,6 +186,16 @@ def _round8(alpha: np.ndarray) -> np.ndarray:
     return np.asarray(cv2.multiply(scaled.reshape(1, -1), _ONE, dtype=cv2.CV_8U)).reshape(-1)
 
 
+
+def _inner(rows: slice, radius: int, height: int) -> tuple[slice, slice]:
+    """A block's rows whose windows its own `rows` read (`rows` grown by `radius`, within the block), and
+    `rows` counted within those. Only these rows of the windows' means are worked on: a block's first and
+    last `radius` rows feed only rows that are not its own (the window sums at a row do not depend on
+    the rows beyond the window, so the block's own rows come out as they would from the whole crop)."""
+    inner = slice(max(rows.start - radius, 0), min(rows.stop + radius, height))
+    return inner, slice(rows.start - inner.start, rows.stop - inner.start)
+
+
 def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     """Bilinear samples (N, C) float32 of an hxwxC float32 field at fractional positions (field pixels,
     their centres at whole numbers), a position past an edge taking the edge's value. cv2.remap gathers
@@ -210,20 +221,24 @@ def _fit_colours(planes: list[np.ndarray], target: np.ndarray, radius: int, out:
     import cv2
 
     k = (2 * radius + 1, 2 * radius + 1)
+    inner, rows = _inner(rows, radius, target.shape[0])
 
     def box(x: np.ndarray) -> np.ndarray:
         return np.asarray(cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT))
 
+    def window(x: np.ndarray) -> np.ndarray:
+        return box(x)[inner]
+
     sure_f = (target > SURE).astype(np.float32)
     sure_b = (target < 1 - SURE).astype(np.float32)
-    n_f, n_b = box(sure_f), box(sure_b)
+    n_f, n_b = window(sure_f), window(sure_b)
     inv_f, inv_b = 1 / np.maximum(n_f, 1e-6), 1 / np.maximum(n_b, 1e-6)
     # Plane by plane: numpy's sums over a last axis of 3 and its (h, w, 3) broadcasts cost several times more.
-    fg = [box(plane * sure_f) * inv_f for plane in planes]
-    bg = [box(plane * sure_b) * inv_b for plane in planes]
+    fg = [window(plane * sure_f) * inv_f for plane in planes]
+    bg = [window(plane * sure_b) * inv_b for plane in planes]
     sq = planes[0] * planes[0] + planes[1] * planes[1] + planes[2] * planes[2]
-    spread_f = box(sq * sure_f) * inv_f - (fg[0] * fg[0] + fg[1] * fg[1] + fg[2] * fg[2])
-    spread_b = box(sq * sure_b) * inv_b - (bg[0] * bg[0] + bg[1] * bg[1] + bg[2] * bg[2])
+    spread_f = window(sq * sure_f) * inv_f - (fg[0] * fg[0] + fg[1] * fg[1] + fg[2] * fg[2])
+    spread_b = window(sq * sure_b) * inv_b - (bg[0] * bg[0] + bg[1] * bg[1] + bg[2] * bg[2])
     apart = [f - b for f, b in zip(fg, bg, strict=True)]
     gap = apart[0] * apart[0] + apart[1] * apart[1] + apart[2] * apart[2]
     trust = gap / (gap + 4 * (np.maximum(spread_f, 0) + np.maximum(spread_b, 0)) + 1e-4)
@@ -242,20 +257,25 @@ def _fit(planes: list[np.ndarray], target: np.ndarray, radius: int, eps: float, 
     import cv2
 
     k = (2 * radius + 1, 2 * radius + 1)
+    inner, rows = _inner(rows, radius, target.shape[0])
 
     def box(x: np.ndarray) -> np.ndarray:
         return np.asarray(cv2.boxFilter(x, -1, k, borderType=cv2.BORDER_REFLECT))
 
+    def window(x: np.ndarray) -> np.ndarray:
+        return box(x)[inner]
+
     r, g, b = planes
-    mr, mg, mb = box(r), box(g), box(b)
-    mean_p = box(target)
-    cr, cg, cb = box(r * target) - mr * mean_p, box(g * target) - mg * mean_p, box(b * target) - mb * mean_p
-    var_rr = box(r * r) - mr * mr + eps
-    var_rg = box(r * g) - mr * mg
-    var_rb = box(r * b) - mr * mb
-    var_gg = box(g * g) - mg * mg + eps
-    var_gb = box(g * b) - mg * mb
-    var_bb = box(b * b) - mb * mb + eps
+    mr, mg, mb = window(r), window(g), window(b)
+    mean_p = window(target)
+    cr, cg, cb = (window(r * target) - mr * mean_p, window(g * target) - mg * mean_p,
+                  window(b * target) - mb * mean_p)
+    var_rr = window(r * r) - mr * mr + eps
+    var_rg = window(r * g) - mr * mg
+    var_rb = window(r * b) - mr * mb
+    var_gg = window(g * g) - mg * mg + eps
+    var_gb = window(g * b) - mg * mb
+    var_bb = window(b * b) - mb * mb + eps
     # The 3x3 symmetric system per pixel, solved by its adjugate.
     inv_rr = var_gg * var_bb - var_gb * var_gb
     inv_rg = var_gb * var_rb - var_rg * var_bb
@@ -270,7 +290,7 @@ def _fit(planes: list[np.ndarray], target: np.ndarray, radius: int, eps: float, 
     offset = mean_p - a_r * mr - a_g * mg - a_b * mb
     # How much of the mask's variation in the window the colour explains (R²): where little (subject and
     # backdrop alike in colour, texture across the edge), the plain mask is trusted instead.
-    var_p = box(target * target) - mean_p * mean_p
+    var_p = window(target * target) - mean_p * mean_p
     explained = (a_r * cr + a_g * cg + a_b * cb) / np.maximum(var_p, 1e-6)
     trust = np.clip((explained - TRUST_FROM) / (TRUST_FULL - TRUST_FROM), 0.0, 1.0)
     trust[var_p < 1e-4] = 0.0  # no edge in the window at all
