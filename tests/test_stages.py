@@ -267,3 +267,33 @@ def test_a_job_opens_its_input_once_for_admission_hash_pixels_and_metadata(
     assert opened == [("bottle.jpg",)]
     with Image.open(io.BytesIO(finished.data)) as im:
         assert im.getexif()[Base.Artist] == "Ann Lens"
+
+
+def test_a_cleanup_job_imports_no_backdrop_engine_or_compositor(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config_dir = tmp_path / "c"
+    config_dir.mkdir()
+    code = f"""
+import sys, hashlib
+from pathlib import Path
+from PIL import Image
+from bgwatch import samples, rules
+from bgwatch.jobs import Job
+from bgwatch.pipeline import stages
+from tests.helpers import make_config
+config = make_config(Path({str(config_dir)!r}), {{"shop": {{"rules": {{"mask": {{"engine": "classical"}}}}}}}})
+path = config.inboxes[0].path / "a.jpg"
+path.parent.mkdir(parents=True, exist_ok=True)
+Image.fromarray(samples.studio_shot(1, (96, 64)).rgb).save(path)
+spec = rules.resolve(path, config.inboxes[0], config).spec
+job = Job(run_id=1, inbox="shop", rel_path="a.jpg", source=path, spec=spec,
+          input_sha256=hashlib.sha256(path.read_bytes()).hexdigest(), key="k")
+assert stages.finish(stages.prepare(job, config)).data
+print(sorted(m for m in ("bgwatch.pipeline.backgrounds", "bgwatch.pipeline.composite") if m in sys.modules))
+"""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -199,7 +199,7 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
     image never holds up the device worker and a cache hit never reaches it. The metadata the output
     keeps is read here too, from the same descriptor. `fd`: the input as open_input(job, check_hash=False)
     opened it for admission (its bytes are checked here); None: opened here."""
-    from bgwatch.pipeline import backgrounds, imageio, masking, metadata
+    from bgwatch.pipeline import imageio, masking, metadata
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -208,6 +208,8 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
         check_input_hash(job, fd)
         width, height = imageio.probe_size(name, fd=fd)
         if job.spec.operation == "replace":
+            from bgwatch.pipeline import backgrounds  # a cleanup never imports the backdrop engines
+
             backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
         check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
         image = imageio.decode(name, max_pixels=config.limits.max_pixels, fd=fd)
@@ -217,6 +219,8 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
     if masking.resolve_mask_engine_name(job.spec.mask) == "classical":
         prepared = mask(prepared, config)
     if job.spec.operation == "replace":
+        from bgwatch.pipeline import backgrounds
+
         seed = job.spec.seed
         if seed is None and job.spec.is_generative():
             seed = backgrounds.draw_seed()
@@ -427,7 +431,7 @@ def generated(prepared: Prepared, backdrop: np.ndarray, timings: dict[str, float
 def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
     """Store a new generation in the cache (`engines` given), then refine, place on the canvas (canvas.py),
     composite and encode with the metadata the job keeps (metadata.py)."""
-    from bgwatch.pipeline import canvas, cleanup, composite, imageio, metadata, refine
+    from bgwatch.pipeline import canvas, cleanup, imageio, metadata, refine
 
     job = prepared.job
     spec = job.spec
@@ -450,6 +454,8 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
         layout = canvas.plan(alpha, spec, source=job.rel_path)
         rgb, alpha = canvas.place(rgb, alpha, layout)
     if spec.operation == "replace":
+        from bgwatch.pipeline import composite
+
         assert prepared.backdrop is not None
         result = composite.composite(rgb, alpha, prepared.backdrop, spec)
     else:
