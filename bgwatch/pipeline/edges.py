@@ -181,7 +181,7 @@ def _round8(alpha: np.ndarray) -> np.ndarray:
     rounded half to even and saturated by OpenCV's conversion."""
     import cv2
 
-    scaled = np.minimum(alpha, np.float32(1))
+    scaled = np.clip(alpha, -np.inf, 1)  # np.minimum(alpha, 1), as _at_least says
     scaled *= np.float32(255)
     return np.asarray(cv2.multiply(scaled.reshape(1, -1), _ONE, dtype=cv2.CV_8U)).reshape(-1)
 
@@ -194,6 +194,13 @@ def _inner(rows: slice, radius: int, height: int) -> tuple[slice, slice]:
     the rows beyond the window, so the block's own rows come out as they would from the whole crop)."""
     inner = slice(max(rows.start - radius, 0), min(rows.stop + radius, height))
     return inner, slice(rows.start - inner.start, rows.stop - inner.start)
+
+
+
+def _at_least(plane: np.ndarray, floor: float) -> np.ndarray:
+    """np.maximum(plane, floor), the same values (NaN kept): numpy's maximum against a scalar runs a slow
+    broadcast loop, 2.4 times the time of clip between two bounds."""
+    return np.clip(plane, floor, np.inf)
 
 
 def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
@@ -232,7 +239,7 @@ def _fit_colours(planes: list[np.ndarray], target: np.ndarray, radius: int, out:
     sure_f = (target > SURE).astype(np.float32)
     sure_b = (target < 1 - SURE).astype(np.float32)
     n_f, n_b = window(sure_f), window(sure_b)
-    inv_f, inv_b = 1 / np.maximum(n_f, 1e-6), 1 / np.maximum(n_b, 1e-6)
+    inv_f, inv_b = 1 / _at_least(n_f, 1e-6), 1 / _at_least(n_b, 1e-6)
     # Plane by plane: numpy's sums over a last axis of 3 and its (h, w, 3) broadcasts cost several times more.
     fg = [window(plane * sure_f) * inv_f for plane in planes]
     bg = [window(plane * sure_b) * inv_b for plane in planes]
@@ -241,14 +248,14 @@ def _fit_colours(planes: list[np.ndarray], target: np.ndarray, radius: int, out:
     spread_b = window(sq * sure_b) * inv_b - (bg[0] * bg[0] + bg[1] * bg[1] + bg[2] * bg[2])
     apart = [f - b for f, b in zip(fg, bg, strict=True)]
     gap = apart[0] * apart[0] + apart[1] * apart[1] + apart[2] * apart[2]
-    trust = gap / (gap + 4 * (np.maximum(spread_f, 0) + np.maximum(spread_b, 0)) + 1e-4)
+    trust = gap / (gap + 4 * (_at_least(spread_f, 0) + _at_least(spread_b, 0)) + 1e-4)
     trust = np.clip((trust - SEPARATE_FROM) / (SEPARATE_FULL - SEPARATE_FROM), 0.0, 1.0)
     trust *= np.minimum(n_f, n_b) > 0.05  # both sides must be in the window
-    weight = box(trust)
-    norm = 1 / np.maximum(weight, 1e-6)
+    weight = box(trust)[rows]
+    norm = 1 / _at_least(weight, 1e-6)
     for c, plane in enumerate(fg + bg):
-        np.multiply(box(plane * trust)[rows], norm[rows], out=out[..., c])
-    out[..., 6] = weight[rows]
+        np.multiply(box(plane * trust)[rows], norm, out=out[..., c])
+    out[..., 6] = weight
 
 
 def _fit(planes: list[np.ndarray], target: np.ndarray, radius: int, eps: float, out: np.ndarray, rows: slice) -> None:
@@ -291,14 +298,14 @@ def _fit(planes: list[np.ndarray], target: np.ndarray, radius: int, eps: float, 
     # How much of the mask's variation in the window the colour explains (R²): where little (subject and
     # backdrop alike in colour, texture across the edge), the plain mask is trusted instead.
     var_p = window(target * target) - mean_p * mean_p
-    explained = (a_r * cr + a_g * cg + a_b * cb) / np.maximum(var_p, 1e-6)
+    explained = (a_r * cr + a_g * cg + a_b * cb) / _at_least(var_p, 1e-6)
     trust = np.clip((explained - TRUST_FROM) / (TRUST_FULL - TRUST_FROM), 0.0, 1.0)
     trust[var_p < 1e-4] = 0.0  # no edge in the window at all
     # Each pixel takes the fits of the windows over it weighted by their trust: a window that sees the
     # colour edge speaks for the pixels near it, one that sees only backdrop (with the plain mask's ramp in
     # it) does not, so the ramp does not survive as a halo.
-    weight = box(trust)
-    norm = 1 / np.maximum(weight, 1e-6)
+    weight = box(trust)[rows]
+    norm = 1 / _at_least(weight, 1e-6)
     for c, plane in enumerate((a_r, a_g, a_b, offset)):
-        np.multiply(box(plane * trust)[rows], norm[rows], out=out[..., c])
-    out[..., 4] = weight[rows]
+        np.multiply(box(plane * trust)[rows], norm, out=out[..., c])
+    out[..., 4] = weight
