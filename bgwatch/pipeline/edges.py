@@ -200,7 +200,7 @@ def _inner(rows: slice, radius: int, height: int) -> tuple[slice, slice]:
 def _at_least(plane: np.ndarray, floor: float) -> np.ndarray:
     """np.maximum(plane, floor), the same values (NaN kept): numpy's maximum against a scalar runs a slow
     broadcast loop, 2.4 times the time of clip between two bounds."""
-    return np.clip(plane, floor, np.inf)
+    return np.asarray(np.clip(plane, floor, np.inf))
 
 
 def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
