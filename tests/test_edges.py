@@ -105,3 +105,29 @@ def test_the_uint8_alpha_is_the_float_alphas_rounded_to_the_bit() -> None:
         assert rounded.dtype == np.uint8 and rounded.shape == alpha.shape
         assert np.array_equal(rounded, to_alpha8(guided_upsample(mask, photo)))
         assert np.array_equal(mask, given)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_fits_made_only_where_the_band_reads_them_are_the_dense_ones(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few rows are each fitted only over the columns the band's samples read there (plus two
+    windows' reach): on random blobs over a random photo, scattered so that most blocks' columns are cut,
+    the alpha (float and uint8) is the one a single block over the whole crop gives, to the bit."""
+    import cv2
+
+    from bgwatch.pipeline import edges
+    from bgwatch.pipeline.edges import guided_upsample8
+
+    rng = np.random.default_rng(seed)
+    blobs = cv2.GaussianBlur(rng.normal(0, 1, (90, 120)).astype(np.float32), (0, 0), 4)
+    mask = np.clip((blobs - 0.1) * 2000 + 128, 0, 255).astype(np.uint8)
+    alpha = cv2.resize(mask, (480, 360), interpolation=cv2.INTER_LINEAR).astype(np.float32)[..., None] / 255
+    colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    noise = rng.normal(0, 6, (360, 480, 3)).astype(np.float32)
+    photo = np.clip(colours[0] * alpha + colours[1] * (1 - alpha) + noise, 0, 255).astype(np.uint8)
+    monkeypatch.setattr(edges, "FIELD_ROWS", 5)
+    cut = guided_upsample(mask, photo), guided_upsample8(mask, photo)
+    monkeypatch.setattr(edges, "FIELD_ROWS", 10_000)
+    whole = guided_upsample(mask, photo), guided_upsample8(mask, photo)
+    assert np.array_equal(cut[0], whole[0]) and np.array_equal(cut[1], whole[1])
+    assert np.abs(whole[0] - plain_upsample(mask, 360, 480) / 255).max() > 0.1  # the fits did change it

@@ -101,17 +101,24 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
     # windows within `radius` of it, each of which reads `radius` more rows, so each block is made with
     # 2 * radius rows more above and below. The box filters sum in float64, so a block's rows are the whole
     # crop's; the dozens of planes each fit makes stay small (fresh pages for them cost more than the
-    # arithmetic).
+    # arithmetic). Only the field pixels the band's samples read matter (the band grown by one: a sample
+    # reads the 2x2 around it, `weighted` below the 3x3): each block is made over the columns those span in
+    # its rows, with the same 2 * radius more on each side; the rest of the field stays 0 (no weight).
     crop_h, crop_w = p_crop.shape
-    field = np.empty((crop_h, crop_w, 12), np.float32)
+    field = np.zeros((crop_h, crop_w, 12), np.float32)
+    read = cv2.dilate(band[t0:b0, l0:r0], np.ones((3, 3), np.uint8))
     reach = 2 * radius
     for s0 in range(0, crop_h, FIELD_ROWS):
         s1 = min(s0 + FIELD_ROWS, crop_h)
+        read_cols = np.flatnonzero(read[s0:s1].any(axis=0))
+        if read_cols.size == 0:
+            continue
+        c0, c1 = max(int(read_cols[0]) - reach, 0), min(int(read_cols[-1]) + 1 + reach, crop_w)
         q0, q1 = max(s0 - reach, 0), min(s1 + reach, crop_h)
         kept = slice(s0 - q0, s1 - q0)  # the block's rows that are its own
-        planes = [plane[q0:q1] for plane in g_crop]
-        _fit(planes, p_crop[q0:q1], radius, eps, field[s0:s1, :, :5], kept)
-        _fit_colours(planes, p_crop[q0:q1], radius, field[s0:s1, :, 5:], kept)
+        planes = [plane[q0:q1, c0:c1] for plane in g_crop]
+        _fit(planes, p_crop[q0:q1, c0:c1], radius, eps, field[s0:s1, c0:c1, :5], kept)
+        _fit_colours(planes, p_crop[q0:q1, c0:c1], radius, field[s0:s1, c0:c1, 5:], kept)
     del g_crop, p_crop
     del guide, target
     # Where neither fit has any weight the pixel keeps the plain mask (alpha + 0 * change, every value
