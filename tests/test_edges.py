@@ -110,9 +110,10 @@ def test_the_uint8_alpha_is_the_float_alphas_rounded_to_the_bit() -> None:
 @pytest.mark.parametrize("seed", [1, 2])
 def test_the_fits_made_only_where_the_band_reads_them_are_the_dense_ones(
         seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of a few rows are each fitted only over the columns the band's samples read there (plus two
-    windows' reach): on random blobs over a random photo, scattered so that most blocks' columns are cut,
-    the alpha (float and uint8) is the one a single block over the whole crop gives, to the bit."""
+    """Blocks of a few rows are each fitted only over the runs of columns the band's samples read there
+    (plus two windows' reach): on random blobs over a random photo, in blocks of 5 rows cut into pieces
+    wherever the band leaves a few columns out, the alpha (float and uint8) is the one a single block over
+    the whole crop gives, to the bit."""
     import cv2
 
     from bgwatch.pipeline import edges
@@ -126,8 +127,10 @@ def test_the_fits_made_only_where_the_band_reads_them_are_the_dense_ones(
     noise = rng.normal(0, 6, (360, 480, 3)).astype(np.float32)
     photo = np.clip(colours[0] * alpha + colours[1] * (1 - alpha) + noise, 0, 255).astype(np.uint8)
     monkeypatch.setattr(edges, "FIELD_ROWS", 5)
+    monkeypatch.setattr(edges, "SPLIT_GAP", 0)  # pieces as close as they may be (2 windows' reach apart)
     cut = guided_upsample(mask, photo), guided_upsample8(mask, photo)
     monkeypatch.setattr(edges, "FIELD_ROWS", 10_000)
+    monkeypatch.setattr(edges, "SPLIT_GAP", 10_000)
     whole = guided_upsample(mask, photo), guided_upsample8(mask, photo)
     assert np.array_equal(cut[0], whole[0]) and np.array_equal(cut[1], whole[1])
     assert np.abs(whole[0] - plain_upsample(mask, 360, 480) / 255).max() > 0.1  # the fits did change it
