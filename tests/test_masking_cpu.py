@@ -89,6 +89,24 @@ def test_the_default_mask_path_never_imports_rembg(u2net_home: Path) -> None:
     assert out.stdout.strip() == "rembg", out.stdout
 
 
+def test_predict8_is_predicts_alpha_rounded_to_the_bit(u2net_home: Path) -> None:
+    """The pipeline keeps the uint8 mask: the net's path rounds as it upsamples, with the very values of
+    to_alpha8(predict) (and the classical engine rounds its own float mask)."""
+    import cv2
+
+    from bgwatch.samples import studio_shot
+
+    engine = _engine()
+    for rgb in (_photo(), studio_shot(5, size=(700, 500)).rgb,
+                cv2.resize(_photo(), (1500, 1000), interpolation=cv2.INTER_CUBIC)):
+        fast = engine.predict8(rgb)
+        assert fast.dtype == np.uint8 and fast.shape == rgb.shape[:2]
+        assert np.array_equal(fast, refine.to_alpha8(engine.predict(rgb)))
+    classical = masking.load_mask_engine(MaskSpec(engine="classical"), "cpu")
+    shot = studio_shot(3, size=(400, 300)).rgb
+    assert np.array_equal(classical.predict8(shot), refine.to_alpha8(classical.predict(shot)))
+
+
 def test_large_image_mask_is_scaled_to_full_size(u2net_home: Path) -> None:
     import cv2
 

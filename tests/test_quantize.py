@@ -111,6 +111,24 @@ def test_auto_precision_follows_the_cpu_flags(u2net_home: Path, shots: dict) -> 
     assert masking.mask_precision(MaskSpec(model="tiny.onnx", precision="int8"), "cpu", flags=VNNI)[0] == "int8"
 
 
+def test_the_precision_is_worked_out_again_only_when_its_files_change(
+        u2net_home: Path, shots: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked for every job, answered from what was worked out while the weights, the variant and its record
+    stay as they were; a new record is read at once."""
+    spec = MaskSpec(engine="rembg", model="tiny.onnx")
+    quantize.quantize(u2net_home / "tiny.onnx", U2NET, **shots)
+    _measured(u2net_home / "tiny.onnx", 600.0, 200.0)
+    reads: list[Path] = []
+    real = quantize.speedup
+    monkeypatch.setattr(quantize, "speedup", lambda fp32: reads.append(fp32) or real(fp32))
+    assert masking.mask_precision(spec, "cpu", flags=VNNI)[0] == "int8"
+    assert masking.mask_precision(spec, "cpu", flags=VNNI)[0] == "int8"
+    assert len(reads) == 1
+    _measured(u2net_home / "tiny.onnx", 20.0, 19.0)
+    assert masking.mask_precision(spec, "cpu", flags=VNNI)[0] == "fp32"
+    assert len(reads) == 2
+
+
 def test_choose_precision() -> None:
     variant = Path("u2net.int8.onnx")
     assert quantize.choose_precision("auto", "cuda", VNNI, variant)[0] == "fp32"

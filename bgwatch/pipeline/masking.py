@@ -10,6 +10,7 @@ Engines return the raw alpha (float32 HxW in [0, 1]); `refine_mask` cleans it up
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -36,6 +37,11 @@ class MaskEngine(Protocol):
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 sRGB -> HxW float32 alpha in [0, 1]."""
+        ...
+
+    def predict8(self, rgb: np.ndarray) -> np.ndarray:
+        """The same alpha as HxW uint8, rounded as refine.to_alpha8 rounds predict's (what the pipeline
+        keeps)."""
         ...
 
 
@@ -138,14 +144,28 @@ class RembgMaskEngine:
         1024 px itself); its mask is brought to full resolution once, guided by the photo (edges.py)."""
         if not isinstance(self._session, OnnxNet):
             return self._predict_with_remove(rgb)
-        try:
-            raw = self.run(self.preprocess(rgb))
-        except Exception as exc:
-            raise EngineError("rembg", f"model {self.model} failed on this image: {exc}") from exc
-        small = mask8(raw)
+        small = self._net_mask(rgb)
         if self.alpha_matting:
             return self._matte(rgb, small)
         return self.upscale(small, rgb)
+
+    def predict8(self, rgb: np.ndarray) -> np.ndarray:
+        """predict's alpha as uint8, to the bit; the net's own path rounds the band's pixels as the guided
+        upsampling makes them (no HxW float32 plane: 4 bytes a pixel less to write, and no second pass)."""
+        from bgwatch.pipeline.refine import to_alpha8
+
+        if not isinstance(self._session, OnnxNet) or self.alpha_matting:
+            return to_alpha8(self.predict(rgb))
+        from bgwatch.pipeline.edges import guided_upsample8
+
+        return guided_upsample8(self._net_mask(rgb), rgb)
+
+    def _net_mask(self, rgb: np.ndarray) -> np.ndarray:
+        """The net's own mask of the image, uint8 at the net's size."""
+        try:
+            return mask8(self.run(self.preprocess(rgb)))
+        except Exception as exc:
+            raise EngineError("rembg", f"model {self.model} failed on this image: {exc}") from exc
 
     # The net is run here step by step, as rembg's session.predict does, without rembg.remove: no PIL image
     # of the input beyond the net's square one, no PIL mask at full size, no float64 copies. The model's input
@@ -382,6 +402,11 @@ class ClassicalMaskEngine:
             )
         return alpha
 
+    def predict8(self, rgb: np.ndarray) -> np.ndarray:
+        from bgwatch.pipeline.refine import to_alpha8
+
+        return to_alpha8(self.predict(rgb))
+
 
 MASK_ENGINES: dict[str, type] = {"rembg": RembgMaskEngine, "classical": ClassicalMaskEngine}
 
@@ -422,10 +447,45 @@ def mask_precision(spec: MaskSpec, device: str, flags: frozenset[str] | None = N
     if recipe_for(spec.model) is None:
         return "fp32", f"{spec.model} runs through rembg (bgwatch has no int8 variant of it)"
     weights = rembg_weights_path(spec.model)
+    # Asked for every job: the answer is kept while the weights, the variant and its record stay as they are
+    # (a stat each; reading /proc/cpuinfo and the record every job cost ~0.6 ms).
+    key = (spec.model, str(weights), spec.precision, device, flags, _versions(weights, quantize))
+    with _precision_lock:
+        known = _precisions.get(key)
+    if known is not None:
+        return known
     variant = quantize.passed_variant(weights) if weights is not None else None
     gain = quantize.speedup(weights) if weights is not None and variant is not None else None
-    return quantize.choose_precision(spec.precision, resolve_onnx_device(device),
-                                     quantize.read_cpu_flags() if flags is None else flags, variant, gain)
+    chosen = quantize.choose_precision(spec.precision, resolve_onnx_device(device),
+                                       _cpu_flags() if flags is None else flags, variant, gain)
+    with _precision_lock:
+        _precisions[key] = chosen
+    return chosen
+
+
+_precisions: dict[tuple[object, ...], tuple[str, str]] = {}
+_precision_lock = threading.Lock()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    from bgwatch.pipeline import quantize
+
+    return quantize.read_cpu_flags()
+
+
+def _versions(weights: Path | None, quantize: Any) -> tuple[tuple[int, int] | None, ...]:
+    """(size, mtime) of the fp32 weights, their int8 variant and its record (None: absent)."""
+    if weights is None:
+        return ()
+    out: list[tuple[int, int] | None] = []
+    for path in (weights, quantize.variant_path(weights), quantize.record_path(weights)):
+        try:
+            stat = path.stat()
+            out.append((stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 def _announce_precision(model: str, precision: str, why: str) -> None:

@@ -235,14 +235,12 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
 def mask(prepared: Prepared, config: Config, *, threads: int | None = None) -> Prepared:
     """The mask stage: the configured engine's mask of the image, as uint8. `threads`: ONNX Runtime threads
     a CPU mask may use (the cores shared among the masks run at once; None: all of them)."""
-    from bgwatch.pipeline import masking, refine
+    from bgwatch.pipeline import masking
 
     timings = dict(prepared.timings)
     start = time.perf_counter()
     engine = masking.load_mask_engine(prepared.job.spec.mask, config.device, threads=threads)
-    raw = engine.predict(prepared.image.rgb)
-    alpha = refine.to_alpha8(raw)
-    del raw
+    alpha = engine.predict8(prepared.image.rgb)
     _timed(timings, "mask", start)
     return replace(prepared, alpha=alpha, mask_engine=mask_label(engine), timings=timings)
 
