@@ -134,3 +134,23 @@ def test_the_fits_made_only_where_the_band_reads_them_are_the_dense_ones(
     whole = guided_upsample(mask, photo), guided_upsample8(mask, photo)
     assert np.array_equal(cut[0], whole[0]) and np.array_equal(cut[1], whole[1])
     assert np.abs(whole[0] - plain_upsample(mask, 360, 480) / 255).max() > 0.1  # the fits did change it
+
+
+def test_samples_of_a_field_at_whole_and_fractional_positions() -> None:
+    """sample_at lays a list longer than a row out in rows (the last padded): at the field's pixel centres
+    it gives the field's values, past an edge the edge's, and each position's samples are the same
+    whether it is sampled in a long list or alone."""
+    from bgwatch.pipeline.edges import SAMPLE_ROW, sample_at
+
+    rng = np.random.default_rng(3)
+    field = rng.random((40, 50, 5), dtype=np.float32)
+    n = SAMPLE_ROW + 7
+    ys, xs = rng.integers(0, 40, n), rng.integers(0, 50, n)
+    assert np.array_equal(sample_at(field, ys.astype(np.float64), xs.astype(np.float64)), field[ys, xs])
+    assert np.array_equal(sample_at(field, np.array([-3.0, 45.0]), np.array([-0.5, 60.0])),
+                          field[[0, 39], [0, 49]])
+    py, px = rng.uniform(-1, 41, n), rng.uniform(-1, 51, n)
+    listed = sample_at(field, py, px)
+    assert listed.shape == (n, 5) and listed.dtype == np.float32
+    alone = [sample_at(field, py[i:i + 1], px[i:i + 1])[0] for i in (0, SAMPLE_ROW - 1, SAMPLE_ROW, n - 1)]
+    assert np.array_equal(listed[[0, SAMPLE_ROW - 1, SAMPLE_ROW, n - 1]], np.array(alone))

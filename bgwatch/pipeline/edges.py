@@ -135,6 +135,10 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
     y_lo, y_hi = int(top / sy), min(height, int(np.ceil(bottom / sy)) + 1)
     cols = np.arange(x_lo, x_hi)
     band_cols = np.minimum((cols * sx).astype(np.intp), size[0] - 1)
+    # Each of the box's rows and columns placed in the field once (the float64 arithmetic sample_at's
+    # float32 positions were made from pixel by pixel), looked up for each pixel.
+    row_at = ((np.arange(y_lo, y_hi) + 0.5) * sy - 0.5 - t0).astype(np.float32)
+    col_at = ((np.arange(x_lo, x_hi) + 0.5) * sx - 0.5 - l0).astype(np.float32)
     flat = out.reshape(-1)
     # The photo's pixels as one row each, to gather by flat index (a view; a strided photo is indexed as is).
     pixels = rgb.reshape(-1, 3) if rgb.shape[2] == 3 and rgb.flags.c_contiguous else None
@@ -143,16 +147,17 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
         hit = band[np.minimum((rows * sy).astype(np.intp), size[1] - 1)][:, band_cols]
         # np.nonzero of a 2-D mask costs four times the flat indices split by the row length.
         ys, xs = np.divmod(np.flatnonzero(hit), x_hi - x_lo)
-        ys += y_lo + y0
-        xs += x_lo
+        ys += y0  # the pixels' rows and columns within the box
         for start in range(0, ys.size, POINT_CHUNK):
-            cy, cx = ys[start:start + POINT_CHUNK], xs[start:start + POINT_CHUNK]
-            coeff = sample_at(field, (cy + 0.5) * sy - 0.5 - t0, (cx + 0.5) * sx - 0.5 - l0)
+            by, bx = ys[start:start + POINT_CHUNK], xs[start:start + POINT_CHUNK]
+            coeff = sample_at(field, np.take(row_at, by), np.take(col_at, bx))
             # One channel at a time (1-D runs over the points): numpy's reductions over a short last axis
             # and its broadcasts of (N, 3) arrays cost several times more.
-            at = cy * width + cx
+            at = by * width
+            at += bx
+            at += y_lo * width + x_lo
             colour = [channel.astype(np.float32) * np.float32(1 / 255) for channel in
-                      (np.take(pixels, at, axis=0) if pixels is not None else rgb[cy, cx, :3]).T]
+                      (np.take(pixels, at, axis=0) if pixels is not None else rgb[by + y_lo, bx + x_lo, :3]).T]
             fitted = coeff[:, 0] * colour[0]
             fitted += coeff[:, 1] * colour[1]
             fitted += coeff[:, 2] * colour[2]
@@ -163,8 +168,8 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
             fitted *= coeff[:, 4]
             alpha += fitted
             # The pixel's place on the line from the backdrop's colour (coeff 8:11) to the subject's (5:8).
-            along = np.zeros(cy.size, np.float32)
-            length = np.full(cy.size, np.float32(1e-4))
+            along = np.zeros(by.size, np.float32)
+            length = np.full(by.size, np.float32(1e-4))
             for c in range(3):
                 gap = coeff[:, 5 + c] - coeff[:, 8 + c]
                 colour[c] -= coeff[:, 8 + c]
@@ -183,7 +188,6 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
             alpha += place
             flat[at] = _round8(alpha) if rounded else alpha
     return out
-
 
 
 def _runs(columns: np.ndarray, gap: int) -> list[tuple[int, int]]:
@@ -235,7 +239,12 @@ def sample_at(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
         return np.zeros((0, field.shape[2]), np.float32)
     width = min(n, SAMPLE_ROW)
     pad = -n % width
-    maps = [np.pad(p.astype(np.float32), (0, pad), mode="edge").reshape(-1, width) for p in (px, py)]
+    maps = []
+    for p in (px, py):
+        laid = np.empty(n + pad, np.float32)  # the positions as float32, the last repeated (np.pad costs 6x)
+        laid[:n] = p
+        laid[n:] = laid[n - 1]
+        maps.append(laid.reshape(-1, width))
     field = np.ascontiguousarray(field, np.float32)
     samples = cv2.remap(field, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return np.asarray(samples.reshape(-1, field.shape[2])[:n])
