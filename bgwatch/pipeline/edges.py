@@ -112,12 +112,15 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
     field = np.zeros((crop_h, crop_w, 12), np.float32)
     read = cv2.dilate(band[t0:b0, l0:r0], np.ones((3, 3), np.uint8))
     reach = 2 * radius
-    for s0 in range(0, crop_h, FIELD_ROWS):
-        s1 = min(s0 + FIELD_ROWS, crop_h)
-        q0, q1 = max(s0 - reach, 0), min(s1 + reach, crop_h)
-        kept = slice(s0 - q0, s1 - q0)  # the block's rows that are its own
-        for first, last in _runs(np.flatnonzero(read[s0:s1].any(axis=0)), max(SPLIT_GAP, reach)):
+    for block in range(0, crop_h, FIELD_ROWS):
+        block_read = read[block:block + FIELD_ROWS]
+        for first, last in _runs(np.flatnonzero(block_read.any(axis=0)), max(SPLIT_GAP, reach)):
             c0, c1 = max(first - reach, 0), min(last + 1 + reach, crop_w)
+            # The piece's own rows: those of the block where its columns are read.
+            own = np.flatnonzero(block_read[:, first:last + 1].any(axis=1))
+            s0, s1 = block + int(own[0]), block + int(own[-1]) + 1
+            q0, q1 = max(s0 - reach, 0), min(s1 + reach, crop_h)
+            kept = slice(s0 - q0, s1 - q0)  # the rows that are the piece's own
             planes = [plane[q0:q1, c0:c1] for plane in g_crop]
             _fit(planes, p_crop[q0:q1, c0:c1], radius, eps, field[s0:s1, c0:c1, :5], kept)
             _fit_colours(planes, p_crop[q0:q1, c0:c1], radius, field[s0:s1, c0:c1, 5:], kept)
