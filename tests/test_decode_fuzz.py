@@ -60,6 +60,19 @@ def _assert_one_line_input_error(call: object, path: Path) -> None:
     # Any other exception fails the test by propagating: it would have been a dead worker.
 
 
+def test_a_decoders_message_names_no_python_object() -> None:
+    """Pillow names a stream it cannot identify by its repr, with a memory address: the user's message
+    keeps the words and drops the address (the same file gives the same message every time)."""
+    from PIL import UnidentifiedImageError
+
+    from bgwatch.pipeline import imageio
+
+    with pytest.raises(UnidentifiedImageError) as raised:
+        Image.open(io.BytesIO(b"\xff\xd8 not really a JPEG"))
+    assert " at 0x" in str(raised.value)
+    assert imageio._one_line(raised.value) == "cannot identify image file"
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     index=st.integers(0, len(CORPUS) - 1),

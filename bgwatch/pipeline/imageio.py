@@ -373,8 +373,13 @@ def _open(f: IO[bytes], fmt: str, path: Path) -> Iterator[Image.Image]:
         im.close()
 
 
+# A decoder's message may name the stream it read as Python shows an object ("cannot identify image file
+# <_io.BytesIO object at 0x7f...>"): nothing a user can act on, and a new address every time.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(_OBJECT_REPR.sub("", str(exc)).split()) or type(exc).__name__
     text = "".join(c if c.isprintable() else "?" for c in text)
     return text[:160] + ("..." if len(text) > 160 else "")
 
