@@ -216,7 +216,7 @@ def format_quantize(statuses: Sequence[QuantizeStatus]) -> str:
 def precision_report(config: Config, flags: frozenset[str] | None = None) -> list[str]:
     """One line per configured mask net: the precision it runs at on this machine, and why (for doctor).
     `flags`: the CPU's feature flags (default: this machine's)."""
-    from bgwatch.pipeline.masking import mask_precision
+    from bgwatch.pipeline.precision import mask_precision
 
     precision = str(dict(config.defaults.get("mask", {})).get("precision", _MASK.precision))
     lines = []

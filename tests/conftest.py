@@ -17,12 +17,14 @@ from tinysdxl import tiny_sdxl_fixture  # noqa: F401  (the session fixture `tiny
 def forget_mask_engines() -> None:
     """Between tests with different model homes: the mask engines the process loaded are forgotten (the
     product keeps them for its life; only tests change the models under a running process)."""
-    from bgwatch.pipeline import masking
+    from bgwatch.pipeline import masking, precision
 
     with masking._engines_lock:
         masking._engines.clear()
     with masking._announce_lock:
         masking._announced.clear()
+    with precision._precision_lock:
+        precision._precisions.clear()
 
 
 @pytest.fixture(scope="session")

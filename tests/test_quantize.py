@@ -12,6 +12,7 @@ import pytest
 from bgwatch.jobs import MaskSpec
 from bgwatch.pipeline import masking, quantize
 from bgwatch.pipeline.onnxnets import U2NET
+from bgwatch.pipeline.precision import mask_precision
 
 VNNI = frozenset({"sse4_2", "avx2", "avx512f", "avx512_vnni"})
 PLAIN = frozenset({"sse4_2", "avx2"})
@@ -65,7 +66,7 @@ def test_a_variant_below_the_gate_is_refused_and_fp32_stays(u2net_home: Path, sh
     assert [a["method"] for a in record["attempts"]] == [m.name for m in quantize.METHODS]  # every method tried
     assert record["agreement"]["mean_iou"] < 0.97
     assert quantize.passed_variant(fp32) is None
-    assert masking.mask_precision(MaskSpec(model="tiny.onnx"), "cpu", flags=VNNI)[0] == "fp32"
+    assert mask_precision(MaskSpec(model="tiny.onnx"), "cpu", flags=VNNI)[0] == "fp32"
 
 
 def test_a_stricter_gate_refuses_what_the_default_passes(u2net_home: Path, shots: dict) -> None:
@@ -93,22 +94,22 @@ def _measured(fp32: Path, fp32_ms: float, int8_ms: float) -> None:
 
 def test_auto_precision_follows_the_cpu_flags(u2net_home: Path, shots: dict) -> None:
     spec = MaskSpec(engine="rembg", model="tiny.onnx")
-    assert masking.mask_precision(spec, "cpu", flags=VNNI)[0] == "fp32"  # no variant yet
+    assert mask_precision(spec, "cpu", flags=VNNI)[0] == "fp32"  # no variant yet
     record = json.loads(quantize.quantize(u2net_home / "tiny.onnx", U2NET, **shots).record.read_text())
     assert set(record["cpu_ms_an_image"]) == {"fp32", "int8"} and record["cpu_ms_an_image"]["int8"] > 0
     _measured(u2net_home / "tiny.onnx", 600.0, 200.0)
-    precision, why = masking.mask_precision(spec, "cpu", flags=VNNI)
+    precision, why = mask_precision(spec, "cpu", flags=VNNI)
     assert precision == "int8" and "avx512_vnni" in why and "x3.0 fp32's speed" in why
-    assert masking.mask_precision(spec, "cpu", flags=PLAIN)[0] == "fp32"
+    assert mask_precision(spec, "cpu", flags=PLAIN)[0] == "fp32"
     amx = frozenset({"amx_int8", "amx_tile"})
-    assert masking.mask_precision(spec, "cpu", flags=amx)[0] == "int8"
-    assert masking.mask_precision(MaskSpec(model="tiny.onnx", precision="fp32"), "cpu", flags=VNNI)[0] == "fp32"
-    forced, why = masking.mask_precision(MaskSpec(model="tiny.onnx", precision="int8"), "cpu", flags=PLAIN)
+    assert mask_precision(spec, "cpu", flags=amx)[0] == "int8"
+    assert mask_precision(MaskSpec(model="tiny.onnx", precision="fp32"), "cpu", flags=VNNI)[0] == "fp32"
+    forced, why = mask_precision(MaskSpec(model="tiny.onnx", precision="int8"), "cpu", flags=PLAIN)
     assert forced == "int8" and "no VNNI" in why
     _measured(u2net_home / "tiny.onnx", 20.0, 19.0)  # a net too small for int8 to pay: auto keeps fp32
-    precision, why = masking.mask_precision(spec, "cpu", flags=VNNI)
+    precision, why = mask_precision(spec, "cpu", flags=VNNI)
     assert precision == "fp32" and "x1.05 fp32's speed" in why
-    assert masking.mask_precision(MaskSpec(model="tiny.onnx", precision="int8"), "cpu", flags=VNNI)[0] == "int8"
+    assert mask_precision(MaskSpec(model="tiny.onnx", precision="int8"), "cpu", flags=VNNI)[0] == "int8"
 
 
 def test_the_precision_is_worked_out_again_only_when_its_files_change(
@@ -121,11 +122,11 @@ def test_the_precision_is_worked_out_again_only_when_its_files_change(
     reads: list[Path] = []
     real = quantize.speedup
     monkeypatch.setattr(quantize, "speedup", lambda fp32: reads.append(fp32) or real(fp32))
-    assert masking.mask_precision(spec, "cpu", flags=VNNI)[0] == "int8"
-    assert masking.mask_precision(spec, "cpu", flags=VNNI)[0] == "int8"
+    assert mask_precision(spec, "cpu", flags=VNNI)[0] == "int8"
+    assert mask_precision(spec, "cpu", flags=VNNI)[0] == "int8"
     assert len(reads) == 1
     _measured(u2net_home / "tiny.onnx", 20.0, 19.0)
-    assert masking.mask_precision(spec, "cpu", flags=VNNI)[0] == "fp32"
+    assert mask_precision(spec, "cpu", flags=VNNI)[0] == "fp32"
     assert len(reads) == 2
 
 

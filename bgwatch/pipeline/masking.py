@@ -10,7 +10,6 @@ Engines return the raw alpha (float32 HxW in [0, 1]); `refine_mask` cleans it up
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from pathlib import Path
@@ -439,55 +438,6 @@ def resolve_mask_engine_name(spec: MaskSpec) -> str:
     return chosen
 
 
-def mask_precision(spec: MaskSpec, device: str, flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """(fp32 | int8, why) for a spec's net on `device` (auto | cuda | cpu). `flags`: the CPU's feature
-    flags (default: this machine's /proc/cpuinfo). Only the nets bgwatch runs itself have variants."""
-    from bgwatch.pipeline import quantize
-
-    if recipe_for(spec.model) is None:
-        return "fp32", f"{spec.model} runs through rembg (bgwatch has no int8 variant of it)"
-    weights = rembg_weights_path(spec.model)
-    # Asked for every job: the answer is kept while the weights, the variant and its record stay as they are
-    # (a stat each; reading /proc/cpuinfo and the record every job cost ~0.6 ms).
-    key = (spec.model, str(weights), spec.precision, device, flags, _versions(weights, quantize))
-    with _precision_lock:
-        known = _precisions.get(key)
-    if known is not None:
-        return known
-    variant = quantize.passed_variant(weights) if weights is not None else None
-    gain = quantize.speedup(weights) if weights is not None and variant is not None else None
-    chosen = quantize.choose_precision(spec.precision, resolve_onnx_device(device),
-                                       _cpu_flags() if flags is None else flags, variant, gain)
-    with _precision_lock:
-        _precisions[key] = chosen
-    return chosen
-
-
-_precisions: dict[tuple[object, ...], tuple[str, str]] = {}
-_precision_lock = threading.Lock()
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    from bgwatch.pipeline import quantize
-
-    return quantize.read_cpu_flags()
-
-
-def _versions(weights: Path | None, quantize: Any) -> tuple[tuple[int, int] | None, ...]:
-    """(size, mtime) of the fp32 weights, their int8 variant and its record (None: absent)."""
-    if weights is None:
-        return ()
-    out: list[tuple[int, int] | None] = []
-    for path in (weights, quantize.variant_path(weights), quantize.record_path(weights)):
-        try:
-            stat = path.stat()
-            out.append((stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
 def _announce_precision(model: str, precision: str, why: str) -> None:
     with _announce_lock:
         if (model, f"precision {precision}") not in _announced:
@@ -512,6 +462,8 @@ def load_mask_engine(spec: MaskSpec, device: str, *, threads: int | None = None)
     # The weights' location is part of the key: another model home (U2NET_HOME) is another model.
     precision = "fp32"
     if name == "rembg":
+        from bgwatch.pipeline.precision import mask_precision
+
         precision, why = mask_precision(spec, device)
         _announce_precision(model, precision, why)
     key = (name, model, device, str(rembg_weights_path(model)) if name == "rembg" else "", threads, precision)

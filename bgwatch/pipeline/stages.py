@@ -247,7 +247,7 @@ def mask(prepared: Prepared, config: Config, *, threads: int | None = None) -> P
 
 def mask_label(engine: Any) -> str:
     """The mask engine as recorded on the run (history, report, the API): `rembg:u2net:int8` — the engine,
-    its model and the precision its net actually ran at (masking.mask_precision's choice: fp32, or the int8
+    its model and the precision its net actually ran at (precision.mask_precision's choice: fp32, or the int8
     variant) — or `classical`, which has neither."""
     if not engine.model:
         return str(engine.name)
