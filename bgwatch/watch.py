@@ -41,9 +41,10 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
+from bgwatch.claims import WORK_DIR
 from bgwatch.config import InboxConfig, WatchSettings
 from bgwatch.observers import INOTIFY_LIMITS, halt, native_observer, polling_observer
-from bgwatch.sidecars import IMAGE_SUFFIXES, WORK_FOLDERS, file_kind, is_ignored
+from bgwatch.sidecars import IMAGE_SUFFIXES, file_kind, is_ignored
 from bgwatch.stability import StabilityTracker
 from bgwatch.text import shown
 
@@ -90,12 +91,13 @@ class _Watch:
         return rel
 
     def unwatched(self, folder: bytes) -> bool:
-        """Folders that get no inotify watch: bgwatch's own work folders at the root (claims, deliveries,
-        parked originals: never input) and the roots of nested inboxes (watched by their own observer)."""
-        root = os.fsencode(self.root)
-        skipped = [root + b"/" + os.fsencode(name) for name in WORK_FOLDERS]
-        skipped += [os.fsencode(n) for n in self.nested]
-        return any(folder == s or folder.startswith(s + b"/") for s in skipped)
+        """Folders that get no inotify watch: bgwatch's custody folder at the root (.bgwatch/: claims,
+        fences, markers, deliveries; never input, and each job's steps there would be events two watchdog
+        threads read and throw away). Only that one: a folder a user moves into an unwatched folder keeps its
+        watch under its old path (nothing pairs the move), so events inside it would be reported where it
+        was; users move folders into done/, failed/ or a nested inbox, never into bgwatch's custody."""
+        custody = os.fsencode(self.root) + b"/" + os.fsencode(WORK_DIR)
+        return folder == custody or folder.startswith(custody + b"/")
 
 
 # The events _InboxEvents acts on. Given to watchdog, which then asks inotify for no others: no open/close-

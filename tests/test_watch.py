@@ -615,12 +615,13 @@ def _inotify_watched_inodes() -> set[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
-def test_bgwatch_own_folders_and_nested_inboxes_get_no_inotify_watch(tmp_path: Path) -> None:
-    """Claims, deliveries and parked originals are never input: an inotify watch there would turn each
-    job's renames and markers into events two watchdog threads read and throw away."""
+def test_bgwatchs_custody_folder_gets_no_inotify_watch(tmp_path: Path) -> None:
+    """Claims, fences, markers and deliveries are never input: an inotify watch on .bgwatch/ would turn each
+    job's steps there into events two watchdog threads read and throw away. Every other folder is watched,
+    done/, failed/ and a nested inbox's root included (see the next test for why)."""
     outer = tmp_path / "outer"
-    own = [outer / rel for rel in (".bgwatch/claimed/ws1", ".bgwatch/delivering/ws1/tok", "done/sub", "failed")]
-    users = [outer / rel for rel in ("sub", "sub/deep", "sub/done")]
+    own = [outer / rel for rel in (".bgwatch/claimed/ws1", ".bgwatch/delivering/ws1/tok")]
+    users = [outer / rel for rel in ("sub", "sub/deep", "sub/done", "done/sub", "failed")]
     nested = outer / "special"
     for folder in [*own, *users, nested / "inner"]:
         folder.mkdir(parents=True)
@@ -638,15 +639,46 @@ def test_bgwatch_own_folders_and_nested_inboxes_get_no_inotify_watch(tmp_path: P
         assert all(ino(p) in watched for p in [outer, *users, later, nested, nested / "inner"])
         assert not any(ino(p) in watched for p in [outer / ".bgwatch", *own,
                                                    outer / ".bgwatch" / "delivering" / "ws1" / "tok2"])
-        # nested's folders are watched once, by its own observer: the outer watch leaves them alone
-        [outer_watch, _] = watcher._watches
-        assert outer_watch.unwatched(os.fsencode(nested / "inner"))
         (outer / "sub" / "deep" / "a.jpg").write_bytes(b"a")
         got: list[Path] = []
         while not got and time.monotonic() < deadline:
             got = [path for _, path in watcher.poll_ready()]
             time.sleep(0.02)
         assert got == [outer / "sub" / "deep" / "a.jpg"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
+def test_a_folder_moved_into_a_nested_inbox_is_not_heard_where_it_was(tmp_path: Path) -> None:
+    """A folder moved into a folder the outer watch did not watch would keep its watch under its old path
+    (nothing pairs the move): a file closed in it would read as closed at the old path, and the quick path
+    would take a same-named file still being written there. The nested inbox's root is watched, so the move
+    pairs and the old path stays quiet."""
+    outer, out = tmp_path / "in", tmp_path / "out"
+    nested = outer / "sub"
+    (outer / "shoot").mkdir(parents=True)
+    nested.mkdir()
+    watcher = InboxWatcher([InboxConfig(outer, out), InboxConfig(nested, tmp_path / "out2")],
+                           WatchSettings(settle_seconds=30.0, rescan_seconds=3600))
+    with watcher:
+        ino = lambda p: os.stat(p).st_ino  # noqa: E731
+        deadline = time.monotonic() + 10
+        while ino(outer / "shoot") not in _inotify_watched_inodes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.rename(outer / "shoot", nested / "shoot")  # the user files a folder into the nested inbox
+        (outer / "shoot").mkdir()  # and makes a new one of that name in the outer inbox
+        while ino(outer / "shoot") not in _inotify_watched_inodes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with open(outer / "shoot" / "a.jpg", "wb") as copying:  # a copy in progress
+            copying.write(b"\xff\xd8" + b"x" * 1000)
+            copying.flush()
+            seen = watcher.poll_ready()
+            (nested / "shoot" / "a.jpg").write_bytes(b"other")  # closed in the moved folder
+            (outer / "shoot" / "b.jpg").write_bytes(b"b")  # closed after it, in the outer inbox
+            while not any(path.name == "b.jpg" for _, path in seen) and time.monotonic() < deadline:
+                seen += watcher.poll_ready()
+                time.sleep(0.02)
+        assert [path for _, path in seen if path.name == "b.jpg"] == [outer / "shoot" / "b.jpg"]
+        assert outer / "shoot" / "a.jpg" not in [path for _, path in seen]
 
 
 def test_files_there_before_the_watch_are_ready_at_its_first_look_on_a_local_disk(tmp_path: Path) -> None:
