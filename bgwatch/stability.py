@@ -6,13 +6,14 @@ close-after-write or moved-in event (inotify: local writers) makes a file ready 
 close, or a second close before the look, cancels the short-cut and the full settle time applies. A writer
 that closes and reopens a file to append must write under a temporary name and rename (see README).
 
-Where the inbox's filesystem is stamped by this machine's kernel (a local disk: `kernel_times`), a file's
-ctime says when it last changed by the same clock a watcher would use, so a file whose ctime is already
-settle_seconds old at the first look (one there before the daemon started) is as settled as one watched
-that long. ctime, not mtime: a copy tool (cp -p, rsync -t) sets an old mtime on a file it has just
-written, but nothing sets ctime but the kernel, at every write, truncate, rename and attribute change.
-Never on a share: there the times come from other hosts' clocks (and FUSE daemons). A step of the wall
-clock seen while the daemon runs turns the short-cut off.
+Where the inbox's filesystem is stamped by this machine's kernel (a local disk: `kernel_device`), a file's
+ctime says when it last changed by the same clock a watcher would use, so a file on that device whose
+ctime is already settle_seconds old at the first look (one there before the daemon started) is as settled
+as one watched that long. ctime, not mtime: a copy tool (cp -p, rsync -t) sets an old mtime on a file it
+has just written, but nothing sets ctime but the kernel, at every write, truncate, rename and attribute
+change. Never on a share, nor on a share mounted below a local inbox (another device): there the times
+come from other hosts' clocks (and FUSE daemons). A step of the wall clock seen while the daemon runs turns
+the short-cut off; one made before the daemon's first look is not seen.
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ class StabilityTracker:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[Path, _Entry] = {}
-        # ctime stamped by this machine's kernel (a local filesystem): its age counts as settled time.
-        self.kernel_times = False
+        # The device (st_dev) of the inbox's local filesystem, whose ctimes this machine's kernel stamps: a
+        # file there has been settled for its ctime's age. None: no such device (a share, FUSE). A file on
+        # another device (a share mounted below the inbox) is never judged by its ctime.
+        self.kernel_device: int | None = None
         self._wall = wall_clock
         self._wall_offset: float | None = None  # wall - monotonic at the last look: a jump is a clock step
         self._stepped = False
@@ -132,30 +135,31 @@ class StabilityTracker:
                 (path, entry) for path, entry in self._entries.items()
                 if entry.active and now - entry.checked >= self.check_seconds
             ]
-        seen: list[tuple[Path, _Entry, _Signature | None]] = []
+        seen: list[tuple[Path, _Entry, _Signature | None, bool]] = []
         for path, entry in todo:  # stat outside the lock: a share can be slow
             try:
                 st = os.lstat(path)
             except (FileNotFoundError, NotADirectoryError):
-                seen.append((path, entry, None))
+                seen.append((path, entry, None, False))
                 continue
             except OSError as exc:  # e.g. a network share briefly away: keep it, look again later
                 logger.debug("cannot stat {}: {}", path, exc)
                 entry.checked = now
                 continue
             if not stat.S_ISREG(st.st_mode):
-                seen.append((path, entry, None))
+                seen.append((path, entry, None, False))
                 continue
-            seen.append((path, entry, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks)))
+            seen.append((path, entry, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks),
+                         st.st_dev == self.kernel_device))
         out: list[Path] = []
         with self._lock:
-            for path, entry, sig in seen:
+            for path, entry, sig, local in seen:
                 if self._entries.get(path) is not entry:
                     continue  # forgotten (or forgotten and hinted anew) while we looked
                 entry.checked = now
                 if sig is None:
                     del self._entries[path]
-                elif self._settled(entry, sig, now, wall):
+                elif self._settled(entry, sig, now, wall if local else None):
                     entry.active = False
                     if sig != entry.reported:
                         entry.reported = sig
@@ -166,7 +170,7 @@ class StabilityTracker:
 
     def _kernel_wall(self, now: float) -> float | None:
         """The wall clock to judge ctimes by; None where they are not this kernel's, or the clock stepped."""
-        if not self.kernel_times or self._stepped:
+        if self.kernel_device is None or self._stepped:
             return None
         wall = self._wall()
         offset, self._wall_offset = self._wall_offset, wall - now

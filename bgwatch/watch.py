@@ -358,7 +358,7 @@ class InboxWatcher:
             return
         w.root_id = ident
         w.root_gone.clear()
-        w.tracker.kernel_times = _kernel_stamped(w.root)
+        w.tracker.kernel_device = ident[0] if _kernel_stamped(w.root) else None
         if w.started_once:
             w.restarts += 1
             logger.info("inbox {}: watching again ({})", w.root, w.kind)
@@ -432,7 +432,7 @@ KERNEL_STAMPED_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "
 
 
 def _kernel_stamped(root: Path, mountinfo: str | None = None) -> bool:
-    """Whether the inbox at `root` is on a local filesystem (stability.StabilityTracker.kernel_times): never a
+    """Whether the inbox at `root` is on a local filesystem (stability.StabilityTracker.kernel_device): never a
     network share or a FUSE mount, whose times come from other hosts' clocks or a user-space daemon."""
     from bgwatch import mounts
 

@@ -107,15 +107,16 @@ def test_a_change_no_event_told_of_is_still_seen_in_time(tmp_path: Path) -> None
 def test_on_a_local_disk_a_file_unchanged_since_its_ctime_for_the_settle_time_is_ready_at_once(
         tmp_path: Path) -> None:
     """A file there before the daemon started: its ctime, stamped by this kernel, already says it has not
-    changed for the settle time. Only with kernel_times (a local filesystem), and never by its mtime, which
-    copy tools set to the past on a file they are writing."""
+    changed for the settle time. Only on the inbox's own local device (not on a share mounted below it), and
+    never by its mtime, which copy tools set to the past on a file they are writing."""
     old = tmp_path / "old.jpg"
     old.write_bytes(b"o")
     wall = Clock()
     wall.now = os.stat(old).st_ctime + 2.1  # looked at 2.1 s after its last change
-    for kernel_times, ready in ((False, []), (True, [old])):
+    here = os.stat(tmp_path).st_dev
+    for device, ready in ((None, []), (here + 1, []), (here, [old])):  # a share below the inbox: another device
         tracker = StabilityTracker(2.0, Clock(), wall_clock=wall)
-        tracker.kernel_times = kernel_times
+        tracker.kernel_device = device
         tracker.hint(old)
         assert tracker.ready() == ready
     fresh, copied = tmp_path / "fresh.jpg", tmp_path / "copied.jpg"
@@ -124,7 +125,7 @@ def test_on_a_local_disk_a_file_unchanged_since_its_ctime_for_the_settle_time_is
     os.utime(copied, ns=(1, 1))  # cp -p: an mtime in 1970 on bytes just written
     clock = Clock()
     tracker = StabilityTracker(2.0, clock)  # the real wall clock
-    tracker.kernel_times = True
+    tracker.kernel_device = here
     tracker.hint(fresh)
     tracker.hint(copied)
     assert tracker.ready() == []
@@ -137,7 +138,7 @@ def test_a_wall_clock_step_turns_the_ctime_short_cut_off(tmp_path: Path) -> None
     wall = Clock()
     wall.now = time.time()
     tracker = StabilityTracker(2.0, clock, wall_clock=wall)
-    tracker.kernel_times = True
+    tracker.kernel_device = os.stat(tmp_path).st_dev
     f = tmp_path / "a.jpg"
     assert tracker.ready() == []
     f.write_bytes(b"a")
