@@ -262,12 +262,12 @@ class Custody(Claims):
                 box.unlink(MARKER)
             self._unfence(claim, token)
             raise DeliveryBlocked(outbox, exc) from exc
-        recorded = self._record_output(final, owner, sha)
+        self._record_output(final, owner, sha)
         marker["output"] = final
-        # The marker is not rewritten with the name the output got (two fsyncs, then deleted a moment later
-        # when the original is filed): whoever settles it after a crash finds the output by its bytes.
+        with contextlib.suppress(OSError):  # settle finds the output by its bytes without this
+            box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)
         self.step("delivered")
-        return self._settle_own(token, marker, placed=final if recorded else None)
+        return self._settle_own(token, marker)
 
     def _keep_own(self, claim: Claim, run_id: int, token: str, out_dir: Folder, outbox: Path, output_rel: str,
                   disposition: str, box: Folder, input_sha256: str) -> Settled:
@@ -282,14 +282,12 @@ class Custody(Claims):
         box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)
         return self._settle_own(token, marker)
 
-    def _record_output(self, output_rel: str, owner: Owner, sha: str) -> bool:
+    def _record_output(self, output_rel: str, owner: Owner, sha: str) -> None:
         try:
             self.outputs.put(output_rel, owner, sha)
         except OSError as exc:  # the output is in place; only a later re-run of this input is numbered
             logger.warning("{}: cannot record who owns the output {} ({})", self.inbox, shown(output_rel),
                            exc.strerror or exc)
-            return False
-        return True
 
     def fail(self, claim: Claim, run_id: int, reason: str) -> Settled | None:
         """File the original (and sidecar) in failed/ with NAME.error.txt, fenced. None: superseded."""
@@ -303,14 +301,13 @@ class Custody(Claims):
             box.write_atomic(MARKER, json.dumps(marker).encode(), owner=self.host)
         return self._settle_own(token, marker)
 
-    def _settle_own(self, token: str, marker: dict[str, object], placed: str | None = None) -> Settled:
+    def _settle_own(self, token: str, marker: dict[str, object]) -> Settled:
         """Park the original of this host's finished delivery. The marker is written, so the outcome is
         decided: if the parking fails (done/ or failed/ unusable, the share gone), the original waits in
-        its delivering folder, filed later (by this host's sweep, at the next start, or by another host).
-        `placed`: the name this host just gave the output (its owner recorded), not looked for again."""
+        its delivering folder, filed later (by this host's sweep, at the next start, or by another host)."""
         output = marker.get("output")
         try:
-            return self.settle(self.host, token, placed=placed)
+            return self.settle(self.host, token)
         except OSError as exc:
             # Taken over between the output's placing and the filing (its folder gone): the taker files it.
             taken = isinstance(exc, FileNotFoundError) and self._taken_over(token)
@@ -328,20 +325,14 @@ class Custody(Claims):
 
     # ------------------------------------------------------------------ settling (deliver, recover, reclaim)
 
-    def settle(self, host: str, token: str, *, placed: str | None = None) -> Settled:
-        """Finish or undo a delivering folder of this host (its own, or one it took over). `placed`: its
-        output's name in the outbox, which this host placed (and recorded the owner of) a moment ago."""
+    def settle(self, host: str, token: str) -> Settled:
+        """Finish or undo a delivering folder of this host (its own, or one it took over)."""
         with self._work(DELIVERING, host, token, create=False) as box:
             marker = self._read_marker(box, host, token)
             files = [p for p, _ in box.files(any_kind=True) if p != (MARKER,) and not is_temp(p[-1])]
             images = [p for p in files if os.path.splitext(p[-1])[1].lower() not in SIDECAR_SUFFIXES]
             disposition = str(marker.get("disposition", ""))
-            if disposition not in DISPOSITIONS[:3]:
-                output = None
-            elif placed is not None and self.outbox is not None and marker:
-                output = self.outbox / placed
-            else:
-                output = self._finished_output(marker)
+            output = self._finished_output(marker) if disposition in DISPOSITIONS[:3] else None
             finished = disposition == "failed" or output is not None
             reason = str(marker.get("reason", ""))
             parked: Path | None = None

@@ -151,8 +151,8 @@ def test_a_kill_after_the_output_is_written_is_finished_by_another_host(inbox: P
 
 
 def test_a_kill_after_a_numbered_output_is_finished_with_that_output(inbox: Path) -> None:
-    """The name it wanted was another input's: its output went to shot-2.png, and the marker on the share
-    names only the name it wanted. The host that settles it finds the output by its bytes."""
+    """The name it wanted was another input's: its output went to shot-2.png. The host that settles it is
+    told that name by the marker on the share."""
     outbox = inbox.parent / "outbox"
     drop(inbox / "shot.jpg", b"original")
     (outbox / "shot.png").write_bytes(b"another input's output")
@@ -165,28 +165,25 @@ def test_a_kill_after_a_numbered_output_is_finished_with_that_output(inbox: Path
     assert (outbox / "shot-2.png").read_bytes() == b"the output"
 
 
-def test_a_delivery_makes_six_things_durable(inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fsyncs of one delivery: the output, the marker and its folder, the outbox after the output's move,
-    the owner record and its folder. The original is filed (renames) after the output is durable."""
-    drop(inbox / "a.jpg")
-    custody = Custody(inbox, "ws1", "e1")
-    claim = custody.claim("a.jpg")
-    assert claim is not None
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    settled = custody.deliver(claim, 1, inbox.parent / "outbox", "a.png", b"out", "move")
-    assert settled is not None and settled.finished and settled.output == inbox.parent / "outbox" / "a.png"
-    outbox, box = str(inbox.parent / "outbox"), str(inbox / ".bgwatch" / "delivering" / "ws1" / "e1-1")
-    assert len(synced) == 6
-    assert synced.count(outbox) == 1 and synced.count(box) == 1
-    assert synced.count(str(inbox / ".bgwatch" / "outputs")) == 1
-    assert files(inbox) == ["done/a.jpg"]
+def test_a_kill_after_a_numbered_output_is_finished_once_when_the_outbox_was_drained(inbox: Path) -> None:
+    """Its output went to shot-4.png; a consumer then took shot.png to shot-3.png away before anyone
+    settled it. Searched by its bytes from the name it wanted, the output would not be found and the
+    original would go back to the inbox to be made twice: the marker names shot-4.png."""
+    outbox = inbox.parent / "outbox"
+    drop(inbox / "shot.jpg", b"original")
+    earlier = ["shot.png", "shot-2.png", "shot-3.png"]
+    for name in earlier:
+        (outbox / name).write_bytes(b"earlier " + name.encode())
+    proc = subprocess.run([sys.executable, "-c", _CRASHING_DELIVERY, str(inbox)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -9
+    assert (outbox / "shot-4.png").read_bytes() == b"the output"
+    for name in earlier:
+        (outbox / name).unlink()
+    assert Custody(inbox, "ws2", "e2", outbox).reclaim("ws1") == ["e1-5: finished"]
+    assert (inbox / "done" / "shot.jpg").read_bytes() == b"original"
+    assert not (inbox / "shot.jpg").exists()
+    assert sorted(p.name for p in outbox.iterdir()) == ["shot-4.png"]
 
 
 @pytest.mark.parametrize("when", ["after the marker", "after the owner's last check"])
