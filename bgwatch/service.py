@@ -107,18 +107,31 @@ def sd_notify(message: str) -> None:
 class InstanceLock:
     """One daemon per state folder: its open rows are then orphans after a crash, by definition."""
 
-    def __init__(self, state_dir: Path) -> None:
+    # `held` (bgwatch status, report, a second start) takes a shared lock for a moment to look: a daemon
+    # starting in that moment tries again, every RETRY seconds for PATIENCE, before it calls the folder taken.
+    PATIENCE, RETRY = 0.5, 0.02
+
+    def __init__(self, state_dir: Path, *, sleep: Callable[[float], None] = time.sleep) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "bgwatch.lock"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        tries = round(self.PATIENCE / self.RETRY)
+        while not self._lock():
+            if tries == 0:
+                os.close(self._fd)
+                raise ConfigError(state_dir, "state_dir",
+                                  f"another bgwatch is already running with this state folder (lock {self.path})")
+            tries -= 1
+            sleep(self.RETRY)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    def _lock(self) -> bool:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._fd)
-            raise ConfigError(state_dir, "state_dir",
-                              f"another bgwatch is already running with this state folder (lock {self.path})") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
+            return False
+        return True
 
     def release(self) -> None:
         os.close(self._fd)

@@ -47,6 +47,34 @@ def test_one_daemon_per_state_folder(tmp_path: Path) -> None:
     assert not InstanceLock.held(config.state_dir)
 
 
+def test_a_daemon_starting_while_status_looks_at_its_lock_still_starts(tmp_path: Path) -> None:
+    """`held` (bgwatch status, report) takes a shared lock on the lock file for a moment to look; a daemon
+    starting in that moment waits it out instead of calling its own folder taken. One that stays held is
+    refused after the same patience."""
+    import fcntl
+    import os
+
+    state = tmp_path / "state"
+    InstanceLock(state).release()
+    looking = os.open(state / "bgwatch.lock", os.O_RDONLY)
+    fcntl.flock(looking, fcntl.LOCK_SH | fcntl.LOCK_NB)  # what held() does while it looks
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the look ends during the daemon's first wait
+        waits.append(seconds)
+        if len(waits) == 1:
+            os.close(looking)
+
+    lock = InstanceLock(state, sleep=sleep)
+    assert InstanceLock.held(state) and len(waits) == 1
+    waits.clear()
+    with pytest.raises(BgwatchError, match="already running"):
+        InstanceLock(state, sleep=waits.append)
+    assert sum(waits) == pytest.approx(InstanceLock.PATIENCE)
+    lock.release()
+    assert not InstanceLock.held(state)
+
+
 def test_editing_config_rules_applies_to_files_arriving_afterwards(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox
