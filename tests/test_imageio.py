@@ -444,7 +444,7 @@ def test_png_encoder_round_trips_exactly_and_writes_the_chunks_pillow_writes(
     exif = Image.Exif()
     exif[0x013B] = "A. Photographer"  # Artist
     carried = Carried(exif=exif.tobytes(), dpi=(300.0, 72.0))
-    # 4096 x 1100 is more than one strip of rows (_STRIP_PIXELS): the filter runs on across their seams
+    # 4096 x 1100 is more than one strip of rows (encoding._STRIP_PIXELS): the filter runs on across their seams
     tall = np.empty((1100, 4096, 4), np.uint8)
     tall[...] = np.arange(4096 * 4, dtype=np.uint32).reshape(1, 4096, 4).astype(np.uint8)
     tall[:, :, 1] += np.arange(1100, dtype=np.uint32).astype(np.uint8)[:, None]
