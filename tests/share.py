@@ -355,7 +355,12 @@ class Report:
 
 
 def _output_stem(name: str, stems: set[str], ext: str) -> tuple[str, int] | None:
-    """`img-0001.png` -> (img-0001, 1); `img-0001-2.png` or `img-0001 (2).png` -> (img-0001, 2)."""
+    """`img-0001.png` -> (img-0001, 1); `img-0001-2.png` or `img-0001 (2).png` -> (img-0001, 2).
+
+    `img-0001-h1-5f0b5b.png` -> (img-0001, 2): on a share with neither no-replace renames nor links, an
+    original that goes back to the inbox while a newer drop holds its name gets a name unique by
+    construction (safefs.move_to_free_name: `stem-<host>-<6 hex>`), and its output follows that name. It
+    counts as a second output of the stem: a name dropped once that has one is reported as done twice."""
     if not name.endswith(ext):
         return None
     base = name[: -len(ext)]
@@ -365,6 +370,9 @@ def _output_stem(name: str, stems: set[str], ext: str) -> tuple[str, int] | None
         match = re.match(pattern, base)
         if match and match.group(1) in stems:
             return match.group(1), int(match.group(2))
+    match = re.match(r"^(.*)-[^-/]+-[0-9a-f]{6}$", base)
+    if match and match.group(1) in stems:
+        return match.group(1), 2
     return None
 
 

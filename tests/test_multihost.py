@@ -478,6 +478,20 @@ def test_keep_mode_run_once_exits(make_cluster: Callable[..., Cluster]) -> None:
     _assert_clean(scenario_keep_once(make_cluster(hosts=1, on_success="keep")))
 
 
+def test_the_checker_ties_an_output_to_an_original_renamed_on_a_clash() -> None:
+    """On a share without no-replace renames or links, an original that goes back to the inbox while a new
+    drop holds its name is renamed `stem-<host>-<6 hex>`, and its output follows that name: it is one of
+    the stem's outputs (a second one), not an output of no input."""
+    from share import _output_stem
+
+    stems = {"same_1", "img-0001"}
+    assert _output_stem("same_1-h1-5f0b5b.png", stems, ".png") == ("same_1", 2)
+    assert _output_stem("same_1-2.png", stems, ".png") == ("same_1", 2)
+    assert _output_stem("same_1.png", stems, ".png") == ("same_1", 1)
+    assert _output_stem("other-h1-5f0b5b.png", stems, ".png") is None
+    assert _output_stem("same_1-h1-5f0b5.png", stems, ".png") is None
+
+
 def test_the_checker_names_every_kind_of_violation(tmp_path: Path) -> None:
     """The checker itself, on an end state built by hand (no daemons, no FUSE): each broken invariant
     is reported, and a clean end state gives none. Outputs are tied to inputs by their pixels."""
