@@ -15,6 +15,7 @@ from bgwatch.custody import Claim, Custody, DeliveryBlocked
 from bgwatch.errors import BgwatchError
 from bgwatch.outcomes import Blocked
 from bgwatch.recovery import recover
+from bgwatch.storebase import StoreUnavailable
 from bgwatch.text import shown
 
 if TYPE_CHECKING:
@@ -62,7 +63,13 @@ class FolderSource:
         if not waiting or time.monotonic() < self._next_recovery:
             return
         self._next_recovery = time.monotonic() + RECOVER_SECONDS
-        for job in recover(self.intake, self.host, only=waiting):
+        try:
+            jobs = recover(self.intake, self.host, only=waiting)
+        except StoreUnavailable as exc:  # the studio store away: its runs are read when it is back
+            logger.warning("inbox(es) {}: recovery waits for the store ({})", ", ".join(map(shown, waiting)),
+                           shown(str(exc)))
+            return
+        for job in jobs:
             self.intake.submit(job)
         for name in waiting:
             site = self.intake.sites[name]
