@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -37,6 +38,7 @@ DELIVERING = "delivering"
 DONE_DIR = "done"
 FAILED_DIR = "failed"
 ERROR_NOTE = ".error.txt"
+_MOVE_TRIES = 5  # a claimed subfolder pruned under a move more often than this in a row: an error
 
 
 def check_host(host: str) -> str:
@@ -118,19 +120,32 @@ class Claims:
         """Take the image at `rel` (and its sidecar) by renaming it into claimed/<host>/. None: gone
         (another host won it). The sidecar is best effort: if it vanished, the image goes alone."""
         parts = parts_of(rel)
-        with self.root() as root, root.sub(*parts[:-1]) as src, \
-                root.sub(WORK_DIR, CLAIMED, self.host, *parts[:-1], create=True) as dst:
-            name = safefs.move_into_own(src, parts[-1], dst, parts[-1])
-            if name is None:
-                return None
-            claimed = "/".join((*parts[:-1], name))
-            sidecar = None
-            if sidecar_rel is not None:
-                side_parts = parts_of(sidecar_rel)
-                side_name = sidecar_name_for(side_parts[-1], parts[-1], name)
-                got = safefs.move_into_own(src, side_parts[-1], dst, side_name)
-                sidecar = "/".join((*parts[:-1], got)) if got is not None else None
+        name = self._into_own(parts[:-1], parts[-1], parts[:-1], parts[-1])
+        if name is None:
+            return None
+        claimed = "/".join((*parts[:-1], name))
+        sidecar = None
+        if sidecar_rel is not None:
+            side_parts = parts_of(sidecar_rel)
+            side_name = sidecar_name_for(side_parts[-1], parts[-1], name)
+            got = self._into_own(parts[:-1], side_parts[-1], parts[:-1], side_name)
+            sidecar = "/".join((*parts[:-1], got)) if got is not None else None
         return Claim(self.inbox, self.host, "/".join(parts), claimed, sidecar)
+
+    def _into_own(self, src_parts: Sequence[str], src_name: str, dst_parts: Sequence[str], name: str) -> str | None:
+        """Move a file (its folder `src_parts` below the inbox) into this host's claimed folder. A claimed
+        subfolder this host's workers prune once empty may go between its opening and the rename: it is
+        opened (made) again and the move tried again; the source is still where it was."""
+        tries = 0
+        while True:
+            with self.root() as root, root.sub(*src_parts) as src, \
+                    root.sub(WORK_DIR, CLAIMED, self.host, *dst_parts, create=True) as dst:
+                try:
+                    return safefs.move_into_own(src, src_name, dst, name)
+                except safefs.FolderRemoved:
+                    tries += 1
+                    if tries == _MOVE_TRIES:
+                        raise
 
     def unclaim(self, claim: Claim) -> str | None:
         """Return a claimed image (and sidecar) to the inbox where it was dropped; the rel it got back."""
@@ -204,9 +219,7 @@ class Claims:
             try:
                 if self._drop_if_linked(host, "/".join(parts)):
                     continue
-                with self.root() as root, root.sub(WORK_DIR, CLAIMED, host, *parts[:-1]) as src, \
-                        root.sub(WORK_DIR, CLAIMED, self.host, *parts[:-1], create=True) as dst:
-                    taken = safefs.move_into_own(src, parts[-1], dst, parts[-1])
+                taken = self._into_own((WORK_DIR, CLAIMED, host, *parts[:-1]), parts[-1], parts[:-1], parts[-1])
                 with self._work(CLAIMED, host, create=False) as base:
                     base.prune(*parts[:-1])
                 got = self._return(CLAIMED, "/".join((*parts[:-1], taken)), "/".join(parts)) if taken else None

@@ -40,6 +40,11 @@ class FolderMissing(FileNotFoundError):
     """A folder is not there (an unmounted share, a deleted inbox); nothing is created in its place."""
 
 
+class FolderRemoved(FileNotFoundError):
+    """The folder a file was being moved into was removed while it was open (an empty work folder pruned
+    by another thread in between): nothing moved; open the folder again and move once more."""
+
+
 def _load_renameat2() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -417,7 +422,12 @@ def move_into_own(src: Folder, src_name: str, dst: Folder, name: str) -> str | N
         except FileNotFoundError:
             # NFS may answer a retransmitted rename that did succeed with ENOENT: if the file is now at our
             # (free, ours alone) candidate, we won.
-            return candidate if dst.lstat(candidate) is not None else None
+            if dst.lstat(candidate) is not None:
+                return candidate
+            if os.fstat(dst.fd).st_nlink == 0 and src.lstat(src_name) is not None:
+                raise FolderRemoved(errno.ENOENT, "the folder was removed while a file moved into it",
+                                    str(dst.path)) from None
+            return None
         return candidate
     raise FileExistsError(errno.EEXIST, "no free name after 10000 tries", str(dst.path / name))
 

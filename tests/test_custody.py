@@ -55,6 +55,39 @@ def test_claim_of_a_vanished_file_is_none_and_bad_names_are_refused(inbox: Path)
             check_host(host)
 
 
+def test_a_claim_whose_folder_is_pruned_under_it_moves_again(inbox: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker prunes this host's empty claimed/<host>/shoot/ (its last file delivered) between the
+    claim opening that folder and renaming into it: the file is still in the inbox, so the claim is made
+    again, never read as "another host took it" (seen in CI: the file was then left unprocessed)."""
+    drop(inbox / "shoot" / "photo.jpg")
+    real = safefs.move_into_own
+    pruned: list[Path] = []
+
+    def pruned_first(src: safefs.Folder, src_name: str, dst: safefs.Folder, name: str) -> str | None:
+        if not pruned:
+            pruned.append(dst.path)
+            dst.path.rmdir()  # what Folder.prune does once the folder's last claim is delivered
+        return real(src, src_name, dst, name)
+
+    monkeypatch.setattr(safefs, "move_into_own", pruned_first)
+    claim = Custody(inbox, "ws1", "e1").claim("shoot/photo.jpg")
+    assert pruned == [inbox / ".bgwatch" / "claimed" / "ws1" / "shoot"]
+    assert claim is not None and claim.path == pruned[0] / "photo.jpg" and claim.path.is_file()
+    assert not (inbox / "shoot" / "photo.jpg").exists()
+
+
+def test_a_move_into_a_removed_folder_says_so_and_moves_nothing(inbox: Path) -> None:
+    drop(inbox / "photo.jpg")
+    (inbox / "gone").mkdir()
+    with safefs.Folder.open_root(inbox) as src, src.sub("gone") as dst:
+        (inbox / "gone").rmdir()
+        with pytest.raises(safefs.FolderRemoved):
+            safefs.move_into_own(src, "photo.jpg", dst, "photo.jpg")
+        (inbox / "photo.jpg").unlink()
+        assert safefs.move_into_own(src, "photo.jpg", dst, "photo.jpg") is None, "a source gone: lost, as ever"
+
+
 def test_a_second_claim_of_one_name_is_numbered_and_delivers_under_its_own_name(inbox: Path) -> None:
     custody = Custody(inbox, "ws1", "e1")
     first = custody.claim("photo.jpg") if drop(inbox / "photo.jpg", b"first") else None
