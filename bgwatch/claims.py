@@ -154,12 +154,15 @@ class Claims:
             self._return(CLAIMED, claim.sidecar, _sibling(back, claim.sidecar, claim.name))
         return back
 
-    def _return(self, area: str, name: str, rel: str) -> str | None:
+    def _return(self, area: str, name: str, rel: str, reservation: str | None = None) -> str | None:
+        """`reservation`: what names this return if it is made again after a kill (default: this host's
+        claimed name, the same when this host starts again)."""
         parts = parts_of(name)
         target = parts_of(rel)
         with self.root() as root, root.sub(WORK_DIR, area, self.host, *parts[:-1]) as src, \
                 root.sub(*target[:-1], create=True) as dst:
-            got = safefs.move_to_free_name(src, parts[-1], dst, target[-1], unique_tag=self._tag())
+            got = safefs.move_to_free_name(src, parts[-1], dst, target[-1], unique_tag=self._tag(),
+                                           reservation=reservation or f"{self.host}/{area}/{name}")
         with self.root() as root, root.sub(WORK_DIR, area, self.host) as base:
             base.prune(*parts[:-1])
         return None if got is None else "/".join((*target[:-1], got))
@@ -222,7 +225,9 @@ class Claims:
                 taken = self._into_own((WORK_DIR, CLAIMED, host, *parts[:-1]), parts[-1], parts[:-1], parts[-1])
                 with self._work(CLAIMED, host, create=False) as base:
                     base.prune(*parts[:-1])
-                got = self._return(CLAIMED, "/".join((*parts[:-1], taken)), "/".join(parts)) if taken else None
+                # Returned in the silent host's name: a return it began and was killed in is finished here.
+                got = self._return(CLAIMED, "/".join((*parts[:-1], taken)), "/".join(parts),
+                                   f"{host}/{CLAIMED}/{'/'.join(parts)}") if taken else None
             except OSError as exc:
                 logger.error("cannot return {}'s claim {} to {}: {}", host, shown("/".join(parts)), self.inbox,
                              shown(str(exc)))
@@ -255,7 +260,8 @@ class Claims:
             st = src.lstat(src_parts[-1])
             if st is None or not stat.S_ISREG(st.st_mode):
                 return None
-            got = safefs.move_to_free_name(src, src_parts[-1], dst, parts[-1], unique_tag=self._tag())
+            got = safefs.move_to_free_name(src, src_parts[-1], dst, parts[-1], unique_tag=self._tag(),
+                                           reservation=f"{area}/{parked_rel}")
             if got is None:
                 return None
             stem = os.path.splitext(src_parts[-1])[0]
@@ -271,7 +277,8 @@ class Claims:
         """A file that is not a job (an orphan or redundant sidecar): straight to done/ or failed/."""
         parts = parts_of(rel)
         with self.root() as root, root.sub(*parts[:-1]) as src, root.sub(where, *parts[:-1], create=True) as dst:
-            got = safefs.move_to_free_name(src, parts[-1], dst, parts[-1], unique_tag=self._tag())
+            got = safefs.move_to_free_name(src, parts[-1], dst, parts[-1], unique_tag=self._tag(),
+                                           reservation=f"{where}/{rel}")
             if got is None:
                 return None
             if where == FAILED_DIR:

@@ -347,7 +347,8 @@ class Custody(Claims):
                             self._check_holds_of(host, token)
                             with box.sub(*p[:-1]) as src, self.root() as root, \
                                     root.sub(*p[:-1], create=True) as dst:
-                                safefs.move_to_free_name(src, p[-1], dst, p[-1], unique_tag=self._tag())
+                                safefs.move_to_free_name(src, p[-1], dst, p[-1], unique_tag=self._tag(),
+                                                         reservation=_reserved_by(host, token))
             except _Lost:  # another host took this delivery over while it was being filed: that host files it
                 return Settled(token, finished, disposition if finished else "", output, None, reason,
                                handed_over=True)
@@ -419,14 +420,17 @@ class Custody(Claims):
                     self.kept.remember(src, "/".join(image), image[-1])
                 self.step("filing")
                 self._check_holds_of(host, token)
-                name = safefs.move_to_free_name(src, image[-1], dst, image[-1], unique_tag=self._tag())
+                # Reserved in this delivery's name: filed again after a kill (by this host or a taker), the
+                # original takes the name it reserved, never a unique one beside an empty stray.
+                name = safefs.move_to_free_name(src, image[-1], dst, image[-1], unique_tag=self._tag(),
+                                                reservation=_reserved_by(host, token))
                 if name is None:
                     return None
                 for side in sidecars:
                     if side[:-1] == rel_dir and is_user_file(side[-1]):
                         self._check_holds_of(host, token)
                         safefs.move_to_free_name(src, side[-1], dst, sidecar_name_for(side[-1], image[-1], name),
-                                                 unique_tag=self._tag())
+                                                 unique_tag=self._tag(), reservation=_reserved_by(host, token))
                 parked = self.inbox.joinpath(*where, *rel_dir, name)
                 if disposition == "failed":
                     dst.write_atomic(note_name(name), error_note(name, reason).encode(), owner=self.host)
@@ -488,6 +492,13 @@ class Custody(Claims):
             back.append(f"{token}: {'finished' if settled.finished else 'returned'}")
         back.extend(self.reclaim_claims(host))
         return back
+
+
+def _reserved_by(host: str, token: str) -> str:
+    """What a name reserved for this delivery's files holds: the delivery as its first host named it, the
+    same after any number of takeovers (delivering/<me>/<token>~from-<host>[~from-<host>...])."""
+    first, _, rest = token.partition(TAKEN)
+    return f"{rest.partition(TAKEN)[0] or host}-{first}"
 
 
 def waiting(host: str, token: str, exc: OSError) -> str:

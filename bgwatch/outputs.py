@@ -139,15 +139,17 @@ def place(out_dir: Folder, temp: str, output_rel: str, sha256: str, owner: Owner
                 continue
             os.rename(temp, name, src_dir_fd=out_dir.fd, dst_dir_fd=out_dir.fd)  # this input's own: replaced
         except safefs.NoReplaceUnsupported:
-            reserved = out_dir.create_exclusive(name)
-            if not reserved and not _own(out_dir, name, rel, owner, records):
+            # The reservation names the temp output (unique to this delivery, and in its marker): the same
+            # delivery placed again after a kill between reserving and renaming, by this host or a taker,
+            # uses the name it reserved instead of leaving a stray reservation in the outbox.
+            if not (out_dir.reserve(name, temp) or out_dir.holds_reservation(name, temp)
+                    or _own(out_dir, name, rel, owner, records)):
                 continue
             try:
                 os.rename(temp, name, src_dir_fd=out_dir.fd, dst_dir_fd=out_dir.fd)
             except FileNotFoundError:
-                left = out_dir.lstat(name)
-                if reserved and left is not None and left.st_size == 0:
-                    out_dir.unlink(name)  # our empty reservation, never a placed output
+                if out_dir.holds_reservation(name, temp):
+                    out_dir.unlink(name)  # our reservation, never a placed output
                 raise
         out_dir.fsync()
         return rel

@@ -45,6 +45,10 @@ class FolderRemoved(FileNotFoundError):
     by another thread in between): nothing moved; open the folder again and move once more."""
 
 
+def _reservation(tag: str) -> bytes:
+    return f"bgwatch: this name is reserved for a file on its way ({tag})\n".encode("utf-8", "surrogateescape")
+
+
 def _load_renameat2() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -199,16 +203,32 @@ class Folder:
             except OSError:
                 continue
 
-    def create_exclusive(self, name: str) -> bool:
-        """Make an empty file `name` only if no entry has that name (O_EXCL, honoured by SMB and NFSv3+):
-        a name reserved where neither no-replace renames nor hard links exist. False if it exists."""
+    def reserve(self, name: str, tag: str) -> bool:
+        """Reserve `name` where neither no-replace renames nor hard links exist: a small file made only if no
+        entry has that name (O_EXCL, honoured by SMB and NFSv3+), holding `tag`, so that the move a kill cut
+        between reserving and renaming can tell, when it is made again, that the name is its own
+        (`holds_reservation`). False if the name exists."""
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                          dir_fd=self.fd)
         except FileExistsError:
             return False
-        os.close(fd)
+        try:
+            os.write(fd, _reservation(tag))
+        finally:
+            os.close(fd)
         return True
+
+    def holds_reservation(self, name: str, tag: str) -> bool:
+        """Whether `name` is a reservation made with `tag` (a regular file with exactly its bytes)."""
+        want = _reservation(tag)
+        st = self.lstat(name)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != len(want):
+            return False
+        try:
+            return self.read_bytes(name, len(want)) == want
+        except OSError:
+            return False
 
     def unlink(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -362,11 +382,15 @@ def move_noreplace(src: Folder, src_name: str, dst: Folder, dst_name: str, *, un
     raise NoReplaceUnsupported(errno.ENOTSUP, "no rename without replace and no hard links here", str(dst.path))
 
 
-def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, unique_tag: str) -> str | None:
+def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, unique_tag: str,
+                      reservation: str | None = None) -> str | None:
     """Move to `name` in dst, or the first free `name-N`. Returns the name used, None if src is gone.
 
-    On a filesystem that can neither rename without replacing nor link, the target is made unique by
-    construction: `stem-<unique_tag>.ext`, where the tag names this host and this move."""
+    On a filesystem that can neither rename without replacing nor link, `name` is reserved first (a file
+    holding `reservation`, or `unique_tag`) and the file renamed over it; where the name is really taken
+    the target is made unique by construction: `stem-<unique_tag>.ext`, the tag naming this host and this
+    move. `reservation`: what identifies this move when it is made again after a kill (its delivery, its
+    claim), so that a reservation it left behind is used, not left as an empty stray beside a renamed file."""
     if _strategy_for(dst) != UNIQUE:
         for n in range(1, 10_000):
             candidate = numbered(name, n)
@@ -393,11 +417,13 @@ def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, uni
     # Neither no-replace renames nor links: the name is reserved by an exclusive create, then the file
     # renamed over that reservation (ours alone). Only when the name is really taken does the file get a
     # name unique by construction.
-    if dst.create_exclusive(name):
+    tag = reservation or unique_tag
+    if dst.reserve(name, tag) or (reservation is not None and dst.holds_reservation(name, tag)):
         try:
             os.rename(src_name, name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         except FileNotFoundError:
-            dst.unlink(name)
+            if dst.holds_reservation(name, tag):
+                dst.unlink(name)
             return None
         return name
     stem, ext = _split(name)

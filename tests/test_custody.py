@@ -338,6 +338,67 @@ def test_a_filesystem_without_noreplace_or_links_gets_unique_names(inbox: Path) 
     assert (inbox / "done" / "photo.jpg").read_bytes() == b"old"
 
 
+_KILLED_AFTER_RESERVING = """
+import os
+import signal
+import sys
+from pathlib import Path
+from bgwatch import safefs
+from bgwatch.custody import Custody
+
+inbox, where = Path(sys.argv[1]), sys.argv[2]
+for folder in (inbox, inbox.parent / "outbox"):
+    safefs._strategy[os.stat(folder).st_dev] = safefs.UNIQUE
+reserve = safefs.Folder.reserve
+
+def reserve_then_power_cut(self, name, tag):
+    made = reserve(self, name, tag)
+    if self.path.name == where:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return made
+
+safefs.Folder.reserve = reserve_then_power_cut
+custody = Custody(inbox, "ws1", "e1", inbox.parent / "outbox")
+claim = custody.claim("shot.jpg")
+custody.deliver(claim, 5, inbox.parent / "outbox", "shot.png", b"the output", "move")
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("where", ["outbox", "done"])
+def test_a_kill_between_reserving_a_name_and_renaming_over_it_keeps_the_name(inbox: Path, where: str) -> None:
+    """On a share with neither no-replace renames nor links (SMB-like), a name is reserved by an exclusive
+    create and the file renamed over it. A kill between the two left an empty stray under the name, and
+    the file was then placed under a unique name beside it (seen in the fault suite). The reservation names
+    its delivery: whoever settles that delivery renames over it."""
+    outbox = inbox.parent / "outbox"
+    drop(inbox / "shot.jpg", b"original")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AFTER_RESERVING, str(inbox), where], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -9 and "not reached" not in proc.stdout, proc.stderr
+    reserved = (outbox / "shot.png") if where == "outbox" else (inbox / "done" / "shot.jpg")
+    assert reserved.read_bytes().startswith(b"bgwatch: this name is reserved"), "killed after reserving"
+    devs = {os.stat(inbox).st_dev, os.stat(outbox).st_dev}
+    for dev in devs:
+        safefs._strategy[dev] = safefs.UNIQUE
+    try:
+        # a stranger's reservation of the same name is never taken for this delivery's
+        drop(inbox / "other" / "shot.jpg", b"a stranger")
+        with safefs.Folder.open_root(inbox) as root, root.sub("other") as src, root.sub("done", create=True) as dst:
+            if where == "done":
+                got = safefs.move_to_free_name(src, "shot.jpg", dst, "shot.jpg", unique_tag="ws3-abc",
+                                               reservation="ws3-e3-1")
+                assert got == "shot-ws3-abc.jpg"
+        assert Custody(inbox, "ws2", "e2", outbox).reclaim("ws1") == ["e1-5: finished"]
+    finally:
+        for dev in devs:
+            del safefs._strategy[dev]
+    assert (inbox / "done" / "shot.jpg").read_bytes() == b"original"
+    assert files(outbox) == ["shot.png"] and (outbox / "shot.png").read_bytes() == b"the output"
+    left = [p for p in files(inbox) if not p.startswith(("done/", "other/"))]
+    assert left == [], left
+
+
 def test_names_up_to_the_filesystem_limit_are_numbered_within_it(inbox: Path) -> None:
     name = "é" * 125 + ".jpg"  # 254 bytes
     assert len(os.fsencode(safefs.numbered(name, 12))) <= 255
