@@ -117,6 +117,35 @@ def test_another_file_linked_in_place_of_the_claimed_one_fails_the_hash_check(tm
     assert stages.prepare(same, Config()).image.width == 96, "matching bytes decode"
 
 
+def test_a_writer_holding_the_file_open_cannot_change_what_is_decoded_after_the_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename does not take a descriptor away: someone who opened the photo before it was claimed can
+    rewrite it after its bytes were checked. The pixels are decoded from the bytes checked, never from
+    the file again."""
+    from bgwatch.pipeline import imageio
+
+    inbox = tmp_path / "inbox"
+    write_samples(inbox, 1, size=(96, 72), seed=94)[0].rename(inbox / "photo.jpg")
+    writer = os.open(inbox / "photo.jpg", os.O_WRONLY)  # opened before the claim
+    other = write_samples(tmp_path / "elsewhere", 1, size=(96, 72), seed=95)[0].read_bytes()
+    job = claimed_job(inbox, "photo.jpg")
+    claimed = stages.prepare(job, Config()).image.rgb.copy()
+    probe = imageio.probe_size
+    rewrites: list[int] = []
+
+    def rewritten_after_the_check(path: Path, *, fd: int | None = None) -> tuple[int, int]:
+        rewrites.append(os.pwrite(writer, other, 0))  # between the hash check and the decode
+        return probe(path, fd=fd)
+
+    monkeypatch.setattr(imageio, "probe_size", rewritten_after_the_check)
+    try:
+        decoded = stages.prepare(job, Config()).image.rgb
+    finally:
+        os.close(writer)
+    assert rewrites == [len(other)] and job.source.read_bytes()[:len(other)] == other, "the file did change"
+    assert (decoded == claimed).all(), "the pixels are the claimed bytes', not the rewritten file's"
+
+
 def test_a_backdrop_swapped_for_a_link_after_the_sidecar_was_checked_is_refused(share: Path) -> None:
     config = make_config(share, {"replace": {"rules": {"operation": "replace", "engine": "image"}}})
     inbox, outbox = config.inboxes[0].path, config.inboxes[0].outbox

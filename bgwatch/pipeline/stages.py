@@ -134,9 +134,10 @@ def check_job_memory(width: int, height: int, spec: JobSpec, *, max_memory: int 
 @contextmanager
 def open_input(job: Job, *, check_hash: bool = True) -> Iterator[int]:
     """The job's input file, re-opened through descriptors: a claimed file from its inbox down, every
-    folder below the inbox and the file itself without following a link; checked (`check_hash`) against
-    the sha256 recorded when it was claimed, so a file swapped since (a link, another file linked in its
-    place) is refused, never decoded. InputError names the file as dropped and says why."""
+    folder below the inbox and the file itself without following a link. With `check_hash`, what is
+    handed out is checked_copy's private copy of its bytes, checked against the sha256 recorded when it
+    was claimed, so a file swapped since (a link, another file linked in its place) is refused, never
+    decoded. InputError names the file as dropped and says why."""
     from bgwatch import sharefiles
 
     try:
@@ -153,25 +154,32 @@ def open_input(job: Job, *, check_hash: bool = True) -> Iterator[int]:
         raise InputError(job.rel_path, f"cannot read the file: {exc.strerror or exc}") from None
     try:
         if check_hash:
-            check_input_hash(job, fd)
-        yield fd
+            with checked_copy(job, fd) as copy:
+                yield copy
+        else:
+            yield fd
     finally:
         os.close(fd)
 
 
-def check_input_hash(job: Job, fd: int) -> None:
-    """InputError unless the open input holds the bytes recorded (sha256) when it was claimed."""
+@contextmanager
+def checked_copy(job: Job, fd: int) -> Iterator[int]:
+    """The open input's bytes, read once into a private copy (sharefiles.snapshot) that no writer on the
+    share can change, checked against the sha256 recorded when it was claimed: InputError unless they are
+    the bytes claimed. Everything decoded or carried from the input is read from the copy."""
     from bgwatch import sharefiles
 
-    if not job.input_sha256:
-        return
     try:
-        same = sharefiles.sha256_fd(fd) == job.input_sha256
+        copy, sha256 = sharefiles.snapshot(fd)
     except OSError as exc:
         raise InputError(job.rel_path, f"cannot read the file: {exc.strerror or exc}") from None
-    if not same:
-        raise InputError(job.rel_path, "the file changed after it was claimed (its bytes are not the "
-                         "ones claimed); refused unread, drop it again")
+    try:
+        if job.input_sha256 and sha256 != job.input_sha256:
+            raise InputError(job.rel_path, "the file changed after it was claimed (its bytes are not the "
+                             "ones claimed); refused unread, drop it again")
+        yield copy
+    finally:
+        os.close(copy)
 
 
 def input_size(job: Job, fd: int | None = None) -> tuple[int, int]:
@@ -204,8 +212,8 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
     timings: dict[str, float] = {}
     start = time.perf_counter()
     name = Path(job.rel_path)  # messages name the file as dropped, never a path on the server
-    with contextlib.nullcontext(fd) if fd is not None else open_input(job, check_hash=False) as fd:
-        check_input_hash(job, fd)
+    with contextlib.nullcontext(fd) if fd is not None else open_input(job, check_hash=False) as given, \
+            checked_copy(job, given) as fd:
         width, height = imageio.probe_size(name, fd=fd)
         if job.spec.operation == "replace":
             from bgwatch.pipeline import backgrounds  # a cleanup never imports the backdrop engines
@@ -466,8 +474,8 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
     preset = PRESETS.get(spec.preset)
     kept = prepared.kept if prepared.kept is not None else metadata.NOTHING
     if prepared.kept is None and spec.metadata != "strip":
-        try:  # the input's header, read again through the same descriptors as its pixels
-            with open_input(job, check_hash=False) as fd:
+        try:  # the input's header, read again through the same descriptors as its pixels, and checked
+            with open_input(job) as fd:
                 kept = metadata.carried(fd, spec.metadata, name=job.rel_path)
         except InputError as exc:
             logger.warning("{}: its metadata could not be read ({}); the output carries none", shown(job.rel_path),
