@@ -117,7 +117,7 @@ class _StageSampler:
     """The peak RSS above `base` in each step of one job: the step functions are wrapped (in this bench
     process only) to name the step running, and a thread samples /proc/self/statm every 10 ms."""
 
-    STEPS = (("imageio", "decode"), ("stages", "check_job_memory"), ("masking", "load_mask_engine"),
+    STEPS = (("imageio", "decode"), ("jobmemory", "check_job_memory"), ("masking", "load_mask_engine"),
              ("backgrounds", "load_backdrop"), ("backgrounds", "fit_cover"), ("refine", "refine_mask"),
              ("composite", "composite"), ("cleanup", "cleanup"), ("imageio", "encode"))
 

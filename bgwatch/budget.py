@@ -1,10 +1,10 @@
 """Admission by estimated working set: the jobs in flight together never plan to use more than
 `limits.max_memory`.
 
-Each job's need is estimated from its header (width × height, operation; pipeline.stages.job_memory)
+Each job's need is estimated from its header (width × height, operation; pipeline.jobmemory.job_memory)
 before a pixel is decoded. A job that does not fit beside the others waits in its prepare thread while
 the other prepare threads go on with jobs that do fit: big images do not hold up small ones. A job alone
-is always admitted (one that could never fit was refused before, by stages.check_job_memory), and a big
+is always admitted (one that could never fit was refused before, by jobmemory.check_job_memory), and a big
 job that has waited `patience` seconds goes next: small ones then wait for it, so it is never starved.
 """
 

@@ -266,7 +266,7 @@ class HttpDoor:
         """Check an uploaded image and its parameters as a folder job is checked; queue it for recording.
         Refused: 422 a bad parameter or not an image, 413 over max_pixels or the 4K rule, 429 no generation
         token within http.max_wait."""
-        from bgwatch.pipeline import backgrounds, imageio, stages
+        from bgwatch.pipeline import backgrounds, imageio, jobmemory
 
         try:
             spec = self._resolve(upload, form_fragment(operation, fields))
@@ -281,8 +281,8 @@ class HttpDoor:
             if width * height > self.config.limits.max_pixels:  # decode refuses it from the header, in its words
                 imageio.decode(upload.path, max_pixels=self.config.limits.max_pixels)
             backgrounds.check_input_size(spec, width, height, self.config.limits.allow_4k, source=upload.name)
-            stages.check_job_memory(width, height, spec, max_memory=self.config.limits.max_memory,
-                                    source=upload.name)
+            jobmemory.check_job_memory(width, height, spec, max_memory=self.config.limits.max_memory,
+                                       source=upload.name)
         except InputError as exc:
             raise Refused(413, str(exc)) from None
         sha = safefs.sha256_file(upload.path)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from bgwatch.errors import BgwatchError
-from bgwatch.pipeline import stages
+from bgwatch.pipeline import jobmemory, stages
 
 if TYPE_CHECKING:
     import numpy as np
@@ -225,8 +225,8 @@ class Workers:
         max_memory = self.config.limits.max_memory
         with stages.open_input(job, check_hash=False) as fd:  # opened once, for admission and for the pixels
             width, height = stages.input_size(job, fd)  # the header only: admission before a pixel is decoded
-            stages.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
-            if not self.budget.acquire(job.run_id, stages.job_memory(width, height, job.spec), self.abort):
+            jobmemory.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
+            if not self.budget.acquire(job.run_id, jobmemory.job_memory(width, height, job.spec), self.abort):
                 raise Aborted
             prepared = stages.prepare(job, self.config, self.engines, max_memory=max_memory, fd=fd)
         self.route(prepared)

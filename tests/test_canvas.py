@@ -16,7 +16,7 @@ from PIL import Image, ImageCms
 from bgwatch import rules, samples
 from bgwatch.errors import InputError, SpecError
 from bgwatch.jobs import CanvasSpec, Job, JobSpec
-from bgwatch.pipeline import canvas, stages
+from bgwatch.pipeline import canvas, jobmemory, stages
 from tests.helpers import make_config
 
 
@@ -146,8 +146,8 @@ def test_canvas_keys_are_validated_like_the_others() -> None:
 
 def test_the_memory_estimate_counts_the_canvas() -> None:
     small = JobSpec(operation="cleanup")
-    assert stages.job_memory(500, 500, replace(small, canvas=CanvasSpec(size="4000x4000"))) > \
-        stages.job_memory(500, 500, small) + 16_000_000 * 20
+    assert jobmemory.job_memory(500, 500, replace(small, canvas=CanvasSpec(size="4000x4000"))) > \
+        jobmemory.job_memory(500, 500, small) + 16_000_000 * 20
 
 
 # ---------------------------------------------------------------- the amazon preset through the stages

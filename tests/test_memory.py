@@ -207,7 +207,7 @@ def test_downloaded_runway_images_are_decoded_under_the_pixel_limit() -> None:
 
 def test_a_job_that_could_never_fit_the_memory_budget_fails_before_decoding() -> None:
     from bgwatch.jobs import MaskSpec
-    from bgwatch.pipeline.stages import DEFAULT_MAX_MEMORY, check_job_memory, job_memory
+    from bgwatch.pipeline.jobmemory import DEFAULT_MAX_MEMORY, check_job_memory, job_memory
 
     cleanup_100mp = job_memory(10_000, 10_000, JobSpec(operation="cleanup"))
     assert cleanup_100mp <= 2.5e9  # the goal: 25 bytes a pixel

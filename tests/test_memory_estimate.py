@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bgwatch.jobs import JobSpec
-from bgwatch.pipeline.stages import job_memory
+from bgwatch.pipeline.jobmemory import job_memory
 from tests.test_memory import job_peak
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bgwatch import rules, samples
 from bgwatch.jobs import CanvasSpec, Job, JobSpec, JobState
-from bgwatch.pipeline import backgrounds, canvas, stages
+from bgwatch.pipeline import backgrounds, canvas, jobmemory, stages
 from bgwatch.single import process_one
 from bgwatch.storebase import open_for_reading
 from tests.helpers import make_config
@@ -132,15 +132,15 @@ def test_a_big_jpeg_backdrop_is_decoded_reduced_and_its_decode_is_admitted(tmp_p
     plain = JobSpec(operation="replace", engine="gradient")
     behind = JobSpec(operation="replace", engine="image", background_image=str(big))
     behind_png = JobSpec(operation="replace", engine="image", background_image=str(png))
-    base = stages.job_memory(300, 200, plain)
-    assert stages.job_memory(300, 200, behind) == base + stages.BACKDROP_BYTES_PER_PIXEL * 300 * 200  # an eighth
-    assert stages.job_memory(300, 200, behind_png) == base + stages.BACKDROP_BYTES_PER_PIXEL * 2400 * 1600
+    base = jobmemory.job_memory(300, 200, plain)
+    assert jobmemory.job_memory(300, 200, behind) == base + jobmemory.BACKDROP_BYTES_PER_PIXEL * 300 * 200  # an eighth
+    assert jobmemory.job_memory(300, 200, behind_png) == base + jobmemory.BACKDROP_BYTES_PER_PIXEL * 2400 * 1600
     # A canvas makes the backdrop at its own size: decoded for that.
     on_canvas = JobSpec(operation="replace", engine="image", background_image=str(big),
                         canvas=CanvasSpec(size="1000x700"))
-    assert stages.job_memory(300, 200, on_canvas) - stages.job_memory(
+    assert jobmemory.job_memory(300, 200, on_canvas) - jobmemory.job_memory(
         300, 200, JobSpec(operation="replace", engine="gradient", canvas=CanvasSpec(size="1000x700"))) \
-        == stages.BACKDROP_BYTES_PER_PIXEL * 1200 * 800
+        == jobmemory.BACKDROP_BYTES_PER_PIXEL * 1200 * 800
 
 
 def test_the_image_engine_decodes_a_big_backdrop_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from loguru import logger
 
 from bgwatch.errors import BgwatchError, EngineError, InputError
 from bgwatch.jobs import Job, JobSpec
+from bgwatch.pipeline import jobmemory
 from bgwatch.text import shown
 
 if TYPE_CHECKING:
@@ -77,58 +78,6 @@ class Finished:
     bg_engine: str
     seed: int | None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-# Peak working set of one job above the process's own footprint, in bytes a pixel of the input, measured
-# by bench/bench_memory.py (cleanup: 12-22 with the classical or a rembg engine; replace, gradient backdrop
-# with shadow, colour matching and feathered edges: 30.6 at 6 MP, 25.0 at 25 MP and 23.9 at 100 MP when the
-# product fills the frame, as marketplaces ask (--tight: the composite's worst case, its float work in bands
-# of rows over the subject's box), 19-29 when it sits in the middle). Replace: the worst (6 MP, where a
-# job's fixed costs weigh most) with ~15% margin, since a job's need is judged from its header before its
-# subject is known. An image backdrop adds its own decode, counted from its header at the size it is decoded
-# to (backgrounds.decoded_size: a big JPEG at a reduced scale): Pillow's RGB and the numpy copy made from it
-# (a 24 MP backdrop behind a 6 MP photo, decoded whole: 43 bytes a pixel of the photo, not the 36 counted).
-# limits.max_memory is checked with it.
-JOB_BYTES_PER_PIXEL = {"cleanup": 24, "replace": 36}
-BACKDROP_BYTES_PER_PIXEL = 6  # a backdrop image's decoded pixel: Pillow's RGB and bgwatch's copy of it
-DENOISE_BYTES_PER_PIXEL = 8  # LAB copy, the denoised lightness and the result
-MATTING_BYTES = 2 * 2**30  # rembg alpha matting runs at <= REMBG_WORK_SIDE px a side: a fixed cost
-DEFAULT_MAX_MEMORY = 8 * 2**30  # the daemon passes limits.max_memory; 8 GiB admits a 100 MP replace (3.6 GB)
-
-
-def job_memory(width: int, height: int, spec: JobSpec) -> int:
-    """Estimated peak bytes one job on a width x height input needs, above the daemon's own memory."""
-    per_pixel = JOB_BYTES_PER_PIXEL.get(spec.operation, max(JOB_BYTES_PER_PIXEL.values()))
-    if spec.denoise:
-        per_pixel += DENOISE_BYTES_PER_PIXEL
-    fixed = MATTING_BYTES if spec.mask.alpha_matting else 0
-    from bgwatch.pipeline.canvas import canvas_pixels
-
-    # The composite then runs on the canvas: an upscaled product's canvas can outgrow its input.
-    return per_pixel * (width * height + canvas_pixels(spec.canvas)) + fixed + backdrop_memory(width, height, spec)
-
-
-def backdrop_memory(width: int, height: int, spec: JobSpec) -> int:
-    """The bytes a backdrop image's decode takes for a width x height input (0 for other backdrops), from the
-    backdrop's header: its pixels as decoded for the size the backdrop is made at."""
-    if spec.operation != "replace" or spec.engine != "image" or not spec.background_image:
-        return 0
-    from bgwatch.pipeline.backgrounds import backdrop_size, decoded_size
-
-    size = decoded_size(Path(spec.background_image), backdrop_size(spec, width, height))
-    return 0 if size is None else BACKDROP_BYTES_PER_PIXEL * size[0] * size[1]
-
-
-def check_job_memory(width: int, height: int, spec: JobSpec, *, max_memory: int = DEFAULT_MAX_MEMORY,
-                     source: str | Path = "input image") -> None:
-    """InputError when one job on this input could never fit in `max_memory` bytes (limits.max_memory)."""
-    need = job_memory(width, height, spec)
-    if need > max_memory:
-        raise InputError(
-            source, f"{width}x{height} ({width * height / 1e6:.0f} MP) needs about {need / 2**30:.1f} GiB for "
-            f"{spec.operation}, more than limits.max_memory ({max_memory / 2**30:.1f} GiB); scale it down, or "
-            "raise limits.max_memory in config.yaml"
-        )
 
 
 @contextmanager
@@ -200,7 +149,7 @@ def _timed(timings: dict[str, float], name: str, start: float) -> None:
 
 
 def prepare(job: Job, config: Config, engines: Engines | None = None, *,
-            max_memory: int = DEFAULT_MAX_MEMORY, fd: int | None = None) -> Prepared:
+            max_memory: int = jobmemory.DEFAULT_MAX_MEMORY, fd: int | None = None) -> Prepared:
     """Decode the job's image (pixel limit from config; `max_memory` is limits.max_memory in bytes): an
     input whose job could never fit in that memory fails here, before a pixel is decoded. A classical mask
     and a backdrop that needs no generation (`engines` given) are made here too, in the CPU pool, so a big
@@ -219,7 +168,7 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
             from bgwatch.pipeline import backgrounds  # a cleanup never imports the backdrop engines
 
             backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
-        check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
+        jobmemory.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
         image = imageio.decode(name, max_pixels=config.limits.max_pixels, fd=fd)
         kept = metadata.carried(fd, job.spec.metadata, name=job.rel_path)
     _timed(timings, "prepare", start)
@@ -490,7 +439,7 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
 
 def run_all(job: Job, config: Config, engines: Engines,
             before_device: Callable[[], None] | None = None, *,
-            max_memory: int = DEFAULT_MAX_MEMORY) -> Finished:
+            max_memory: int = jobmemory.DEFAULT_MAX_MEMORY) -> Finished:
     """The stages in a row (for `bgwatch process` and tests)."""
     prepared = prepare(job, config, engines, max_memory=max_memory)
     if before_device is not None:
