@@ -260,8 +260,7 @@ class Claims:
             st = src.lstat(src_parts[-1])
             if st is None or not stat.S_ISREG(st.st_mode):
                 return None
-            got = safefs.move_to_free_name(src, src_parts[-1], dst, parts[-1], unique_tag=self._tag(),
-                                           reservation=f"{area}/{parked_rel}")
+            got = safefs.move_to_free_name(src, src_parts[-1], dst, parts[-1], unique_tag=self._tag())
             if got is None:
                 return None
             stem = os.path.splitext(src_parts[-1])[0]
@@ -277,8 +276,7 @@ class Claims:
         """A file that is not a job (an orphan or redundant sidecar): straight to done/ or failed/."""
         parts = parts_of(rel)
         with self.root() as root, root.sub(*parts[:-1]) as src, root.sub(where, *parts[:-1], create=True) as dst:
-            got = safefs.move_to_free_name(src, parts[-1], dst, parts[-1], unique_tag=self._tag(),
-                                           reservation=f"{where}/{rel}")
+            got = safefs.move_to_free_name(src, parts[-1], dst, parts[-1], unique_tag=self._tag())
             if got is None:
                 return None
             if where == FAILED_DIR:

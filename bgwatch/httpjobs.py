@@ -282,7 +282,7 @@ class HttpDoor:
                 imageio.decode(upload.path, max_pixels=self.config.limits.max_pixels)
             backgrounds.check_input_size(spec, width, height, self.config.limits.allow_4k, source=upload.name)
             jobmemory.check_job_memory(width, height, spec, max_memory=self.config.limits.max_memory,
-                                       source=upload.name)
+                                       source=upload.name, encoded=os.stat(upload.path).st_size)
         except InputError as exc:
             raise Refused(413, str(exc)) from None
         sha = safefs.sha256_file(upload.path)

@@ -214,7 +214,10 @@ class Folder:
         except FileExistsError:
             return False
         try:
-            os.write(fd, _reservation(tag))
+            # The tag is what lets a move made again find its own reservation; a write that fails (a full
+            # share) leaves an empty reservation, still this move's alone to rename over now.
+            with contextlib.suppress(OSError):
+                os.write(fd, _reservation(tag))
         finally:
             os.close(fd)
         return True
@@ -422,7 +425,10 @@ def move_to_free_name(src: Folder, src_name: str, dst: Folder, name: str, *, uni
         try:
             os.rename(src_name, name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         except FileNotFoundError:
-            if dst.holds_reservation(name, tag):
+            # The source went. A reservation named for this move is left for whoever moves it now (a host
+            # that took the move over renames over it under the same tag: removing it could remove that
+            # host's file, landed since the check); one made with this try's own unique tag is removed.
+            if reservation is None and dst.holds_reservation(name, tag):
                 dst.unlink(name)
             return None
         return name
@@ -450,12 +456,20 @@ def move_into_own(src: Folder, src_name: str, dst: Folder, name: str) -> str | N
             # (free, ours alone) candidate, we won.
             if dst.lstat(candidate) is not None:
                 return candidate
-            if os.fstat(dst.fd).st_nlink == 0 and src.lstat(src_name) is not None:
+            if _removed(dst) and src.lstat(src_name) is not None:
                 raise FolderRemoved(errno.ENOENT, "the folder was removed while a file moved into it",
                                     str(dst.path)) from None
             return None
         return candidate
     raise FileExistsError(errno.EEXIST, "no free name after 10000 tries", str(dst.path / name))
+
+
+def _removed(folder: Folder) -> bool:
+    """Whether an open folder was removed (no links left; on NFS or SMB a stale handle says so)."""
+    try:
+        return os.fstat(folder.fd).st_nlink == 0
+    except OSError as exc:
+        return exc.errno in (errno.ESTALE, errno.ENOENT)
 
 
 def same_file(a: os.stat_result | None, b: os.stat_result | None) -> bool:

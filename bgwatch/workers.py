@@ -225,8 +225,10 @@ class Workers:
         max_memory = self.config.limits.max_memory
         with stages.open_input(job, check_hash=False) as fd:  # opened once, for admission and for the pixels
             width, height = stages.input_size(job, fd)  # the header only: admission before a pixel is decoded
-            jobmemory.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
-            if not self.budget.acquire(job.run_id, jobmemory.job_memory(width, height, job.spec), self.abort):
+            encoded = os.fstat(fd).st_size
+            jobmemory.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path,
+                                       encoded=encoded)
+            if not self.budget.acquire(job.run_id, jobmemory.job_memory(width, height, job.spec, encoded), self.abort):
                 raise Aborted
             prepared = stages.prepare(job, self.config, self.engines, max_memory=max_memory, fd=fd)
         self.route(prepared)

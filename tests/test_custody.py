@@ -399,6 +399,39 @@ def test_a_kill_between_reserving_a_name_and_renaming_over_it_keeps_the_name(inb
     assert left == [], left
 
 
+def test_a_claim_return_cut_after_reserving_is_finished_in_the_returning_hosts_name(
+        inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim returned to the inbox on an SMB-like share, killed after reserving its name: the same host
+    started again, or another host taking its claims over, renames over that reservation (named for the
+    claim), never leaves it in the inbox as a file that was never dropped. A reservation named for a move
+    whose source has gone is left for whoever moves that file now."""
+    drop(inbox / "shoot" / "photo.jpg", b"original")
+    dev = os.stat(inbox).st_dev
+    safefs._strategy[dev] = safefs.UNIQUE
+    try:
+        claim = Custody(inbox, "ws1", "e1").claim("shoot/photo.jpg")
+        assert claim is not None
+        with safefs.Folder.open_root(inbox) as root, root.sub("shoot") as folder:
+            assert folder.reserve("photo.jpg", "ws1/claimed/shoot/photo.jpg")  # then the power went
+        assert Custody(inbox, "ws2", "e2").reclaim("ws1") == ["shoot/photo.jpg"]
+        assert files(inbox) == ["shoot/photo.jpg"] and (inbox / "shoot" / "photo.jpg").read_bytes() == b"original"
+        drop(inbox / "shoot" / "taken.jpg", b"another")
+
+        def taken_meanwhile(*args: object, **kwargs: object) -> None:
+            raise FileNotFoundError(2, "moved by the host that took this move over")
+
+        with safefs.Folder.open_root(inbox) as root, root.sub("shoot") as folder:
+            monkeypatch.setattr(safefs.os, "rename", taken_meanwhile)
+            for reservation, kept in (("ws9/claimed/taken.jpg", True), (None, False)):
+                folder.unlink("again.jpg")
+                got = safefs.move_to_free_name(folder, "taken.jpg", folder, "again.jpg", unique_tag="ws9-abc",
+                                               reservation=reservation)
+                assert got is None
+                assert (folder.lstat("again.jpg") is not None) is kept
+    finally:
+        del safefs._strategy[dev]
+
+
 def test_names_up_to_the_filesystem_limit_are_numbered_within_it(inbox: Path) -> None:
     name = "é" * 125 + ".jpg"  # 254 bytes
     assert len(os.fsencode(safefs.numbered(name, 12))) <= 255

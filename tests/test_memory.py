@@ -3,6 +3,7 @@ the pixel limit on every decode (backdrops, downloads)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -218,6 +219,41 @@ def test_a_job_that_could_never_fit_the_memory_budget_fails_before_decoding() ->
         check_job_memory(10_000, 10_000, JobSpec(), max_memory=2**30, source="big.jpg")
     text = str(caught.value)
     assert text.startswith("big.jpg") and "limits.max_memory" in text and "10000x10000" in text
+
+
+def test_an_input_file_far_larger_than_its_pixels_counts_as_what_it_is(tmp_path: Path) -> None:
+    """The input is held whole in memory while it is checked and decoded (stages.checked_copy): a small
+    image carrying megabytes of extra chunks is admitted by its file's size, not its pixels' alone."""
+    import struct
+    import zlib
+
+    from bgwatch.config import Config
+    from bgwatch.jobs import Job, job_key
+    from bgwatch.pipeline import stages
+    from bgwatch.pipeline.jobmemory import job_memory
+
+    photo = Image.new("RGB", (64, 48), (245, 245, 245))
+    photo.paste((200, 30, 30), (16, 12, 48, 40))  # a product on a plain backdrop: the classical mask finds it
+    photo.save(tmp_path / "small.png")
+    png = (tmp_path / "small.png").read_bytes()
+    body = b"x" * (4 << 20)  # a private ancillary chunk of 4 MiB before IEND
+    chunk = struct.pack(">I", len(body)) + b"prVt" + body + struct.pack(">I", zlib.crc32(b"prVt" + body))
+    big = tmp_path / "big.png"
+    big.write_bytes(png[:-12] + chunk + png[-12:])
+    spec = JobSpec()
+    pixels_only = job_memory(64, 48, spec)
+    assert job_memory(64, 48, spec, big.stat().st_size) == pixels_only + big.stat().st_size
+
+    def job(path: Path) -> Job:
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        return Job(run_id=1, inbox=str(tmp_path), rel_path=path.name, source=path, spec=spec, input_sha256=sha,
+                   key=job_key(sha, spec))
+
+    limit = pixels_only + (1 << 20)
+    assert stages.prepare(job(tmp_path / "small.png"), Config(), max_memory=limit).image.width == 64
+    with pytest.raises(InputError, match="file included") as caught:
+        stages.prepare(job(big), Config(), max_memory=limit)
+    assert str(caught.value).startswith("big.png")
 
 
 _ARENAS = """

@@ -25,8 +25,11 @@ MATTING_BYTES = 2 * 2**30  # rembg alpha matting runs at <= REMBG_WORK_SIDE px a
 DEFAULT_MAX_MEMORY = 8 * 2**30  # the daemon passes limits.max_memory; 8 GiB admits a 100 MP replace (3.6 GB)
 
 
-def job_memory(width: int, height: int, spec: JobSpec) -> int:
-    """Estimated peak bytes one job on a width x height input needs, above the daemon's own memory."""
+def job_memory(width: int, height: int, spec: JobSpec, encoded: int = 0) -> int:
+    """Estimated peak bytes one job on a width x height input needs, above the daemon's own memory.
+    `encoded`: the input file's size, held whole in memory while the job decodes it (the private copy its
+    bytes are checked and decoded from: stages.checked_copy); a file far larger than its pixels (a small
+    first frame, huge extra chunks) counts as what it is."""
     per_pixel = JOB_BYTES_PER_PIXEL.get(spec.operation, max(JOB_BYTES_PER_PIXEL.values()))
     if spec.denoise:
         per_pixel += DENOISE_BYTES_PER_PIXEL
@@ -34,7 +37,8 @@ def job_memory(width: int, height: int, spec: JobSpec) -> int:
     from bgwatch.pipeline.canvas import canvas_pixels
 
     # The composite then runs on the canvas: an upscaled product's canvas can outgrow its input.
-    return per_pixel * (width * height + canvas_pixels(spec.canvas)) + fixed + backdrop_memory(width, height, spec)
+    return (per_pixel * (width * height + canvas_pixels(spec.canvas)) + fixed + backdrop_memory(width, height, spec)
+            + encoded)
 
 
 def backdrop_memory(width: int, height: int, spec: JobSpec) -> int:
@@ -49,12 +53,13 @@ def backdrop_memory(width: int, height: int, spec: JobSpec) -> int:
 
 
 def check_job_memory(width: int, height: int, spec: JobSpec, *, max_memory: int = DEFAULT_MAX_MEMORY,
-                     source: str | Path = "input image") -> None:
+                     source: str | Path = "input image", encoded: int = 0) -> None:
     """InputError when one job on this input could never fit in `max_memory` bytes (limits.max_memory)."""
-    need = job_memory(width, height, spec)
+    need = job_memory(width, height, spec, encoded)
     if need > max_memory:
+        held = f", its {encoded / 2**30:.1f} GiB file included" if encoded > need / 2 else ""
         raise InputError(
-            source, f"{width}x{height} ({width * height / 1e6:.0f} MP) needs about {need / 2**30:.1f} GiB for "
+            source, f"{width}x{height} ({width * height / 1e6:.0f} MP{held}) needs about {need / 2**30:.1f} GiB for "
             f"{spec.operation}, more than limits.max_memory ({max_memory / 2**30:.1f} GiB); scale it down, or "
             "raise limits.max_memory in config.yaml"
         )

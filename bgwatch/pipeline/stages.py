@@ -168,7 +168,8 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
             from bgwatch.pipeline import backgrounds  # a cleanup never imports the backdrop engines
 
             backgrounds.check_input_size(job.spec, width, height, config.limits.allow_4k, source=job.rel_path)
-        jobmemory.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path)
+        jobmemory.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path,
+                                   encoded=os.fstat(fd).st_size)
         image = imageio.decode(name, max_pixels=config.limits.max_pixels, fd=fd)
         kept = metadata.carried(fd, job.spec.metadata, name=job.rel_path)
     _timed(timings, "prepare", start)
