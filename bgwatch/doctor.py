@@ -89,15 +89,39 @@ def human(n: float) -> str:
 # ---------------------------------------------------------------- folders
 
 
+PROBE_PREFIX = ".bgwatch-doctor-"
+STALE_PROBE_SECONDS = 600  # a probe lives for microseconds; one this old was left by a process killed meanwhile
+
+
 def _probe_write(folder: Path) -> str | None:
-    """None if a file can be created in folder (really created: ACLs and read-only mounts fool access())."""
+    """None if a file can be created in folder (really created: ACLs and read-only mounts fool access()).
+    Empty probes left by a process killed between creating and removing its own are removed first."""
     try:
-        fd, name = tempfile.mkstemp(prefix=".bgwatch-doctor-", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
     except OSError as exc:
         return exc.strerror or str(exc)
+    made = os.fstat(fd).st_mtime  # the folder's own clock (a share's server may differ from this host's)
     os.close(fd)
-    os.unlink(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+    _drop_stale_probes(folder, made)
     return None
+
+
+def _drop_stale_probes(folder: Path, now: float) -> None:
+    """Remove the empty write probes in `folder` older than STALE_PROBE_SECONDS at `now` (by the folder's
+    own clock: when the probe just made there was written). Only regular empty files named as probes."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.startswith(PROBE_PREFIX) or not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if st.st_size == 0 and now - st.st_mtime > STALE_PROBE_SECONDS:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+    except OSError:
+        return  # a folder that cannot be listed: its probe said what matters
 
 
 def _space(folder: Path, area: str, subject: str) -> Check:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +134,21 @@ def test_writable_outbox_reports_free_space(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").iterdir()), "the write probe leaves nothing behind"
     [state] = by_area(checks, "state")
     assert state.level is not Level.ERROR and "will be created" in state.message
+
+
+def test_a_write_probe_left_by_a_killed_start_is_removed_by_the_next(tmp_path: Path) -> None:
+    (tmp_path / "share" / "inbox").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    old = tmp_path / "out" / f"{doctor.PROBE_PREFIX}k1ll3d"
+    old.write_bytes(b"")
+    os.utime(old, (1, time.time() - doctor.STALE_PROBE_SECONDS - 60))
+    fresh = tmp_path / "out" / f"{doctor.PROBE_PREFIX}n0w"  # another host's, probing at this moment
+    fresh.write_bytes(b"")
+    mine = tmp_path / "out" / f"{doctor.PROBE_PREFIX}photo.jpg"  # not empty: never a probe
+    mine.write_bytes(b"a user's file")
+    os.utime(mine, (1, 1))
+    doctor.folder_checks(load_config(write_config(tmp_path), env={}))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([fresh.name, mine.name])
 
 
 def test_inotify_limit_against_the_folders_to_watch(tmp_path: Path) -> None:
