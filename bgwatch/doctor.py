@@ -15,6 +15,7 @@ import enum
 import importlib.util
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -93,11 +94,12 @@ PROBE_PREFIX = ".bgwatch-doctor-"
 STALE_PROBE_SECONDS = 600  # a probe lives for microseconds; one this old was left by a process killed meanwhile
 
 
-def _probe_write(folder: Path) -> str | None:
+def _probe_write(folder: Path, host: str = "") -> str | None:
     """None if a file can be created in folder (really created: ACLs and read-only mounts fool access()).
-    Empty probes left by a process killed between creating and removing its own are removed first."""
+    With `host`, the probe has this host's fixed name: one left by a start killed between creating and
+    removing it is removed by this host's next probe; older probes of any name are removed too."""
     try:
-        fd, name = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
+        fd, name = _create_probe(folder, host)
     except OSError as exc:
         return exc.strerror or str(exc)
     made = os.fstat(fd).st_mtime  # the folder's own clock (a share's server may differ from this host's)
@@ -106,6 +108,19 @@ def _probe_write(folder: Path) -> str | None:
         os.unlink(name)
     _drop_stale_probes(folder, made)
     return None
+
+
+def _create_probe(folder: Path, host: str) -> tuple[int, str]:
+    if host:
+        path = folder / f"{PROBE_PREFIX}{host}"
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # this host's own, left by a killed start
+                path.unlink()
+        # Taken: this host's other process probing at this moment (or a file not ours): a name of its own.
+        with contextlib.suppress(FileExistsError):
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), str(path)
+    return tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
 
 
 def _drop_stale_probes(folder: Path, now: float) -> None:
@@ -134,7 +149,7 @@ def _space(folder: Path, area: str, subject: str) -> Check:
     return Check(area, subject, Level.OK, f"writable, {human(free)} free", detail)
 
 
-def check_inbox(inbox: InboxConfig, mounts: Sequence[Mount], fstab: Sequence[Mount]) -> list[Check]:
+def check_inbox(inbox: InboxConfig, mounts: Sequence[Mount], fstab: Sequence[Mount], host: str = "") -> list[Check]:
     path = Path(os.path.abspath(inbox.path))
     subject = str(inbox.path)
     declared = mount_of(path, fstab)
@@ -157,7 +172,7 @@ def check_inbox(inbox: InboxConfig, mounts: Sequence[Mount], fstab: Sequence[Mou
     if is_remote(fstype) and not inbox.poll:
         checks.append(Check("inbox", subject, Level.WARNING,
                             f"on {fstype}: inotify does not see writes from other hosts; set poll: true", detail))
-    problem = _probe_write(path)
+    problem = _probe_write(path, host)
     if problem:
         checks.append(Check("inbox", subject, Level.ERROR,
                             f"cannot write ({problem}): files are claimed by renaming them inside the inbox",
@@ -168,7 +183,7 @@ def check_inbox(inbox: InboxConfig, mounts: Sequence[Mount], fstab: Sequence[Mou
     return checks
 
 
-def check_outbox(outbox: Path, inboxes: Sequence[InboxConfig]) -> list[Check]:
+def check_outbox(outbox: Path, inboxes: Sequence[InboxConfig], host: str = "") -> list[Check]:
     subject = str(outbox)
     here = Path(os.path.abspath(outbox))
     for inbox in inboxes:
@@ -178,11 +193,11 @@ def check_outbox(outbox: Path, inboxes: Sequence[InboxConfig]) -> list[Check]:
                           f"inside the inbox {inbox.path}: outputs would be taken as inputs, without end")]
     if not here.is_dir():
         parent = _existing_ancestor(here)
-        problem = _probe_write(parent) if parent.is_dir() else "not a folder"
+        problem = _probe_write(parent, host) if parent.is_dir() else "not a folder"
         if problem:
             return [Check("outbox", subject, Level.ERROR, f"missing, and {parent} is not writable ({problem})")]
         return [Check("outbox", subject, Level.OK, f"will be created in {parent}", {"exists": False})]
-    problem = _probe_write(here)
+    problem = _probe_write(here, host)
     if problem:
         return [Check("outbox", subject, Level.ERROR, f"not writable ({problem})")]
     return [_space(here, "outbox", subject)]
@@ -469,9 +484,9 @@ def folder_checks(config: Config, mountinfo: str | None = None, fstab: str | Non
     declared = parse_fstab(read_text("/etc/fstab") if fstab is None else fstab)
     checks: list[Check] = []
     for inbox in config.inboxes:
-        checks += check_inbox(inbox, mounts, declared)
+        checks += check_inbox(inbox, mounts, declared, config.host)
     for outbox in dict.fromkeys(ib.outbox for ib in config.inboxes):
-        checks += check_outbox(outbox, config.inboxes)
+        checks += check_outbox(outbox, config.inboxes, config.host)
     checks += check_state(config.state_dir, mounts)
     checks += check_inotify(config.inboxes)
     return checks

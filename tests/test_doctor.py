@@ -147,8 +147,12 @@ def test_a_write_probe_left_by_a_killed_start_is_removed_by_the_next(tmp_path: P
     mine = tmp_path / "out" / f"{doctor.PROBE_PREFIX}photo.jpg"  # not empty: never a probe
     mine.write_bytes(b"a user's file")
     os.utime(mine, (1, 1))
-    doctor.folder_checks(load_config(write_config(tmp_path), env={}))
+    config = load_config(write_config(tmp_path), env={})
+    own = tmp_path / "out" / f"{doctor.PROBE_PREFIX}{config.host}"  # this host's, its start killed a moment ago
+    own.write_bytes(b"")
+    doctor.folder_checks(config)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([fresh.name, mine.name])
+    assert not list((tmp_path / "share" / "inbox").glob(".bgwatch-doctor-*")), "the inbox's probe is gone too"
 
 
 def test_inotify_limit_against_the_folders_to_watch(tmp_path: Path) -> None:
