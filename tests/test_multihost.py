@@ -492,6 +492,28 @@ def test_the_checker_ties_an_output_to_an_original_renamed_on_a_clash() -> None:
     assert _output_stem("same_1-h1-5f0b5.png", stems, ".png") is None
 
 
+def test_the_checker_tells_an_empty_smb_reservation_from_a_stray(tmp_path: Path) -> None:
+    """On an SMB-like share a kill between a reservation's exclusive create and its tag write leaves an
+    empty file under the name, the original filed beside it under a unique name: a note there (the one
+    window SMB leaves open, safefs.Folder.reserve), a violation anywhere else, and a tagged reservation
+    left behind is a violation on every share."""
+    def end_state(root: Path, fs: str, stray: bytes) -> Report:
+        share = Share(root, fs=fs)
+        [drop] = share.drop_images(1)
+        (share.inbox / "done").mkdir()
+        (share.outbox / f"{drop.stem}.png").write_bytes((share.inbox / drop.name).read_bytes())
+        (share.inbox / drop.name).rename(share.inbox / "done" / f"{drop.stem}-h1-abc123.png")
+        (share.inbox / "done" / drop.name).write_bytes(stray)
+        return check_share(share, [])
+
+    empty = end_state(tmp_path / "smb", "smb", b"")
+    assert empty.violations == [] and empty.renamed == 0
+    assert any("an empty reservation left by a kill" in n for n in empty.notes), empty.notes
+    assert end_state(tmp_path / "posix", "bindfs", b"").renamed == 1
+    tagged = end_state(tmp_path / "tagged", "smb", b"bgwatch: this name is reserved for a file on its way (h1-e1-5)\n")
+    assert tagged.renamed == 1 and any("never dropped" in v for v in tagged.violations), tagged.violations
+
+
 def test_the_checker_names_every_kind_of_violation(tmp_path: Path) -> None:
     """The checker itself, on an end state built by hand (no daemons, no FUSE): each broken invariant
     is reported, and a clean end state gives none. Outputs are tied to inputs by their pixels."""
