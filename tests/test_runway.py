@@ -157,6 +157,29 @@ def test_a_task_that_never_finishes_hits_the_deadline() -> None:
     assert server.cancelled
 
 
+def test_a_stop_cancels_the_task_in_flight_at_once() -> None:
+    """The daemon's drain is over and it stops for good: the task it polls is cancelled then, not left
+    running (and costing) with nobody to collect it. Given up through Engines.generate, as the remote lane
+    runs it, with the daemon's stop event."""
+    import threading
+
+    from bgwatch.pipeline import stages
+
+    stop = threading.Event()
+    with FakeRunway(statuses=["RUNNING"]) as server:
+        # Polled first after 60 s: without the stop the task would be polled (RUNNING) until its deadline.
+        engine = engine_for(server, poll_interval=60.0, task_deadline=120.0)
+        engines = stages.Engines(Config(runway=engine.settings), None, None, stop)
+        request = BackgroundRequest.from_spec(SPEC, 640, 480)
+        prepared = stages.Prepared(job=None, image=None, request=request)  # type: ignore[arg-type]
+        threading.Timer(0.3, stop.set).start()
+        with pytest.raises(EngineError, match="bgwatch is stopping") as err:
+            engines.generate(prepared)
+    assert list(server.tasks) and server.cancelled == list(server.tasks), "the task in flight was cancelled"
+    assert not any(r.method == "GET" for r in server.requests), "given up in its first wait, never polled"
+    assert "taken again at the next start" in str(err.value)
+
+
 def test_no_server_listening_is_an_engine_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

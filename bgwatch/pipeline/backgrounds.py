@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -40,6 +40,13 @@ class BackgroundEngine(Protocol):
     name: str
 
     def render(self, request: BackgroundRequest) -> np.ndarray: ...
+
+
+@runtime_checkable
+class StoppableEngine(Protocol):
+    """An engine whose render can be given up from outside (a remote task: cancelled, not left running)."""
+
+    def render_until(self, request: BackgroundRequest, stop: threading.Event | None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, slots=True)

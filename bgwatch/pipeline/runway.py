@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -149,6 +150,12 @@ class RunwayEngine:
         return key
 
     def render(self, request: BackgroundRequest) -> np.ndarray:
+        return self.render_until(request, None)
+
+    def render_until(self, request: BackgroundRequest, stop: threading.Event | None) -> np.ndarray:
+        """render, given up once `stop` is set (the daemon stops for good, its drain over): the task is
+        cancelled at once instead of left running, and costing, with no one to collect it; the job stays
+        open and is taken again at the next start."""
         key = self._key()
         s = self.settings
         deadline = self.clock() + s.task_deadline
@@ -169,7 +176,7 @@ class RunwayEngine:
                     raise EngineError("runway", "creating the task: the answer has no task id")
                 logger.info("runway: task {} created ({}, ratio {})", shown(task_id), request.model, ratio)
                 try:
-                    url = self._wait(api, task_id, deadline)
+                    url = self._wait(api, task_id, deadline, stop)
                 except _TaskEnded:
                     raise
                 except EngineError:
@@ -192,10 +199,10 @@ class RunwayEngine:
 
     # ------------------------------------------------------------ task life cycle
 
-    def _wait(self, api: httpx.Client, task_id: str, deadline: float) -> str:
+    def _wait(self, api: httpx.Client, task_id: str, deadline: float, stop: threading.Event | None) -> str:
         delay = self.settings.poll_interval
         while True:
-            self._pause(delay, deadline, f"task {task_id} still running")
+            self._pause(delay, deadline, f"task {task_id} still running", stop=stop)
             answer = self._call(api, "GET", f"/v1/tasks/{task_id}", deadline, f"polling task {task_id}")
             task = self._json(answer, f"polling task {task_id}")
             status = str(task.get("status", ""))
@@ -217,15 +224,21 @@ class RunwayEngine:
         with contextlib.suppress(httpx.HTTPError):
             api.delete(f"/v1/tasks/{task_id}", timeout=min(self.settings.request_timeout, 5.0))
 
-    def _pause(self, seconds: float, deadline: float, why: str, *, partial: bool = True) -> None:
-        """Sleep `seconds`, or (partial) what is left before the deadline; past it, fail."""
+    def _pause(self, seconds: float, deadline: float, why: str, *, partial: bool = True,
+               stop: threading.Event | None = None) -> None:
+        """Sleep `seconds`, or (partial) what is left before the deadline; past it, fail. With `stop`, the
+        sleep ends when it is set, and fails."""
         remaining = deadline - self.clock()
         if remaining <= 0 or (not partial and seconds > remaining):
             raise EngineError(
                 "runway",
                 f"{why} (task deadline of {self.settings.task_deadline:g}s reached, runway.task_deadline)",
             )
-        self.sleep(min(seconds, remaining))
+        if stop is None:
+            self.sleep(min(seconds, remaining))
+        elif stop.wait(min(seconds, remaining)):
+            raise EngineError("runway", f"{why}: bgwatch is stopping; the task is cancelled, and the job is "
+                              "taken again at the next start")
 
     def _call(
         self, client: httpx.Client, method: str, url: str, deadline: float, what: str, **kwargs: Any

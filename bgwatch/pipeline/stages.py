@@ -341,7 +341,9 @@ class Engines:
         timings = dict(prepared.timings)
         start = time.perf_counter()
         engine = backgrounds.load_background_engine(request.engine, self.config)
-        backdrop = engine.render(request)
+        # A remote task is given up (cancelled) once the daemon stops for good, not left running unseen.
+        backdrop = (engine.render_until(request, self.stop) if isinstance(engine, backgrounds.StoppableEngine)
+                    else engine.render(request))
         _timed(timings, "background", start)
         return generated(prepared, backdrop, timings)
 
