@@ -3,6 +3,7 @@ custody (coordination/postgres.py), on a throwaway cluster and real files in a t
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,8 +274,39 @@ def test_an_inbox_has_one_name_in_the_rows_wherever_a_host_mounts_the_share(stor
     planted = tmp_path / "planted"
     (planted / "real").mkdir(parents=True)
     (planted / ".bgwatch").symlink_to(planted / "real")
-    with pytest.raises(OSError, match="not a real folder"):
+    with pytest.raises(OSError, match="is a symbolic link or not a folder"):
         inbox_id(planted)
+    stuck = _coordinator(stores[0], (planted, share[1]), "h3", 60)  # its first beat needs the inbox's id
+    assert not stuck.beat() and "studio id cannot be read or made" in stuck.why_not_claiming()
+
+
+@pytest.mark.parametrize("fs", ["posix", "smb"])
+def test_an_inbox_id_that_cannot_be_written_whole_is_never_left_half_made(tmp_path: Path, fs: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full share fails the id's write (seen in CI: an empty studio-id, and every host then refused it
+    and exited): nothing is published, and the next try makes it. On a share with no-replace moves the id
+    appears whole or not at all; on SMB (an exclusive create, then the write) a failed write is undone."""
+    import errno
+
+    from bgwatch import safefs
+    from bgwatch.coordination import postgres
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    if fs == "smb":
+        monkeypatch.setitem(safefs._strategy, os.stat(inbox).st_dev, safefs.UNIQUE)
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        postgres.inbox_id(inbox)
+    assert sorted(p.name for p in (inbox / ".bgwatch").iterdir()) == [], "no id, no temp file"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    made = postgres.inbox_id(inbox)
+    assert made == postgres.inbox_id(inbox) == f"inbox-{(inbox / '.bgwatch' / 'studio-id').read_text().strip()}"
 
 
 def test_two_daemons_beating_under_one_host_name_stop_claiming(stores: list[Any], share: tuple[Path, Path]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -24,12 +23,14 @@ from loguru import logger
 
 from bgwatch.pgclaims import PgClaims, RowClaim
 from bgwatch.storebase import StoreUnavailable
+from bgwatch.text import shown
 
 if TYPE_CHECKING:
     from bgwatch.claims import Claim
     from bgwatch.coordination import Coordinator
     from bgwatch.delivery import Custody, Settled
     from bgwatch.pgstore import PgStore
+    from bgwatch.safefs import Folder
     from bgwatch.storebase import RunStore
 
 
@@ -99,6 +100,12 @@ class PostgresCoordinator:
             if not self._problem:
                 logger.warning("{}: not claiming until the studio store answers again ({})", self.custody.inbox, exc)
             self._problem = f"the studio store is unavailable ({exc})"
+            return False
+        except OSError as exc:  # the inbox's id (inbox_key) cannot be read or made: the share away, or full
+            if not self._problem:
+                logger.warning("{}: not claiming until the inbox's studio id can be read ({})", self.custody.inbox,
+                               shown(str(exc)))
+            self._problem = f"the inbox's studio id cannot be read or made ({exc})"
             return False
         if self._problem:
             logger.info("{}: the studio store answers again; claiming resumes", self.custody.inbox)
@@ -192,35 +199,63 @@ ID_FILE = "studio-id"  # in the inbox's work folder: its name in the studio stor
 
 
 def inbox_id(inbox: Path) -> str:
-    """The inbox's studio-wide id: made once by the first host that needs it (an exclusive create, so two
-    hosts at once agree), read by every other wherever it mounts the share. Never read through a link."""
+    """The inbox's studio-wide id: made once by the first host that needs it, read by every other wherever
+    it mounts the share. Published whole: written under a temp name and moved into place without replacing
+    (so two hosts at once agree, and nobody ever reads a half-made id); where the share can neither rename
+    without replacing nor link (SMB), made by an exclusive create, and removed again if its write fails (a
+    full share), so that the next try makes it. Never read through a link. OSError while the inbox is away
+    or the id cannot be made."""
+    from bgwatch import safefs
     from bgwatch.claims import WORK_DIR
 
-    work = inbox / WORK_DIR
-    with contextlib.suppress(FileExistsError):
-        work.mkdir()
-    if not stat.S_ISDIR(os.lstat(work).st_mode):  # a link or a file planted in its place: refused
-        raise OSError(f"{work} is not a real folder")
-    path = work / ID_FILE
     made = uuid.uuid4().hex
+    with safefs.Folder.open_root(inbox) as root, root.sub(WORK_DIR, create=True) as work:
+        try:
+            published = _publish_id(work, made)
+        except safefs.NoReplaceUnsupported:
+            published = _create_id(work, made)
+        if published:
+            return f"inbox-{made}"
+        text = ""  # another host's id is there
+        for _ in range(50):  # on SMB its maker may be between the exclusive create and the write
+            text = work.read_bytes(ID_FILE, 64).decode("ascii", "replace").strip()
+            if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
+                return f"inbox-{text}"
+            time.sleep(0.02)
+    raise OSError(f"{work.path / ID_FILE}: not an inbox id ({text[:40]!r}); remove it and bgwatch makes a new one")
+
+
+def _publish_id(work: Folder, made: str) -> bool:
+    """The id written whole under a temp name, then moved into place without replacing: False if another
+    host's is there. NoReplaceUnsupported where the share offers no such move."""
+    from bgwatch import safefs
+
+    tmp = work.write_temp(ID_FILE, (made + "\n").encode())
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        safefs.move_noreplace(work, tmp, work, ID_FILE)
     except FileExistsError:
-        pass
-    else:
+        return False
+    finally:
+        work.unlink(tmp)  # gone once moved; left when the name was taken or the move refused
+    return True
+
+
+def _create_id(work: Folder, made: str) -> bool:
+    """The id by an exclusive create (a share without no-replace moves): False if another host's is there."""
+    try:
+        fd = os.open(ID_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=work.fd)
+    except FileExistsError:
+        return False
+    try:
         with os.fdopen(fd, "w") as out:
             out.write(made + "\n")
             out.flush()
             os.fsync(out.fileno())
-        return f"inbox-{made}"
-    for _ in range(50):  # its maker may be between the create and the write
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd) as src:
-            text = src.read(64).strip()
-        if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
-            return f"inbox-{text}"
-        time.sleep(0.02)
-    raise OSError(f"{path}: not an inbox id ({text[:40]!r}); remove it and bgwatch makes a new one")
+    except BaseException:
+        work.unlink(ID_FILE)  # ours, and empty or partial: the next try makes it again
+        raise
+    return True
 
 
 def studio_coordinator(store: RunStore, custody: Custody, lease_seconds: float, *,
