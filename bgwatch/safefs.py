@@ -203,15 +203,22 @@ class Folder:
             except OSError:
                 continue
 
+    def open_exclusive(self, name: str) -> int | None:
+        """A write descriptor of a new empty file `name`, made only if no entry has that name (O_EXCL, honoured
+        by SMB and NFSv3+, never through a link); None if the name exists. The caller closes it."""
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                           dir_fd=self.fd)
+        except FileExistsError:
+            return None
+
     def reserve(self, name: str, tag: str) -> bool:
         """Reserve `name` where neither no-replace renames nor hard links exist: a small file made only if no
         entry has that name (O_EXCL, honoured by SMB and NFSv3+), holding `tag`, so that the move a kill cut
         between reserving and renaming can tell, when it is made again, that the name is its own
         (`holds_reservation`). False if the name exists."""
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=self.fd)
-        except FileExistsError:
+        fd = self.open_exclusive(name)
+        if fd is None:
             return False
         try:
             # The tag is what lets a move made again find its own reservation; a write that fails (a full

@@ -242,10 +242,8 @@ def _publish_id(work: Folder, made: str) -> bool:
 
 def _create_id(work: Folder, made: str) -> bool:
     """The id by an exclusive create (a share without no-replace moves): False if another host's is there."""
-    try:
-        fd = os.open(ID_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=work.fd)
-    except FileExistsError:
+    fd = work.open_exclusive(ID_FILE)
+    if fd is None:
         return False
     try:
         with os.fdopen(fd, "w") as out:
