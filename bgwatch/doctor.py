@@ -4,8 +4,8 @@ Every check returns a `Check` (ok, warning or error, with a one-line message a s
 on). `bgwatch doctor` prints them (or JSON) and exits 0 (all ok), 1 (warnings) or 2 (errors); `bgwatch run`
 runs the folder checks before it starts and refuses to start on an error.
 
-Nothing here changes the system: write permission is probed with a temporary file that is removed at once,
-and heavy libraries (torch, onnxruntime) are imported only by the checks that report on them.
+Nothing here changes the system: write permission is probed with a file that is removed at once (and
+probes left by a process killed mid-probe with it: writeprobe.py), and heavy libraries (torch, onnxruntime) are imported only by the checks that report on them.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import enum
 import importlib.util
 import os
 import shutil
-import stat
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bgwatch.mounts import Mount, is_remote, mount_of, parse_fstab, parse_mountinfo, read_text
+from bgwatch.writeprobe import probe_write
 
 if TYPE_CHECKING:
     from bgwatch.accelerator import DeviceChoice, OrtProbe, TorchProbe
@@ -90,55 +89,6 @@ def human(n: float) -> str:
 # ---------------------------------------------------------------- folders
 
 
-PROBE_PREFIX = ".bgwatch-doctor-"
-STALE_PROBE_SECONDS = 600  # a probe lives for microseconds; one this old was left by a process killed meanwhile
-
-
-def _probe_write(folder: Path, host: str = "") -> str | None:
-    """None if a file can be created in folder (really created: ACLs and read-only mounts fool access()).
-    With `host`, the probe has this host's fixed name: one left by a start killed between creating and
-    removing it is removed by this host's next probe; older probes of any name are removed too."""
-    try:
-        fd, name = _create_probe(folder, host)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    made = os.fstat(fd).st_mtime  # the folder's own clock (a share's server may differ from this host's)
-    os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name)
-    _drop_stale_probes(folder, made)
-    return None
-
-
-def _create_probe(folder: Path, host: str) -> tuple[int, str]:
-    if host:
-        path = folder / f"{PROBE_PREFIX}{host}"
-        with contextlib.suppress(OSError):
-            st = path.lstat()
-            if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # this host's own, left by a killed start
-                path.unlink()
-        # Taken: this host's other process probing at this moment (or a file not ours): a name of its own.
-        with contextlib.suppress(FileExistsError):
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), str(path)
-    return tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
-
-
-def _drop_stale_probes(folder: Path, now: float) -> None:
-    """Remove the empty write probes in `folder` older than STALE_PROBE_SECONDS at `now` (by the folder's
-    own clock: when the probe just made there was written). Only regular empty files named as probes."""
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if not entry.name.startswith(PROBE_PREFIX) or not entry.is_file(follow_symlinks=False):
-                    continue
-                st = entry.stat(follow_symlinks=False)
-                if st.st_size == 0 and now - st.st_mtime > STALE_PROBE_SECONDS:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
-    except OSError:
-        return  # a folder that cannot be listed: its probe said what matters
-
-
 def _space(folder: Path, area: str, subject: str) -> Check:
     free = shutil.disk_usage(folder).free
     detail: Detail = {"free_bytes": free}
@@ -172,7 +122,7 @@ def check_inbox(inbox: InboxConfig, mounts: Sequence[Mount], fstab: Sequence[Mou
     if is_remote(fstype) and not inbox.poll:
         checks.append(Check("inbox", subject, Level.WARNING,
                             f"on {fstype}: inotify does not see writes from other hosts; set poll: true", detail))
-    problem = _probe_write(path, host)
+    problem = probe_write(path, host)
     if problem:
         checks.append(Check("inbox", subject, Level.ERROR,
                             f"cannot write ({problem}): files are claimed by renaming them inside the inbox",
@@ -193,11 +143,11 @@ def check_outbox(outbox: Path, inboxes: Sequence[InboxConfig], host: str = "") -
                           f"inside the inbox {inbox.path}: outputs would be taken as inputs, without end")]
     if not here.is_dir():
         parent = _existing_ancestor(here)
-        problem = _probe_write(parent, host) if parent.is_dir() else "not a folder"
+        problem = probe_write(parent, host) if parent.is_dir() else "not a folder"
         if problem:
             return [Check("outbox", subject, Level.ERROR, f"missing, and {parent} is not writable ({problem})")]
         return [Check("outbox", subject, Level.OK, f"will be created in {parent}", {"exists": False})]
-    problem = _probe_write(here, host)
+    problem = probe_write(here, host)
     if problem:
         return [Check("outbox", subject, Level.ERROR, f"not writable ({problem})")]
     return [_space(here, "outbox", subject)]
@@ -213,7 +163,7 @@ def check_state(state_dir: Path, mounts: Sequence[Mount]) -> list[Check]:
         return [Check("state", subject, Level.ERROR,
                       f"on {fstype}: SQLite's WAL needs local disk; give each workstation a local state_dir",
                       {"fstype": fstype})]
-    problem = _probe_write(target) if target.is_dir() else "not a folder"
+    problem = probe_write(target) if target.is_dir() else "not a folder"
     if problem:
         what = "" if target == here else f"missing, and {target} "
         return [Check("state", subject, Level.ERROR, f"{what}not writable ({problem})", {"fstype": fstype})]

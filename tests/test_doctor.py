@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bgwatch import accelerator, doctor, mounts
+from bgwatch import accelerator, doctor, mounts, writeprobe
 from bgwatch.accelerator import OrtProbe, TorchProbe
 from bgwatch.config import load_config
 from bgwatch.doctor import Level
@@ -139,16 +139,16 @@ def test_writable_outbox_reports_free_space(tmp_path: Path) -> None:
 def test_a_write_probe_left_by_a_killed_start_is_removed_by_the_next(tmp_path: Path) -> None:
     (tmp_path / "share" / "inbox").mkdir(parents=True)
     (tmp_path / "out").mkdir()
-    old = tmp_path / "out" / f"{doctor.PROBE_PREFIX}k1ll3d"
+    old = tmp_path / "out" / f"{writeprobe.PROBE_PREFIX}k1ll3d"
     old.write_bytes(b"")
-    os.utime(old, (1, time.time() - doctor.STALE_PROBE_SECONDS - 60))
-    fresh = tmp_path / "out" / f"{doctor.PROBE_PREFIX}n0w"  # another host's, probing at this moment
+    os.utime(old, (1, time.time() - writeprobe.STALE_PROBE_SECONDS - 60))
+    fresh = tmp_path / "out" / f"{writeprobe.PROBE_PREFIX}n0w"  # another host's, probing at this moment
     fresh.write_bytes(b"")
-    mine = tmp_path / "out" / f"{doctor.PROBE_PREFIX}photo.jpg"  # not empty: never a probe
+    mine = tmp_path / "out" / f"{writeprobe.PROBE_PREFIX}photo.jpg"  # not empty: never a probe
     mine.write_bytes(b"a user's file")
     os.utime(mine, (1, 1))
     config = load_config(write_config(tmp_path), env={})
-    own = tmp_path / "out" / f"{doctor.PROBE_PREFIX}{config.host}"  # this host's, its start killed a moment ago
+    own = tmp_path / "out" / f"{writeprobe.PROBE_PREFIX}{config.host}"  # this host's, its start killed a moment ago
     own.write_bytes(b"")
     doctor.folder_checks(config)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([fresh.name, mine.name])
