@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from loguru import logger
 
-from bgwatch import safefs
+from bgwatch import fileid, safefs
 from bgwatch.kept import KeptRecords
 from bgwatch.safefs import Folder
 from bgwatch.sidecars import IMAGE_SUFFIXES, SIDECAR_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
@@ -196,7 +196,7 @@ class Claims:
             for place in places:
                 try:
                     with root.sub(*place) as there:
-                        if any(safefs.same_file_at(folder, parts[-1], there, n) for n, _ in there.entries()
+                        if any(fileid.same_file_at(folder, parts[-1], there, n) for n, _ in there.entries()
                                if n.startswith(stem)):
                             folder.unlink(parts[-1])
                             logger.info("{}: a half-finished claim (two links to one file); the extra one "

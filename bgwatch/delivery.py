@@ -32,7 +32,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from bgwatch import markers, outputs, safefs
+from bgwatch import fileid, markers, outputs, safefs
 from bgwatch.claims import (
     CLAIMED,
     DELIVERING,
@@ -223,7 +223,7 @@ class Custody(Claims):
         try:
             if not input_sha256:
                 with box.sub(*rel_parts[:-1]) as held:
-                    input_sha256 = safefs.sha256_at(held, rel_parts[-1])
+                    input_sha256 = fileid.sha256_at(held, rel_parts[-1])
             if data is None:
                 return self._keep_own(claim, run_id, token, out_dir, outbox, output_rel, disposition, box,
                                       input_sha256)

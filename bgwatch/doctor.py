@@ -5,7 +5,8 @@ on). `bgwatch doctor` prints them (or JSON) and exits 0 (all ok), 1 (warnings) o
 runs the folder checks before it starts and refuses to start on an error.
 
 Nothing here changes the system: write permission is probed with a file that is removed at once (and
-probes left by a process killed mid-probe with it: writeprobe.py), and heavy libraries (torch, onnxruntime) are imported only by the checks that report on them.
+probes left by a process killed mid-probe with it: writeprobe.py), and heavy libraries (torch,
+onnxruntime) are imported only by the checks that report on them.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from bgwatch import rules, runs, safefs
+from bgwatch import fileid, rules, runs
 from bgwatch.config import Config, InboxConfig, is_loopback, split_listen
 from bgwatch.errors import BgwatchError, ConfigError, InputError, SpecError
 from bgwatch.httpforms import FORMS, REQUEST, FormField, form_fragment, safe_upload_name
@@ -285,7 +285,7 @@ class HttpDoor:
                                        source=upload.name, encoded=os.stat(upload.path).st_size)
         except InputError as exc:
             raise Refused(413, str(exc)) from None
-        sha = safefs.sha256_file(upload.path)
+        sha = fileid.sha256_file(upload.path)
         generative = spec.is_generative() and not self._cached(spec, width, height)
         output_name = self.results.name_for(upload.name, spec.output)
         item = _Admitted(Ticket(), upload, spec, sha, output_name, generative, self.clock())

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from bgwatch import outputs, rules, runs, safefs, sidecars
+from bgwatch import fileid, outputs, rules, runs, sidecars
 from bgwatch.config import Config, InboxConfig
 from bgwatch.coordination import Coordinator
 from bgwatch.custody import Claim, Custody, DeliveryBlocked
@@ -311,7 +311,7 @@ class Intake:
             self._fail_now(site, claim, run_id, "not a regular file (a symbolic link, pipe or device); "
                            "bgwatch reads only files")
             return run_id
-        sha = safefs.sha256_file(claim.path)
+        sha = fileid.sha256_file(claim.path)
         suffix = PurePosixPath(rel).suffix.lower()
         if suffix in UNREADABLE_IMAGE_SUFFIXES:
             run_id = self.ledger.add(key=sha, inbox=inbox.name, rel_path=rel, source_path=str(claim.path),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from bgwatch import rules, safefs, sidecars
+from bgwatch import fileid, rules, sidecars
 from bgwatch.claims import DONE_DIR, FAILED_DIR
 from bgwatch.config import Config
 from bgwatch.errors import BgwatchError
@@ -71,7 +71,7 @@ class OrphanSidecars:
         except BgwatchError as exc:
             site.custody.park_unclaimed(inbox.rel_path(sidecar), FAILED_DIR, str(exc))
             return
-        if self.store.find_done(job_key(safefs.sha256_file(done_image), spec)) is not None:
+        if self.store.find_done(job_key(fileid.sha256_file(done_image), spec)) is not None:
             site.custody.park_unclaimed(inbox.rel_path(sidecar), DONE_DIR)
             logger.info("{}: sidecar changes nothing; filed beside its image in done/", shown(inbox.rel_path(sidecar)))
             return

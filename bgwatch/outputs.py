@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from bgwatch import safefs
+from bgwatch import fileid, safefs
 from bgwatch.safefs import Folder
 
 OUTPUTS = "outputs"
@@ -101,7 +101,7 @@ def candidates(output_rel: str, limit: int = 64) -> Iterator[str]:
 def holds(out_dir: Folder, name: str, sha256: str) -> bool:
     """Whether `name` in out_dir is a regular file with these bytes (read without following a link)."""
     try:
-        return safefs.sha256_at(out_dir, name, OUTPUT_LIMIT) == sha256
+        return fileid.sha256_at(out_dir, name, OUTPUT_LIMIT) == sha256
     except (OSError, ValueError):
         return False
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bgwatch import runs, safefs
+from bgwatch import fileid, runs, safefs
 from bgwatch.config import Config, InboxConfig, load_config
 from bgwatch.errors import BgwatchError, InputError
 from bgwatch.jobs import Job, JobState, RunResult, job_key
@@ -76,7 +76,7 @@ def _record(image: Path, config: Config, ledger: Ledger, out_dir: Path, override
 
     inbox = config.inbox_for(image) or InboxConfig(path=image.parent, outbox=out_dir, rules={})
     spec = rules.resolve(image, inbox, config, overrides=overrides or None).spec
-    sha = safefs.sha256_file(image)
+    sha = fileid.sha256_file(image)
     rel = PurePosixPath(*image.relative_to(inbox.path).parts).as_posix()
     run_id = ledger.add(key=job_key(sha, spec), inbox="(process)", rel_path=rel, source_path=str(image),
                         input_sha256=sha, spec_json=spec.to_json())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bgwatch import safefs
+from bgwatch import fileid, safefs
 from bgwatch.custody import Custody, DeliveryBlocked
 
 
@@ -220,7 +220,7 @@ def test_a_half_done_link_move_is_recognised_without_inode_numbers(share: tuple[
     drop(src / "x.jpg", b"the original")
     done.mkdir()
     os.link(src / "x.jpg", done / "x.jpg")  # the link happened, the unlink did not
-    monkeypatch.setattr(safefs, "same_file", lambda a, b: False)  # inode numbers that never match
+    monkeypatch.setattr(fileid, "same_file", lambda a, b: False)  # inode numbers that never match
     with safefs.Folder.open_root(src) as a, safefs.Folder.open_root(done) as b:
         assert safefs.move_to_free_name(a, "x.jpg", b, "x.jpg", unique_tag="ws1-000000") == "x.jpg"
     assert tree(done) == ["x.jpg"] and not (src / "x.jpg").exists()
