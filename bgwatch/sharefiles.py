@@ -69,7 +69,7 @@ def snapshot(fd: int) -> tuple[int, str]:
     an anonymous in-memory file nobody else can write. A writer that held the file open from before its
     claim (a rename does not take a descriptor away) could otherwise change it between the check and the
     decode: what is checked is what is decoded. The caller closes the copy."""
-    copy = os.memfd_create("bgwatch-input", os.MFD_CLOEXEC) if hasattr(os, "memfd_create") else _unnamed_file()
+    copy = os.memfd_create("bgwatch-input", os.MFD_CLOEXEC)
     try:
         digest = hashlib.sha256()
         os.lseek(fd, 0, os.SEEK_SET)
@@ -83,23 +83,6 @@ def snapshot(fd: int) -> tuple[int, str]:
         os.close(copy)
         raise
     return copy, digest.hexdigest()
-
-
-def _unnamed_file() -> int:
-    import tempfile
-
-    with tempfile.TemporaryFile() as f:  # unlinked at once: only this descriptor (a duplicate) reaches it
-        return os.dup(f.fileno())
-
-
-def sha256_fd(fd: int) -> str:
-    """sha256 of an open file, read from its start; the offset is left at the start again."""
-    digest = hashlib.sha256()
-    os.lseek(fd, 0, os.SEEK_SET)
-    while block := os.read(fd, 1 << 20):
-        digest.update(block)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return digest.hexdigest()
 
 
 def _step(here: int, name: str, flags: int, kind: Callable[[int], bool], label: str, parts: tuple[str, ...]) -> int:
