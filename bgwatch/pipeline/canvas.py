@@ -27,7 +27,7 @@ from loguru import logger
 
 from bgwatch.errors import InputError, SpecError
 from bgwatch.jobs import CanvasSpec, JobSpec
-from bgwatch.pipeline.tiles import strips
+from bgwatch.pipeline.tiles import runs, strips
 
 MAX_UPSCALE = 4.0  # `upscale: true` enlarges a subject at most this much: more only shows blur
 # position bottom with a shadow: room below the subject for its contact shadow (composite.py), a share of its
@@ -272,9 +272,7 @@ def footprint(alpha: np.ndarray, box: Box) -> int:
     if columns.size == 0:
         return 0
     gap = max(1, int(0.03 * (x1 - x0)))
-    breaks = np.flatnonzero(np.diff(columns) > gap)
-    starts = np.concatenate([[columns[0]], columns[breaks + 1]])
-    ends = np.concatenate([columns[breaks], [columns[-1]]])
+    starts, ends = runs(columns, gap)
     return int((ends - starts + 1).max())
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgwatch.pipeline.tiles import CACHE_PIXELS, POINT_CHUNK, nonzero_box, strips
+from bgwatch.pipeline.refine import to_alpha8
+from bgwatch.pipeline.tiles import CACHE_PIXELS, POINT_CHUNK, nonzero_box, runs, strips
 
 # Chosen on bench/bench_edges.py's composites: a fit at about 1.6 times the net's side, over windows of
 # 2.5 net pixels, beat finer working resolutions (whose windows see too little pure subject and backdrop).
@@ -38,7 +39,6 @@ SURE = 0.75  # the colour snap's sure subject (mask above this) and sure backdro
 SEPARATE_FROM, SEPARATE_FULL = 0.4, 0.7
 EXTREME = 0.35  # the snap acts where a pixel's place between B and F is this far from one half or more
 FIELD_ROWS = 64  # rows of the fits made at a time (and 2 windows' reach more above and below)
-_ONE = np.ones(1, np.float64)  # OpenCV's scalar 1 (a 1-element array reads as a scalar)
 # A block's fits are made in pieces where the band leaves more field columns than this out between them
 # (each piece costs ~200 calls into numpy and OpenCV; measured best of 24 to 160 on the studio shots).
 SPLIT_GAP = 64
@@ -114,7 +114,8 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
     reach = 2 * radius
     for block in range(0, crop_h, FIELD_ROWS):
         block_read = read[block:block + FIELD_ROWS]
-        for first, last in _runs(np.flatnonzero(block_read.any(axis=0)), max(SPLIT_GAP, reach)):
+        firsts, lasts = runs(np.flatnonzero(block_read.any(axis=0)), max(SPLIT_GAP, reach))
+        for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
             c0, c1 = max(first - reach, 0), min(last + 1 + reach, crop_w)
             # The piece's own rows: those of the block where its columns are read.
             own = np.flatnonzero(block_read[:, first:last + 1].any(axis=1))
@@ -189,29 +190,8 @@ def _guided(mask: np.ndarray, rgb: np.ndarray, eps: float, *, rounded: bool) -> 
             place -= alpha
             place *= snap
             alpha += place
-            flat[at] = _round8(alpha) if rounded else alpha
+            flat[at] = to_alpha8(alpha.reshape(1, -1)).reshape(-1) if rounded else alpha
     return out
-
-
-def _runs(columns: np.ndarray, gap: int) -> list[tuple[int, int]]:
-    """(first, last) of the runs of sorted `columns` that lie more than `gap` apart."""
-    if columns.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(columns) > gap)
-    firsts = [int(columns[0]), *(int(c) for c in columns[breaks + 1])]
-    lasts = [*(int(c) for c in columns[breaks]), int(columns[-1])]
-    return list(zip(firsts, lasts, strict=True))
-
-
-def _round8(alpha: np.ndarray) -> np.ndarray:
-    """Values of a 1-D float32 alpha (finite, >= 0) as refine.to_alpha8 rounds them: times 255 in float32,
-    rounded half to even and saturated by OpenCV's conversion."""
-    import cv2
-
-    scaled = np.clip(alpha, -np.inf, 1)  # np.minimum(alpha, 1), as _at_least says
-    scaled *= np.float32(255)
-    return np.asarray(cv2.multiply(scaled.reshape(1, -1), _ONE, dtype=cv2.CV_8U)).reshape(-1)
-
 
 
 def _inner(rows: slice, radius: int, height: int) -> tuple[slice, slice]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bgwatch.pipeline.tiles import CACHE_PIXELS, nonzero_box, strips
+from bgwatch.pipeline.tiles import CACHE_PIXELS, nonzero_box, runs, strips
 
 _ONE = np.ones(1, np.float64)  # OpenCV's scalar 1 (a 1-element array reads as a scalar)
 
@@ -88,10 +88,8 @@ def _band_pieces(band: np.ndarray, gap: int) -> list[tuple[int, int, int, int]]:
         cols = np.flatnonzero(band[y0:y1].any(axis=0))
         if cols.size == 0:
             continue
-        breaks = np.flatnonzero(np.diff(cols) > 2 * gap + 1)
-        starts = np.concatenate(([cols[0]], cols[breaks + 1]))
-        ends = np.concatenate((cols[breaks], [cols[-1]])) + 1
-        pieces += [(y0, y1, int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+        starts, lasts = runs(cols, 2 * gap + 1)
+        pieces += [(y0, y1, int(a), int(b) + 1) for a, b in zip(starts, lasts, strict=True)]
     return pieces
 
 
@@ -161,7 +159,8 @@ def to_alpha8(alpha: np.ndarray) -> np.ndarray:
     for y0, y1 in strips(h, w, CACHE_PIXELS):
         # NaN stays NaN here (OpenCV turns it into 0); +inf becomes 1 (OpenCV would make it 0 too). Scaled in
         # float32, then rounded half to even and saturated by OpenCV's conversion, as np.round and np.clip.
-        rows = np.minimum(alpha[y0:y1], np.float32(1), dtype=np.float32)
+        # (np.clip between two bounds: numpy's minimum against a scalar runs a slow broadcast loop.)
+        rows = np.clip(alpha[y0:y1], -np.inf, np.float32(1), dtype=np.float32)
         rows *= np.float32(255)
         cv2.multiply(rows, _ONE, dst=out[y0:y1], dtype=cv2.CV_8U)
     return out

@@ -84,3 +84,12 @@ def nonzero_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def runs(columns: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(firsts, lasts) of the runs of sorted indices `columns`: a new run starts wherever the next index lies
+    more than `gap` beyond the last. Empty arrays for no columns."""
+    if columns.size == 0:
+        return columns[:0], columns[:0]
+    breaks = np.flatnonzero(np.diff(columns) > gap)
+    return np.concatenate(([columns[0]], columns[breaks + 1])), np.concatenate((columns[breaks], [columns[-1]]))
