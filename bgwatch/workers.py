@@ -223,7 +223,7 @@ class Workers:
 
     def _prepare(self, job: Job) -> None:
         max_memory = self.config.limits.max_memory
-        with stages.open_input(job, check_hash=False) as fd:  # opened once, for admission and for the pixels
+        with stages.open_input(job) as fd:  # opened once, for admission and for the pixels
             width, height = stages.input_size(job, fd)  # the header only: admission before a pixel is decoded
             encoded = os.fstat(fd).st_size
             jobmemory.check_job_memory(width, height, job.spec, max_memory=max_memory, source=job.rel_path,

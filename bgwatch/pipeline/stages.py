@@ -53,7 +53,7 @@ class Prepared:
     bg_engine: str = ""
     cache_hit: bool = False
     to_cache: bool = False  # generated for this job and cacheable: finish() stores it
-    kept: Carried | None = None  # the input's metadata the output carries, read with its pixels; None: not read
+    kept: Carried | None = None  # the input's metadata the output carries, read with its pixels (prepare)
 
     @property
     def seed(self) -> int | None:
@@ -81,12 +81,11 @@ class Finished:
 
 
 @contextmanager
-def open_input(job: Job, *, check_hash: bool = True) -> Iterator[int]:
+def open_input(job: Job) -> Iterator[int]:
     """The job's input file, re-opened through descriptors: a claimed file from its inbox down, every
-    folder below the inbox and the file itself without following a link. With `check_hash`, what is
-    handed out is checked_copy's private copy of its bytes, checked against the sha256 recorded when it
-    was claimed, so a file swapped since (a link, another file linked in its place) is refused, never
-    decoded. InputError names the file as dropped and says why."""
+    folder below the inbox and the file itself without following a link, so a file swapped for a link
+    since its claim is refused; its bytes are checked (another file linked in its place) by checked_copy,
+    which everything decoded is read from. InputError names the file as dropped and says why."""
     from bgwatch import sharefiles
 
     try:
@@ -102,11 +101,7 @@ def open_input(job: Job, *, check_hash: bool = True) -> Iterator[int]:
     except OSError as exc:
         raise InputError(job.rel_path, f"cannot read the file: {exc.strerror or exc}") from None
     try:
-        if check_hash:
-            with checked_copy(job, fd) as copy:
-                yield copy
-        else:
-            yield fd
+        yield fd
     finally:
         os.close(fd)
 
@@ -135,12 +130,12 @@ def input_size(job: Job, fd: int | None = None) -> tuple[int, int]:
     """(width, height) of the job's input from its header, read as prepare() reads it (admission). The
     header alone decides nothing that is published, so the bytes are not hashed here: prepare() checks
     them before a pixel is decoded (hashing twice cost a full read of every input). `fd`: the input as
-    open_input(job, check_hash=False) opened it; None: opened here."""
+    open_input(job) opened it; None: opened here."""
     from bgwatch.pipeline.imageio import probe_size
 
     if fd is not None:
         return probe_size(Path(job.rel_path), fd=fd)
-    with open_input(job, check_hash=False) as opened:
+    with open_input(job) as opened:
         return probe_size(Path(job.rel_path), fd=opened)
 
 
@@ -154,14 +149,14 @@ def prepare(job: Job, config: Config, engines: Engines | None = None, *,
     input whose job could never fit in that memory fails here, before a pixel is decoded. A classical mask
     and a backdrop that needs no generation (`engines` given) are made here too, in the CPU pool, so a big
     image never holds up the device worker and a cache hit never reaches it. The metadata the output
-    keeps is read here too, from the same descriptor. `fd`: the input as open_input(job, check_hash=False)
+    keeps is read here too, from the same descriptor. `fd`: the input as open_input(job)
     opened it for admission (its bytes are checked here); None: opened here."""
     from bgwatch.pipeline import imageio, masking, metadata
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
     name = Path(job.rel_path)  # messages name the file as dropped, never a path on the server
-    with contextlib.nullcontext(fd) if fd is not None else open_input(job, check_hash=False) as given, \
+    with contextlib.nullcontext(fd) if fd is not None else open_input(job) as given, \
             checked_copy(job, given) as fd:
         width, height = imageio.probe_size(name, fd=fd)
         if job.spec.operation == "replace":
@@ -425,13 +420,6 @@ def finish(prepared: Prepared, engines: Engines | None = None) -> Finished:
 
     preset = PRESETS.get(spec.preset)
     kept = prepared.kept if prepared.kept is not None else metadata.NOTHING
-    if prepared.kept is None and spec.metadata != "strip":
-        try:  # the input's header, read again through the same descriptors as its pixels, and checked
-            with open_input(job) as fd:
-                kept = metadata.carried(fd, spec.metadata, name=job.rel_path)
-        except InputError as exc:
-            logger.warning("{}: its metadata could not be read ({}); the output carries none", shown(job.rel_path),
-                           shown(str(exc)))
     data = imageio.encode(result, spec.output, kept,
                           pure_background=preset is not None and preset.background is not None)
     _timed(timings, "encode", start)
