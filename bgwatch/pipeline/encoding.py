@@ -18,6 +18,7 @@ from PIL import Image, ImageCms
 
 from bgwatch.errors import SpecError
 from bgwatch.jobs import OutputSpec
+from bgwatch.pipeline.tiles import CACHE_PIXELS, strips
 
 if TYPE_CHECKING:
     from bgwatch.pipeline.metadata import Carried
@@ -141,8 +142,7 @@ def _opaque(image: np.ndarray) -> bool:
     """Whether no pixel is transparent, looked at in small strips from the top: a cut-out's first
     transparent pixel is found in the first (0.02 ms against 0.37 for the whole alpha of 1 MP)."""
     height, width = image.shape[:2]
-    rows = max(1, (1 << 16) // max(width, 1))
-    return all(bool((image[y : y + rows, :, 3] == 255).all()) for y in range(0, height, rows))
+    return all(bool((image[y0:y1, :, 3] == 255).all()) for y0, y1 in strips(height, width, CACHE_PIXELS))
 
 
 def output_extension(output: OutputSpec) -> str:
