@@ -217,7 +217,7 @@ class Intake:
                 continue
             if self._blocked_once(waiting.site, blocked):
                 continue
-            found = self._look(waiting, path)
+            found = self._look(waiting.site, path)
             if found.spec is not None and found.spec.require_sidecar and (
                     now - waiting.first_seen < self.config.watch.sidecar_seconds):
                 continue  # require_sidecar: wait up to watch.sidecar_seconds for it, then go (and fail)
@@ -235,7 +235,7 @@ class Intake:
         missing (its share away). An outbox that is a file is not waited for: the jobs fail and say so."""
         return bool(site.waits) or not site.coordinator.may_claim() or not os.path.lexists(site.inbox.outbox)
 
-    def _look(self, waiting: Waiting, path: Path) -> Looked:
+    def _look(self, site: Site, path: Path) -> Looked:
         """The image's sidecar, and without one its spec (so that take() resolves it once, not twice)."""
         try:
             sidecar = sidecars.find_sidecar(path)
@@ -244,7 +244,7 @@ class Intake:
         if sidecar is not None:
             return Looked(sidecar)
         try:
-            return Looked(None, spec=rules.resolve(path, waiting.site.inbox, self.config, sidecar=None).spec)
+            return Looked(None, spec=rules.resolve(path, site.inbox, self.config, sidecar=None).spec)
         except (BgwatchError, OSError, ValueError):
             return Looked(None)  # take it now; resolved again after the claim, its error is reported on the run
 
@@ -256,10 +256,7 @@ class Intake:
         inbox = site.inbox
         rel = inbox.rel_path(path)
         if looked is None:
-            try:
-                looked = Looked(sidecars.find_sidecar(path))
-            except SpecError as exc:
-                looked = Looked(None, str(exc))
+            looked = self._look(site, path)
         sidecar, sidecar_error = looked.sidecar, looked.error
         try:
             claim = site.coordinator.claim(rel, inbox.rel_path(sidecar) if sidecar is not None else None)
